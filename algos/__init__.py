@@ -1,0 +1,58 @@
+"""Algorithms: ``algos.make(name, env, config)`` returns a :class:`marl.types.Algorithm`.
+
+Each family is one module (``ppo``; later ``qlearning``, ``sac`` and the methods
+built on them). A registered name maps to (module, config class, preset overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+from typing import Any
+
+from marl.config import ConfigError
+
+# name -> (module, config class name, preset overrides)
+_REGISTRY: dict[str, tuple[str, str, dict]] = {
+    "ippo": ("algos.ppo", "PPOConfig", {"critic": "independent"}),
+    "mappo": ("algos.ppo", "PPOConfig", {"critic": "centralized"}),
+}
+
+
+def register(name: str, module: str, config_cls: str, preset: dict | None = None) -> None:
+    _REGISTRY[name] = (module, config_cls, dict(preset or {}))
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, registered(), n=2)
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ConfigError("algo", name, f"unknown algorithm{hint}; registered: {registered()}")
+    module, cls, preset = _REGISTRY[name]
+    return importlib.import_module(module), cls, preset
+
+
+def config_class(name: str):
+    mod, cls, _ = _entry(name)
+    return getattr(mod, cls)
+
+
+def default_config(name: str, **overrides: Any):
+    """The algorithm's config with its preset and ``overrides`` applied (validated)."""
+    mod, cls, preset = _entry(name)
+    return getattr(mod, cls)(**{**preset, **overrides})
+
+
+def make(name: str, env, config=None, **overrides: Any):
+    """Build algorithm ``name`` on ``env``; ``config`` defaults to its preset."""
+    mod, cls, preset = _entry(name)
+    if config is None:
+        config = default_config(name, **overrides)
+    elif overrides:
+        config = dataclasses.replace(config, **overrides)
+    return mod.make(env, config, name=name)

@@ -1,0 +1,367 @@
+"""IPPO and MAPPO: multi-agent PPO with shared or per-agent parameters.
+
+Papers: Schulman et al. 2017 (PPO); de Witt et al. 2020 (IPPO, "Is independent
+learning all you need in the StarCraft multi-agent challenge?"); Yu et al. 2022
+(MAPPO, "The surprising effectiveness of PPO in cooperative multi-agent games").
+
+Equations (per agent i, step t, the agent axis is an array axis):
+  ratio      rho = pi(a|o) / pi_old(a|o)
+  policy     L_pi = -E[min(rho A, clip(rho, 1-eps, 1+eps) A)]      (A normalized per minibatch)
+  value      L_V = E[max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)] / 2
+  GAE        delta_t = r_t + gamma (1 - term_t) V'_t - V_t
+             A_t = delta_t + gamma lambda (1 - done_t) A_{t+1},   R = A + V_old
+  where V'_t = V(final obs of the episode) when the episode ended at t (so a
+  *truncated* episode bootstraps from its true last state) and V(o_{t+1}) otherwise.
+  loss = L_pi + vf_coef L_V - ent_coef H[pi] (+ a regularizer, see marl.regularizers)
+IPPO: the critic reads the agent's own observation through the actor's torso
+(one shared trunk, as in JaxMARL's IPPO baseline). MAPPO: a separate critic on the
+global state concatenated with the agent's one-hot id (agent-specific values of a
+centralized critic).
+
+Choices and deviations:
+- Parameter sharing with one-hot agent ids by default; ``shared_params=False`` gives
+  each agent its own parameters (vmapped over the agent axis).
+- Unavailable actions get logits of -1e10 (never sampled, zero entropy contribution).
+- Truncated episodes bootstrap from ``info["final_obs"]`` when
+  ``bootstrap_truncation`` (default); JaxMARL's baselines treat truncation as
+  termination. Turning it off reproduces theirs and saves one value pass per step.
+- Learning-rate annealing is per update (linear to zero), not per minibatch.
+- Minibatches split the parallel environments, keeping whole sequences for the GRU,
+  which restarts from the hidden state stored at the start of the rollout.
+- Sweepable hyperparameters (lr, clip, entropy and value coefficients, gamma, GAE
+  lambda, regularizer coefficient/epsilon) are arrays in ``TrainState.hparams``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from envs.wrappers import episode_metrics
+from marl import config as cfg
+from marl import regularizers as reg
+from marl.networks import ActorCritic
+from marl.types import Algorithm, Timestep
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO settings. ``critic``: "independent" (IPPO) or "centralized" (MAPPO)."""
+
+    critic: str = "centralized"
+    total_steps: int = 2_000_000
+    num_envs: int = 128
+    num_steps: int = 128
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    lr: float = 0.004
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.05
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.25
+    hidden: int = 128
+    recurrent: bool = True
+    shared_params: bool = True
+    agent_ids: bool = True
+    bootstrap_truncation: bool = True
+    regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
+
+    def __post_init__(self):
+        r = self.regularizer
+        if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
+            raise cfg.ConfigError(
+                "regularizer.reference", r.reference,
+                "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
+                "use reference initial|uniform, or mode 'loss' for a trust region",
+            )
+        cfg.check_choice("critic", self.critic, ["independent", "centralized"])
+        for f in ("total_steps", "num_envs", "num_steps", "update_epochs", "num_minibatches", "hidden"):
+            cfg.check_positive(f, getattr(self, f), integer=True)
+        cfg.check_positive("lr", self.lr)
+        cfg.check_range("gamma", self.gamma, 0.0, 1.0)
+        cfg.check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        cfg.check_positive("clip_eps", self.clip_eps)
+        cfg.check_nonnegative("ent_coef", self.ent_coef)
+        cfg.check_nonnegative("vf_coef", self.vf_coef)
+        cfg.check_positive("max_grad_norm", self.max_grad_norm)
+        if self.num_envs % self.num_minibatches:
+            raise cfg.ConfigError(
+                "num_envs",
+                self.num_envs,
+                f"must be divisible by num_minibatches={self.num_minibatches} "
+                "(minibatches split the parallel environments)",
+            )
+        if self.total_steps < self.num_envs * self.num_steps:
+            raise cfg.ConfigError(
+                "total_steps",
+                self.total_steps,
+                f"must be at least one iteration = num_envs * num_steps = {self.num_envs * self.num_steps}",
+            )
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+PRESETS = {
+    "ippo": dict(critic="independent"),
+    "mappo": dict(critic="centralized"),
+}
+
+
+class HParams(NamedTuple):
+    lr: jax.Array
+    clip_eps: jax.Array
+    ent_coef: jax.Array
+    vf_coef: jax.Array
+    gamma: jax.Array
+    gae_lambda: jax.Array
+    reg_coef: jax.Array
+    reg_epsilon: jax.Array
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    ref_params: Any  # frozen initial policy (regularizer reference "initial")
+    opt_state: Any
+    env_state: Any
+    last_ts: Timestep  # [E, ...]
+    h: jax.Array  # [E, A, 2, H]
+    first: jax.Array  # [E] the next step starts an episode: reset hidden state
+    key: jax.Array
+    update_step: jax.Array
+    hparams: HParams
+
+
+class Transition(NamedTuple):
+    x: jax.Array  # [E, A, obs_in]
+    cx: jax.Array  # [E, A, critic_in]
+    first: jax.Array  # [E, A]
+    avail: jax.Array  # [E, A, n]
+    action: jax.Array  # [E, A]
+    logp: jax.Array
+    value: jax.Array
+    reward: jax.Array  # [E, A]
+    done: jax.Array  # [E]
+    terminated: jax.Array  # [E]
+    final_value: jax.Array  # [E, A]
+    info: dict
+
+
+def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
+    spec = env.spec
+    if not spec.discrete:
+        raise cfg.ConfigError("env", spec.name, f"{name} needs a discrete-action environment")
+    A, n, E, T = spec.num_agents, spec.num_actions, config.num_envs, config.num_steps
+    centralized = config.critic == "centralized"
+    net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
+    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
+    rcfg = config.regularizer
+    cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
+
+    def regularizer(logits, ref_logits, avail, hp: HParams):
+        return reg.regularize(rcfg.kind, logits, ref_logits, hp.reg_coef, mask=avail, cost=cost,
+                              epsilon=hp.reg_epsilon, iterations=rcfg.iterations, centred=rcfg.centred)
+    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.scale_by_adam(eps=1e-5))
+
+    # ------------------------------------------------------------------ network I/O
+    def inputs(ts: Timestep):
+        """Actor input [.., A, obs+ids] and critic input [.., A, (state|obs)+ids]."""
+        lead = ts.obs.shape[:-2]
+        idb = jnp.broadcast_to(ids, lead + ids.shape)
+        x = jnp.concatenate([ts.obs, idb], -1)
+        if centralized:
+            s = jnp.broadcast_to(ts.state[..., None, :], lead + (A, ts.state.shape[-1]))
+            return x, jnp.concatenate([s, idb], -1)
+        return x, x
+
+    def apply(params, h, x, cx, first, avail):
+        if config.shared_params:
+            return net.apply(params, h, x, cx, first, avail)
+        # per-agent parameters: params have a leading [A] axis; map over the agent axis
+        f = jax.vmap(net.apply, in_axes=(0, -3, -2, -2, -1, -2), out_axes=(-3, -2, -1))
+        return f(params, h, x, cx, first, avail)
+
+    def init_params(key):
+        x0 = jnp.zeros((1, A, spec.obs_dim + ids.shape[1]))
+        cx0 = jnp.zeros((1, A, (spec.state_dim if centralized else spec.obs_dim) + ids.shape[1]))
+        h0, f0, av0 = jnp.zeros((1, A, 2, config.hidden)), jnp.zeros((1, A), bool), jnp.ones((1, A, n), bool)
+        if config.shared_params:
+            return net.init(key, h0, x0, cx0, f0, av0)
+        keys = jax.random.split(key, A)
+        return jax.vmap(lambda k: net.init(k, h0[:, 0], x0[:, 0], cx0[:, 0], f0[:, 0], av0[:, 0]))(keys)
+
+    def initial_carry(batch_shape=()):
+        return (jnp.zeros(batch_shape + (A, 2, config.hidden)), jnp.ones(batch_shape, bool))
+
+    # ------------------------------------------------------------------ init
+    def init(key) -> TrainState:
+        k_param, k_env, key = jax.random.split(key, 3)
+        params = init_params(k_param)
+        env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
+        h, first = initial_carry((E,))
+        hp = HParams(
+            *(jnp.asarray(v, jnp.float32) for v in (
+                config.lr, config.clip_eps, config.ent_coef, config.vf_coef,
+                config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon,
+            ))
+        )
+        return TrainState(params, params, tx.init(params), env_state, ts, h, first, key,
+                          jnp.zeros((), jnp.int32), hp)
+
+    # ------------------------------------------------------------------ acting
+    def act(params, ts: Timestep, carry, key, greedy=False):
+        """ts: a (batched) Timestep; carry = (h, first) from ``initial_carry``."""
+        h, first = carry
+        x, cx = inputs(ts)
+        firsts = jnp.broadcast_to(first[..., None], first.shape + (A,))
+        h, logits, _ = apply(params, h, x, cx, firsts, ts.avail_actions)
+        a = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(key, logits))
+        return a, (h, ts.done)
+
+    # ------------------------------------------------------------------ update
+    def rollout_step(carry, key):
+        state: TrainState = carry
+        ts = state.last_ts
+        k_act, k_env = jax.random.split(key)
+        x, cx = inputs(ts)
+        firsts = jnp.broadcast_to(state.first[:, None], (E, A))
+        h, logits, value = apply(state.params, state.h, x, cx, firsts, ts.avail_actions)
+        action = jax.random.categorical(k_act, logits)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
+        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
+        if config.bootstrap_truncation:
+            fx, fcx = inputs(nts._replace(obs=nts.info["final_obs"], state=nts.info["final_state"]))
+            _, _, final_value = apply(state.params, h, fx, fcx, jnp.zeros_like(firsts), nts.avail_actions)
+        else:
+            final_value = jnp.zeros_like(value)
+        tr = Transition(x, cx, firsts, ts.avail_actions, action, logp, value,
+                        nts.reward, nts.done, nts.terminated, final_value, nts.info)
+        state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
+        return state, tr
+
+    def gae(traj: Transition, last_value, hp: HParams):
+        next_values = jnp.concatenate([traj.value[1:], last_value[None]], 0)
+        done = traj.done[..., None].astype(jnp.float32)
+        term = traj.terminated[..., None].astype(jnp.float32)
+        if config.bootstrap_truncation:
+            next_values = jnp.where(done > 0, traj.final_value, next_values)
+        else:
+            term = done
+        deltas = traj.reward + hp.gamma * (1 - term) * next_values - traj.value
+
+        def back(adv, xs):
+            delta, d = xs
+            adv = delta + hp.gamma * hp.gae_lambda * (1 - d) * adv
+            return adv, adv
+
+        _, adv = jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, done), reverse=True)
+        return adv, adv + traj.value
+
+    def loss_fn(params, h0, traj: Transition, ref_logits, adv, targets, hp: HParams):
+        def step(h, xs):
+            x, cx, first, avail = xs
+            h, logits, value = apply(params, h, x, cx, first, avail)
+            return h, (logits, value)
+
+        _, (logits, value) = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
+        logp_all = jax.nn.log_softmax(logits)
+        logp = jnp.take_along_axis(logp_all, traj.action[..., None], -1)[..., 0]
+        ratio = jnp.exp(logp - traj.logp)
+        adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg = -jnp.minimum(ratio * adv_n, jnp.clip(ratio, 1 - hp.clip_eps, 1 + hp.clip_eps) * adv_n).mean()
+        v_clip = traj.value + jnp.clip(value - traj.value, -hp.clip_eps, hp.clip_eps)
+        vf = 0.5 * jnp.maximum((value - targets) ** 2, (v_clip - targets) ** 2).mean()
+        probs = jnp.exp(logp_all)
+        entropy = -(probs * jnp.where(traj.avail, logp_all, 0.0)).sum(-1).mean()
+        loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
+        reg_value = jnp.zeros(())
+        if rcfg.kind != "none" and rcfg.mode == "loss":
+            out = regularizer(logits, ref_logits, traj.avail, hp)
+            loss = loss + out.loss.mean()
+            reg_value = out.value.mean()
+        approx_kl = ((ratio - 1) - (logp - traj.logp)).mean()
+        clip_frac = (jnp.abs(ratio - 1) > hp.clip_eps).mean()
+        return loss, dict(policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl,
+                          clip_frac=clip_frac, regularizer=reg_value)
+
+    def reference_logits(state: TrainState, h0, traj: Transition):
+        """Reference policy logits along the rollout [T, E, A, n] (no gradient).
+
+        rollout: the policy that collected the data (a trust region, loss mode);
+        initial: the frozen initial policy replayed with its own hidden state from
+        the start of the rollout; uniform: uniform over available actions.
+        """
+        if rcfg.kind == "none":
+            return jnp.zeros(traj.avail.shape, jnp.float32)
+        if rcfg.reference == "uniform":
+            return jnp.where(traj.avail, 0.0, -1e10)
+        if rcfg.reference == "initial":
+            return _replay_logits(state.ref_params, jnp.zeros_like(h0), traj)
+        return _replay_logits(state.params, h0, traj)
+
+    def update(state: TrainState):
+        hp = state.hparams
+        h0 = state.h
+        key, k_roll, k_perm = jax.random.split(state.key, 3)
+        state, traj = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
+        x, cx = inputs(state.last_ts)
+        firsts = jnp.broadcast_to(state.first[:, None], (E, A))
+        _, _, last_value = apply(state.params, state.h, x, cx, firsts, state.last_ts.avail_actions)
+        ref_logits = reference_logits(state, h0, traj)
+        if rcfg.kind != "none" and rcfg.mode == "penalty":
+            # WPR: the regularizer's gradient (dual potential / log-ratio) at the taken
+            # action becomes a per-step reward penalty; PPO then runs unchanged
+            out = regularizer(_replay_logits(state.params, h0, traj), ref_logits, traj.avail, hp)
+            penalty = jnp.take_along_axis(out.penalty, traj.action[..., None], -1)[..., 0]
+            traj = traj._replace(reward=traj.reward - penalty)
+        adv, targets = gae(traj, last_value, hp)
+
+        frac = state.update_step / config.num_updates
+        lr = hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr
+
+        def epoch(carry, key):
+            params, opt_state = carry
+            perm = jax.random.permutation(key, E).reshape(config.num_minibatches, -1)
+
+            def minibatch(carry, idx):
+                params, opt_state = carry
+                take_t = lambda z: z[:, idx]  # [T, E, ...] -> [T, mb, ...]
+                mb = jax.tree.map(take_t, (traj._replace(info={}), ref_logits, adv, targets))
+                grads, metrics = jax.grad(loss_fn, has_aux=True)(params, h0[idx], *mb, hp)
+                updates, opt_state = tx.update(grads, opt_state)
+                params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+                return (params, opt_state), metrics
+
+            return jax.lax.scan(minibatch, (params, opt_state), perm)
+
+        (params, opt_state), metrics = jax.lax.scan(
+            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs)
+        )
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(episode_metrics(traj.info))
+        metrics["lr"] = lr
+        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
+        return state, metrics
+
+    def _replay_logits(params, h0, traj: Transition):
+        """Logits of ``params`` along the stored trajectory (no gradient)."""
+
+        def step(h, xs):
+            x, cx, first, avail = xs
+            h, logits, _ = apply(params, h, x, cx, first, avail)
+            return h, logits
+
+        _, logits = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
+        return jax.lax.stop_gradient(logits)
+
+    return Algorithm(name, config, env, init, update, act, initial_carry, E * T)

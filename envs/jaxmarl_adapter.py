@@ -1,0 +1,146 @@
+"""Adapter from JaxMARL's per-agent dicts to the stacked-array API of marl.types.
+
+Dicts are converted once, here, at the boundary: learners see ``obs [A, obs_dim]``,
+``state [state_dim]``, ``reward [A]``, ``done []``, ``terminated []`` and
+``avail_actions [A, n]``.
+
+The adapter calls JaxMARL's ``step_env`` (no auto-reset): auto-reset is our own
+wrapper (``envs.wrappers.AutoReset``), written once for every environment, so that
+the final observation of an episode is kept for bootstrapping on truncation.
+
+Termination vs truncation: an episode that ends before ``max_steps`` is *terminated*
+(a terminal state, no bootstrap); one that ends exactly at the step limit is
+*truncated*. The adapter counts steps itself, so this holds for every JaxMARL env.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from marl.types import EnvSpec, Timestep
+
+
+@struct.dataclass
+class AdapterState:
+    inner: Any
+    t: jax.Array  # steps taken in the current episode
+
+
+class JaxMARLAdapter:
+    """Wrap one JaxMARL ``MultiAgentEnv``.
+
+    Args:
+      env: the JaxMARL environment.
+      name: the registry name, for messages.
+      agents: the learning agents (defaults to ``env.agents``).
+      won_fn: optional ``inner_state -> bool[]`` evaluated at episode end (SMAX).
+      action_cost: optional ``[n, n]`` action geometry for the spec.
+    """
+
+    def __init__(
+        self,
+        env,
+        name: str,
+        agents: Optional[list] = None,
+        won_fn: Optional[Callable] = None,
+        action_cost: Optional[np.ndarray] = None,
+    ):
+        self._env = env
+        self.agents = list(agents if agents is not None else env.agents)
+        self._won_fn = won_fn
+        a0 = self.agents[0]
+        obs_space = env.observation_space(a0)
+        act_space = env.action_space(a0)
+        obs_dim = int(np.prod(obs_space.shape))
+        for a in self.agents:
+            if int(np.prod(env.observation_space(a).shape)) != obs_dim:
+                raise ValueError(
+                    f"env {name!r}: agents have different observation sizes; the stacked "
+                    "API needs one obs_dim (pad observations in a custom adapter)"
+                )
+        # Probe the world state once, on the host, to learn its size.
+        obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+        self._has_world_state = "world_state" in obs
+        state_dim = (
+            int(np.prod(obs["world_state"].shape)) if self._has_world_state else obs_dim * len(self.agents)
+        )
+        if hasattr(act_space, "n"):
+            num_actions, action_dim, low, high = int(act_space.n), None, -1.0, 1.0
+        else:
+            num_actions = None
+            action_dim = int(np.prod(act_space.shape))
+            low, high = float(np.min(act_space.low)), float(np.max(act_space.high))
+        self._has_avail = num_actions is not None and _implements(env, "get_avail_actions")
+        self.spec = EnvSpec(
+            name=name,
+            num_agents=len(self.agents),
+            obs_dim=obs_dim,
+            state_dim=state_dim,
+            max_steps=int(getattr(env, "max_steps", getattr(env, "max_episode_steps", 100))),
+            num_actions=num_actions,
+            action_dim=action_dim,
+            action_low=low,
+            action_high=high,
+            action_cost=action_cost,
+        )
+
+    @property
+    def unwrapped(self):
+        return self._env
+
+    def _stack(self, obs: dict, inner) -> tuple[jax.Array, jax.Array, jax.Array]:
+        o = jnp.stack([obs[a].reshape(-1) for a in self.agents]).astype(jnp.float32)
+        s = obs["world_state"].reshape(-1) if self._has_world_state else o.reshape(-1)
+        if self._has_avail:
+            av = self._env.get_avail_actions(inner)
+            avail = jnp.stack([av[a] for a in self.agents]).astype(bool)
+        else:
+            avail = jnp.ones((len(self.agents), self.spec.num_actions or 1), bool)
+        return o, s.astype(jnp.float32), avail
+
+    def reset(self, key: jax.Array) -> tuple[AdapterState, Timestep]:
+        obs, inner = self._env.reset(key)
+        o, s, avail = self._stack(obs, inner)
+        zero = jnp.zeros((), bool)
+        ts = Timestep(
+            obs=o,
+            state=s,
+            reward=jnp.zeros((len(self.agents),), jnp.float32),
+            done=zero,
+            terminated=zero,
+            avail_actions=avail,
+            info=self._info(inner, zero),
+        )
+        return AdapterState(inner, jnp.zeros((), jnp.int32)), ts
+
+    def step(self, key: jax.Array, state: AdapterState, action: jax.Array) -> tuple[AdapterState, Timestep]:
+        acts = {a: action[i] for i, a in enumerate(self.agents)}
+        obs, inner, rew, dones, _ = self._env.step_env(key, state.inner, acts)
+        t = state.t + 1
+        done = jnp.asarray(dones["__all__"], bool) | (t >= self.spec.max_steps)
+        terminated = done & (t < self.spec.max_steps)
+        o, s, avail = self._stack(obs, inner)
+        r = jnp.stack([rew[a] for a in self.agents]).astype(jnp.float32)
+        ts = Timestep(o, s, r, done, terminated, avail, self._info(inner, done))
+        return AdapterState(inner, t), ts
+
+    def _info(self, inner, done) -> dict:
+        if self._won_fn is None:
+            return {}
+        return {"won": done & self._won_fn(inner)}
+
+
+def _implements(env, method: str) -> bool:
+    """True when ``env`` overrides JaxMARL's ``NotImplementedError`` default."""
+    from jaxmarl.environments.multi_agent_env import MultiAgentEnv
+
+    inner = getattr(env, "_env", None)
+    cls_method = getattr(type(env), method, None)
+    if cls_method is not None and cls_method is not getattr(MultiAgentEnv, method, None):
+        return True
+    return inner is not None and _implements(inner, method)

@@ -1,0 +1,150 @@
+"""The environment registry: ``envs.make("smax:3m")``.
+
+Names:
+  ``smax:<map>``     JaxMARL SMAX against its heuristic enemy (maps: JaxMARL's scenarios)
+  ``mpe:<task>``     JaxMARL MPE, e.g. ``mpe:simple_spread`` (-> ``MPE_simple_spread_v3``)
+  ``<jaxmarl id>``   any JaxMARL environment id, e.g. ``MPE_simple_reference_v3``
+  anything added with :func:`register`.
+
+Every environment returned is wrapped in ``EpisodeStats(AutoReset(env))`` unless
+``wrap=False``. A custom environment only needs ``spec``, ``reset`` and ``step`` as
+in ``marl.types.Environment``; register a factory for it and every algorithm runs
+on it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+from envs.wrappers import AutoReset, EpisodeStats
+
+_FACTORIES: dict[str, Callable] = {}
+_PREFIXES: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register(name: str, factory: Callable) -> None:
+    """Register ``factory(**kwargs) -> env`` under ``name`` (an exact name)."""
+    _FACTORIES[name] = factory
+
+
+def register_prefix(prefix: str, factory: Callable, names: Callable) -> None:
+    """Register a family ``prefix:<rest>``; ``names()`` lists the valid ``rest`` values."""
+    _PREFIXES[prefix] = (factory, names)
+
+
+def registered() -> list[str]:
+    out = sorted(_FACTORIES)
+    for prefix, (_, names) in sorted(_PREFIXES.items()):
+        out += [f"{prefix}:{n}" for n in names()]
+    return out
+
+
+class UnknownEnvError(ValueError):
+    pass
+
+
+def make(name: str, wrap: bool = True, **kwargs):
+    """Build a registered environment by name; raises UnknownEnvError listing the options."""
+    if name in _FACTORIES:
+        env = _FACTORIES[name](**kwargs)
+    elif ":" in name and name.split(":", 1)[0] in _PREFIXES:
+        prefix, rest = name.split(":", 1)
+        factory, names = _PREFIXES[prefix]
+        if rest not in names():
+            _unknown(name)
+        env = factory(rest, **kwargs)
+    else:
+        _unknown(name)
+    return EpisodeStats(AutoReset(env)) if wrap else env
+
+
+def _unknown(name: str):
+    options = registered()
+    close = difflib.get_close_matches(name, options, n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    raise UnknownEnvError(
+        f"invalid env={name!r}: unknown environment.{hint} Registered: {', '.join(options)}"
+    )
+
+
+# ----------------------------------------------------------------------------- JaxMARL
+
+
+def _smax_maps() -> list[str]:
+    from jaxmarl.environments.smax.smax_env import MAP_NAME_TO_SCENARIO
+
+    return sorted(MAP_NAME_TO_SCENARIO)
+
+
+def _make_smax(map_name: str, **kwargs):
+    import jax.numpy as jnp
+    import jaxmarl
+    from jaxmarl.environments.smax import map_name_to_scenario
+
+    from envs.jaxmarl_adapter import JaxMARLAdapter
+    from marl.action_costs import smax_cost
+
+    scenario = map_name_to_scenario(map_name)
+    env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, **kwargs)
+    n_allies = env.num_allies
+
+    def won(inner):
+        alive = inner.state.unit_alive
+        return jnp.all(~alive[n_allies:]) & jnp.any(alive[:n_allies])
+
+    return JaxMARLAdapter(
+        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies)
+    )
+
+
+_MPE_IDS = {
+    "simple": "MPE_simple_v3",
+    "simple_spread": "MPE_simple_spread_v3",
+    "simple_reference": "MPE_simple_reference_v3",
+    "simple_speaker_listener": "MPE_simple_speaker_listener_v4",
+}
+
+
+def _make_mpe(task: str, **kwargs):
+    import jaxmarl
+
+    from envs.jaxmarl_adapter import JaxMARLAdapter
+    from marl.action_costs import mpe_cost
+
+    env = jaxmarl.make(_MPE_IDS[task], **kwargs)
+    space = env.action_space(env.agents[0])
+    # The compass geometry holds for MPE's 5 movement actions only (not for
+    # communication or continuous actions).
+    cost = mpe_cost(5) if getattr(space, "n", None) == 5 else None
+    return JaxMARLAdapter(env, f"mpe:{task}", action_cost=cost)
+
+
+_NEEDS_BRAX = {"ant_4x2", "halfcheetah_6x1", "hopper_3x1", "humanoid_9|8", "walker2d_2x3"}
+
+
+def _make_jaxmarl_id(env_id: str):
+    def factory(**kwargs):
+        import jaxmarl
+
+        from envs.jaxmarl_adapter import JaxMARLAdapter
+
+        return JaxMARLAdapter(jaxmarl.make(env_id, **kwargs), env_id)
+
+    return factory
+
+
+def _register_builtin():
+    register_prefix("smax", _make_smax, _smax_maps)
+    register_prefix("mpe", _make_mpe, lambda: sorted(_MPE_IDS))
+    from jaxmarl.registration import registered_envs
+
+    for env_id in registered_envs:
+        if env_id in ("SMAX", "HeuristicEnemySMAX", "LearnedPolicyEnemySMAX"):
+            continue  # SMAX needs a scenario: use smax:<map>
+        if env_id.startswith("JaxRobotarium") or env_id in _NEEDS_BRAX:
+            continue  # need packages outside the pinned stack
+        register(env_id, _make_jaxmarl_id(env_id))
+
+
+_register_builtin()

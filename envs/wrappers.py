@@ -1,0 +1,111 @@
+"""Wrappers written once for every environment: auto-reset and episode statistics.
+
+``AutoReset`` resets an environment when its episode ends and keeps the last
+observation and state of the finished episode in ``info["final_obs"]`` and
+``info["final_state"]``, so learners can bootstrap a *truncated* episode from its
+true final state (``terminated`` stays False there) while a *terminated* one is
+not bootstrapped.
+
+``EpisodeStats`` accumulates the return (mean over agents of the summed reward) and
+length of the running episode and reports, at every step, the statistics of the
+episode that ended at this step: ``info["episode_done"]`` (bool),
+``info["episode_return"]``, ``info["episode_length"]`` and ``info["won"]`` when the
+environment reports it. Metrics are averages of these weighted by ``episode_done``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from marl.types import Timestep
+
+
+class Wrapper:
+    def __init__(self, env):
+        self._env = env
+        self.spec = env.spec
+
+    @property
+    def unwrapped(self):
+        return getattr(self._env, "unwrapped", self._env)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def _select(pred, a, b):
+    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+
+
+class AutoReset(Wrapper):
+    def reset(self, key):
+        state, ts = self._env.reset(key)
+        info = dict(ts.info, final_obs=ts.obs, final_state=ts.state)
+        return state, ts._replace(info=info)
+
+    def step(self, key, state, action):
+        key_step, key_reset = jax.random.split(key)
+        state_st, ts_st = self._env.step(key_step, state, action)
+        state_re, ts_re = self._env.reset(key_reset)
+        done = ts_st.done
+        state = _select(done, state_re, state_st)
+        info = dict(ts_st.info, final_obs=ts_st.obs, final_state=ts_st.state)
+        ts = ts_st._replace(
+            obs=jnp.where(done, ts_re.obs, ts_st.obs),
+            state=jnp.where(done, ts_re.state, ts_st.state),
+            avail_actions=jnp.where(done, ts_re.avail_actions, ts_st.avail_actions),
+            info=info,
+        )
+        return state, ts
+
+
+@struct.dataclass
+class StatsState:
+    inner: Any
+    ret: jax.Array
+    length: jax.Array
+
+
+class EpisodeStats(Wrapper):
+    def reset(self, key):
+        state, ts = self._env.reset(key)
+        z = jnp.zeros((), jnp.float32)
+        return StatsState(state, z, jnp.zeros((), jnp.int32)), ts._replace(info=self._info(ts, z, 0, False))
+
+    def step(self, key, state: StatsState, action):
+        inner, ts = self._env.step(key, state.inner, action)
+        ret = state.ret + ts.reward.mean()
+        length = state.length + 1
+        info = self._info(ts, ret, length, ts.done)
+        keep = 1 - ts.done.astype(jnp.float32)
+        return StatsState(inner, ret * keep, (length * keep).astype(jnp.int32)), ts._replace(info=info)
+
+    @staticmethod
+    def _info(ts: Timestep, ret, length, done) -> dict:
+        info = dict(ts.info)
+        info["episode_done"] = jnp.asarray(done, bool)
+        info["episode_return"] = jnp.asarray(ret, jnp.float32)
+        info["episode_length"] = jnp.asarray(length, jnp.int32)
+        info["won"] = jnp.asarray(info.get("won", False), bool)
+        return info
+
+
+def episode_metrics(info: dict) -> dict:
+    """Means of the finished episodes' statistics in a batch of infos (any shape).
+
+    Returns ``return``, ``length``, ``win_rate`` (NaN-free: 0 when no episode ended)
+    and ``episodes`` (how many ended).
+    """
+    d = info["episode_done"].astype(jnp.float32)
+    n = d.sum()
+    denom = jnp.maximum(n, 1.0)
+    return {
+        "return": (info["episode_return"] * d).sum() / denom,
+        "length": (info["episode_length"] * d).sum() / denom,
+        "win_rate": (info["won"].astype(jnp.float32) * d).sum() / denom,
+        "episodes": n,
+    }

@@ -1,0 +1,52 @@
+"""Config validation helpers.
+
+Configs are frozen dataclasses validated before anything compiles. A bad value
+raises :class:`ConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid: names the field, the value and what is allowed."""
+
+    def __init__(self, field: str, value: Any, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"invalid {field}={value!r}: {allowed}")
+
+
+def check_positive(field: str, value, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if integer:
+        ok = ok and float(value) == int(value)
+    if not ok:
+        raise ConfigError(field, value, "must be a positive " + ("integer" if integer else "number"))
+
+
+def check_nonnegative(field: str, value) -> None:
+    if not (isinstance(value, (int, float)) and value >= 0):
+        raise ConfigError(field, value, "must be >= 0")
+
+
+def check_range(field: str, value, lo: float, hi: float, lo_open=False, hi_open=False) -> None:
+    ok = isinstance(value, (int, float))
+    if ok:
+        ok = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ConfigError(field, value, f"must be in {lb}{lo}, {hi}{rb}")
+
+
+def check_choice(field: str, value, choices: Iterable) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(field, value, f"must be one of {choices}")
+
+
+def replace(config, **changes):
+    """``dataclasses.replace`` that re-runs validation (``__post_init__``)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,139 @@
+"""Networks shared by the algorithms: MLP torsos, a GRU step with episode resets,
+and actor/critic heads.
+
+Initialization never calls LAPACK. jax/jaxlib 0.10.x deadlocks on this kind of
+2-core CPU when a QR decomposition is batched (``jax.vmap`` over seeds of flax's
+``orthogonal`` initializer never returns). :func:`orthogonal` below draws the same
+distribution (Haar-orthogonal, scaled) with a Gram-Schmidt loop written in plain
+``jnp`` ops, so ``jax.vmap(init)`` over seeds is safe. ``tests/test_init_vmap.py``
+runs vmapped init and updates of every algorithm under a hard timeout so an
+upgrade cannot bring the hang back silently.
+
+Recurrent networks process one time step per call (``h, x, reset -> h, out``);
+sequences are a ``lax.scan`` over that step in the algorithm, so the same module
+serves acting and training. ``reset`` zeroes the hidden state *before* the step,
+at the first step of each episode.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _gram_schmidt(a: jax.Array) -> jax.Array:
+    """Orthonormalize the columns of ``a`` [m, n] (m >= n), twice for stability."""
+    m, n = a.shape
+
+    def body(j, q):
+        v = q[:, j]
+        mask = (jnp.arange(n) < j).astype(q.dtype)
+        for _ in range(2):
+            v = v - q @ (mask * (q.T @ v))
+        v = v / jnp.maximum(jnp.linalg.norm(v), 1e-12)
+        return q.at[:, j].set(v)
+
+    return jax.lax.fori_loop(0, n, body, a)
+
+
+def orthogonal(scale: float = 1.0, column_axis: int = -1):
+    """Orthogonal initializer without QR (see the module docstring)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        if len(shape) < 2:
+            raise ValueError(f"orthogonal init needs >= 2 dims, got shape {shape}")
+        n_cols = shape[column_axis]
+        n_rows = 1
+        for i, s in enumerate(shape):
+            if i != (column_axis % len(shape)):
+                n_rows *= s
+        m, n = max(n_rows, n_cols), min(n_rows, n_cols)
+        a = jax.random.normal(key, (m, n), jnp.float32)
+        q = _gram_schmidt(a)  # [m, n], orthonormal columns
+        if n_rows < n_cols:
+            q = q.T
+        q = q.reshape(n_rows, n_cols)
+        q = jnp.moveaxis(q.reshape(tuple(s for i, s in enumerate(shape) if i != column_axis % len(shape)) + (n_cols,)), -1, column_axis)
+        return (scale * q).astype(dtype)
+
+    return init
+
+
+def dense(features: int, scale: float = 2**0.5, name=None) -> nn.Dense:
+    return nn.Dense(features, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros, name=name)
+
+
+class MLP(nn.Module):
+    """ReLU torso: Dense -> ReLU repeated for each width in ``hidden``."""
+
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x):
+        for h in self.hidden:
+            x = nn.relu(dense(h)(x))
+        return x
+
+
+class GRUStep(nn.Module):
+    """One GRU step with a per-sequence reset; ``h`` and ``x`` share leading dims."""
+
+    hidden: int
+
+    @nn.compact
+    def __call__(self, h, x, reset):
+        h = jnp.where(reset[..., None], jnp.zeros_like(h), h)
+        cell = nn.GRUCell(
+            self.hidden,
+            kernel_init=orthogonal(1.0),
+            recurrent_kernel_init=orthogonal(1.0),
+        )
+        h, y = cell(h, x)
+        return h, y
+
+
+class Torso(nn.Module):
+    """Dense -> ReLU -> (GRU step | Dense -> ReLU): the body of actors and critics.
+
+    Returns ``(h, features)``; for the feed-forward variant ``h`` passes through.
+    """
+
+    hidden: int
+    recurrent: bool
+
+    @nn.compact
+    def __call__(self, h, x, reset):
+        x = nn.relu(dense(self.hidden)(x))
+        if self.recurrent:
+            return GRUStep(self.hidden)(h, x, reset)
+        return h, nn.relu(dense(self.hidden)(x))
+
+
+class ActorCritic(nn.Module):
+    """Discrete actor (masked logits) and value head on one torso per role.
+
+    ``shared_torso``: actor and critic read the same torso (IPPO, as in JaxMARL's
+    baseline); otherwise the critic has its own torso over ``critic_x`` (MAPPO's
+    centralized critic on the global state). Hidden state is ``[..., 2, hidden]``
+    (actor, critic) in both cases for a uniform carry.
+    """
+
+    num_actions: int
+    hidden: int = 128
+    recurrent: bool = True
+    shared_torso: bool = False
+
+    @nn.compact
+    def __call__(self, h, x, critic_x, reset, avail):
+        h_a, feat_a = Torso(self.hidden, self.recurrent, name="actor_torso")(h[..., 0, :], x, reset)
+        logits = dense(self.num_actions, 0.01, name="policy")(nn.relu(dense(self.hidden, name="actor_head")(feat_a)))
+        logits = jnp.where(avail, logits, -1e10)
+        if self.shared_torso:
+            h_c, feat_c = h[..., 1, :], feat_a
+        else:
+            h_c, feat_c = Torso(self.hidden, self.recurrent, name="critic_torso")(h[..., 1, :], critic_x, reset)
+        value = dense(1, 1.0, name="value")(nn.relu(dense(self.hidden, name="critic_head")(feat_c)))[..., 0]
+        return jnp.stack([h_a, h_c], axis=-2), logits, value

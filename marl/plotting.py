@@ -1,0 +1,59 @@
+"""Learning curves from ``metrics.jsonl``: mean over seeds with a min-max band."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from marl.logging import read_metrics
+
+
+def curves(records: list[dict], metric: str, min_episodes: bool = True):
+    """-> (env_steps [I], values [seeds, I]) for ``metric``; iterations where a seed
+    finished no episode carry that seed's previous value forward."""
+    its = sorted({r["iteration"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    idx = {it: i for i, it in enumerate(its)}
+    vals = np.full((len(seeds), len(its)), np.nan)
+    steps = np.zeros(len(its))
+    for r in records:
+        if metric not in r:
+            continue
+        i = idx[r["iteration"]]
+        steps[i] = r["env_steps"]
+        v = r[metric]
+        if min_episodes and r.get("episodes", 1) == 0:
+            continue
+        vals[r["seed"], i] = float(v)
+    for s in range(len(seeds)):  # carry forward
+        for i in range(1, len(its)):
+            if np.isnan(vals[s, i]):
+                vals[s, i] = vals[s, i - 1]
+    return steps, vals
+
+
+def plot_run(run_dir: str, metrics=("return", "win_rate"), path: str | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    metrics = [m for m in metrics if any(m in r for r in records)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        steps, vals = curves(records, m)
+        mean = np.nanmean(vals, 0)
+        ax.plot(steps, mean, label=f"mean of {vals.shape[0]} seeds")
+        ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.25, label="min-max")
+        ax.set_xlabel("env steps (per seed)")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle(os.path.basename(os.path.normpath(run_dir)))
+    fig.tight_layout()
+    path = path or os.path.join(run_dir, "learning_curve.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+"""Types shared by environments, algorithms and the runner.
+
+Everything that is traced is a pytree of fixed shape. Shapes use the letters
+``B`` (batch / parallel envs), ``T`` (time), ``A`` (agents).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EnvSpec:
+    """Static description of an environment, as the learners see it.
+
+    Attributes:
+      name: the registry name (``"smax:3m"``).
+      num_agents: number of learning agents ``A``.
+      obs_dim: per-agent observation size.
+      state_dim: size of the global (world) state for centralized critics/mixers.
+      num_actions: number of discrete actions, or ``None`` for continuous actions.
+      action_dim: size of a continuous action (``None`` for discrete).
+      action_low / action_high: bounds of a continuous action.
+      max_steps: episode limit (truncation).
+      action_cost: optional ``[n, n]`` ground cost between discrete actions
+        (the action geometry used by the Wasserstein regularizer).
+    """
+
+    name: str
+    num_agents: int
+    obs_dim: int
+    state_dim: int
+    max_steps: int
+    num_actions: Optional[int] = None
+    action_dim: Optional[int] = None
+    action_low: float = -1.0
+    action_high: float = 1.0
+    action_cost: Optional[np.ndarray] = None
+
+    @property
+    def discrete(self) -> bool:
+        return self.num_actions is not None
+
+    def __hash__(self):  # specs are compared by identity; arrays are not hashable
+        return id(self)
+
+
+class Timestep(NamedTuple):
+    """What an environment returns after ``reset`` and ``step``.
+
+    obs: [A, obs_dim]; state: [state_dim]; reward: [A]; done: [] (episode ended,
+    either way); terminated: [] (ended in a terminal state: do not bootstrap);
+    avail_actions: [A, n] bool (all True for continuous envs, n = 1);
+    info: dict of fixed-shape arrays (episode statistics, ``won``, ...).
+    """
+
+    obs: jax.Array
+    state: jax.Array
+    reward: jax.Array
+    done: jax.Array
+    terminated: jax.Array
+    avail_actions: jax.Array
+    info: dict
+
+
+class Environment(Protocol):
+    """The environment contract (one environment; batching is ``vmap``)."""
+
+    spec: EnvSpec
+
+    def reset(self, key: jax.Array) -> tuple[Any, Timestep]: ...
+
+    def step(self, key: jax.Array, env_state: Any, action: jax.Array) -> tuple[Any, Timestep]: ...
+
+
+class Algorithm(NamedTuple):
+    """The algorithm contract, as the runner sees it.
+
+    ``algos.make(name, env, config)`` returns one of these; env and config are
+    closed over (static), so every function takes and returns only arrays.
+
+    init(key) -> train_state
+    update(train_state) -> (train_state, metrics)   one iteration; pure, jittable
+    act(params, obs, carry, key, greedy) -> (actions, carry)
+    initial_carry(batch_shape) -> carry               recurrent state for ``act``
+    env_steps_per_update: env transitions (summed over parallel envs) per ``update``
+    """
+
+    name: str
+    config: Any
+    env: Any
+    init: Callable
+    update: Callable
+    act: Callable
+    initial_carry: Callable
+    env_steps_per_update: int
