@@ -83,10 +83,12 @@ def parse(argv: list[str]):
     if cfg_file:
         defaults = load_config_file(cfg_file, defaults)
 
-    @dataclasses.dataclass(frozen=True)
-    class Args:
-        run: tyro.conf.OmitArgPrefixes[RunArgs]
-        config: tyro.conf.OmitArgPrefixes[cfg_cls]
+    # built at run time: the config class depends on --algo
+    Args = dataclasses.make_dataclass(
+        "Args",
+        [("run", tyro.conf.OmitArgPrefixes[RunArgs]), ("config", tyro.conf.OmitArgPrefixes[cfg_cls])],
+        frozen=True,
+    )
 
     args = tyro.cli(Args, args=argv, default=Args(RunArgs(algo=algo_name), defaults),
                     description=__doc__.split("\n\n")[0])

@@ -32,6 +32,11 @@ from marl.logging import MetricsWriter
 from marl.types import Algorithm
 
 
+# Compiled chunks by (update function, length, state structure): the same algorithm
+# object trained again in one process (tests, notebooks, sweeps) does not recompile.
+_COMPILED: dict = {}
+
+
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or inf; the message names the metric and iteration."""
 
@@ -90,6 +95,7 @@ def train(
     hparams: Optional[dict] = None,
     stop_after_chunks: Optional[int] = None,
     run_info: Optional[dict] = None,
+    keys: Optional[jax.Array] = None,
 ) -> TrainResult:
     """Train ``num_seeds`` seeds of ``algo`` for ``num_iterations`` updates.
 
@@ -102,6 +108,7 @@ def train(
       stop_after_chunks: stop early after this many chunks of this call (simulates a
         killed run in tests).
       run_info: extra JSON-able description stored in ``run.json`` (algo, env, config).
+      keys: explicit per-seed PRNG keys [num_seeds, 2] (default: split(PRNGKey(seed))).
     """
     for field, v in (("num_iterations", num_iterations), ("num_seeds", num_seeds),
                      ("chunk_iterations", chunk_iterations), ("checkpoint_every", checkpoint_every)):
@@ -111,7 +118,10 @@ def train(
         raise ConfigError("resume", resume, "needs a run_dir with a checkpoint")
     chunk_iterations = min(chunk_iterations, num_iterations)
     steps_per_iter = algo.env_steps_per_update
-    keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+    if keys is None:
+        keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+    elif keys.shape[0] != num_seeds:
+        raise ConfigError("keys", keys.shape, f"must have num_seeds={num_seeds} rows")
 
     writer = ckpt = None
     start_iter = 0
@@ -130,16 +140,19 @@ def train(
                 state = ckpt.restore(state, start_iter)
         writer = MetricsWriter(run_dir, truncate_after=start_iter if resume else 0)
 
-    chunk_fns: dict[int, Callable] = {}
     compile_s = 0.0
 
     def get_chunk(length):
         nonlocal compile_s
-        if length not in chunk_fns:
+        key = (algo.update, length, jax.tree.structure(state),
+               tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
+        if key not in _COMPILED:
             t0 = time.perf_counter()
-            chunk_fns[length] = make_chunk_fn(algo, length).lower(state).compile()
+            if len(_COMPILED) >= 16:
+                _COMPILED.pop(next(iter(_COMPILED)))
+            _COMPILED[key] = make_chunk_fn(algo, length).lower(state).compile()
             compile_s += time.perf_counter() - t0
-        return chunk_fns[length]
+        return _COMPILED[key]
 
     history: dict[str, list] = {}
     bar = _progress(progress, num_iterations * steps_per_iter, start_iter * steps_per_iter, algo)

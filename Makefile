@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use and
+# install the pinned stack (constraints.txt) with the project in editable mode.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.train --algo mappo --env smax:3m --total-steps 1e6 --num-seeds 1
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python -m experiments.bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check marl envs algos experiments tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

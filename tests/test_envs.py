@@ -1,0 +1,87 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import envs
+
+
+def _rollout(env, steps, seed=0):
+    """Random valid actions for ``steps`` steps; returns the stacked timesteps."""
+    state, ts = env.reset(jax.random.PRNGKey(seed))
+
+    def step(carry, key):
+        state, ts = carry
+        k1, k2 = jax.random.split(key)
+        a = jax.random.categorical(k1, jnp.where(ts.avail_actions, 0.0, -1e9))
+        state, ts2 = env.step(k2, state, a)
+        return (state, ts2), (ts, a, ts2)
+
+    _, out = jax.jit(lambda k: jax.lax.scan(step, (state, ts), jax.random.split(k, steps)))(
+        jax.random.PRNGKey(seed + 1)
+    )
+    return out
+
+
+@pytest.mark.parametrize("name,agents,n", [("smax:3m", 3, 8), ("mpe:simple_spread", 3, 5)])
+def test_adapter_shapes(name, agents, n):
+    env = envs.make(name)
+    spec = env.spec
+    assert (spec.num_agents, spec.num_actions) == (agents, n)
+    _, ts = env.reset(jax.random.PRNGKey(0))
+    assert ts.obs.shape == (agents, spec.obs_dim) and ts.obs.dtype == jnp.float32
+    assert ts.state.shape == (spec.state_dim,)
+    assert ts.reward.shape == (agents,)
+    assert ts.done.shape == () and ts.terminated.shape == ()
+    assert ts.avail_actions.shape == (agents, n) and ts.avail_actions.dtype == bool
+    assert spec.action_cost.shape == (n, n)
+    # batching is vmap
+    _, bts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), 5))
+    assert bts.obs.shape == (5, agents, spec.obs_dim)
+
+
+def test_smax_autoreset_termination_and_stats():
+    env = envs.make("smax:3m")
+    prev, a, ts = _rollout(env, 150)
+    done = np.asarray(ts.done)
+    assert done.sum() >= 3, "random play on 3m should end several episodes in 150 steps"
+    first = int(np.argmax(done))
+    # episode ended by a battle (not the 100-step limit): terminated, not truncated
+    assert bool(ts.terminated[first])
+    assert int(ts.info["episode_length"][first]) == first + 1
+    # auto-reset: the returned obs starts a new episode, the final obs is kept
+    assert not np.allclose(ts.obs[first], ts.info["final_obs"][first])
+    assert np.allclose(ts.obs[first - 1], ts.info["final_obs"][first - 1])
+    # returns are accumulated per episode and reported only at its end
+    r = np.asarray(ts.reward).mean(-1)
+    assert np.isclose(float(ts.info["episode_return"][first]), r[: first + 1].sum(), atol=1e-5)
+    ends = np.where(done)[0]
+    second = ends[1]
+    assert np.isclose(float(ts.info["episode_return"][second]), r[first + 1 : second + 1].sum(), atol=1e-5)
+    assert int(ts.info["episode_length"][second]) == second - first
+    # dead agents can only take the stop action (JaxMARL's SMAX avail actions)
+    av = np.asarray(prev.avail_actions)
+    assert av[..., 4].all()
+
+
+def test_mpe_episodes_are_truncated_not_terminated():
+    env = envs.make("mpe:simple_spread")
+    _, _, ts = _rollout(env, 60)
+    done = np.asarray(ts.done)
+    assert list(np.where(done)[0]) == [24, 49]
+    assert not np.asarray(ts.terminated).any()
+    assert (np.asarray(ts.info["episode_length"])[done] == 25).all()
+
+
+def test_unknown_env_lists_registered():
+    with pytest.raises(envs.UnknownEnvError) as e:
+        envs.make("smax:3mm")
+    msg = str(e.value)
+    assert "smax:3mm" in msg and "smax:3m" in msg and "mpe:simple_spread" in msg
+    assert "smax:5m_vs_6m" in envs.registered() and "MPE_simple_reference_v3" in envs.registered()
+
+
+def test_any_jaxmarl_id_plugs_in():
+    env = envs.make("MPE_simple_reference_v3")
+    _, ts = env.reset(jax.random.PRNGKey(0))
+    assert ts.obs.shape == (env.spec.num_agents, env.spec.obs_dim)

@@ -1,0 +1,108 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from marl.checkpoint import Checkpointer
+from marl.config import ConfigError
+from marl.logging import read_metrics
+from marl.runner import NonFiniteError, train
+from tests.conftest import tiny_algo
+
+
+def _params_equal(a, b, atol=0.0):
+    return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_same_seed_gives_identical_metrics(mappo_tiny):
+    r1 = train(mappo_tiny, num_iterations=3, num_seeds=1, seed=3, progress=False)
+    r2 = train(mappo_tiny, num_iterations=3, num_seeds=1, seed=3, progress=False)
+    for k in r1.metrics:
+        np.testing.assert_array_equal(r1.metrics[k], r2.metrics[k], err_msg=k)
+    r3 = train(mappo_tiny, num_iterations=3, num_seeds=1, seed=4, progress=False)
+    assert not np.array_equal(r1.metrics["policy_loss"], r3.metrics["policy_loss"])
+
+
+def test_vmapped_seeds_equal_separate_single_seed_runs(mappo_tiny):
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    both = train(mappo_tiny, num_iterations=3, num_seeds=2, keys=keys, progress=False)
+    for i in range(2):
+        one = train(mappo_tiny, num_iterations=3, num_seeds=1, keys=keys[i : i + 1], progress=False)
+        for k in ("policy_loss", "value_loss", "entropy", "return"):
+            np.testing.assert_allclose(both.metrics[k][i], one.metrics[k][0], rtol=1e-4, atol=1e-5, err_msg=k)
+        single_params = jax.tree.map(lambda x: x[0], one.state.params)
+        batched_params = jax.tree.map(lambda x: x[i], both.state.params)
+        assert _params_equal(single_params, batched_params, atol=1e-4)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, mappo_tiny):
+    kw = dict(num_iterations=4, num_seeds=2, seed=1, chunk_iterations=1, progress=False)
+    full = train(mappo_tiny, run_dir=str(tmp_path / "full"), **kw)
+    part = train(mappo_tiny, run_dir=str(tmp_path / "cut"), stop_after_chunks=2, **kw)
+    assert part.env_steps == 2 * mappo_tiny.env_steps_per_update
+    resumed = train(mappo_tiny, run_dir=str(tmp_path / "cut"), resume=True, **kw)
+    assert _params_equal(full.state.params, resumed.state.params)
+    assert _params_equal(full.state.opt_state, resumed.state.opt_state)
+    m_full = read_metrics(str(tmp_path / "full"))
+    m_cut = read_metrics(str(tmp_path / "cut"))
+    assert [r["iteration"] for r in m_cut] == [r["iteration"] for r in m_full]
+    assert m_cut == m_full
+    # a finished run refuses to be overwritten silently
+    with pytest.raises(ConfigError, match="run_dir"):
+        train(mappo_tiny, run_dir=str(tmp_path / "full"), **kw)
+
+
+def test_resume_rejects_a_different_run(tmp_path, mappo_tiny):
+    train(mappo_tiny, run_dir=str(tmp_path / "r"), num_iterations=1, num_seeds=1, progress=False)
+    with pytest.raises(ConfigError, match="num_seeds"):
+        train(
+            mappo_tiny,
+            run_dir=str(tmp_path / "r"),
+            num_iterations=2,
+            num_seeds=2,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_nonfinite_stops_with_metric_and_iteration_and_keeps_checkpoint(tmp_path, mappo_tiny):
+    def poisoned_update(state):
+        state, metrics = mappo_tiny.update(state)
+        bad = state.update_step >= 3
+        metrics = dict(metrics, value_loss=jnp.where(bad, jnp.nan, metrics["value_loss"]))
+        return state, metrics
+
+    algo = mappo_tiny._replace(update=poisoned_update)
+    run_dir = str(tmp_path / "nan")
+    with pytest.raises(NonFiniteError) as e:
+        train(algo, run_dir=run_dir, num_iterations=6, chunk_iterations=2, progress=False)
+    msg = str(e.value)
+    assert "value_loss" in msg and "iteration 3" in msg and "iteration 2" in msg
+    # the good iterations are kept, the last good checkpoint is restorable
+    assert [r["iteration"] for r in read_metrics(run_dir)] == [1, 2]
+    ck = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    assert ck.latest_step() == 2
+    ck.close()
+    with open(os.path.join(run_dir, "run.json")) as f:
+        assert json.load(f)["algo"] == "mappo"
+
+
+def test_hparams_override_is_per_seed(mappo_tiny):
+    r = train(mappo_tiny, num_iterations=1, num_seeds=2, hparams={"lr": [1e-3, 2e-3]}, progress=False)
+    np.testing.assert_allclose(r.state.hparams.lr, [1e-3, 2e-3])
+    with pytest.raises(ConfigError, match="hparams"):
+        train(mappo_tiny, num_iterations=1, num_seeds=1, hparams={"nope": 1.0}, progress=False)
+
+
+def test_runner_validates_sizes(mappo_tiny, tmp_path):
+    with pytest.raises(ConfigError, match="num_seeds"):
+        train(mappo_tiny, num_iterations=1, num_seeds=0, progress=False)
+    with pytest.raises(ConfigError, match="num_iterations"):
+        train(mappo_tiny, num_iterations=0, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="run_dir"):
+        train(mappo_tiny, num_iterations=1, run_dir=str(blocker / "sub"), progress=False)
