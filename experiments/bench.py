@@ -1,0 +1,150 @@
+"""Throughput benchmark, all figures from one run on one machine.
+
+    python -m experiments.bench                       # smax:3m, ippo + mappo, 128 envs x 128 steps
+    python -m experiments.bench --env mpe:simple_spread --algos ippo --num-envs 64
+    python -m experiments.bench --seeds-check 4       # also: 4 vmapped seeds vs 4 in a row
+
+Measures:
+- random-policy environment throughput (env steps/s): uniform random valid actions,
+  ``jit(scan(vmap(env.step)))`` over the same num_envs x num_steps as the learners;
+- each algorithm's training throughput (env steps/s through ``update``, i.e. acting +
+  learning) and its ratio to the random-policy figure; compile time, excluded;
+- optionally, one program with S vmapped seeds vs S single-seed programs run one after
+  another (wall time of the same number of updates).
+Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import tyro
+
+import algos
+import envs
+from marl.runner import init_states, make_chunk_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchArgs:
+    env: str = "smax:3m"
+    algos: tuple[str, ...] = ("ippo", "mappo")
+    num_envs: int = 128
+    num_steps: int = 128
+    iterations: int = 2
+    """updates per timed call"""
+    repeats: int = 3
+    seeds_check: int = 0
+    """if > 0: compare this many vmapped seeds with as many single-seed runs"""
+    overrides: Optional[str] = None
+    """JSON dict of config overrides applied to every algorithm, e.g. '{"hidden": 64}'"""
+    out: str = "runs/bench/bench.json"
+
+
+def _median_time(fn, arg, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
+    def rollout(carry):
+        key, state, ts = carry
+
+        def step(c, k):
+            state, ts = c
+            k1, k2 = jax.random.split(k)
+            logits = jnp.where(ts.avail_actions, 0.0, -1e9)
+            a = jax.random.categorical(k1, logits)
+            state, ts = jax.vmap(env.step)(jax.random.split(k2, num_envs), state, a)
+            return (state, ts), ts.reward.sum()
+
+        key, sub = jax.random.split(key)
+        (state, ts), r = jax.lax.scan(step, (state, ts), jax.random.split(sub, num_steps))
+        return key, state, ts
+
+    state, ts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    fn = jax.jit(rollout).lower((jax.random.PRNGKey(1), state, ts)).compile()
+    carry = (jax.random.PRNGKey(1), state, ts)
+    carry = jax.block_until_ready(fn(carry))  # warm
+    t = _median_time(fn, carry, repeats)
+    return num_envs * num_steps / t
+
+
+def algo_bench(algo, iterations, repeats, num_seeds=1):
+    keys = jax.random.split(jax.random.PRNGKey(0), num_seeds)
+    state = init_states(algo, keys)
+    t0 = time.perf_counter()
+    fn = make_chunk_fn(algo, iterations).lower(state).compile()
+    compile_s = time.perf_counter() - t0
+    state, _, _ = jax.block_until_ready(fn(state))  # warm-up (and past any learning start)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m, _ = jax.block_until_ready(fn(state))
+        times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    return {"compile_s": compile_s, "seconds_per_call": t,
+            "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t}
+
+
+def main(args: BenchArgs) -> dict:
+    env = envs.make(args.env)
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    rand = random_policy_sps(env, args.num_envs, args.num_steps, args.repeats)
+    result = {
+        "env": args.env, "num_envs": args.num_envs, "num_steps": args.num_steps,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
+        "random_policy_env_steps_per_s": rand, "algos": {},
+    }
+    rows = [("random policy", f"{rand:,.0f}", "100.0%", "-")]
+    for name in args.algos:
+        algo = algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
+                          total_steps=args.num_envs * args.num_steps * args.iterations, **overrides)
+        r = algo_bench(algo, args.iterations, args.repeats)
+        r["ratio_to_random"] = r["env_steps_per_s"] / rand
+        if args.seeds_check:
+            s = args.seeds_check
+            vm = algo_bench(algo, args.iterations, args.repeats, num_seeds=s)
+            r["seeds_check"] = {
+                "num_seeds": s,
+                "vmapped_seconds": vm["seconds_per_call"],
+                "sequential_seconds": s * r["seconds_per_call"],
+                "speedup_vmapped_vs_sequential": s * r["seconds_per_call"] / vm["seconds_per_call"],
+                "vmapped_compile_s": vm["compile_s"],
+            }
+        result["algos"][name] = r
+        rows.append((name, f"{r['env_steps_per_s']:,.0f}", f"{100 * r['ratio_to_random']:.2f}%",
+                     f"{r['compile_s']:.1f}"))
+    print(f"\n{args.env}: {args.num_envs} envs x {args.num_steps} steps, median of {args.repeats}, "
+          f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}")
+    print(f"{'':<16}{'env steps/s':>14}{'vs random':>12}{'compile s':>12}")
+    for row in rows:
+        print(f"{row[0]:<16}{row[1]:>14}{row[2]:>12}{row[3]:>12}")
+    for name, r in result["algos"].items():
+        if "seeds_check" in r:
+            c = r["seeds_check"]
+            print(f"{name}: {c['num_seeds']} vmapped seeds {c['vmapped_seconds']:.2f}s vs "
+                  f"{c['num_seeds']} sequential {c['sequential_seconds']:.2f}s "
+                  f"(x{c['speedup_vmapped_vs_sequential']:.2f})")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"JSON: {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchArgs))

@@ -1,0 +1,41 @@
+"""Guard against the batched-QR deadlock of jax 0.10.x on CPU (see marl/networks.py).
+
+Runs in a subprocess under a hard timeout: a hang fails the test instead of the suite.
+"""
+
+import subprocess
+import sys
+import textwrap
+
+PROGRAM = textwrap.dedent(
+    """
+    import jax
+    import algos, envs
+    from marl.networks import orthogonal
+    from marl.runner import train
+
+    # the minimal reproducer, with our initializer in place of flax's
+    init = orthogonal()
+    f = lambda key: [init(k, (128, 128)) for k in jax.random.split(key, 10)]
+    jax.block_until_ready(jax.jit(jax.vmap(f))(jax.random.split(jax.random.key(0), 2)))
+
+    env = envs.make("smax:3m")
+    for name in algos.registered():
+        algo = algos.make(name, env, num_envs=2, num_steps=4, num_minibatches=1, update_epochs=1,
+                          hidden=16, total_steps=8)
+        r = train(algo, num_iterations=3, num_seeds=2, progress=False)
+        assert r.metrics["policy_loss"].shape == (2, 3), name
+    print("OK")
+    """
+)
+
+
+def test_vmapped_init_and_updates_do_not_hang():
+    try:
+        out = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            "vmapped init/update of 2 seeds did not finish in 420 s: the batched-QR deadlock "
+            "(jax 0.10 on CPU) is probably back; see marl/networks.py"
+        ) from None
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
