@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
@@ -44,9 +45,11 @@ def plot_run(run_dir: str, metrics=("return", "win_rate"), path: str | None = No
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         steps, vals = curves(records, m)
-        mean = np.nanmean(vals, 0)
+        with warnings.catch_warnings():  # iterations before any episode ended are NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean, lo, hi = np.nanmean(vals, 0), np.nanmin(vals, 0), np.nanmax(vals, 0)
         ax.plot(steps, mean, label=f"mean of {vals.shape[0]} seeds")
-        ax.fill_between(steps, np.nanmin(vals, 0), np.nanmax(vals, 0), alpha=0.25, label="min-max")
+        ax.fill_between(steps, lo, hi, alpha=0.25, label="min-max")
         ax.set_xlabel("env steps (per seed)")
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)

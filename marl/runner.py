@@ -234,10 +234,17 @@ def _prepare_run_dir(run_dir: str, resume: bool, description: dict) -> str:
     if resume and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        for k in ("algo", "env", "num_seeds", "seed", "chunk_iterations", "config"):
+        for k in ("algo", "env", "num_seeds", "seed", "chunk_iterations"):
             if k in old and k in description and old[k] != description[k]:
                 raise ConfigError(
                     k, description[k], f"must match the run being resumed ({old[k]!r}) for an exact resume"
+                )
+        old_cfg, new_cfg = old.get("config", {}), description.get("config", {})
+        for k in sorted(set(old_cfg) | set(new_cfg)):
+            if old_cfg.get(k) != new_cfg.get(k):
+                raise ConfigError(
+                    f"config.{k}", new_cfg.get(k),
+                    f"must match the run being resumed ({old_cfg.get(k)!r}) for an exact resume",
                 )
     elif not resume and os.path.exists(os.path.join(run_dir, "checkpoints")) and os.listdir(
         os.path.join(run_dir, "checkpoints")

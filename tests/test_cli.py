@@ -22,10 +22,12 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     assert set(ev) >= {"return", "win_rate"} and len(ev["return"]) == 1
     out = capsys.readouterr().out
     assert str(run) in out and "greedy evaluation" in out
-    # resume to a longer budget: continues from iteration 2
-    assert cli.main([a if a != "64" else "128" for a in args] + ["--resume"]) == 0
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["iteration"] for x in lines] == [1, 2, 3, 4]
+    # resuming a finished run is a no-op that keeps what was written
+    assert cli.main(args + ["--resume"]) == 0
+    assert (run / "metrics.jsonl").read_text().splitlines() == lines
+    # resuming with another config would not be an exact resume: rejected, naming the field
+    assert cli.main(args + ["--resume", "--lr", "0.1"]) == 2
+    assert "config.lr" in capsys.readouterr().err
 
 
 def test_scientific_notation_and_config_file(tmp_path):
