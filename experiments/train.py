@@ -169,7 +169,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         with open(os.path.join(result.run_dir, "eval.json"), "w") as f:
             json.dump(ev, f, indent=2)
         print(f"greedy evaluation ({run.eval_episodes} episodes/seed): return "
-              f"{sum(ev['return']) / len(ev['return']):.3f}, win rate {sum(ev['win_rate']) / len(ev['win_rate']):.3f} "
+              f"{sum(ev['return']) / len(ev['return']):.3f}, "
+              f"win rate {sum(ev['win_rate']) / len(ev['win_rate']):.3f} "
               f"(per seed: {[round(x, 3) for x in ev['win_rate']]})")
     png = plot_run(result.run_dir)
     print(f"run directory: {result.run_dir}\n  metrics:    {os.path.join(result.run_dir, 'metrics.jsonl')}\n"

@@ -45,18 +45,17 @@ def orthogonal(scale: float = 1.0, column_axis: int = -1):
     def init(key, shape, dtype=jnp.float32):
         if len(shape) < 2:
             raise ValueError(f"orthogonal init needs >= 2 dims, got shape {shape}")
-        n_cols = shape[column_axis]
+        col = column_axis % len(shape)
+        n_cols = shape[col]
+        rest = tuple(s for i, s in enumerate(shape) if i != col)
         n_rows = 1
-        for i, s in enumerate(shape):
-            if i != (column_axis % len(shape)):
-                n_rows *= s
+        for s in rest:
+            n_rows *= s
         m, n = max(n_rows, n_cols), min(n_rows, n_cols)
-        a = jax.random.normal(key, (m, n), jnp.float32)
-        q = _gram_schmidt(a)  # [m, n], orthonormal columns
+        q = _gram_schmidt(jax.random.normal(key, (m, n), jnp.float32))  # orthonormal columns
         if n_rows < n_cols:
             q = q.T
-        q = q.reshape(n_rows, n_cols)
-        q = jnp.moveaxis(q.reshape(tuple(s for i, s in enumerate(shape) if i != column_axis % len(shape)) + (n_cols,)), -1, column_axis)
+        q = jnp.moveaxis(q.reshape(rest + (n_cols,)), -1, col)
         return (scale * q).astype(dtype)
 
     return init

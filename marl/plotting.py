@@ -43,7 +43,7 @@ def plot_run(run_dir: str, metrics=("return", "win_rate"), path: str | None = No
     records = read_metrics(run_dir)
     metrics = [m for m in metrics if any(m in r for r in records)]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
+    for ax, m in zip(axes[0], metrics, strict=True):
         steps, vals = curves(records, m)
         with warnings.catch_warnings():  # iterations before any episode ended are NaN
             warnings.simplefilter("ignore", RuntimeWarning)

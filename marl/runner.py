@@ -31,7 +31,6 @@ from marl.config import ConfigError
 from marl.logging import MetricsWriter
 from marl.types import Algorithm
 
-
 # Compiled chunks by (update function, length, state structure): the same algorithm
 # object trained again in one process (tests, notebooks, sweeps) does not recompile.
 _COMPILED: dict = {}

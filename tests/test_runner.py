@@ -10,11 +10,11 @@ from marl.checkpoint import Checkpointer
 from marl.config import ConfigError
 from marl.logging import read_metrics
 from marl.runner import NonFiniteError, train
-from tests.conftest import tiny_algo
 
 
 def _params_equal(a, b, atol=0.0):
-    return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in pairs)
 
 
 def test_same_seed_gives_identical_metrics(mappo_tiny):
@@ -34,7 +34,7 @@ def test_vmapped_seeds_equal_separate_single_seed_runs(mappo_tiny):
         for k in ("policy_loss", "value_loss", "entropy", "return"):
             np.testing.assert_allclose(both.metrics[k][i], one.metrics[k][0], rtol=1e-4, atol=1e-5, err_msg=k)
         single_params = jax.tree.map(lambda x: x[0], one.state.params)
-        batched_params = jax.tree.map(lambda x: x[i], both.state.params)
+        batched_params = jax.tree.map(lambda x, i=i: x[i], both.state.params)
         assert _params_equal(single_params, batched_params, atol=1e-4)
 
 
