@@ -160,9 +160,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import jax
 
+    sps = result.env_steps * run.num_seeds / max(result.train_seconds, 1e-9)
     print(f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): compile {result.compile_seconds:.1f}s, "
-          f"train {result.train_seconds:.1f}s ({result.env_steps * run.num_seeds / max(result.train_seconds, 1e-9):,.0f} "
-          "env steps/s)")
+          f"train {result.train_seconds:.1f}s ({sps:,.0f} env steps/s)")
     if run.eval_episodes:
         ev = evaluate_seeds(algo, result.state.params, jax.random.PRNGKey(run.seed + 10_000), run.eval_episodes)
         ev = {k: [float(x) for x in v] for k, v in ev.items()}
