@@ -191,6 +191,13 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         f = jax.vmap(net.apply, in_axes=(0, -3, -2, -2, -1, -2), out_axes=(-3, -2, -1))
         return f(params, h, x, cx, first, avail)
 
+    def value_only(params, h, x, cx, first):
+        if config.shared_params:
+            return net.apply(params, h, x, cx, first, method=ActorCritic.value)
+        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=ActorCritic.value),
+                     in_axes=(0, -3, -2, -2, -1), out_axes=-1)
+        return f(params, h, x, cx, first)
+
     def init_params(key):
         x0 = jnp.zeros((1, A, spec.obs_dim + ids.shape[1]))
         cx0 = jnp.zeros((1, A, (spec.state_dim if centralized else spec.obs_dim) + ids.shape[1]))
@@ -241,11 +248,13 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
         if config.bootstrap_truncation:
             fx, fcx = inputs(nts._replace(obs=nts.info["final_obs"], state=nts.info["final_state"]))
-            _, _, final_value = apply(state.params, h, fx, fcx, jnp.zeros_like(firsts), nts.avail_actions)
+            # the episode's last observation continues the hidden state of this step
+            final_value = value_only(state.params, h, fx, fcx, jnp.zeros_like(firsts))
         else:
             final_value = jnp.zeros_like(value)
+        stats = {k: v for k, v in nts.info.items() if k not in ("final_obs", "final_state")}
         tr = Transition(x, cx, firsts, ts.avail_actions, action, logp, value,
-                        nts.reward, nts.done, nts.terminated, final_value, nts.info)
+                        nts.reward, nts.done, nts.terminated, final_value, stats)
         state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
         return state, tr
 

@@ -125,14 +125,31 @@ class ActorCritic(nn.Module):
     recurrent: bool = True
     shared_torso: bool = False
 
-    @nn.compact
+    def setup(self):
+        self.actor_torso = Torso(self.hidden, self.recurrent)
+        self.actor_head = dense(self.hidden)
+        self.policy = dense(self.num_actions, 0.01)
+        if not self.shared_torso:
+            self.critic_torso = Torso(self.hidden, self.recurrent)
+        self.critic_head = dense(self.hidden)
+        self.value_out = dense(1, 1.0)
+
     def __call__(self, h, x, critic_x, reset, avail):
-        h_a, feat_a = Torso(self.hidden, self.recurrent, name="actor_torso")(h[..., 0, :], x, reset)
-        logits = dense(self.num_actions, 0.01, name="policy")(nn.relu(dense(self.hidden, name="actor_head")(feat_a)))
+        h_a, feat_a = self.actor_torso(h[..., 0, :], x, reset)
+        logits = self.policy(nn.relu(self.actor_head(feat_a)))
         logits = jnp.where(avail, logits, -1e10)
         if self.shared_torso:
             h_c, feat_c = h[..., 1, :], feat_a
         else:
-            h_c, feat_c = Torso(self.hidden, self.recurrent, name="critic_torso")(h[..., 1, :], critic_x, reset)
-        value = dense(1, 1.0, name="value")(nn.relu(dense(self.hidden, name="critic_head")(feat_c)))[..., 0]
+            h_c, feat_c = self.critic_torso(h[..., 1, :], critic_x, reset)
+        value = self.value_out(nn.relu(self.critic_head(feat_c)))[..., 0]
         return jnp.stack([h_a, h_c], axis=-2), logits, value
+
+    def value(self, h, x, critic_x, reset):
+        """The critic alone (used to bootstrap truncated episodes): skips the policy head,
+        and the actor's torso when the critic has its own."""
+        if self.shared_torso:
+            _, feat = self.actor_torso(h[..., 0, :], x, reset)
+        else:
+            _, feat = self.critic_torso(h[..., 1, :], critic_x, reset)
+        return self.value_out(nn.relu(self.critic_head(feat)))[..., 0]
