@@ -3,6 +3,7 @@
     python -m experiments.bench                       # smax:3m, ippo + mappo, 128 envs x 128 steps
     python -m experiments.bench --env mpe:simple_spread --algos ippo --num-envs 64
     python -m experiments.bench --seeds-check 4       # also: 4 vmapped seeds vs 4 in a row
+    python -m experiments.bench --algos mappo --regularizer-share   # + cost of KL / Wasserstein
 
 Measures:
 - random-policy environment throughput (env steps/s): uniform random valid actions,
@@ -10,7 +11,9 @@ Measures:
 - each algorithm's training throughput (env steps/s through ``update``, i.e. acting +
   learning) and its ratio to the random-policy figure; compile time, excluded;
 - optionally, one program with S vmapped seeds vs S single-seed programs run one after
-  another (wall time of the same number of updates).
+  another (wall time of the same number of updates);
+- optionally (``--regularizer-share``), MAPPO's update time with each regularizer vs none,
+  as the added share ``(t_reg - t_none) / t_none`` (see :func:`regularizer_share`).
 Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
 """
 
@@ -47,6 +50,9 @@ class BenchArgs:
     overrides: Optional[str] = None
     """JSON dict of config overrides applied to every algorithm, e.g. '{"hidden": 64}'"""
     out: str = "runs/bench/bench.json"
+    regularizer_share: bool = False
+    """also time MAPPO's update with regularizer none vs kl vs wasserstein (penalty mode with
+    reference initial, loss mode with reference rollout) and report each one's added share"""
 
 
 def _median_time(fn, arg, repeats):
@@ -139,11 +145,80 @@ def main(args: BenchArgs) -> dict:
             print(f"{name}: {c['num_seeds']} vmapped seeds {c['vmapped_seconds']:.2f}s vs "
                   f"{c['num_seeds']} sequential {c['sequential_seconds']:.2f}s "
                   f"(x{c['speedup_vmapped_vs_sequential']:.2f})")
+    if args.regularizer_share:
+        result["regularizer_share"] = regularizer_share(env, args, overrides)
+        print_regularizer_share(result["regularizer_share"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"JSON: {args.out}")
     return result
+
+
+# --------------------------------------------------------------- regularizer share
+
+# (label, regularizer kind, mode, reference); the first is the baseline.
+REGULARIZER_VARIANTS = (
+    ("none", "none", "penalty", "initial"),
+    ("kl penalty/initial", "kl", "penalty", "initial"),
+    ("kl loss/rollout", "kl", "loss", "rollout"),
+    ("wasserstein penalty/initial", "wasserstein", "penalty", "initial"),
+    ("wasserstein loss/rollout", "wasserstein", "loss", "rollout"),
+)
+
+
+def regularizer_share(env, args: BenchArgs, overrides: dict, algo_name: str = "mappo",
+                      coef: float = 0.01) -> dict:
+    """MAPPO's update time with each regularizer variant vs none, same env and settings.
+
+    Every variant is compiled and warmed up first; then the repeats are interleaved
+    (variant 1, 2, ..., 1, 2, ...) so a slow stretch of a shared machine hits every
+    variant alike. Time per update = median over repeats of one call's time / iterations.
+    Share = (t_variant - t_none) / t_none. Regularizer settings other than kind, mode,
+    reference and coef (epsilon, iterations, centred) are the config defaults.
+    """
+    from marl.regularizers import RegularizerConfig
+
+    fns, states, compile_s = {}, {}, {}
+    base_reg = overrides.get("regularizer", {})
+    rest = {k: v for k, v in overrides.items() if k != "regularizer"}
+    for label, kind, mode, reference in REGULARIZER_VARIANTS:
+        rc = RegularizerConfig(**{**base_reg, "kind": kind, "coef": 0.0 if kind == "none" else coef,
+                                  "mode": mode, "reference": reference})
+        algo = algos.make(algo_name, env, num_envs=args.num_envs, num_steps=args.num_steps,
+                          total_steps=args.num_envs * args.num_steps * args.iterations, **rest, regularizer=rc)
+        state = init_states(algo, jax.random.split(jax.random.PRNGKey(0), 1))
+        t0 = time.perf_counter()
+        fns[label] = make_chunk_fn(algo, args.iterations).lower(state).compile()
+        compile_s[label] = time.perf_counter() - t0
+        states[label], _, _ = jax.block_until_ready(fns[label](state))  # warm-up
+    times = {label: [] for label in fns}
+    for _ in range(args.repeats):
+        for label, fn in fns.items():
+            t0 = time.perf_counter()
+            states[label], _, _ = jax.block_until_ready(fn(states[label]))
+            times[label].append((time.perf_counter() - t0) / args.iterations)
+    base = statistics.median(times["none"])
+    variants = {}
+    for label, kind, mode, reference in REGULARIZER_VARIANTS:
+        t = statistics.median(times[label])
+        variants[label] = {
+            "kind": kind, "mode": mode, "reference": reference,
+            "seconds_per_update": t, "seconds_per_update_all": times[label],
+            "added_share": (t - base) / base, "compile_s": compile_s[label],
+        }
+    return {"algo": algo_name, "coef": coef, "repeats": args.repeats, "iterations_per_call": args.iterations,
+            "timing": "median over interleaved repeats", "variants": variants}
+
+
+def print_regularizer_share(r: dict) -> None:
+    print(f"\n{r['algo']} update time by regularizer (median of {r['repeats']} interleaved repeats, "
+          f"{r['iterations_per_call']} updates per call)")
+    print(f"{'':<30}{'s/update':>10}{'min-max s':>16}{'added share':>13}{'compile s':>11}")
+    for label, v in r["variants"].items():
+        share = "-" if v["kind"] == "none" else f"{100 * v['added_share']:+.1f}%"
+        spread = f"{min(v['seconds_per_update_all']):.3f}-{max(v['seconds_per_update_all']):.3f}"
+        print(f"{label:<30}{v['seconds_per_update']:>10.3f}{spread:>16}{share:>13}{v['compile_s']:>11.1f}")
 
 
 if __name__ == "__main__":
