@@ -1,6 +1,6 @@
 """Algorithms: ``algos.make(name, env, config)`` returns a :class:`marl.types.Algorithm`.
 
-Each family is one module (``ppo``; later ``qlearning``, ``sac`` and the methods
+Each family is one module (``ppo``, ``qlearning``; later ``sac`` and the methods
 built on them). A registered name maps to (module, config class, preset overrides).
 """
 
@@ -17,6 +17,10 @@ from marl.config import ConfigError
 _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "ippo": ("algos.ppo", "PPOConfig", {"critic": "independent"}),
     "mappo": ("algos.ppo", "PPOConfig", {"critic": "centralized"}),
+    "qmix": ("algos.qlearning", "QLearningConfig", {"mixer": "qmix"}),
+    "vdn": ("algos.qlearning", "QLearningConfig", {"mixer": "vdn"}),
+    "qplex": ("algos.qlearning", "QLearningConfig", {"mixer": "qplex"}),
+    "iql": ("algos.qlearning", "QLearningConfig", {"mixer": "none"}),
 }
 
 

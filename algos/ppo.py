@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from envs.wrappers import episode_metrics
+from envs.wrappers import FINAL_KEYS, episode_metrics
 from marl import config as cfg
 from marl import regularizers as reg
 from marl.networks import ActorCritic
@@ -227,13 +227,18 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
 
     # ------------------------------------------------------------------ acting
     def act(params, ts: Timestep, carry, key, greedy=False):
-        """ts: a (batched) Timestep; carry = (h, first) from ``initial_carry``."""
+        """ts: a (batched) Timestep; carry = (h, first) from ``initial_carry``.
+
+        The hidden state restarts when ``first`` (the first call) or when ``ts.done``
+        (the auto-reset timestep already holds the next episode's first observation).
+        """
         h, first = carry
+        first = first | ts.done
         x, cx = inputs(ts)
         firsts = jnp.broadcast_to(first[..., None], first.shape + (A,))
         h, logits, _ = apply(params, h, x, cx, firsts, ts.avail_actions)
         a = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(key, logits))
-        return a, (h, ts.done)
+        return a, (h, jnp.zeros_like(first))
 
     # ------------------------------------------------------------------ update
     def rollout_step(carry, key):
@@ -252,7 +257,7 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
             final_value = value_only(state.params, h, fx, fcx, jnp.zeros_like(firsts))
         else:
             final_value = jnp.zeros_like(value)
-        stats = {k: v for k, v in nts.info.items() if k not in ("final_obs", "final_state")}
+        stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
         tr = Transition(x, cx, firsts, ts.avail_actions, action, logp, value,
                         nts.reward, nts.done, nts.terminated, final_value, stats)
         state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)

@@ -40,6 +40,8 @@ class JaxMARLAdapter:
       agents: the learning agents (defaults to ``env.agents``).
       won_fn: optional ``inner_state -> bool[]`` evaluated at episode end (SMAX).
       action_cost: optional ``[n, n]`` action geometry for the spec.
+      state_scale: optional ``[state_dim]`` feature scale for the spec, or a callable
+        ``state_dim -> array`` (see :class:`marl.types.EnvSpec`).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class JaxMARLAdapter:
         agents: Optional[list] = None,
         won_fn: Optional[Callable] = None,
         action_cost: Optional[np.ndarray] = None,
+        state_scale=None,
     ):
         self._env = env
         self.agents = list(agents if agents is not None else env.agents)
@@ -87,6 +90,8 @@ class JaxMARLAdapter:
             action_low=low,
             action_high=high,
             action_cost=action_cost,
+            state_scale=None if state_scale is None else np.asarray(
+                state_scale(state_dim) if callable(state_scale) else state_scale, np.float32),
         )
 
     @property

@@ -17,6 +17,8 @@ from __future__ import annotations
 import difflib
 from typing import Callable
 
+import numpy as np
+
 from envs.wrappers import AutoReset, EpisodeStats
 
 _FACTORIES: dict[str, Callable] = {}
@@ -93,8 +95,20 @@ def _make_smax(map_name: str, **kwargs):
         alive = inner.state.unit_alive
         return jnp.all(~alive[n_allies:]) & jnp.any(alive[:n_allies])
 
+    def state_scale(state_dim):
+        # world state: per unit [health, x, y, cooldown, type one-hot...], then teams and types
+        scale = np.ones(state_dim, np.float32)
+        feats, units = len(env.own_features), env.num_allies + env.num_enemies
+        if state_dim != units * (feats + 2):
+            return scale  # an unknown layout: leave the state as it is
+        for u in range(units):
+            scale[u * feats + 1] = env.map_width
+            scale[u * feats + 2] = env.map_height
+        scale[units * (feats + 1):] = max(1, len(env.unit_type_names) - 1)  # unit type ids
+        return scale
+
     return JaxMARLAdapter(
-        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies)
+        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale
     )
 
 

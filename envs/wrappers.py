@@ -1,10 +1,11 @@
 """Wrappers written once for every environment: auto-reset and episode statistics.
 
 ``AutoReset`` resets an environment when its episode ends and keeps the last
-observation and state of the finished episode in ``info["final_obs"]`` and
-``info["final_state"]``, so learners can bootstrap a *truncated* episode from its
-true final state (``terminated`` stays False there) while a *terminated* one is
-not bootstrapped.
+observation, state and available actions of the finished episode in
+``info["final_obs"]``, ``info["final_state"]`` and ``info["final_avail"]`` (the keys
+in ``FINAL_KEYS``; equal to the step's own when the episode goes on), so learners
+can bootstrap a *truncated* episode from its true final state (``terminated``
+stays False there) while a *terminated* one is not bootstrapped.
 
 ``EpisodeStats`` accumulates the return (mean over agents of the summed reward) and
 length of the running episode and reports, at every step, the statistics of the
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from marl.types import Timestep
+
+FINAL_KEYS = ("final_obs", "final_state", "final_avail")
 
 
 class Wrapper:
@@ -44,7 +47,7 @@ def _select(pred, a, b):
 class AutoReset(Wrapper):
     def reset(self, key):
         state, ts = self._env.reset(key)
-        info = dict(ts.info, final_obs=ts.obs, final_state=ts.state)
+        info = dict(ts.info, final_obs=ts.obs, final_state=ts.state, final_avail=ts.avail_actions)
         return state, ts._replace(info=info)
 
     def step(self, key, state, action):
@@ -53,7 +56,7 @@ class AutoReset(Wrapper):
         state_re, ts_re = self._env.reset(key_reset)
         done = ts_st.done
         state = _select(done, state_re, state_st)
-        info = dict(ts_st.info, final_obs=ts_st.obs, final_state=ts_st.state)
+        info = dict(ts_st.info, final_obs=ts_st.obs, final_state=ts_st.state, final_avail=ts_st.avail_actions)
         ts = ts_st._replace(
             obs=jnp.where(done, ts_re.obs, ts_st.obs),
             state=jnp.where(done, ts_re.state, ts_st.state),

@@ -28,6 +28,9 @@ class EnvSpec:
       max_steps: episode limit (truncation).
       action_cost: optional ``[n, n]`` ground cost between discrete actions
         (the action geometry used by the Wasserstein regularizer).
+      state_scale: optional ``[state_dim]`` typical magnitude of each state feature;
+        ``state / state_scale`` is roughly in [-1, 1] (SMAX positions are in map units).
+        Mixers' hypernetworks read the state scaled this way.
     """
 
     name: str
@@ -40,6 +43,7 @@ class EnvSpec:
     action_low: float = -1.0
     action_high: float = 1.0
     action_cost: Optional[np.ndarray] = None
+    state_scale: Optional[np.ndarray] = None
 
     @property
     def discrete(self) -> bool:
