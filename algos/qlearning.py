@@ -40,6 +40,17 @@ Rollouts and storage (deviations from pymarl's one-episode-per-runner loop):
 - Team reward is the mean over agents of the per-agent rewards.
 - Mixers read the state divided by the env's ``spec.state_scale`` (SMAX's world
   state has positions in map units, where SMAC's state is normalized).
+- QMIX's hypernetwork output layers start at scale ``mixer_init_scale`` (0.01), so
+  the mixing weights start near zero. With flax's default initializer the initial
+  Q_tot on SMAX is ~10x the largest return and QMIX diverged under pymarl's
+  settings (gradient norms > 1e4 once epsilon reached its floor); JaxMARL's QMIX
+  uses a small mixer initialization (0.001) for the same reason.
+- ``reward_scale`` multiplies the team reward in the TD target. SMAC normalizes
+  returns to at most 20, which pymarl's hyperparameters were tuned for; SMAX's are
+  at most 2 (damage dealt + 1 for a win). By default (None) the scale is
+  20 / ``spec.max_return`` when the env declares its largest return (SMAX: x10),
+  else 1. Without it QMIX did not learn on smax:3m in 100k steps where it did with
+  it. Reported returns are always unscaled.
 - Learning starts once ``batch_size`` episodes are stored (pymarl's rule).
 - Sweepable hyperparameters (lr, gamma, td_lambda, epsilon_finish, regularizer
   coefficient/epsilon) are arrays in ``TrainState.hparams``.
@@ -91,9 +102,9 @@ class QLearningConfig:
     opt_eps: float = 1e-5
     max_grad_norm: float = 10.0
     gamma: float = 0.99
-    reward_scale: float = 1.0
-    """team reward multiplier inside the TD target (SMAC normalizes returns to <= 20;
-    SMAX's are <= 2, so 10 puts SMAX on the scale the defaults were tuned for)"""
+    reward_scale: Optional[float] = None
+    """team reward multiplier inside the TD target; None: 20 / env.spec.max_return when
+    the env declares it (SMAC's normalization, which the defaults were tuned for), else 1"""
     td_lambda: float = 0.0
     double_q: bool = True
     target_update_episodes: int = 200
@@ -108,6 +119,8 @@ class QLearningConfig:
     qplex_heads: int = 4
     qplex_kernels: int = 4
     attention_reg: float = 0.001
+    mixer_init_scale: float = 0.01
+    """> 0: QMIX's hypernetwork output layers start at this scale (0: flax default)"""
     reg_temperature: float = 1.0
     """temperature of the Boltzmann policy softmax(Q / T) the regularizer acts on"""
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
@@ -119,14 +132,17 @@ class QLearningConfig:
                   "target_update_episodes", "epsilon_anneal_steps", "hidden", "mixing_embed",
                   "hypernet_embed", "qplex_heads", "qplex_kernels"):
             cfg.check_positive(f, getattr(self, f), integer=True)
-        for f in ("lr", "opt_eps", "max_grad_norm", "reg_temperature", "reward_scale"):
+        for f in ("lr", "opt_eps", "max_grad_norm", "reg_temperature"):
             cfg.check_positive(f, getattr(self, f))
+        if self.reward_scale is not None:
+            cfg.check_positive("reward_scale", self.reward_scale)
         cfg.check_range("rms_alpha", self.rms_alpha, 0.0, 1.0)
         cfg.check_range("gamma", self.gamma, 0.0, 1.0)
         cfg.check_range("td_lambda", self.td_lambda, 0.0, 1.0)
         cfg.check_range("epsilon_start", self.epsilon_start, 0.0, 1.0)
         cfg.check_range("epsilon_finish", self.epsilon_finish, 0.0, 1.0)
         cfg.check_nonnegative("attention_reg", self.attention_reg)
+        cfg.check_nonnegative("mixer_init_scale", self.mixer_init_scale)
         if self.batch_size > self.buffer_size:
             raise cfg.ConfigError("batch_size", self.batch_size,
                                   f"must be <= buffer_size={self.buffer_size} (whole episodes are sampled)")
@@ -310,9 +326,13 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     H = config.hidden
     agent = RNNAgent(n, H)
     mixer = mx.make_mixer(config.mixer, embed_dim=config.mixing_embed, hypernet_embed=config.hypernet_embed,
-                          num_heads=config.qplex_heads, num_kernels=config.qplex_kernels)
+                          num_heads=config.qplex_heads, num_kernels=config.qplex_kernels,
+                          out_init_scale=config.mixer_init_scale or None)
     ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
     in_dim = spec.obs_dim + (n if config.last_action else 0) + ids.shape[1] + hooks.extra_input_dim
+    reward_scale = config.reward_scale
+    if reward_scale is None:
+        reward_scale = 20.0 / spec.max_return if spec.max_return else 1.0
     state_scale = jnp.ones((spec.state_dim,)) if spec.state_scale is None else jnp.asarray(spec.state_scale)
     rcfg = config.regularizer
     cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
@@ -486,7 +506,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         a_star, t_chosen, t_max = next_actions(q_sg[:, 1:], tq[:, 1:], avail[:, 1:], config.double_q)
         next_tot, _ = mix(target_params["mixer"], t_chosen, batch["state"][:, 1:], a_star, t_max)
         next_tot = jax.lax.stop_gradient(next_tot)
-        reward = config.reward_scale * batch["reward"][:, :-1]
+        reward = reward_scale * batch["reward"][:, :-1]
         metrics = {}
         if hooks.intrinsic_reward is not None:
             bonus = hooks.intrinsic_reward(ext_state, batch, next_tot)

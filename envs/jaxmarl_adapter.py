@@ -42,6 +42,7 @@ class JaxMARLAdapter:
       action_cost: optional ``[n, n]`` action geometry for the spec.
       state_scale: optional ``[state_dim]`` feature scale for the spec, or a callable
         ``state_dim -> array`` (see :class:`marl.types.EnvSpec`).
+      max_return: optional largest episode return, for the spec.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class JaxMARLAdapter:
         won_fn: Optional[Callable] = None,
         action_cost: Optional[np.ndarray] = None,
         state_scale=None,
+        max_return: Optional[float] = None,
     ):
         self._env = env
         self.agents = list(agents if agents is not None else env.agents)
@@ -92,6 +94,7 @@ class JaxMARLAdapter:
             action_cost=action_cost,
             state_scale=None if state_scale is None else np.asarray(
                 state_scale(state_dim) if callable(state_scale) else state_scale, np.float32),
+            max_return=max_return,
         )
 
     @property

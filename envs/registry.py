@@ -108,7 +108,8 @@ def _make_smax(map_name: str, **kwargs):
         return scale
 
     return JaxMARLAdapter(
-        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale
+        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale,
+        max_return=1.0 + float(env.won_battle_bonus),  # all enemy health (normalized to 1) + the win bonus
     )
 
 

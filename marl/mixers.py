@@ -108,12 +108,18 @@ class QMIX(nn.Module):
 
     embed_dim: int = 32
     hypernet_embed: int = 64
+    out_init_scale: Optional[float] = None
+    """if set, the hypernetworks' output layers start at this (variance-scaling) scale,
+    so the mixing weights start near zero; None keeps flax's default initializer"""
 
     @nn.compact
     def __call__(self, qs, states, actions_onehot=None, max_qs=None):
         num_agents = qs.shape[-1]
+        out_init = (nn.linear.default_kernel_init if self.out_init_scale is None
+                    else nn.initializers.variance_scaling(self.out_init_scale**2, "fan_in", "normal"))
         hyper = lambda out, name: nn.Sequential(  # noqa: E731
-            [nn.Dense(self.hypernet_embed, name=f"{name}_0"), nn.relu, nn.Dense(out, name=f"{name}_1")]
+            [nn.Dense(self.hypernet_embed, name=f"{name}_0"), nn.relu,
+             nn.Dense(out, kernel_init=out_init, name=f"{name}_1")]
         )
         w1 = jnp.abs(hyper(num_agents * self.embed_dim, "hyper_w1")(states))
         w1 = w1.reshape(w1.shape[:-1] + (num_agents, self.embed_dim))
@@ -227,6 +233,7 @@ def make_mixer(
     adv_hypernet_layers: int = 3,
     adv_hypernet_embed: int = 64,
     unit_dim: int = 0,
+    out_init_scale: Optional[float] = None,
 ) -> nn.Module:
     """The mixer called ``name`` (vdn | qmix | qplex | none); unused sizes are ignored.
 
@@ -242,7 +249,7 @@ def make_mixer(
     for field, value in (("embed_dim", embed_dim), ("hypernet_embed", hypernet_embed)):
         check_positive(field, value, integer=True)
     if name == "qmix":
-        return QMIX(embed_dim=embed_dim, hypernet_embed=hypernet_embed)
+        return QMIX(embed_dim=embed_dim, hypernet_embed=hypernet_embed, out_init_scale=out_init_scale)
     for field, value in (
         ("num_heads", num_heads),
         ("num_kernels", num_kernels),

@@ -31,6 +31,8 @@ class EnvSpec:
       state_scale: optional ``[state_dim]`` typical magnitude of each state feature;
         ``state / state_scale`` is roughly in [-1, 1] (SMAX positions are in map units).
         Mixers' hypernetworks read the state scaled this way.
+      max_return: optional largest achievable episode return (SMAX: all enemy health
+        plus the win bonus); value-based learners can normalize rewards with it.
     """
 
     name: str
@@ -44,6 +46,7 @@ class EnvSpec:
     action_high: float = 1.0
     action_cost: Optional[np.ndarray] = None
     state_scale: Optional[np.ndarray] = None
+    max_return: Optional[float] = None
 
     @property
     def discrete(self) -> bool:

@@ -146,6 +146,21 @@ def test_regularizer_in_qlearning_penalty_and_loss_modes():
         assert np.isfinite(r.metrics["loss"]).all()
 
 
+def test_qmix_mixing_weights_start_small():
+    """The hypernetworks' output layers start near zero: Q_tot ~ V(s) at init."""
+    from marl import mixers as mx
+
+    qmix = mx.make_mixer("qmix", out_init_scale=0.01)
+    v = mx.init_mixer(qmix, jax.random.PRNGKey(0), 3, 10, 5)
+    qs = jnp.array([[5.0, -3.0, 2.0]])
+    s = jax.random.normal(jax.random.PRNGKey(1), (1, 10))
+    dq = qmix.apply(v, qs, s) - qmix.apply(v, jnp.zeros_like(qs), s)
+    assert abs(float(dq[0])) < 0.05
+    big = mx.make_mixer("qmix")
+    vb = mx.init_mixer(big, jax.random.PRNGKey(0), 3, 10, 5)
+    assert abs(float((big.apply(vb, qs, s) - big.apply(vb, jnp.zeros_like(qs), s))[0])) > 0.5
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="mixer"):
         algos.default_config("qmix", mixer="qmax")
