@@ -21,7 +21,12 @@ PROGRAM = textwrap.dedent(
     jax.block_until_ready(jax.jit(jax.vmap(f))(jax.random.split(jax.random.key(0), 2)))
 
     env = envs.make("smax:3m")
+    seen = set()  # one algorithm per module (the networks and inits are per module)
     for name in algos.registered():
+        module = algos.config_class(name).__module__
+        if module in seen:
+            continue
+        seen.add(module)
         algo = algos.make(name, env, **tiny_overrides(name, num_envs=2, num_steps=4, num_minibatches=1,
                                                       update_epochs=1, hidden=16, total_steps=8,
                                                       train_steps=1, batch_size=2))
