@@ -28,6 +28,14 @@ def test_cli_end_to_end_and_resume(tmp_path, capsys):
     # resuming with another config would not be an exact resume: rejected, naming the field
     assert cli.main(args + ["--resume", "--lr", "0.1"]) == 2
     assert "config.lr" in capsys.readouterr().err
+    # re-evaluating the run from its checkpoint with more episodes
+    from experiments import evaluate
+
+    assert evaluate.main([str(run), "--episodes", "3"]) == 0
+    ev3 = json.loads((run / "eval_3.json").read_text())
+    assert ev3["episodes_per_seed"] == 3 and ev3["env_steps"] == 64 and len(ev3["win_rate"]) == 1
+    assert evaluate.main([str(tmp_path / "missing")]) == 2
+    assert "run_dir" in capsys.readouterr().err
 
 
 def test_scientific_notation_and_config_file(tmp_path):

@@ -123,9 +123,10 @@ def test_hooks_reach_buffer_inputs_targets_and_loss():
     assert a.shape == (2, env.spec.num_agents)
 
 
-@pytest.mark.parametrize("name", ["vdn", "qmix", "qplex", "iql"])
-def test_vmapped_seeds_train_and_stay_finite(name):
-    algo = tiny_algo(name, num_envs=2, num_steps=32, train_steps=2, batch_size=2, buffer_size=16)
+@pytest.mark.parametrize("name,env_name", [("qmix", "smax:3m"), ("qplex", "smax:3m"),
+                                           ("vdn", "mpe:simple_spread"), ("iql", "mpe:simple_spread")])
+def test_vmapped_seeds_train_and_stay_finite(name, env_name):
+    algo = tiny_algo(name, env_name, num_envs=2, num_steps=32, train_steps=2, batch_size=2, buffer_size=16)
     r = train(algo, num_iterations=3, num_seeds=2, progress=False)
     assert r.metrics["loss"].shape == (2, 3)
     assert np.isfinite(r.metrics["loss"]).all() and (r.metrics["learning"][:, -1] == 1).all()
@@ -139,8 +140,8 @@ def test_regularizer_in_qlearning_penalty_and_loss_modes():
 
     for mode, ref in (("penalty", "rollout"), ("loss", "initial")):
         rc = RegularizerConfig(kind="wasserstein", coef=0.1, mode=mode, reference=ref, iterations=20)
-        algo = tiny_algo("qmix", num_envs=2, num_steps=32, train_steps=2, batch_size=2, buffer_size=16,
-                         regularizer=rc)
+        algo = tiny_algo("qmix", "mpe:simple_spread", num_envs=2, num_steps=32, train_steps=2, batch_size=2,
+                         buffer_size=16, regularizer=rc)
         r = train(algo, num_iterations=2, num_seeds=1, progress=False)
         assert np.isfinite(r.metrics["regularizer"]).all()
         assert np.isfinite(r.metrics["loss"]).all()
