@@ -52,6 +52,9 @@ Rollouts and storage (deviations from pymarl's one-episode-per-runner loop):
   else 1. Without it QMIX did not learn on smax:3m in 100k steps where it did with
   it. Reported returns are always unscaled.
 - Learning starts once ``batch_size`` episodes are stored (pymarl's rule).
+- The agents' unroll skips the slots past the longest episode of the batch (taken
+  over every seed of the runner's vmap, so the ``lax.cond`` stays a branch); what
+  pymarl gets by truncating the batch to its longest episode, with fixed shapes.
 - Sweepable hyperparameters (lr, gamma, td_lambda, epsilon_finish, regularizer
   coefficient/epsilon) are arrays in ``TrainState.hparams``.
 
@@ -78,7 +81,7 @@ from marl import config as cfg
 from marl import mixers as mx
 from marl import regularizers as reg
 from marl.networks import dense, orthogonal
-from marl.types import Algorithm, Timestep
+from marl.types import Algorithm, Timestep, max_over_seeds
 
 NEG = -1e10  # Q value given to unavailable actions before a max / argmax
 
@@ -472,17 +475,28 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
 
     # ------------------------------------------------------------------ learning
     def unroll(params, batch):
-        """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0)."""
+        """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0).
+
+        Slots past the longest episode of the batch (over every seed of a vmapped
+        run) are skipped: their hidden state is carried unchanged and their
+        Q-values are the output bias (they are masked everywhere).
+        """
         prev = jnp.concatenate([jnp.full_like(batch["action"][:, :1], -1), batch["action"][:, :-1]], 1)
         x = agent_inputs(params["ext"], batch["obs"], prev, batch["fields"])
-        xi = agent.apply(params["agent"], x, method=RNNAgent.encode)  # all steps at once
+        n_slots = max_over_seeds(batch["filled"].sum(-1).max())
         h0 = jnp.zeros(x.shape[:1] + (A, H))
 
-        def step(h, xi_t):
-            h = agent.apply(params["agent"], h, xi_t, method=RNNAgent.recur)
-            return h, h
+        def step(h, inp):
+            t, x_t = inp
 
-        _, hs = jax.lax.scan(step, h0, jnp.swapaxes(xi, 0, 1))
+            def run(h):
+                xi = agent.apply(params["agent"], x_t, method=RNNAgent.encode)
+                h = agent.apply(params["agent"], h, xi, method=RNNAgent.recur)
+                return h, h
+
+            return jax.lax.cond(t < n_slots, run, lambda h: (h, jnp.zeros_like(h)), h)
+
+        _, hs = jax.lax.scan(step, h0, (jnp.arange(x.shape[1]), jnp.swapaxes(x, 0, 1)))
         return agent.apply(params["agent"], jnp.swapaxes(hs, 0, 1), method=RNNAgent.head)
 
     def mix(mixer_params, qs, states, actions, max_qs):

@@ -29,7 +29,7 @@ import numpy as np
 from marl.checkpoint import Checkpointer
 from marl.config import ConfigError
 from marl.logging import MetricsWriter
-from marl.types import Algorithm
+from marl.types import SEED_AXIS, Algorithm
 
 # Compiled chunks by (update function, length, state structure): the same algorithm
 # object trained again in one process (tests, notebooks, sweeps) does not recompile.
@@ -77,7 +77,7 @@ def make_chunk_fn(algo: Algorithm, length: int) -> Callable:
                                     if jnp.issubdtype(x.dtype, jnp.floating)]))
         return state, metrics, finite
 
-    return jax.jit(jax.vmap(one_seed), donate_argnums=0)
+    return jax.jit(jax.vmap(one_seed, axis_name=SEED_AXIS), donate_argnums=0)
 
 
 def train(

@@ -105,3 +105,20 @@ class Algorithm(NamedTuple):
     act: Callable
     initial_carry: Callable
     env_steps_per_update: int
+
+
+SEED_AXIS = "seed"
+"""Axis name of the runner's ``vmap`` over seeds."""
+
+
+def max_over_seeds(x: jax.Array) -> jax.Array:
+    """``x`` maximized over the runner's seed axis (``x`` itself outside that vmap).
+
+    Lets an update make a decision that is the same for every seed of a vmapped
+    program (e.g. how many time steps of a batch need computing), so ``lax.cond``
+    on it stays a real branch instead of becoming a select.
+    """
+    try:
+        return jax.lax.pmax(x, SEED_AXIS)
+    except NameError:  # not inside the runner's vmap
+        return x

@@ -196,3 +196,11 @@ def test_qmix_learns_smax_3m(name):
     r = train(algo, num_iterations=algo.config.num_updates, num_seeds=1, progress=False)
     ev = evaluate_seeds(algo, r.state.params, jax.random.PRNGKey(7), 64)
     assert float(ev["win_rate"].mean()) >= 0.5
+
+
+def test_max_over_seeds_inside_and_outside_the_runner_vmap():
+    from marl.types import SEED_AXIS, max_over_seeds
+
+    x = jnp.array([3.0, 7.0, 5.0])
+    np.testing.assert_array_equal(jax.vmap(max_over_seeds, axis_name=SEED_AXIS)(x), [7.0, 7.0, 7.0])
+    np.testing.assert_array_equal(jax.jit(max_over_seeds)(x), x)
