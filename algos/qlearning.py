@@ -581,7 +581,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     def update(state: TrainState):
         hp = state.hparams
         key, k_roll, k_train, k_hook = jax.random.split(state.key, 4)
-        size_before = state.episodes
+        episodes_before = state.episodes
         eps = epsilon_at(state)
         (state, _), stats = jax.lax.scan(rollout_step, (state, eps), jax.random.split(k_roll, T))
         ready = buffers.can_sample(state.buffer, config.batch_size)
@@ -597,7 +597,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         state = state.replace(target_params=target, target_episodes=jnp.where(copy, state.episodes,
                                                                                state.target_episodes))
         if hooks.after_iteration is not None:
-            ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - size_before, k_hook)
+            ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - episodes_before, k_hook)
             state = state.replace(ext=ext)
         metrics.update(episode_metrics(stats))
         metrics.update(epsilon=eps, buffer_episodes=state.buffer.size.astype(jnp.float32))
