@@ -21,6 +21,7 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "vdn": ("algos.qlearning", "QLearningConfig", {"mixer": "vdn"}),
     "qplex": ("algos.qlearning", "QLearningConfig", {"mixer": "qplex"}),
     "iql": ("algos.qlearning", "QLearningConfig", {"mixer": "none"}),
+    "sac": ("algos.sac", "SACConfig", {}),
 }
 
 

@@ -2,7 +2,13 @@
 
 Names:
   ``smax:<map>``     JaxMARL SMAX against its heuristic enemy (maps: JaxMARL's scenarios)
+  ``smax-mt:<set>``  multi-task SMAX (``envs/multitask_smax.py``): ``surComb3``, ``surComb4``,
+                     ``surComb3-reflect``, ``surComb4-reflect``, or ``custom`` with ``tasks=[...]``
   ``mpe:<task>``     JaxMARL MPE, e.g. ``mpe:simple_spread`` (-> ``MPE_simple_spread_v3``)
+  ``swarm:<task>``   Kuramoto, Vicsek and Aggregation swarms (``envs/swarms.py``), e.g.
+                     ``envs.make("swarm:vicsek", num_agents=1000)``
+  ``adv:<task>``     two-player zero-sum control (``envs/adversarial.py``): ``pendulum``,
+                     ``cartpole``, ``pointmass``; ``adv:<task>-noadv`` = protagonist alone
   ``<jaxmarl id>``   any JaxMARL environment id, e.g. ``MPE_simple_reference_v3``
   anything added with :func:`register`.
 
@@ -80,15 +86,22 @@ def _smax_maps() -> list[str]:
 
 
 def _make_smax(map_name: str, **kwargs):
-    import jax.numpy as jnp
     import jaxmarl
     from jaxmarl.environments.smax import map_name_to_scenario
+
+    scenario = map_name_to_scenario(map_name)
+    env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, **kwargs)
+    return smax_adapter(env, f"smax:{map_name}")
+
+
+def smax_adapter(env, name: str, info_fn=None):
+    """The adapter for a heuristic-enemy SMAX env: won flag, state scale, action geometry,
+    largest return; ``info_fn(inner_state) -> dict`` adds per-step info (multi-task SMAX)."""
+    import jax.numpy as jnp
 
     from envs.jaxmarl_adapter import JaxMARLAdapter
     from marl.action_costs import smax_cost
 
-    scenario = map_name_to_scenario(map_name)
-    env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, **kwargs)
     n_allies = env.num_allies
 
     def won(inner):
@@ -108,8 +121,9 @@ def _make_smax(map_name: str, **kwargs):
         return scale
 
     return JaxMARLAdapter(
-        env, f"smax:{map_name}", won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale,
+        env, name, won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale,
         max_return=1.0 + float(env.won_battle_bonus),  # all enemy health (normalized to 1) + the win bonus
+        info_fn=info_fn,
     )
 
 
@@ -149,9 +163,48 @@ def _make_jaxmarl_id(env_id: str):
     return factory
 
 
+def _swarm_tasks() -> list[str]:
+    from envs.swarms import TASKS
+
+    return list(TASKS)
+
+
+def _make_swarm(task: str, **kwargs):
+    from envs.swarms import make_swarm
+
+    return make_swarm(task, **kwargs)
+
+
+def _make_adversarial(task: str, **kwargs):
+    from envs.adversarial import make as make_adversarial
+
+    return make_adversarial(task, **kwargs)
+
+
+def _adversarial_names() -> list[str]:
+    from envs.adversarial import names
+
+    return names()
+
+
+def _make_smax_mt(task_set: str, **kwargs):
+    from envs.multitask_smax import make_multitask_smax
+
+    return make_multitask_smax(task_set, **kwargs)
+
+
+def _smax_mt_names() -> list[str]:
+    from envs.multitask_smax import names
+
+    return names()
+
+
 def _register_builtin():
     register_prefix("smax", _make_smax, _smax_maps)
+    register_prefix("smax-mt", _make_smax_mt, _smax_mt_names)  # envs/multitask_smax.py
+    register_prefix("swarm", _make_swarm, _swarm_tasks)  # swarm:kuramoto | vicsek | aggregation
     register_prefix("mpe", _make_mpe, lambda: sorted(_MPE_IDS))
+    register_prefix("adv", _make_adversarial, _adversarial_names)  # envs/adversarial.py
     from jaxmarl.registration import registered_envs
 
     for env_id in registered_envs:

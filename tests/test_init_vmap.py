@@ -20,13 +20,16 @@ PROGRAM = textwrap.dedent(
     f = lambda key: [init(k, (128, 128)) for k in jax.random.split(key, 10)]
     jax.block_until_ready(jax.jit(jax.vmap(f))(jax.random.split(jax.random.key(0), 2)))
 
-    env = envs.make("smax:3m")
+    # an env each module accepts (discrete SMAX unless the module needs another kind)
+    env_for = {"algos.sac": ("adv:pendulum", {}), "algos.dec_pomfc": ("swarm:aggregation", {"num_agents": 4})}
     seen = set()  # one algorithm per module (the networks and inits are per module)
     for name in algos.registered():
         module = algos.config_class(name).__module__
         if module in seen:
             continue
         seen.add(module)
+        env_name, env_kwargs = env_for.get(module, ("smax:3m", {}))
+        env = envs.make(env_name, **env_kwargs)
         algo = algos.make(name, env, **tiny_overrides(name, num_envs=2, num_steps=4, num_minibatches=1,
                                                       update_epochs=1, hidden=16, total_steps=8,
                                                       train_steps=1, batch_size=2))

@@ -1,7 +1,5 @@
 """Q-learning backbone: targets, episode storage from rollouts, hooks, vmapped updates, learning."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,19 +191,22 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="td_lambda"):
         algos.default_config("qmix", td_lambda=1.5)
     with pytest.raises(ConfigError, match="env"):
-        algos.make("qmix", envs.make("mpe:simple_spread_v3_continuous") if False else _continuous_env())
+        algos.make("qmix", envs.make("adv:pendulum"))  # continuous actions
 
 
-def _continuous_env():
-    env = envs.make("mpe:simple_spread")
-    spec = dataclasses.replace(env.spec, num_actions=None, action_dim=2)
+def test_vdn_learns_to_reach_the_landmark_on_mpe_simple():
+    """A short learning check on a real env: 20k steps (~800 episodes, 16 gradient steps per
+    512 env steps) take the greedy return from about -46 (initial network) to above -30."""
+    from marl.evaluation import evaluate_seeds
 
-    class Continuous:
-        pass
-
-    c = Continuous()
-    c.spec = spec
-    return c
+    env = envs.make("mpe:simple")
+    algo = algos.make("vdn", env, total_steps=20_000, epsilon_anneal_steps=10_000, target_update_episodes=50,
+                      buffer_size=1000, train_steps=16)
+    r = train(algo, num_iterations=algo.config.num_updates, num_seeds=1, progress=False)
+    key = jax.random.PRNGKey(7)
+    trained = float(evaluate_seeds(algo, r.state.params, key, 64)["return"].mean())
+    initial = float(evaluate_seeds(algo, jax.tree.map(lambda x: x[None], algo.init(key).params), key, 64)["return"].mean())
+    assert trained > -30.0 and trained > initial + 10.0, (trained, initial)
 
 
 @pytest.mark.slow

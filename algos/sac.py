@@ -1,0 +1,474 @@
+r"""SAC: soft actor-critic with twin critics and automatic temperature, per agent.
+
+Papers: Haarnoja et al. 2018, "Soft Actor-Critic: Off-Policy Maximum Entropy Deep
+RL with a Stochastic Actor" (ICML), and Haarnoja et al. 2018, "Soft Actor-Critic
+Algorithms and Applications" (arXiv:1812.05905: twin critics, automatic
+temperature). The backbone of QARL (``../shared/specs/qarl.md``).
+
+Equations (per agent i with observation o, action a in the env's box; the agent
+axis is an array axis, each agent is an independent learner on its own reward):
+  policy     u ~ N(mu(o), sigma(o)),  a = mid + half * tanh(u)  (mid, half: box centre, half-width)
+             log pi(a|o) = log N(u) - sum log(half * (1 - tanh(u)^2))
+  critics    y = r + gamma (1 - term) (min_j Qbar_j(o', a') - alpha log pi(a'|o')),  a' ~ pi(.|o')
+             L_Q = 1/2 sum_j E[(Q_j(o, a) - y)^2]         (Qbar: Polyak targets, tau)
+  actor      L_pi = E[alpha log pi(a~|o) - min_j Q_j(o, a~)],  a~ ~ pi(.|o) (reparameterized)
+  temperature L_alpha = -log(alpha) E[log pi(a~|o) + H_target],  H_target = -action_dim
+             (the gradient of the paper's -alpha E[log pi + H_target] has the same sign;
+             optimizing log alpha keeps alpha > 0)
+  targets    Qbar <- tau Q + (1 - tau) Qbar, after every gradient step
+Truncated episodes bootstrap from their true final observation (``info["final_obs"]``
+of the auto-reset wrapper); only ``terminated`` stops the bootstrap.
+
+One ``update``: ``num_steps`` steps in each of ``num_envs`` environments (uniformly
+random actions until ``learning_starts`` transitions have been collected), the
+transitions go into a ring replay buffer, then ``train_steps`` gradient steps on
+batches of ``batch_size`` (updates-to-data ratio = train_steps / (num_envs * num_steps)),
+once ``learning_starts`` transitions have been collected.
+
+Agents (``agents``):
+- ``"independent"`` (default): each agent has its own actor, critics and temperature;
+  parameters are stacked on a leading ``[A]`` axis and applied with ``vmap`` over the
+  agent axis (heterogeneous players, e.g. QARL's protagonist and adversary).
+- ``"shared"``: one actor and one pair of critics for all agents, with a one-hot agent
+  id appended to the observation (``agent_ids``); the temperature is still per agent.
+Freezing: ``TrainState.train_mask [A]`` says which agents learn (actor, critics,
+targets, temperature, optimizer state: all kept for a frozen agent, which still
+acts with its stochastic policy). It starts from ``frozen_agents`` and an algorithm
+built on SAC may change it between updates (alternating phases of a game).
+``TrainState.tune_alpha [A]`` turns the temperature update off per agent; the
+temperature is ``exp(params.log_alpha)``, which such an algorithm may also set.
+
+Regularizer (the shared block, ``marl.regularizers``): ``kind="entropy"`` (default)
+is SAC's own maximum-entropy term above, with temperature alpha (``init_alpha``,
+``autotune``; ``regularizer.coef`` is not used). ``kind="none"`` drops it (alpha = 0,
+never tuned). ``kind="kl"`` / ``"wasserstein"`` keep SAC's entropy term and add
+``coef * D(pi(.|o), pi_ref(.|o))`` to the actor loss, in closed form between the
+diagonal Gaussians before the tanh (KL(pi || ref) or squared W2); the reference is
+the frozen initial actor (``reference="initial"``) or the actor at the start of the
+update (``"rollout"``: a trust region toward the previous iterate). Only
+``mode="loss"`` applies (an off-policy reward penalty would be stale).
+
+Choices and deviations:
+- Networks: ``num_layers`` x ``hidden`` ReLU MLPs (paper: 2 x 256; QARL: 3 x 256)
+  with PyTorch's default initialization (as the reference code; no QR, so vmapped
+  init is safe), zero biases; log-std clipped to [log_std_min, log_std_max]
+  (QARL: [-20, 2]).
+- The actor loss uses the critics after this gradient step's critic update (as in
+  most implementations); one actor and one temperature step per critic step.
+- Adam without gradient clipping; learning rates, gamma, tau, the target entropy and
+  the regularizer coefficient are arrays in ``TrainState.hparams`` (sweepable).
+- Gradient steps only start once the buffer holds ``learning_starts`` transitions and
+  at least one batch; the decision is shared by the runner's vmapped seeds
+  (``max_over_seeds``) so it stays a real branch.
+- Metrics report ``return`` (the mean over agents, ``EpisodeStats``) and, with more
+  than one agent, ``return_agent{i}``: for a zero-sum game the mean is 0 and the
+  per-agent returns are the informative ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional, Sequence
+
+import distrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from envs.wrappers import episode_metrics
+from marl import config as cfg
+from marl import regularizers as reg
+from marl.types import Algorithm, Timestep, max_over_seeds
+
+
+def _default_regularizer() -> reg.RegularizerConfig:
+    return reg.RegularizerConfig(kind="entropy", mode="loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+    """SAC settings. ``agents``: "independent" (per-agent parameters) or "shared"."""
+
+    agents: str = "independent"
+    total_steps: int = 100_000
+    num_envs: int = 4
+    num_steps: int = 4
+    train_steps: int = 16
+    batch_size: int = 256
+    buffer_size: int = 1_000_000
+    learning_starts: int = 5_000
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    init_alpha: float = 1.0
+    autotune: bool = True
+    target_entropy: Optional[float] = None
+    """None: -action_dim"""
+    hidden: int = 256
+    num_layers: int = 2
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+    agent_ids: bool = True
+    """shared mode: append a one-hot agent id to the observation"""
+    frozen_agents: tuple[int, ...] = ()
+    """agents that never learn (their initial policy acts)"""
+    regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=_default_regularizer)
+
+    def __post_init__(self):
+        cfg.check_choice("agents", self.agents, ["independent", "shared"])
+        for f in ("total_steps", "num_envs", "num_steps", "train_steps", "batch_size", "buffer_size",
+                  "hidden", "num_layers"):
+            cfg.check_positive(f, getattr(self, f), integer=True)
+        cfg.check_nonnegative("learning_starts", self.learning_starts)
+        for f in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
+            cfg.check_positive(f, getattr(self, f))
+        cfg.check_range("gamma", self.gamma, 0.0, 1.0)
+        cfg.check_range("tau", self.tau, 0.0, 1.0, lo_open=True)
+        if self.target_entropy is not None and not isinstance(self.target_entropy, (int, float)):
+            raise cfg.ConfigError("target_entropy", self.target_entropy, "must be a number or None (-action_dim)")
+        if not self.log_std_min < self.log_std_max:
+            raise cfg.ConfigError("log_std_min", self.log_std_min, f"must be < log_std_max={self.log_std_max}")
+        if any(not isinstance(i, int) or i < 0 for i in self.frozen_agents):
+            raise cfg.ConfigError("frozen_agents", self.frozen_agents, "must be agent indices >= 0")
+        r = self.regularizer
+        if r.kind in ("kl", "wasserstein"):
+            if r.mode != "loss":
+                raise cfg.ConfigError("regularizer.mode", r.mode,
+                                      "SAC applies kl/wasserstein as a loss term: use 'loss'")
+            if r.reference == "uniform":
+                raise cfg.ConfigError("regularizer.reference", r.reference,
+                                      "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'")
+        if self.total_steps < self.num_envs * self.num_steps:
+            raise cfg.ConfigError("total_steps", self.total_steps,
+                                  f"must be at least one iteration = num_envs * num_steps = "
+                                  f"{self.num_envs * self.num_steps}")
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+class HParams(NamedTuple):
+    actor_lr: jax.Array
+    critic_lr: jax.Array
+    alpha_lr: jax.Array
+    gamma: jax.Array
+    tau: jax.Array
+    target_entropy: jax.Array
+    reg_coef: jax.Array
+
+
+class Transition(NamedTuple):
+    obs: jax.Array  # [..., A, obs_dim]
+    action: jax.Array  # [..., A, action_dim]
+    reward: jax.Array  # [..., A]
+    next_obs: jax.Array  # [..., A, obs_dim] (the episode's final obs when it ended)
+    terminated: jax.Array  # [...]
+
+
+@struct.dataclass
+class Replay:
+    """Ring buffer of transitions: ``data`` leaves ``[C, ...]``."""
+
+    data: Transition
+    pos: jax.Array  # [] int32, the slot the next transition goes to
+    size: jax.Array  # [] int32
+
+
+def replay_init(example: Transition, capacity: int) -> Replay:
+    data = jax.tree.map(lambda x: jnp.zeros((capacity,) + x.shape, x.dtype), example)
+    return Replay(data, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def replay_add(buf: Replay, batch: Transition) -> Replay:
+    """Insert ``[N, ...]`` transitions in order; with N > C only the last C stay."""
+    capacity = jax.tree.leaves(buf.data)[0].shape[0]
+    n = jax.tree.leaves(batch)[0].shape[0]
+    rank = jnp.arange(n)
+    idx = jnp.where(rank >= n - capacity, (buf.pos + rank) % capacity, capacity)  # capacity: dropped
+    data = jax.tree.map(lambda s, x: s.at[idx].set(x.astype(s.dtype), mode="drop"), buf.data, batch)
+    return Replay(data, ((buf.pos + n) % capacity).astype(jnp.int32),
+                  jnp.minimum(buf.size + n, capacity).astype(jnp.int32))
+
+
+def replay_sample(buf: Replay, key, batch_size: int) -> Transition:
+    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buf.size, 1))
+    return jax.tree.map(lambda x: x[idx], buf.data)
+
+
+# PyTorch's default Linear init, as in the SAC reference code: U(+-1/sqrt(fan_in)) weights.
+# It needs no QR (see marl/networks.py on batched QR) and compiles far faster than the
+# orthogonal initializer's Gram-Schmidt loop.
+_torch_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _mlp(x, hidden: Sequence[int]):
+    for h in hidden:
+        x = nn.relu(nn.Dense(h, kernel_init=_torch_init)(x))
+    return x
+
+
+class Actor(nn.Module):
+    action_dim: int
+    hidden: Sequence[int]
+    log_std_min: float
+    log_std_max: float
+
+    @nn.compact
+    def __call__(self, x):
+        h = _mlp(x, self.hidden)
+        mean = nn.Dense(self.action_dim, kernel_init=_torch_init)(h)
+        log_std = nn.Dense(self.action_dim, kernel_init=_torch_init)(h)
+        return mean, jnp.clip(log_std, self.log_std_min, self.log_std_max)
+
+
+class TwinQ(nn.Module):
+    hidden: Sequence[int]
+
+    @nn.compact
+    def __call__(self, x, a):
+        xa = jnp.concatenate([x, a], -1)
+        return tuple(nn.Dense(1, kernel_init=_torch_init)(_mlp(xa, self.hidden))[..., 0] for _ in range(2))
+
+
+@struct.dataclass
+class Params:
+    actor: Any
+    critic: Any
+    log_alpha: jax.Array  # [A]
+
+
+@struct.dataclass
+class TrainState:
+    params: Params
+    target_critic: Any
+    ref_actor: Any  # frozen initial actor (regularizer reference "initial"), else None
+    opt_actor: Any
+    opt_critic: Any
+    opt_alpha: Any
+    buffer: Replay
+    env_state: Any
+    last_ts: Timestep  # [E, ...]
+    episode_return: jax.Array  # [E, A] running per-agent return
+    train_mask: jax.Array  # [A] bool, which agents learn
+    tune_alpha: jax.Array  # [A] bool, which temperatures are tuned
+    env_steps: jax.Array  # [] int32, transitions collected (all envs)
+    key: jax.Array
+    hparams: HParams
+
+
+def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
+    spec = env.spec
+    if spec.discrete or spec.action_dim is None:
+        raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
+    A, d, E, T = spec.num_agents, spec.action_dim, config.num_envs, config.num_steps
+    for i in config.frozen_agents:
+        if i >= A:
+            raise cfg.ConfigError("frozen_agents", config.frozen_agents, f"agent indices must be < {A}")
+    shared = config.agents == "shared"
+    ids = jnp.eye(A) if (shared and config.agent_ids) else jnp.zeros((A, 0))
+    in_dim = spec.obs_dim + ids.shape[1]
+    hidden = (config.hidden,) * config.num_layers
+    actor_net = Actor(d, hidden, config.log_std_min, config.log_std_max)
+    critic_net = TwinQ(hidden)
+    low, high = float(spec.action_low), float(spec.action_high)
+    mid, half = (high + low) / 2, (high - low) / 2
+    rcfg = config.regularizer
+    use_entropy = rcfg.kind != "none"
+    divergence = rcfg.kind in ("kl", "wasserstein")
+    tx = optax.scale_by_adam()
+    # independent: every parameter leaf has a leading [A] axis and each agent has its own
+    # Adam state; shared: one tree for all agents
+    per_agent = not shared
+
+    # ------------------------------------------------------------------ networks
+    def inputs(obs):
+        """[..., A, obs_dim] -> [..., A, in_dim] (one-hot ids appended in shared mode)."""
+        return jnp.concatenate([obs, jnp.broadcast_to(ids, obs.shape[:-1] + ids.shape[-1:])], -1)
+
+    def actor(p, x):
+        if shared:
+            return actor_net.apply(p, x)
+        return jax.vmap(actor_net.apply, in_axes=(0, -2), out_axes=-2)(p, x)
+
+    def critic(p, x, a):
+        if shared:
+            return critic_net.apply(p, x, a)
+        return jax.vmap(critic_net.apply, in_axes=(0, -2, -2), out_axes=-1)(p, x, a)
+
+    def policy(mean, log_std):
+        bijector = distrax.Block(distrax.Chain([distrax.ScalarAffine(shift=mid, scale=half), distrax.Tanh()]), 1)
+        return distrax.Transformed(distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)), bijector)
+
+    def init_params(key):
+        k_a, k_c = jax.random.split(key)
+        x0, a0 = jnp.zeros((1, in_dim)), jnp.zeros((1, d))
+        if shared:
+            return actor_net.init(k_a, x0), critic_net.init(k_c, x0, a0)
+        return (jax.vmap(lambda k: actor_net.init(k, x0))(jax.random.split(k_a, A)),
+                jax.vmap(lambda k: critic_net.init(k, x0, a0))(jax.random.split(k_c, A)))
+
+    def opt_init(p):
+        return jax.vmap(tx.init)(p) if per_agent else tx.init(p)
+
+    def masked_step(p, grads, opt_state, lr, mask, agent_axis: bool):
+        """One Adam step; agents outside ``mask`` [A] keep parameters and optimizer state."""
+        if agent_axis:
+            upd, new_os = jax.vmap(tx.update)(grads, opt_state)
+            keep = lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+        else:
+            upd, new_os = tx.update(grads, opt_state)
+            keep = lambda n, o: jnp.where(mask.any(), n, o)
+        new_p = jax.tree.map(lambda x, u: x - lr * u, p, upd)
+        return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_os, opt_state), keep
+
+    # ------------------------------------------------------------------ init
+    def init(key) -> TrainState:
+        k_param, k_env, key = jax.random.split(key, 3)
+        actor_p, critic_p = init_params(k_param)
+        log_alpha = jnp.full((A,), jnp.log(config.init_alpha), jnp.float32)
+        params = Params(actor_p, critic_p, log_alpha)
+        env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
+        example = Transition(jnp.zeros((A, spec.obs_dim)), jnp.zeros((A, d)), jnp.zeros((A,)),
+                             jnp.zeros((A, spec.obs_dim)), jnp.zeros((), bool))
+        train_mask = jnp.ones((A,), bool).at[jnp.asarray(config.frozen_agents, jnp.int32)].set(False)
+        target_entropy = -float(d) if config.target_entropy is None else config.target_entropy
+        hp = HParams(*(jnp.asarray(v, jnp.float32) for v in (
+            config.actor_lr, config.critic_lr, config.alpha_lr, config.gamma, config.tau,
+            target_entropy, rcfg.coef)))
+        return TrainState(
+            params=params, target_critic=critic_p,
+            ref_actor=actor_p if divergence and rcfg.reference == "initial" else None,
+            opt_actor=opt_init(actor_p), opt_critic=opt_init(critic_p), opt_alpha=jax.vmap(tx.init)(log_alpha),
+            buffer=replay_init(example, config.buffer_size), env_state=env_state, last_ts=ts,
+            episode_return=jnp.zeros((E, A)), train_mask=train_mask,
+            tune_alpha=jnp.full((A,), config.autotune and use_entropy), env_steps=jnp.zeros((), jnp.int32),
+            key=key, hparams=hp,
+        )
+
+    # ------------------------------------------------------------------ acting
+    def act(params: Params, ts: Timestep, carry, key, greedy=False):
+        """ts.obs [..., A, obs_dim] -> actions [..., A, action_dim] in the env's box."""
+        mean, log_std = actor(params.actor, inputs(ts.obs))
+        sample = policy(mean, log_std).sample(seed=key)
+        return jnp.where(greedy, mid + half * jnp.tanh(mean), sample), carry
+
+    def initial_carry(batch_shape=()):
+        return jnp.zeros(batch_shape)  # feed-forward: nothing to carry
+
+    def rollout_step(state: TrainState, key):
+        ts = state.last_ts
+        k_act, k_rand, k_env = jax.random.split(key, 3)
+        policy_action, _ = act(state.params, ts, None, k_act)
+        random_action = jax.random.uniform(k_rand, (E, A, d), minval=low, maxval=high)
+        action = jnp.where(state.env_steps < config.learning_starts, random_action, policy_action)
+        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
+        next_obs = nts.info.get("final_obs", nts.obs)
+        tr = Transition(ts.obs, action, nts.reward, next_obs, nts.terminated)
+        ret = state.episode_return + nts.reward
+        state = state.replace(env_state=env_state, last_ts=nts, episode_return=jnp.where(nts.done[:, None], 0.0, ret),
+                              env_steps=state.env_steps + E)
+        stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
+        return state, (tr, stats, ret, nts.done)
+
+    # ------------------------------------------------------------------ learning
+    def divergence_to(mean, log_std, ref_mean, ref_log_std):
+        """[..., A] closed-form D(pi || ref) between the pre-tanh diagonal Gaussians."""
+        ref_mean, ref_log_std = jax.lax.stop_gradient((ref_mean, ref_log_std))
+        if rcfg.kind == "wasserstein":
+            return reg.gaussian_w2(mean, jnp.exp(log_std), ref_mean, jnp.exp(ref_log_std))
+        var, ref_var = jnp.exp(2 * log_std), jnp.exp(2 * ref_log_std)
+        return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
+
+    def grad_step(carry, key):
+        state, ref_actor = carry
+        hp, p, mask = state.hparams, state.params, state.train_mask
+        k_batch, k_next, k_pi = jax.random.split(key, 3)
+        b = replay_sample(state.buffer, k_batch, config.batch_size)
+        x, nx = inputs(b.obs), inputs(b.next_obs)  # [B, A, in]
+        alpha = jnp.exp(p.log_alpha) if use_entropy else jnp.zeros((A,))
+        n_train = jnp.maximum(mask.sum(), 1)
+
+        # critics: soft Bellman targets from the Polyak-averaged critics
+        next_action, next_logp = policy(*actor(p.actor, nx)).sample_and_log_prob(seed=k_next)
+        tq1, tq2 = critic(state.target_critic, nx, next_action)
+        not_term = 1.0 - b.terminated.astype(jnp.float32)[:, None]
+        y = jax.lax.stop_gradient(b.reward + hp.gamma * not_term * (jnp.minimum(tq1, tq2) - alpha * next_logp))
+
+        def critic_loss(cp):
+            q1, q2 = critic(cp, x, b.action)
+            per_agent = 0.5 * ((q1 - y) ** 2 + (q2 - y) ** 2).mean(0)  # [A]
+            return (per_agent * mask).sum() / n_train, (per_agent, q1.mean(0))
+
+        c_grads, (c_loss, q_mean) = jax.grad(critic_loss, has_aux=True)(p.critic)
+        critic_p, opt_critic, keep = masked_step(p.critic, c_grads, state.opt_critic, hp.critic_lr, mask, per_agent)
+        target = jax.tree.map(lambda t, c: hp.tau * c + (1 - hp.tau) * t, state.target_critic, critic_p)
+        target = jax.tree.map(keep, target, state.target_critic)
+
+        # actor: reparameterized soft policy improvement against the updated critics
+        def actor_loss(ap):
+            mean, log_std = actor(ap, x)
+            a, logp = policy(mean, log_std).sample_and_log_prob(seed=k_pi)
+            q1, q2 = critic(critic_p, x, a)
+            per_agent = (alpha * logp - jnp.minimum(q1, q2)).mean(0)
+            div = jnp.zeros((A,))
+            if divergence:
+                div = divergence_to(mean, log_std, *actor(ref_actor, x)).mean(0)
+                per_agent = per_agent + hp.reg_coef * div
+            return (per_agent * mask).sum() / n_train, (per_agent, logp, div)
+
+        a_grads, (a_loss, logp, div) = jax.grad(actor_loss, has_aux=True)(p.actor)
+        actor_p, opt_actor, _ = masked_step(p.actor, a_grads, state.opt_actor, hp.actor_lr, mask, per_agent)
+
+        # temperature: raise alpha when the entropy is below the target, lower it above
+        entropy = -logp.mean(0)  # [A]
+        alpha_grad = jax.lax.stop_gradient(entropy - hp.target_entropy)  # d/dlog_alpha of L_alpha
+        log_alpha, opt_alpha, _ = masked_step(p.log_alpha, alpha_grad, state.opt_alpha, hp.alpha_lr,
+                                              mask & state.tune_alpha, True)
+
+        state = state.replace(params=Params(actor_p, critic_p, log_alpha), target_critic=target,
+                              opt_actor=opt_actor, opt_critic=opt_critic, opt_alpha=opt_alpha)
+        metrics = {"critic_loss": c_loss, "actor_loss": a_loss, "q": q_mean, "entropy": entropy,
+                   "regularizer": div}
+        return (state, ref_actor), metrics
+
+    def learn(state: TrainState, ref_actor, key):
+        (state, _), metrics = jax.lax.scan(grad_step, (state, ref_actor), jax.random.split(key, config.train_steps))
+        return state, jax.tree.map(lambda m: m.mean(0), metrics)
+
+    def update(state: TrainState):
+        key, k_roll, k_learn = jax.random.split(state.key, 3)
+        state, (traj, stats, ret, done) = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
+        flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
+        state = state.replace(buffer=replay_add(state.buffer, flat))
+        ref_actor = None
+        if divergence:
+            ref_actor = state.ref_actor if rcfg.reference == "initial" else state.params.actor
+        ready = (state.env_steps >= config.learning_starts) & (state.buffer.size >= config.batch_size)
+        skipped = jax.tree.map(jnp.zeros_like, jax.eval_shape(learn, state, ref_actor, k_learn)[1])
+        state, learn_metrics = jax.lax.cond(
+            max_over_seeds(ready.astype(jnp.int32)) > 0,
+            lambda s: learn(s, ref_actor, k_learn),
+            lambda s: (s, skipped),
+            state,
+        )
+        state = state.replace(key=key)
+        metrics = episode_metrics(stats) if stats else {}
+        n_done = done.sum()
+        per_agent_return = (ret * done[..., None]).sum((0, 1)) / jnp.maximum(n_done, 1)
+        for k, v in learn_metrics.items():
+            metrics[k] = v.mean()  # over agents
+        alpha = jnp.exp(state.params.log_alpha) if use_entropy else jnp.zeros((A,))
+        metrics["alpha"] = alpha.mean()
+        if A > 1:
+            for i in range(A):
+                metrics[f"return_agent{i}"] = per_agent_return[i]
+                metrics[f"alpha_agent{i}"] = alpha[i]
+        metrics["learning"] = ready.astype(jnp.float32)
+        return state, metrics
+
+    return Algorithm(name, config, env, init, update, act, initial_carry, E * T)
