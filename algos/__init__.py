@@ -22,6 +22,11 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "qplex": ("algos.qlearning", "QLearningConfig", {"mixer": "qplex"}),
     "iql": ("algos.qlearning", "QLearningConfig", {"mixer": "none"}),
     "sac": ("algos.sac", "SACConfig", {}),
+    "emu": ("algos.emu", "EMUConfig", {"mixer": "qmix"}),
+    "dec_pomfc": ("algos.dec_pomfc", "DecPOMFCConfig", {}),
+    "trama": ("algos.trama", "TRAMAConfig", {"mixer": "qplex"}),
+    "qarl": ("algos.qarl", "QARLConfig", {"curriculum": "gamma"}),
+    "rarl": ("algos.qarl", "QARLConfig", {"curriculum": "none"}),
 }
 
 

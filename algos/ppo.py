@@ -30,6 +30,41 @@ Choices and deviations:
   which restarts from the hidden state stored at the start of the rollout.
 - Sweepable hyperparameters (lr, clip, entropy and value coefficients, gamma, GAE
   lambda, regularizer coefficient/epsilon) are arrays in ``TrainState.hparams``.
+- One-hot agent ids cost ``A x A`` per step and environment (``jnp.eye(A)`` alone is
+  400 MB at A = 10,000, and the ids are copied into every stored observation), so
+  ``agent_ids=True`` with more than ``MAX_AGENT_IDS`` (256) agents is rejected with a
+  ``ConfigError`` on ``agent_ids``: large homogeneous swarms use ``agent_ids=False``
+  (``--no-agent-ids``), where a shared policy is already permutation-invariant.
+
+Continuous actions (``spec.action_dim``; e.g. the swarms):
+  policy     pi(a|o) = N(a; mu_theta(o), diag(sigma^2)),  log sigma a state-independent
+             parameter ``log_std`` [action_dim] initialized to ``log_std_init``
+             (per agent with ``shared_params=False``); mu is the actor head's output
+             (the same network as the discrete logits, with action_dim outputs).
+  log-prob   log pi(a|o) = sum_k [-(a_k - mu_k)^2 / (2 sigma_k^2) - log sigma_k - log(2 pi) / 2]
+  entropy    H = sum_k [log sigma_k + (1 + log(2 pi)) / 2]
+  The sample ``a`` is stored and scored *unclipped*; the environment receives
+  ``clip(a, action_low, action_high)``. Clipping is part of the environment from the
+  learner's point of view, so the ratio pi/pi_old stays that of a proper density
+  (the usual choice of PPO implementations, e.g. Stable-Baselines3 and CleanRL); the
+  price is some probability mass on out-of-range actions, which the policy learns
+  to avoid only through their clipped effect. Greedy actions are ``clip(mu)``.
+  Regularizers between Gaussians (closed forms, summed over action dimensions):
+    kl           KL(pi || ref) = sum_k log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2;
+                 penalty at the sample: log pi(a) - log ref(a)
+    entropy      -H(pi); penalty log pi(a)
+    wasserstein  W2^2 = |m1 - m2|^2 + |s1 - s2|^2 (``marl.regularizers.gaussian_w2``);
+                 penalty: the centred Kantorovich potential of W2^2 at the sample,
+                 f(a) = sum_k a_k^2 - 2 m2 a_k - (s2/s1)(a_k - m1)^2 + m2^2 + s2^2 - s1 s2,
+                 whose gradient in a is 2 (a - T(a)) with the Brenier map
+                 T(a) = m2 + (s2/s1)(a - m1), whose mean under pi is W2^2 and which is 0
+                 when pi == ref (the Gaussian analogue of the centred Sinkhorn potential).
+  ``regularizer.epsilon``/``iterations``/``centred`` do not apply (no entropic OT), and
+  ``reference="uniform"`` is rejected (no uniform Gaussian): use ``initial`` or ``rollout``.
+
+Reusable pieces (``algos.dec_pomfc`` builds on them): :func:`gae`,
+:func:`clipped_policy_loss`, :func:`clipped_value_loss`, :func:`gaussian_log_prob`,
+:func:`gaussian_entropy`, :func:`gaussian_regularizer`, :func:`make_optimizer`.
 """
 
 from __future__ import annotations
@@ -37,6 +72,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+import distrax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -72,6 +109,8 @@ class PPOConfig:
     shared_params: bool = True
     agent_ids: bool = True
     bootstrap_truncation: bool = True
+    log_std_init: float = -0.5
+    """continuous actions: initial log-std of the Gaussian policy (state-independent)"""
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
 
     def __post_init__(self):
@@ -92,6 +131,8 @@ class PPOConfig:
         cfg.check_nonnegative("ent_coef", self.ent_coef)
         cfg.check_nonnegative("vf_coef", self.vf_coef)
         cfg.check_positive("max_grad_norm", self.max_grad_norm)
+        if not (isinstance(self.log_std_init, (int, float)) and -10.0 <= self.log_std_init <= 3.0):
+            raise cfg.ConfigError("log_std_init", self.log_std_init, "must be a number in [-10, 3]")
         if self.num_envs % self.num_minibatches:
             raise cfg.ConfigError(
                 "num_envs",
@@ -115,6 +156,130 @@ PRESETS = {
     "ippo": dict(critic="independent"),
     "mappo": dict(critic="centralized"),
 }
+
+
+MAX_AGENT_IDS = 256
+"""Largest number of agents for one-hot agent ids (see the module docstring)."""
+
+
+# ------------------------------------------------------------------ reusable pieces
+
+
+def make_optimizer(max_grad_norm: float) -> optax.GradientTransformation:
+    """Adam direction with global-norm clipping; the (annealed) learning rate is applied
+    by the caller as ``p - lr * update`` so that it can be a traced hyperparameter."""
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(eps=1e-5))
+
+
+def gae(reward, value, done, terminated, final_value, last_value, gamma, gae_lambda,
+        bootstrap_truncation: bool = True):
+    """Generalized advantage estimation along the leading time axis.
+
+    reward, value, final_value: [T, ...]; done, terminated: [T, ...] broadcastable to
+    them; last_value: [...] (the value after the last step). ``final_value`` is the
+    value of the episode's true last observation, used where ``done`` when
+    ``bootstrap_truncation`` (a terminated step is never bootstrapped); otherwise
+    every episode end is treated as a termination. Returns (advantages, targets).
+    """
+    next_values = jnp.concatenate([value[1:], last_value[None]], 0)
+    done = done.astype(jnp.float32)
+    term = terminated.astype(jnp.float32)
+    if bootstrap_truncation:
+        next_values = jnp.where(done > 0, final_value, next_values)
+    else:
+        term = done
+    deltas = reward + gamma * (1 - term) * next_values - value
+
+    def back(adv, xs):
+        delta, d = xs
+        adv = delta + gamma * gae_lambda * (1 - d) * adv
+        return adv, adv
+
+    _, adv = jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, done), reverse=True)
+    return adv, adv + value
+
+
+def clipped_policy_loss(logp, old_logp, adv, clip_eps):
+    """PPO's clipped surrogate with advantages normalized over the batch.
+
+    Returns (loss, ratio, approx_kl, clip_frac)."""
+    ratio = jnp.exp(logp - old_logp)
+    adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
+    pg = -jnp.minimum(ratio * adv_n, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv_n).mean()
+    approx_kl = ((ratio - 1) - (logp - old_logp)).mean()
+    clip_frac = (jnp.abs(ratio - 1) > clip_eps).mean()
+    return pg, ratio, approx_kl, clip_frac
+
+
+def clipped_value_loss(value, old_value, targets, clip_eps):
+    """``E[max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)] / 2``."""
+    v_clip = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
+    return 0.5 * jnp.maximum((value - targets) ** 2, (v_clip - targets) ** 2).mean()
+
+
+def split_gaussian(pol):
+    """``[..., 2d]`` policy outputs -> (mean [..., d], log_std [..., d])."""
+    d = pol.shape[-1] // 2
+    return pol[..., :d], pol[..., d:]
+
+
+def gaussian_log_prob(mean, log_std, x):
+    """``[...]`` log-density of a diagonal Gaussian at ``x`` [..., d] (summed over d)."""
+    return distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)).log_prob(x)
+
+
+def gaussian_entropy(log_std):
+    """``[...]`` entropy of a diagonal Gaussian (depends only on the log-std)."""
+    return jnp.sum(log_std + 0.5 * (1.0 + jnp.log(2.0 * jnp.pi)), -1)
+
+
+def gaussian_regularizer(kind: str, mean, log_std, ref_mean, ref_log_std, action, coef):
+    """Closed-form regularizers between diagonal Gaussians (module docstring).
+
+    Returns (loss [...], penalty at ``action`` [...], value [...]): ``loss = coef * value``
+    carries the gradient; ``penalty`` (no gradient) is ``coef`` times the per-sample
+    term whose mean under the policy is ``value``.
+    """
+    ref_mean, ref_log_std = jax.lax.stop_gradient(ref_mean), jax.lax.stop_gradient(ref_log_std)
+    std, ref_std = jnp.exp(log_std), jnp.exp(ref_log_std)
+    p = distrax.MultivariateNormalDiag(mean, std)
+    if kind == "entropy":
+        value = -p.entropy()
+        per_sample = p.log_prob(action)
+    elif kind == "kl":
+        q = distrax.MultivariateNormalDiag(ref_mean, ref_std)
+        value = p.kl_divergence(q)
+        per_sample = p.log_prob(action) - q.log_prob(action)
+    elif kind == "wasserstein":
+        value = reg.gaussian_w2(mean, std, ref_mean, ref_std)
+        ratio = ref_std / std
+        per_sample = jnp.sum(action ** 2 - 2 * ref_mean * action - ratio * (action - mean) ** 2
+                             + ref_mean ** 2 + ref_std ** 2 - std * ref_std, -1)
+    else:
+        raise cfg.ConfigError("regularizer.kind", kind, f"must be one of {list(reg.KINDS)}")
+    return coef * value, jax.lax.stop_gradient(coef * per_sample), jax.lax.stop_gradient(value)
+
+
+class GaussianActorCritic(nn.Module):
+    """:class:`marl.networks.ActorCritic` whose head gives the Gaussian mean, plus a
+    state-independent ``log_std`` parameter; outputs ``[..., 2d] = [mean, log_std]``."""
+
+    action_dim: int
+    hidden: int = 128
+    recurrent: bool = True
+    shared_torso: bool = False
+    log_std_init: float = -0.5
+
+    def setup(self):
+        self.body = ActorCritic(self.action_dim, self.hidden, self.recurrent, self.shared_torso)
+        self.log_std = self.param("log_std", nn.initializers.constant(self.log_std_init), (self.action_dim,))
+
+    def __call__(self, h, x, critic_x, reset, avail):
+        h, mean, value = self.body(h, x, critic_x, reset, avail)
+        return h, jnp.concatenate([mean, jnp.broadcast_to(self.log_std, mean.shape)], -1), value
+
+    def value(self, h, x, critic_x, reset):
+        return self.body.value(h, x, critic_x, reset)
 
 
 class HParams(NamedTuple):
@@ -146,8 +311,8 @@ class Transition(NamedTuple):
     x: jax.Array  # [E, A, obs_in]
     cx: jax.Array  # [E, A, critic_in]
     first: jax.Array  # [E, A]
-    avail: jax.Array  # [E, A, n]
-    action: jax.Array  # [E, A]
+    avail: jax.Array  # [E, A, n] (n = 1 for continuous actions)
+    action: jax.Array  # [E, A] discrete; [E, A, d] continuous (the unclipped sample)
     logp: jax.Array
     value: jax.Array
     reward: jax.Array  # [E, A]
@@ -159,19 +324,60 @@ class Transition(NamedTuple):
 
 def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
     spec = env.spec
-    if not spec.discrete:
-        raise cfg.ConfigError("env", spec.name, f"{name} needs a discrete-action environment")
-    A, n, E, T = spec.num_agents, spec.num_actions, config.num_envs, config.num_steps
-    centralized = config.critic == "centralized"
-    net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
-    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
+    discrete = spec.discrete
+    A, E, T = spec.num_agents, config.num_envs, config.num_steps
+    # n: the avail-mask width (1 for continuous envs); P: policy outputs per agent
+    # (logits, or [mean, log_std] of a Gaussian)
+    n = spec.num_actions if discrete else 1
     rcfg = config.regularizer
+    if config.agent_ids and A > MAX_AGENT_IDS:
+        raise cfg.ConfigError(
+            "agent_ids", True,
+            f"one-hot ids for {A} agents would add {A} inputs per agent ({A}x{A} floats per step and "
+            f"environment); allowed up to {MAX_AGENT_IDS} agents: pass agent_ids=False (--no-agent-ids)",
+        )
+    if not discrete:
+        if spec.action_dim is None:
+            raise cfg.ConfigError("env", spec.name, f"{name} needs num_actions or action_dim in the env spec")
+        if rcfg.kind not in ("none", "entropy") and rcfg.reference == "uniform":
+            raise cfg.ConfigError(
+                "regularizer.reference", rcfg.reference,
+                "a continuous (Gaussian) policy has no uniform reference; use initial or rollout",
+            )
+    centralized = config.critic == "centralized"
+    if discrete:
+        net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
+    else:
+        net = GaussianActorCritic(spec.action_dim, config.hidden, config.recurrent, shared_torso=not centralized,
+                                  log_std_init=config.log_std_init)
+    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
     cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
+    low, high = spec.action_low, spec.action_high
 
     def regularizer(logits, ref_logits, avail, hp: HParams):
         return reg.regularize(rcfg.kind, logits, ref_logits, hp.reg_coef, mask=avail, cost=cost,
                               epsilon=hp.reg_epsilon, iterations=rcfg.iterations, centred=rcfg.centred)
-    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.scale_by_adam(eps=1e-5))
+
+    def continuous_regularizer(pol, ref_pol, action, hp: HParams):
+        mean, log_std = split_gaussian(pol)
+        ref_mean, ref_log_std = split_gaussian(ref_pol)
+        return gaussian_regularizer(rcfg.kind, mean, log_std, ref_mean, ref_log_std, action, hp.reg_coef)
+
+    def sample(key, pol):
+        """Unclipped sample [.., A] (discrete) or [.., A, d] and its log-probability."""
+        if discrete:
+            a = jax.random.categorical(key, pol)
+            return a, jnp.take_along_axis(jax.nn.log_softmax(pol), a[..., None], -1)[..., 0]
+        mean, log_std = split_gaussian(pol)
+        a = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
+        return a, gaussian_log_prob(mean, log_std, a)
+
+    def to_env(a):
+        """The action the environment receives: continuous samples are clipped to its bounds."""
+        return a if discrete else jnp.clip(a, low, high)
+
+    tx = make_optimizer(config.max_grad_norm)
+    value_method = type(net).value
 
     # ------------------------------------------------------------------ network I/O
     def inputs(ts: Timestep):
@@ -193,8 +399,8 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
 
     def value_only(params, h, x, cx, first):
         if config.shared_params:
-            return net.apply(params, h, x, cx, first, method=ActorCritic.value)
-        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=ActorCritic.value),
+            return net.apply(params, h, x, cx, first, method=value_method)
+        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=value_method),
                      in_axes=(0, -3, -2, -2, -1), out_axes=-1)
         return f(params, h, x, cx, first)
 
@@ -237,7 +443,10 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         x, cx = inputs(ts)
         firsts = jnp.broadcast_to(first[..., None], first.shape + (A,))
         h, logits, _ = apply(params, h, x, cx, firsts, ts.avail_actions)
-        a = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(key, logits))
+        if discrete:
+            a = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(key, logits))
+        else:
+            a = to_env(jnp.where(greedy, split_gaussian(logits)[0], sample(key, logits)[0]))
         return a, (h, jnp.zeros_like(first))
 
     # ------------------------------------------------------------------ update
@@ -248,9 +457,8 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         x, cx = inputs(ts)
         firsts = jnp.broadcast_to(state.first[:, None], (E, A))
         h, logits, value = apply(state.params, state.h, x, cx, firsts, ts.avail_actions)
-        action = jax.random.categorical(k_act, logits)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
-        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
+        action, logp = sample(k_act, logits)
+        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, to_env(action))
         if config.bootstrap_truncation:
             fx, fcx = inputs(nts._replace(obs=nts.info["final_obs"], state=nts.info["final_state"]))
             # the episode's last observation continues the hidden state of this step
@@ -263,23 +471,9 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
         return state, tr
 
-    def gae(traj: Transition, last_value, hp: HParams):
-        next_values = jnp.concatenate([traj.value[1:], last_value[None]], 0)
-        done = traj.done[..., None].astype(jnp.float32)
-        term = traj.terminated[..., None].astype(jnp.float32)
-        if config.bootstrap_truncation:
-            next_values = jnp.where(done > 0, traj.final_value, next_values)
-        else:
-            term = done
-        deltas = traj.reward + hp.gamma * (1 - term) * next_values - traj.value
-
-        def back(adv, xs):
-            delta, d = xs
-            adv = delta + hp.gamma * hp.gae_lambda * (1 - d) * adv
-            return adv, adv
-
-        _, adv = jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, done), reverse=True)
-        return adv, adv + traj.value
+    def advantages(traj: Transition, last_value, hp: HParams):
+        return gae(traj.reward, traj.value, traj.done[..., None], traj.terminated[..., None], traj.final_value,
+                   last_value, hp.gamma, hp.gae_lambda, config.bootstrap_truncation)
 
     def loss_fn(params, h0, traj: Transition, ref_logits, adv, targets, hp: HParams):
         def step(h, xs):
@@ -288,28 +482,35 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
             return h, (logits, value)
 
         _, (logits, value) = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
-        logp_all = jax.nn.log_softmax(logits)
-        logp = jnp.take_along_axis(logp_all, traj.action[..., None], -1)[..., 0]
-        ratio = jnp.exp(logp - traj.logp)
-        adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
-        pg = -jnp.minimum(ratio * adv_n, jnp.clip(ratio, 1 - hp.clip_eps, 1 + hp.clip_eps) * adv_n).mean()
-        v_clip = traj.value + jnp.clip(value - traj.value, -hp.clip_eps, hp.clip_eps)
-        vf = 0.5 * jnp.maximum((value - targets) ** 2, (v_clip - targets) ** 2).mean()
-        probs = jnp.exp(logp_all)
-        entropy = -(probs * jnp.where(traj.avail, logp_all, 0.0)).sum(-1).mean()
+        if discrete:
+            logp_all = jax.nn.log_softmax(logits)
+            logp = jnp.take_along_axis(logp_all, traj.action[..., None], -1)[..., 0]
+        else:
+            mean, log_std = split_gaussian(logits)
+            logp = gaussian_log_prob(mean, log_std, traj.action)
+        pg, ratio, approx_kl, clip_frac = clipped_policy_loss(logp, traj.logp, adv, hp.clip_eps)
+        vf = clipped_value_loss(value, traj.value, targets, hp.clip_eps)
+        if discrete:
+            probs = jnp.exp(logp_all)
+            entropy = -(probs * jnp.where(traj.avail, logp_all, 0.0)).sum(-1).mean()
+        else:
+            entropy = gaussian_entropy(log_std).mean()
         loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
         reg_value = jnp.zeros(())
         if rcfg.kind != "none" and rcfg.mode == "loss":
-            out = regularizer(logits, ref_logits, traj.avail, hp)
-            loss = loss + out.loss.mean()
-            reg_value = out.value.mean()
-        approx_kl = ((ratio - 1) - (logp - traj.logp)).mean()
-        clip_frac = (jnp.abs(ratio - 1) > hp.clip_eps).mean()
+            if discrete:
+                out = regularizer(logits, ref_logits, traj.avail, hp)
+                reg_loss, reg_v = out.loss, out.value
+            else:
+                reg_loss, _, reg_v = continuous_regularizer(logits, ref_logits, traj.action, hp)
+            loss = loss + reg_loss.mean()
+            reg_value = reg_v.mean()
         return loss, dict(policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl,
                           clip_frac=clip_frac, regularizer=reg_value)
 
     def reference_logits(state: TrainState, h0, traj: Transition):
-        """Reference policy logits along the rollout [T, E, A, n] (no gradient).
+        """Reference policy logits along the rollout [T, E, A, n] (no gradient); for
+        continuous actions the reference Gaussian's [mean, log_std] [T, E, A, 2d].
 
         rollout: the policy that collected the data (a trust region, loss mode);
         initial: the frozen initial policy replayed with its own hidden state from
@@ -317,6 +518,8 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         """
         if rcfg.kind == "none":
             return jnp.zeros(traj.avail.shape, jnp.float32)
+        if not discrete and rcfg.kind == "entropy":
+            return jnp.zeros(traj.avail.shape[:-1] + (2 * spec.action_dim,), jnp.float32)
         if rcfg.reference == "uniform":
             return jnp.where(traj.avail, 0.0, -1e10)
         if rcfg.reference == "initial":
@@ -335,10 +538,14 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         if rcfg.kind != "none" and rcfg.mode == "penalty":
             # WPR: the regularizer's gradient (dual potential / log-ratio) at the taken
             # action becomes a per-step reward penalty; PPO then runs unchanged
-            out = regularizer(_replay_logits(state.params, h0, traj), ref_logits, traj.avail, hp)
-            penalty = jnp.take_along_axis(out.penalty, traj.action[..., None], -1)[..., 0]
+            if discrete:
+                out = regularizer(_replay_logits(state.params, h0, traj), ref_logits, traj.avail, hp)
+                penalty = jnp.take_along_axis(out.penalty, traj.action[..., None], -1)[..., 0]
+            else:
+                penalty = continuous_regularizer(_replay_logits(state.params, h0, traj), ref_logits,
+                                                 traj.action, hp)[1]
             traj = traj._replace(reward=traj.reward - penalty)
-        adv, targets = gae(traj, last_value, hp)
+        adv, targets = advantages(traj, last_value, hp)
 
         frac = state.update_step / config.num_updates
         lr = hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr

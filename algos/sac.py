@@ -38,6 +38,21 @@ built on SAC may change it between updates (alternating phases of a game).
 ``TrainState.tune_alpha [A]`` turns the temperature update off per agent; the
 temperature is ``exp(params.log_alpha)``, which such an algorithm may also set.
 
+Hooks for algorithms built on SAC (QARL, ``algos/qarl.py``); none changes plain SAC:
+- ``temperature_from_obs`` (config): agents whose temperature is not ``exp(log_alpha)``
+  but ``exp(o[-1])``, the last entry of their own observation, per transition: the
+  actor loss uses the transition's ``o``, the soft target its ``o'``. An environment
+  wrapper that fixes a temperature per episode and appends its log to the observation
+  so gives that agent a per-episode temperature in both places (QARL's adversary).
+  These agents' ``log_alpha`` is neither used nor tuned.
+- ``TrainState.ext``: the state of the algorithm built on SAC (QARL's curriculum),
+  carried unchanged by SAC's ``update``; ``None`` for SAC.
+- ``make(..., expose_rollout=True)``: ``update``'s metrics also hold ``"rollout"``, a
+  dict of the iteration's per-step arrays ``done [T, E]``, ``return [T, E, A]`` (the
+  running per-agent return, the episode's return where ``done``) and ``info`` (the
+  environment's ``Timestep.info``, leaves ``[T, E, ...]``); the caller must remove it
+  before the runner sees the metrics.
+
 Regularizer (the shared block, ``marl.regularizers``): ``kind="entropy"`` (default)
 is SAC's own maximum-entropy term above, with temperature alpha (``init_alpha``,
 ``autotune``; ``regularizer.coef`` is not used). ``kind="none"`` drops it (alpha = 0,
@@ -116,6 +131,8 @@ class SACConfig:
     """shared mode: append a one-hot agent id to the observation"""
     frozen_agents: tuple[int, ...] = ()
     """agents that never learn (their initial policy acts)"""
+    temperature_from_obs: tuple[int, ...] = ()
+    """agents whose temperature is exp(last observation entry), per transition (QARL's adversary)"""
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=_default_regularizer)
 
     def __post_init__(self):
@@ -132,8 +149,9 @@ class SACConfig:
             raise cfg.ConfigError("target_entropy", self.target_entropy, "must be a number or None (-action_dim)")
         if not self.log_std_min < self.log_std_max:
             raise cfg.ConfigError("log_std_min", self.log_std_min, f"must be < log_std_max={self.log_std_max}")
-        if any(not isinstance(i, int) or i < 0 for i in self.frozen_agents):
-            raise cfg.ConfigError("frozen_agents", self.frozen_agents, "must be agent indices >= 0")
+        for f in ("frozen_agents", "temperature_from_obs"):
+            if any(not isinstance(i, int) or i < 0 for i in getattr(self, f)):
+                raise cfg.ConfigError(f, getattr(self, f), "must be agent indices >= 0")
         r = self.regularizer
         if r.kind in ("kl", "wasserstein"):
             if r.mode != "loss":
@@ -259,16 +277,18 @@ class TrainState:
     env_steps: jax.Array  # [] int32, transitions collected (all envs)
     key: jax.Array
     hparams: HParams
+    ext: Any = None  # state of an algorithm built on SAC; carried unchanged
 
 
-def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
+def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False) -> Algorithm:
     spec = env.spec
     if spec.discrete or spec.action_dim is None:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
     A, d, E, T = spec.num_agents, spec.action_dim, config.num_envs, config.num_steps
-    for i in config.frozen_agents:
-        if i >= A:
-            raise cfg.ConfigError("frozen_agents", config.frozen_agents, f"agent indices must be < {A}")
+    for f in ("frozen_agents", "temperature_from_obs"):
+        if any(i >= A for i in getattr(config, f)):
+            raise cfg.ConfigError(f, getattr(config, f), f"agent indices must be < {A}")
+    obs_temp = jnp.zeros((A,), bool).at[jnp.asarray(config.temperature_from_obs, jnp.int32)].set(True)
     shared = config.agents == "shared"
     ids = jnp.eye(A) if (shared and config.agent_ids) else jnp.zeros((A, 0))
     in_dim = spec.obs_dim + ids.shape[1]
@@ -346,7 +366,8 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
             opt_actor=opt_init(actor_p), opt_critic=opt_init(critic_p), opt_alpha=jax.vmap(tx.init)(log_alpha),
             buffer=replay_init(example, config.buffer_size), env_state=env_state, last_ts=ts,
             episode_return=jnp.zeros((E, A)), train_mask=train_mask,
-            tune_alpha=jnp.full((A,), config.autotune and use_entropy), env_steps=jnp.zeros((), jnp.int32),
+            tune_alpha=jnp.full((A,), config.autotune and use_entropy) & ~obs_temp,
+            env_steps=jnp.zeros((), jnp.int32),
             key=key, hparams=hp,
         )
 
@@ -373,7 +394,7 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
         state = state.replace(env_state=env_state, last_ts=nts, episode_return=jnp.where(nts.done[:, None], 0.0, ret),
                               env_steps=state.env_steps + E)
         stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
-        return state, (tr, stats, ret, nts.done)
+        return state, (tr, stats, ret, nts.done, nts.info if expose_rollout else None)
 
     # ------------------------------------------------------------------ learning
     def divergence_to(mean, log_std, ref_mean, ref_log_std):
@@ -391,13 +412,16 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
         b = replay_sample(state.buffer, k_batch, config.batch_size)
         x, nx = inputs(b.obs), inputs(b.next_obs)  # [B, A, in]
         alpha = jnp.exp(p.log_alpha) if use_entropy else jnp.zeros((A,))
+        next_alpha = alpha
+        if use_entropy and config.temperature_from_obs:  # [B, A]: per-transition temperatures
+            alpha, next_alpha = (jnp.where(obs_temp, jnp.exp(o[..., -1]), alpha) for o in (b.obs, b.next_obs))
         n_train = jnp.maximum(mask.sum(), 1)
 
         # critics: soft Bellman targets from the Polyak-averaged critics
         next_action, next_logp = policy(*actor(p.actor, nx)).sample_and_log_prob(seed=k_next)
         tq1, tq2 = critic(state.target_critic, nx, next_action)
         not_term = 1.0 - b.terminated.astype(jnp.float32)[:, None]
-        y = jax.lax.stop_gradient(b.reward + hp.gamma * not_term * (jnp.minimum(tq1, tq2) - alpha * next_logp))
+        y = jax.lax.stop_gradient(b.reward + hp.gamma * not_term * (jnp.minimum(tq1, tq2) - next_alpha * next_logp))
 
         def critic_loss(cp):
             q1, q2 = critic(cp, x, b.action)
@@ -442,7 +466,7 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
 
     def update(state: TrainState):
         key, k_roll, k_learn = jax.random.split(state.key, 3)
-        state, (traj, stats, ret, done) = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
+        state, (traj, stats, ret, done, infos) = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
         flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
         state = state.replace(buffer=replay_add(state.buffer, flat))
         ref_actor = None
@@ -469,6 +493,8 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
                 metrics[f"return_agent{i}"] = per_agent_return[i]
                 metrics[f"alpha_agent{i}"] = alpha[i]
         metrics["learning"] = ready.astype(jnp.float32)
+        if expose_rollout:
+            metrics["rollout"] = {"done": done, "return": ret, "info": infos}
         return state, metrics
 
     return Algorithm(name, config, env, init, update, act, initial_carry, E * T)

@@ -43,6 +43,7 @@ class JaxMARLAdapter:
       state_scale: optional ``[state_dim]`` feature scale for the spec, or a callable
         ``state_dim -> array`` (see :class:`marl.types.EnvSpec`).
       max_return: optional largest episode return, for the spec.
+      info_fn: optional ``inner_state -> dict`` of extra per-step info entries.
     """
 
     def __init__(
@@ -54,8 +55,10 @@ class JaxMARLAdapter:
         action_cost: Optional[np.ndarray] = None,
         state_scale=None,
         max_return: Optional[float] = None,
+        info_fn: Optional[Callable] = None,
     ):
         self._env = env
+        self._info_fn = info_fn
         self.agents = list(agents if agents is not None else env.agents)
         self._won_fn = won_fn
         a0 = self.agents[0]
@@ -138,9 +141,12 @@ class JaxMARLAdapter:
         return AdapterState(inner, t), ts
 
     def _info(self, inner, done) -> dict:
-        if self._won_fn is None:
-            return {}
-        return {"won": done & self._won_fn(inner)}
+        info = {}
+        if self._won_fn is not None:
+            info["won"] = done & self._won_fn(inner)
+        if self._info_fn is not None:
+            info.update(self._info_fn(inner))
+        return info
 
 
 def _implements(env, method: str) -> bool:

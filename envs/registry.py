@@ -8,7 +8,8 @@ Names:
   ``swarm:<task>``   Kuramoto, Vicsek and Aggregation swarms (``envs/swarms.py``), e.g.
                      ``envs.make("swarm:vicsek", num_agents=1000)``
   ``adv:<task>``     two-player zero-sum control (``envs/adversarial.py``): ``pendulum``,
-                     ``cartpole``, ``pointmass``; ``adv:<task>-noadv`` = protagonist alone
+                     ``cartpole``, ``pointmass``, and with mujoco-mjx ``cheetah``, ``hopper``
+                     (``envs/mjx_adversarial.py``); ``adv:<task>-noadv`` = protagonist alone
   ``<jaxmarl id>``   any JaxMARL environment id, e.g. ``MPE_simple_reference_v3``
   anything added with :func:`register`.
 
@@ -176,15 +177,19 @@ def _make_swarm(task: str, **kwargs):
 
 
 def _make_adversarial(task: str, **kwargs):
+    from envs import mjx_adversarial
     from envs.adversarial import make as make_adversarial
 
+    if task in mjx_adversarial.names():  # adv:cheetah, adv:hopper (MJX)
+        return mjx_adversarial.make(task, **kwargs)
     return make_adversarial(task, **kwargs)
 
 
 def _adversarial_names() -> list[str]:
+    from envs import mjx_adversarial
     from envs.adversarial import names
 
-    return names()
+    return sorted(names() + mjx_adversarial.names())
 
 
 def _make_smax_mt(task_set: str, **kwargs):

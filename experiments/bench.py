@@ -4,6 +4,7 @@
     python -m experiments.bench --env mpe:simple_spread --algos ippo --num-envs 64
     python -m experiments.bench --seeds-check 4       # also: 4 vmapped seeds vs 4 in a row
     python -m experiments.bench --algos mappo --regularizer-share   # + cost of KL / Wasserstein
+    python -m experiments.bench --algos ippo --num-envs 16 --num-steps 32 --iterations 4 --sweep-check 2
 
 Measures:
 - random-policy environment throughput (env steps/s): uniform random valid actions,
@@ -12,6 +13,9 @@ Measures:
   learning) and its ratio to the random-policy figure; compile time, excluded;
 - optionally, one program with S vmapped seeds vs S single-seed programs run one after
   another (wall time of the same number of updates);
+- optionally (``--sweep-check N``), a sweep of 16 learning rates x N seeds as one program
+  (``marl.sweep``'s row layout) vs the same 16 runs of N seeds one after another, and the
+  compile time of each program (see :func:`sweep_check`);
 - optionally (``--regularizer-share``), MAPPO's update time with each regularizer vs none,
   as the added share ``(t_reg - t_none) / t_none`` (see :func:`regularizer_share`).
 Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
@@ -53,6 +57,8 @@ class BenchArgs:
     regularizer_share: bool = False
     """also time MAPPO's update with regularizer none vs kl vs wasserstein (penalty mode with
     reference initial, loss mode with reference rollout) and report each one's added share"""
+    sweep_check: int = 0
+    """if > 0: a sweep of 16 configurations x this many seeds in one program vs the same 16 runs in a row"""
 
 
 def _median_time(fn, arg, repeats):
@@ -131,6 +137,8 @@ def main(args: BenchArgs) -> dict:
                 "speedup_vmapped_vs_sequential": s * r["seconds_per_call"] / vm["seconds_per_call"],
                 "vmapped_compile_s": vm["compile_s"],
             }
+        if args.sweep_check:
+            r["sweep_check"] = sweep_check(algo, args.sweep_check, args.iterations, args.repeats)
         result["algos"][name] = r
         rows.append((name, f"{r['env_steps_per_s']:,.0f}", f"{100 * r['ratio_to_random']:.2f}%",
                      f"{r['compile_s']:.1f}"))
@@ -145,6 +153,9 @@ def main(args: BenchArgs) -> dict:
             print(f"{name}: {c['num_seeds']} vmapped seeds {c['vmapped_seconds']:.2f}s vs "
                   f"{c['num_seeds']} sequential {c['sequential_seconds']:.2f}s "
                   f"(x{c['speedup_vmapped_vs_sequential']:.2f})")
+    for name, r in result["algos"].items():
+        if "sweep_check" in r:
+            print_sweep_check(name, r["sweep_check"])
     if args.regularizer_share:
         result["regularizer_share"] = regularizer_share(env, args, overrides)
         print_regularizer_share(result["regularizer_share"])
@@ -153,6 +164,96 @@ def main(args: BenchArgs) -> dict:
         json.dump(result, f, indent=2)
     print(f"JSON: {args.out}")
     return result
+
+
+# --------------------------------------------------------------- sweep check
+
+SWEEP_CONFIGS = 16
+
+
+def sweep_check(algo, num_seeds: int, iterations: int, repeats: int) -> dict:
+    """16 configurations x ``num_seeds`` seeds as one program vs 16 runs in a row.
+
+    The configurations scale the algorithm's learning rate (its first sweepable
+    hyperparameter if it has no ``lr``) by 16 factors from 1/4 to 4. A run is
+    ``iterations`` updates from a fresh initial state. One program: all 16 x N rows in
+    one call of the chunk function; in a row: 16 calls of the N-seed chunk function
+    (compiled once, reused for every configuration since only hyperparameter values
+    differ). Both are warmed up once, then each timing is the median of ``repeats``.
+    ``speedup`` compares execution only; ``speedup_with_compile`` adds one compilation
+    to the sweep and 16 to the runs in a row, as 16 separate training commands would.
+    """
+    import numpy as np
+
+    from marl.sweep import config_path, row_layout, sweepable
+
+    names = sweepable(algo)
+    name = "lr" if "lr" in names else names[0]
+    base = algo.config
+    for part in config_path(name, algo.config):
+        base = getattr(base, part)
+    factors = np.geomspace(0.25, 4.0, SWEEP_CONFIGS)
+    configs = [{name: float(base * f)} for f in factors]
+
+    keys, hparams = row_layout(configs, num_seeds)
+    # initial states are built once (init_states compiles init again on every call) and
+    # copied before each timed call, since the chunk function donates its input; the 16
+    # single runs differ from one another only in their hyperparameter values
+    sweep_state = init_states(algo, keys, hparams)
+    base_state = init_states(algo, keys[:num_seeds])
+    single_states = [base_state.replace(hparams=base_state.hparams._replace(
+        **{name: jnp.full((num_seeds,), c[name], jnp.float32)})) for c in configs]
+    t0 = time.perf_counter()
+    sweep_fn = make_chunk_fn(algo, iterations).lower(sweep_state).compile()
+    sweep_compile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single_fn = make_chunk_fn(algo, iterations).lower(single_states[0]).compile()
+    single_compile = time.perf_counter() - t0
+
+    def fresh(s):  # a real copy (a jitted identity may hand back the donated buffers)
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), s)
+
+    def one_program():
+        state = jax.block_until_ready(fresh(sweep_state))
+        t = time.perf_counter()
+        jax.block_until_ready(sweep_fn(state))
+        return time.perf_counter() - t
+
+    def in_a_row():
+        total = 0.0
+        for s in single_states:
+            state = jax.block_until_ready(fresh(s))
+            t = time.perf_counter()
+            jax.block_until_ready(single_fn(state))
+            total += time.perf_counter() - t
+        return total
+
+    one_program()  # warm-up
+    in_a_row()
+    sweep_times, row_times = [], []
+    for _ in range(repeats):  # interleaved, so a slow stretch of a shared machine hits both
+        sweep_times.append(one_program())
+        row_times.append(in_a_row())
+    t_sweep, t_row = statistics.median(sweep_times), statistics.median(row_times)
+    return {
+        "configs": SWEEP_CONFIGS, "num_seeds": num_seeds, "hyperparameter": name,
+        "values": [c[name] for c in configs], "iterations": iterations,
+        "env_steps_per_run": iterations * algo.env_steps_per_update,
+        "one_program_seconds": t_sweep, "in_a_row_seconds": t_row,
+        "one_program_seconds_all": sweep_times, "in_a_row_seconds_all": row_times,
+        "speedup": t_row / t_sweep,
+        "one_program_compile_s": sweep_compile, "single_run_compile_s": single_compile,
+        "speedup_with_compile": (t_row + SWEEP_CONFIGS * single_compile) / (t_sweep + sweep_compile),
+    }
+
+
+def print_sweep_check(name: str, c: dict) -> None:
+    n = c["configs"]
+    print(f"{name}: sweep of {n} configs x {c['num_seeds']} seeds ({c['iterations']} updates each), median of "
+          f"{len(c['one_program_seconds_all'])}: one program {c['one_program_seconds']:.2f}s vs {n} runs in a row "
+          f"{c['in_a_row_seconds']:.2f}s (x{c['speedup']:.2f}); compile: one program "
+          f"{c['one_program_compile_s']:.1f}s, one run {c['single_run_compile_s']:.1f}s; "
+          f"with compilation (1 vs {n} compiles) x{c['speedup_with_compile']:.2f}")
 
 
 # --------------------------------------------------------------- regularizer share

@@ -3,7 +3,8 @@
     python -m experiments.evaluate runs/qmix_3m --episodes 256
     python -m experiments.evaluate runs/mappo_3m --episodes 128 --sampled
 
-Rebuilds the algorithm from the run's ``run.json`` (algorithm, environment, config),
+Rebuilds the algorithm from the run's ``run.json`` (algorithm, environment and its
+``env_kwargs``, config),
 restores the latest checkpoint (or ``--step``), evaluates every seed on
 ``--episodes`` episodes and writes ``eval_<episodes>.json`` next to the run's
 metrics. Exit code 2 when the run directory or its checkpoint is unusable.
@@ -23,7 +24,7 @@ import tyro
 
 import algos
 import envs
-from experiments.train import _apply
+from experiments.train import _apply, make_env, parse_env_kwargs
 from marl.checkpoint import Checkpointer
 from marl.config import ConfigError
 from marl.evaluation import evaluate_seeds
@@ -51,7 +52,8 @@ def load_run(run_dir: str):
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError("run_dir", run_dir, f"must hold a readable run.json ({e})") from None
     config = _apply(algos.default_config(desc["algo"]), desc.get("config", {}))
-    return algos.make(desc["algo"], envs.make(desc["env"]), config), desc
+    env = make_env(desc["env"], parse_env_kwargs(desc.get("env_kwargs", {})))
+    return algos.make(desc["algo"], env, config), desc
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -44,54 +44,9 @@ import algos
 import envs
 from marl import regularizers as reg
 from marl.config import ConfigError
+from marl.stats import bootstrap_ci, iqm
 
 ALGO = "mappo"
-
-
-# ------------------------------------------------------------------ statistics
-
-
-def iqm(x, axis: int = -1):
-    """Interquartile mean: the mean of the values left after dropping the lowest and
-    the highest ``floor(n / 4)`` of the ``n`` values along ``axis`` (the 25%-trimmed mean,
-    as ``scipy.stats.trim_mean(x, 0.25)`` and rliable define it).
-
-    ``iqm(range(1, 9)) == mean(3, 4, 5, 6) == 4.5``; for fewer than 4 values it is the mean.
-    NaN propagates. Returns a float for 1-D input, else an array without ``axis``.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim == 0:
-        x = x[None]
-    n = x.shape[axis]
-    if n == 0:
-        raise ValueError("iqm of an empty array")
-    k = n // 4
-    s = np.sort(x, axis=axis)
-    out = np.take(s, np.arange(k, n - k), axis=axis).mean(axis=axis)
-    return float(out) if np.ndim(out) == 0 else out
-
-
-def bootstrap_ci(x, stat=iqm, num_samples: int = 2000, confidence: float = 0.95, seed: int = 0):
-    """Percentile bootstrap confidence interval of ``stat`` of the 1-D sample ``x``.
-
-    Draws ``num_samples`` resamples of ``len(x)`` values with replacement (numpy
-    ``default_rng(seed)``, so the result is deterministic), evaluates ``stat`` on each
-    (``stat(samples, axis=-1)``, vectorized) and returns the ``(1 - confidence) / 2`` and
-    ``(1 + confidence) / 2`` quantiles as ``(lo, hi)`` floats.
-    """
-    x = np.asarray(x, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("bootstrap_ci of an empty sample")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, x.size, size=(num_samples, x.size))
-    stats = np.asarray(stat(x[idx], axis=-1), dtype=np.float64)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
 
 
 # ------------------------------------------------------------------ arguments

@@ -3,10 +3,14 @@
     python -m experiments.train --algo mappo --env smax:3m --num-seeds 4 --total-steps 2e6
     python -m experiments.train --algo ippo --env mpe:simple_spread --lr 3e-4
     python -m experiments.train --algo mappo --env smax:3m --run-name my_run --resume
+    python -m experiments.train --algo dec_pomfc --env swarm:aggregation --env-kwargs '{"num_agents": 100}'
 
 The flags are generated from the algorithm's config dataclass (``--help`` after
 ``--algo X`` lists them). Outputs go to ``runs/<run-name>/``: ``metrics.jsonl``,
 ``checkpoints/`` (orbax), ``run.json``, ``eval.json`` and ``learning_curve.png``.
+``--env-kwargs`` (a JSON object) is passed to ``envs.make(env, **kwargs)`` and stored
+in ``run.json`` as ``env_kwargs``, so resuming and ``experiments.evaluate`` rebuild the
+same environment.
 Invalid input is rejected before anything compiles, naming the field, the value
 and what is allowed.
 """
@@ -34,6 +38,8 @@ class RunArgs:
     """algorithm: one of algos.registered()"""
     env: str = "smax:3m"
     """environment name: one of envs.registered()"""
+    env_kwargs: str = "{}"
+    """JSON object of keyword arguments for envs.make, e.g. '{"num_agents": 100}'"""
     num_seeds: int = 1
     """seeds trained in parallel (the vmapped axis)"""
     seed: int = 0
@@ -98,7 +104,38 @@ def parse(argv: list[str]):
             raise ConfigError(field, getattr(run, field), "must be a positive integer")
     if run.eval_episodes < 0:
         raise ConfigError("eval_episodes", run.eval_episodes, "must be >= 0")
+    parse_env_kwargs(run.env_kwargs)
     return run, args.config
+
+
+def parse_env_kwargs(text) -> dict:
+    """``--env-kwargs`` JSON (or an already-parsed dict) -> dict; ConfigError naming the field."""
+    if isinstance(text, dict):
+        return dict(text)
+    try:
+        value = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ConfigError("env_kwargs", text, f"must be a JSON object, e.g. '{{\"num_agents\": 100}}' ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("env_kwargs", text, "must be a JSON object (a dict of keyword arguments)")
+    return value
+
+
+def make_env(name: str, kwargs: dict):
+    """``envs.make(name, **kwargs)``; an argument the environment does not accept raises
+    ConfigError naming ``env_kwargs.<key>`` (environments that validate their own
+    keywords name the field themselves)."""
+    try:
+        return envs.make(name, **kwargs)
+    except ConfigError as e:
+        if e.field in kwargs:  # the environment rejected one of our keywords
+            raise ConfigError(f"env_kwargs.{e.field}", e.value, e.allowed) from None
+        raise
+    except TypeError as e:
+        bad = re.search(r"keyword argument '(\w+)'", str(e))
+        key = bad.group(1) if bad else ",".join(sorted(kwargs))
+        raise ConfigError(f"env_kwargs.{key}", kwargs.get(key, kwargs),
+                          f"not accepted by environment {name!r} ({e})") from None
 
 
 def load_config_file(path: str, defaults):
@@ -125,7 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         run, config = parse(argv)
-        env = envs.make(run.env)
+        env_kwargs = parse_env_kwargs(run.env_kwargs)
+        env = make_env(run.env, env_kwargs)
         algo = algos.make(run.algo, env, config)
     except (ConfigError, envs.UnknownEnvError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -149,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             checkpoint_every=run.checkpoint_every,
             resume=run.resume,
             progress=run.progress,
-            run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str))},
+            run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
+                      "env_kwargs": env_kwargs},
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

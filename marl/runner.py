@@ -54,6 +54,9 @@ def init_states(algo: Algorithm, keys: jax.Array, hparams: Optional[dict] = None
     """Seed-batched initial train states; ``hparams`` maps a field of
     ``state.hparams`` to values [num_seeds] (or a scalar) overriding the config."""
     state = jax.jit(jax.vmap(algo.init))(keys)
+    # a weakly typed leaf (a Python scalar inside an env's reset) comes back strongly typed
+    # from ``update``; normalizing it here saves a second compile of the chunk function
+    state = jax.tree.map(lambda x: jnp.asarray(x, x.dtype) if getattr(x, "weak_type", False) else x, state)
     if hparams:
         hp = state.hparams
         n = keys.shape[0]
@@ -233,13 +236,16 @@ def _prepare_run_dir(run_dir: str, resume: bool, description: dict) -> str:
     if resume and os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        for k in ("algo", "env", "num_seeds", "seed", "chunk_iterations"):
+        for k in ("algo", "env", "env_kwargs", "num_seeds", "seed", "chunk_iterations"):
             if k in old and k in description and old[k] != description[k]:
                 raise ConfigError(
                     k, description[k], f"must match the run being resumed ({old[k]!r}) for an exact resume"
                 )
         old_cfg, new_cfg = old.get("config", {}), description.get("config", {})
         for k in sorted(set(old_cfg) | set(new_cfg)):
+            # a field added to the config class after the run was written is not a change
+            if k in new_cfg and k not in old_cfg:
+                continue
             if old_cfg.get(k) != new_cfg.get(k):
                 raise ConfigError(
                     f"config.{k}", new_cfg.get(k),

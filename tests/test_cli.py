@@ -75,3 +75,29 @@ def test_cli_rejects_unwritable_output(tmp_path, capsys):
     argv = ["--algo", "ippo", "--env", "mpe:simple_spread", "--total-steps", "32", "--runs-dir", str(blocker)] + TINY
     assert cli.main(argv) == 2
     assert "run_dir" in capsys.readouterr().err
+
+
+def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
+    args = ["--algo", "ippo", "--env", "swarm:aggregation", "--env-kwargs", '{"num_agents": 5, "max_steps": 8}',
+            "--total-steps", "32", "--runs-dir", str(tmp_path), "--run-name", "swarm", "--eval-episodes", "0",
+            "--no-recurrent", "--no-agent-ids"] + TINY
+    assert cli.main(args) == 0
+    desc = json.loads((tmp_path / "swarm" / "run.json").read_text())
+    assert desc["env_kwargs"] == {"num_agents": 5, "max_steps": 8}
+    from experiments import evaluate
+
+    algo, _ = evaluate.load_run(str(tmp_path / "swarm"))
+    assert algo.env.spec.num_agents == 5 and algo.env.spec.max_steps == 8
+    # resuming with other environment arguments is not an exact resume
+    other = [a if a != '{"num_agents": 5, "max_steps": 8}' else '{"num_agents": 6, "max_steps": 8}' for a in args]
+    assert cli.main(other + ["--resume"]) == 2
+    assert "env_kwargs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs,field", [("{num_agents: 5}", "env_kwargs"), ("[5]", "env_kwargs"),
+                                          ('{"num_agentz": 5}', "env_kwargs.num_agentz"),
+                                          ('{"num_agents": 1}', "env_kwargs.num_agents")])
+def test_env_kwargs_errors_name_the_field(kwargs, field, capsys):
+    rc = cli.main(["--algo", "ippo", "--env", "swarm:aggregation", "--env-kwargs", kwargs, "--no-progress"])
+    assert rc == 2
+    assert field in capsys.readouterr().err

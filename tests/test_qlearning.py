@@ -46,7 +46,7 @@ def test_gru_recurrence_matches_the_cell_and_its_autodiff_gradient():
 
     np.testing.assert_allclose(by_sequence(params, x, h0), by_cell(params, x, h0), atol=1e-5)
     grad = lambda f: jax.grad(lambda *a: (f(*a) * weights).sum(), argnums=(0, 1, 2))(params, x, h0)
-    for g_seq, g_cell in zip(jax.tree.leaves(grad(by_sequence)), jax.tree.leaves(grad(by_cell))):
+    for g_seq, g_cell in zip(jax.tree.leaves(grad(by_sequence)), jax.tree.leaves(grad(by_cell)), strict=True):
         np.testing.assert_allclose(g_seq, g_cell, rtol=1e-4, atol=1e-5)
 
 
@@ -205,7 +205,8 @@ def test_vdn_learns_to_reach_the_landmark_on_mpe_simple():
     r = train(algo, num_iterations=algo.config.num_updates, num_seeds=1, progress=False)
     key = jax.random.PRNGKey(7)
     trained = float(evaluate_seeds(algo, r.state.params, key, 64)["return"].mean())
-    initial = float(evaluate_seeds(algo, jax.tree.map(lambda x: x[None], algo.init(key).params), key, 64)["return"].mean())
+    initial_params = jax.tree.map(lambda x: x[None], algo.init(key).params)
+    initial = float(evaluate_seeds(algo, initial_params, key, 64)["return"].mean())
     assert trained > -30.0 and trained > initial + 10.0, (trained, initial)
 
 

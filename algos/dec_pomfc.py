@@ -1,0 +1,542 @@
+r"""Dec-POMFC: decentralized partially observable mean-field control, trained by PPO
+on the lifted (upper-level) MDP of the swarm's mean field.
+
+Paper: Cui, Hauck, Fabian, Koeppl, "Learning Decentralized Partially Observable
+Mean Field Control for Artificial Collective Behavior", ICLR 2024 (arXiv 2307.06175).
+Only the paper's abstract and the description in ``specs/dec_pomfc.md`` were
+available; where they are silent we follow the histogram mean-field PPO code of the
+same first author (M3FC) and say so below. The swarm tasks are ours
+(``envs/swarms.py``, adapted Kuramoto / Vicsek / Aggregation).
+
+Lifted MDP (N agents, static per compile)
+-----------------------------------------
+Upper-level state: the mean field of the agents' task points
+``x_i = env.mean_field_points(s)`` (positions / phases / headings on a unit torus),
+as a kernel embedding at ``M_mf = mf_bins^dim`` grid centres ``c_b``
+(``marl.mean_field.grid_embedding``)::
+
+    mu_tilde_b = (1/N) sum_i exp(-|x_i - c_b|_T^2 / (2 sigma_mf^2))
+
+or, with ``representation="histogram"``, the fraction of agents per grid cell; plus
+``t / T``. Both are permutation-invariant and of a size independent of N.
+Implementation: the swarm is rewrapped as ``EpisodeStats(AutoReset(MeanFieldState(env)))``
+so that ``Timestep.state`` *is* this upper observation (and ``info["final_state"]``
+the one of the last state of an episode).
+
+Upper-level action: a decision rule ``xi``, drawn from a diagonal Gaussian
+``pi_hat(xi | mu_t) = N(m_phi(mu_t), diag(exp(2 l)))`` (MLP mean, state-independent
+log-std ``l`` initialized to ``upper_log_std_init``), flattened ``[D]`` with
+``D = M P (+ d)``: per-centre parameters ``xi_b`` for ``M = rule_bins^k`` centres
+``z_b`` on a grid in ``[-1, 1]^k`` of the agents' *observation-point* space.
+
+Lower level (what every agent executes, decentralized): agent ``i`` maps its own
+observation ``o_i`` to an observation point ``y_i = clip(o_i[obs_features], -1, 1)``
+(``[k]``), interpolates the rule with normalized RBF weights::
+
+    w_ib = exp(-|y_i - z_b|^2 / (2 sigma_r^2)) / sum_b' exp(-|y_i - z_b'|^2 / (2 sigma_r^2))
+    mean_i = sum_b w_ib tanh(xi_b^mean)                              [d]
+    log std_i = agent_log_std_init + (sum_b w_ib xi_b^logstd | xi^logstd | 0)
+    a_i ~ N(mean_i, diag(std_i^2)),  sent to the env clipped to [action_low, action_high]
+
+(``rule_log_std``: ``per_centre`` | ``shared`` (d extra upper-action entries) |
+``fixed``; log std clipped to [-5, 1]). The tanh squashing of the per-centre means
+follows M3FC's tanh-squashed per-bin decision rule.
+
+Observation points (default ``obs_features`` per task; indices into the swarm
+observation, which ``envs/swarms.py`` documents; every feature lies in [-1, 1]):
+  aggregation  (1, 2): mean displacement to the neighbours within r, divided by r
+               (``<delta_T(x_i, x_j)>_i / r``): where the local crowd is.
+  vicsek       (1, 2): neighbours' mean relative heading ``<cos(phi_j - phi_i)>_i,
+               <sin(phi_j - phi_i)>_i``: how far and which way to turn to align.
+  kuramoto     (2, 5): ``<sin(theta_j - theta_i)>_i`` and the own natural frequency
+               ``omega_i`` (clipped): the local phase lag and the drift to cancel.
+An agent without neighbours sees 0 for the neighbour features (the centre of the grid).
+
+Upper-level reward: the swarm's shared reward (mean over agents of ``Timestep.reward``).
+PPO on the lifted MDP ("Dec-POMFPPO"): ``algos.ppo``'s GAE, clipped surrogate and
+clipped value loss, Gaussian log-prob/entropy and regularizers, with
+``L = L_pi + c_V L_V - c_H H[pi_hat] (+ regularizer)`` over minibatches of the
+``num_envs x num_steps`` upper-level transitions (the upper policy is feed-forward,
+so samples are shuffled freely). The upper log-probability is that of ``xi``; the
+agents' own sampling noise is part of the lifted MDP's transition.
+
+Training is centralized (the upper policy reads the mean field of the finite swarm it
+is trained on; N is static per compile and the runner vmaps seeds), execution is
+decentralized:
+  closed loop (default ``act``): the upper policy computes the rule from the current
+    mean field (one broadcast of ``xi`` per step); each agent then acts on its own
+    observation only.
+  open loop: :func:`open_loop_rules` precomputes ``xi_0 .. xi_{T-1}`` by running the
+    upper policy greedily on a simulated swarm from the known initial distribution;
+    :func:`open_loop` makes an algorithm whose ``act`` applies the stored rule of step
+    ``t`` (the carry counts steps, restarting at episode ends): agents then use only
+    their own observation and ``t``.
+The parameters (upper policy and critic) do not depend on N: a policy trained at one
+N runs at another unchanged (``algos.make("dec_pomfc", env_with_other_N, config)``).
+
+Choices and deviations (ours, the paper body being unavailable)
+- Kernel representation on a regular grid of the task's torus points; the paper's
+  centres and bandwidths are unknown (defaults: ``mf_bins = 6``, bandwidth one cell).
+- The decision rule is an RBF interpolation over a small, hand-chosen observation
+  feature space (above), not a neural lower-level policy; per-centre Gaussian means
+  (tanh-squashed, as M3FC) and a shared log-std by default.
+- The horizon ends the episode as a termination by default
+  (``bootstrap_truncation=False``): the swarm objective is finite-horizon and ``t/T``
+  is observed, so the value after the last step is 0.
+- PPO hyperparameters are smaller-batch versions of M3FC's (gamma 0.99, clip 0.2,
+  8 epochs) with ``gae_lambda = 0.95`` and ``lr = 3e-4`` instead of 1.0 and 5e-5.
+- Regularizers (``regularizer``) act on the upper Gaussian policy through
+  ``algos.ppo.gaussian_regularizer`` (closed-form KL / entropy / W2); the uniform
+  reference does not exist for a Gaussian and is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from algos import ppo
+from envs.wrappers import FINAL_KEYS, AutoReset, EpisodeStats, episode_metrics
+from marl import config as cfg
+from marl import mean_field as mf
+from marl import regularizers as reg
+from marl.networks import MLP, dense
+from marl.types import Algorithm, Timestep
+
+# default observation-point features (indices into the swarm observation), per task
+OBS_FEATURES = {
+    "swarm:aggregation": (1, 2),
+    "swarm:vicsek": (1, 2),
+    "swarm:kuramoto": (2, 5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecPOMFCConfig:
+    """Dec-POMFC settings (see the module docstring for the role of each)."""
+
+    total_steps: int = 1_000_000
+    num_envs: int = 16
+    """parallel swarms (each a finite N-agent swarm)"""
+    num_steps: int = 100
+    update_epochs: int = 8
+    num_minibatches: int = 4
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    hidden: int = 128
+    bootstrap_truncation: bool = False
+    representation: str = "kernel"
+    """mean-field representation: kernel | histogram"""
+    mf_bins: int = 6
+    """grid centres per dimension of the mean-field points"""
+    mf_bandwidth: float = 0.0
+    """kernel bandwidth on the unit torus; 0: one grid cell (1 / mf_bins)"""
+    rule_bins: int = 5
+    """decision-rule centres per observation-point dimension (grid on [-1, 1])"""
+    rule_bandwidth: float = 0.0
+    """RBF bandwidth of the rule interpolation; 0: the grid spacing 2 / (rule_bins - 1)"""
+    obs_features: tuple[int, ...] = ()
+    """indices of the observation features forming an agent's observation point; (): task default"""
+    rule_log_std: str = "shared"
+    """agent log-std: shared (part of the rule) | per_centre (interpolated) | fixed"""
+    agent_log_std_init: float = -1.0
+    upper_log_std_init: float = -0.5
+    regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
+
+    def __post_init__(self):
+        for f in ("total_steps", "num_envs", "num_steps", "update_epochs", "num_minibatches", "hidden", "mf_bins"):
+            cfg.check_positive(f, getattr(self, f), integer=True)
+        if not (isinstance(self.rule_bins, int) and self.rule_bins >= 2):
+            raise cfg.ConfigError("rule_bins", self.rule_bins, "must be an integer >= 2")
+        cfg.check_positive("lr", self.lr)
+        cfg.check_range("gamma", self.gamma, 0.0, 1.0)
+        cfg.check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        cfg.check_positive("clip_eps", self.clip_eps)
+        cfg.check_nonnegative("ent_coef", self.ent_coef)
+        cfg.check_nonnegative("vf_coef", self.vf_coef)
+        cfg.check_positive("max_grad_norm", self.max_grad_norm)
+        cfg.check_choice("representation", self.representation, ("kernel", "histogram"))
+        cfg.check_nonnegative("mf_bandwidth", self.mf_bandwidth)
+        cfg.check_nonnegative("rule_bandwidth", self.rule_bandwidth)
+        cfg.check_choice("rule_log_std", self.rule_log_std, ("shared", "per_centre", "fixed"))
+        for f in ("agent_log_std_init", "upper_log_std_init"):
+            cfg.check_range(f, getattr(self, f), -10.0, 3.0)
+        feats = self.obs_features
+        if not (isinstance(feats, (tuple, list)) and all(isinstance(i, int) and i >= 0 for i in feats)):
+            raise cfg.ConfigError("obs_features", feats, "must be a tuple of non-negative observation indices")
+        r = self.regularizer
+        if r.kind not in ("none", "entropy") and r.reference == "uniform":
+            raise cfg.ConfigError("regularizer.reference", r.reference,
+                                  "the upper policy is Gaussian (no uniform reference); use initial or rollout")
+        if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
+            raise cfg.ConfigError("regularizer.reference", r.reference,
+                                  "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
+                                  "use reference initial, or mode 'loss'")
+        if (self.num_envs * self.num_steps) % self.num_minibatches:
+            raise cfg.ConfigError("num_minibatches", self.num_minibatches,
+                                  f"must divide num_envs * num_steps = {self.num_envs * self.num_steps}")
+        if self.total_steps < self.num_envs * self.num_steps:
+            raise cfg.ConfigError("total_steps", self.total_steps,
+                                  f"must be at least one iteration = num_envs * num_steps = "
+                                  f"{self.num_envs * self.num_steps}")
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
+# ----------------------------------------------------------------------------- the lifted env
+
+
+def _raw_state(state):
+    """The innermost (swarm) state under the wrappers' states."""
+    while hasattr(state, "inner"):
+        state = state.inner
+    return state
+
+
+class MeanFieldState:
+    """A swarm whose ``Timestep.state`` is the mean-field representation plus ``t / T``."""
+
+    def __init__(self, swarm, config: DecPOMFCConfig, dim: int):
+        """``dim``: size of the swarm's ``mean_field_points`` (1, 2 or 3)."""
+        self._env, self.config, self.dim = swarm, config, dim
+        self._bw = config.mf_bandwidth or 1.0 / config.mf_bins
+        self.spec = dataclasses.replace(swarm.spec, state_dim=config.mf_bins ** dim + 1)
+
+    @property
+    def unwrapped(self):
+        return self._env
+
+    def representation(self, raw) -> jax.Array:
+        """[mf_bins^dim + 1] mean-field representation of a raw swarm state, then t / T."""
+        pts = self._env.mean_field_points(raw)
+        c = self.config
+        if c.representation == "kernel":
+            rep = mf.grid_embedding(pts, c.mf_bins, self._bw)
+        else:
+            rep = mf.histogram(pts, c.mf_bins)
+        t = jnp.asarray(raw.t, jnp.float32) / self._env.spec.max_steps
+        return jnp.concatenate([rep, t[None]]).astype(jnp.float32)
+
+    def _lift(self, state, ts: Timestep) -> Timestep:
+        return ts._replace(state=self.representation(state))
+
+    def reset(self, key):
+        state, ts = self._env.reset(key)
+        return state, self._lift(state, ts)
+
+    def step(self, key, state, action):
+        state, ts = self._env.step(key, state, action)
+        return state, self._lift(state, ts)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+
+def lifted_env(env, config: DecPOMFCConfig):
+    """``EpisodeStats(AutoReset(MeanFieldState(swarm)))`` from a (wrapped) swarm env."""
+    swarm = getattr(env, "unwrapped", env)
+    if not hasattr(swarm, "mean_field_points"):
+        raise cfg.ConfigError("env", env.spec.name,
+                              "dec_pomfc needs an environment with a mean_field_points accessor (swarm:*)")
+    if env.spec.discrete:
+        raise cfg.ConfigError("env", env.spec.name, "dec_pomfc needs continuous actions (swarm action_bins=0)")
+    raw, _ = jax.eval_shape(swarm.reset, jax.random.PRNGKey(0))
+    dim = jax.eval_shape(swarm.mean_field_points, raw).shape[-1]
+    return EpisodeStats(AutoReset(MeanFieldState(swarm, config, dim)))
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class UpperPolicy(nn.Module):
+    """Gaussian upper-level policy over flattened decision rules, and the critic."""
+
+    rule_dim: int
+    hidden: int
+    log_std_init: float
+
+    @nn.compact
+    def __call__(self, s):
+        mean = dense(self.rule_dim, 0.01)(MLP((self.hidden, self.hidden))(s))
+        log_std = self.param("log_std", nn.initializers.constant(self.log_std_init), (self.rule_dim,))
+        value = dense(1, 1.0)(MLP((self.hidden, self.hidden))(s))[..., 0]
+        return mean, jnp.broadcast_to(log_std, mean.shape), value
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    ref_params: Any  # frozen initial policy (regularizer reference "initial")
+    opt_state: Any
+    env_state: Any
+    last_ts: Timestep  # [E, ...]
+    key: jax.Array
+    update_step: jax.Array
+    hparams: ppo.HParams
+
+
+class Transition(NamedTuple):
+    s: jax.Array  # [E, S] upper observation (mean field, t/T)
+    rule: jax.Array  # [E, D] decision rule (unsquashed Gaussian sample)
+    logp: jax.Array  # [E]
+    value: jax.Array  # [E]
+    reward: jax.Array  # [E] mean over agents
+    done: jax.Array  # [E]
+    terminated: jax.Array  # [E]
+    final_value: jax.Array  # [E]
+    info: dict
+
+
+@struct.dataclass
+class Carry:
+    """``act``'s carry: ``rules [.., T, D]`` (open loop), ``t [..]`` step counter,
+    ``open_loop [..]`` whether to apply the stored rules."""
+
+    rules: jax.Array
+    t: jax.Array
+    open_loop: jax.Array
+
+
+class _Pieces(NamedTuple):
+    env: Any
+    net: UpperPolicy
+    rule_dim: int
+    upper: Any  # (params, s) -> (mean, log_std, value)
+    agent_actions: Any  # (rule, obs, key, greedy) -> actions for the env
+    act: Any
+    initial_carry: Any
+
+
+def _build(env, config: DecPOMFCConfig) -> _Pieces:
+    """The pure functions of Dec-POMFC on ``env`` (rebuilt on demand; no state)."""
+    lenv = lifted_env(env, config)
+    spec = lenv.spec
+    d, T = spec.action_dim, spec.max_steps
+    feats = tuple(config.obs_features) or OBS_FEATURES.get(spec.name)
+    if feats is None:
+        raise cfg.ConfigError("obs_features", config.obs_features,
+                              f"no default observation point for {spec.name}; give observation indices")
+    if max(feats) >= spec.obs_dim:
+        raise cfg.ConfigError("obs_features", feats, f"indices must be < obs_dim = {spec.obs_dim}")
+    k = len(feats)
+    centres = jnp.asarray(np.array(np.meshgrid(*[np.linspace(-1.0, 1.0, config.rule_bins)] * k, indexing="ij"))
+                          .reshape(k, -1).T, jnp.float32)  # [M, k]
+    M = centres.shape[0]
+    bw = config.rule_bandwidth or 2.0 / (config.rule_bins - 1)
+    per_centre = 2 * d if config.rule_log_std == "per_centre" else d
+    rule_dim = M * per_centre + (d if config.rule_log_std == "shared" else 0)
+    net = UpperPolicy(rule_dim, config.hidden, config.upper_log_std_init)
+    feat_idx = jnp.asarray(feats)
+
+    def upper(params, s):
+        return net.apply(params, s)
+
+    def rule_weights(obs):
+        """[..., N, M] normalized RBF weights of each agent's observation point."""
+        y = jnp.clip(obs[..., feat_idx], -1.0, 1.0)
+        d2 = jnp.sum((y[..., :, None, :] - centres) ** 2, -1)
+        return jax.nn.softmax(-d2 / (2.0 * bw ** 2), axis=-1)
+
+    def agent_distribution(rule, obs):
+        """Per-agent Gaussian (mean [..., N, d], log_std [..., N, d]) from rule [..., D]."""
+        w = rule_weights(obs)
+        per = rule[..., :M * per_centre].reshape(rule.shape[:-1] + (M, per_centre))
+        mean = jnp.einsum("...nm,...mp->...np", w, jnp.tanh(per[..., :d]))
+        if config.rule_log_std == "per_centre":
+            ls = jnp.einsum("...nm,...mp->...np", w, per[..., d:])
+        elif config.rule_log_std == "shared":
+            ls = jnp.broadcast_to(rule[..., None, M * per_centre:], mean.shape)
+        else:
+            ls = jnp.zeros_like(mean)
+        return mean, jnp.clip(config.agent_log_std_init + ls, -5.0, 1.0)
+
+    def agent_actions(rule, obs, key, greedy=False):
+        """Each agent's action from its own observation and the rule ([..., N, d], clipped)."""
+        mean, log_std = agent_distribution(rule, obs)
+        a = jnp.where(greedy, mean, mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape))
+        return jnp.clip(a, spec.action_low, spec.action_high)
+
+    def initial_carry(batch_shape=()):
+        return Carry(jnp.zeros(batch_shape + (T, rule_dim), jnp.float32), jnp.zeros(batch_shape, jnp.int32),
+                     jnp.zeros(batch_shape, bool))
+
+    def act(params, ts: Timestep, carry: Carry, key, greedy=False):
+        """Closed loop: the rule from the upper policy at the mean field ``ts.state``;
+        open loop (``carry.open_loop``): the stored rule of step ``t``. Then every agent
+        acts on its own ``ts.obs`` only."""
+        k_up, k_agents = jax.random.split(key)
+        mean, log_std, _ = upper(params, ts.state)
+        closed = jnp.where(greedy, mean, mean + jnp.exp(log_std) * jax.random.normal(k_up, mean.shape))
+        t = jnp.where(ts.done, 0, carry.t)
+        idx = jnp.clip(t, 0, T - 1)[..., None, None]
+        stored = jnp.take_along_axis(carry.rules, jnp.broadcast_to(idx, idx.shape[:-1] + (rule_dim,)), -2)[..., 0, :]
+        rule = jnp.where(carry.open_loop[..., None], stored, closed)
+        return agent_actions(rule, ts.obs, k_agents, greedy), carry.replace(t=t + 1)
+
+    return _Pieces(lenv, net, rule_dim, upper, agent_actions, act, initial_carry)
+
+
+# ----------------------------------------------------------------------------- algorithm
+
+
+def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
+    pc = _build(env, config)
+    lenv, spec = pc.env, pc.env.spec
+    E, T = config.num_envs, config.num_steps
+    rcfg = config.regularizer
+    tx = ppo.make_optimizer(config.max_grad_norm)
+    n_samples = E * T
+    mb_size = n_samples // config.num_minibatches
+
+    def init(key) -> TrainState:
+        k_param, k_env, key = jax.random.split(key, 3)
+        params = pc.net.init(k_param, jnp.zeros((1, spec.state_dim)))
+        env_state, ts = jax.vmap(lenv.reset)(jax.random.split(k_env, E))
+        hp = ppo.HParams(*(jnp.asarray(v, jnp.float32) for v in (
+            config.lr, config.clip_eps, config.ent_coef, config.vf_coef,
+            config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon)))
+        return TrainState(params, params, tx.init(params), env_state, ts, key, jnp.zeros((), jnp.int32), hp)
+
+    def rollout_step(state: TrainState, key):
+        ts = state.last_ts
+        k_up, k_agents, k_env = jax.random.split(key, 3)
+        mean, log_std, value = pc.upper(state.params, ts.state)
+        rule = mean + jnp.exp(log_std) * jax.random.normal(k_up, mean.shape)
+        logp = ppo.gaussian_log_prob(mean, log_std, rule)
+        actions = pc.agent_actions(rule, ts.obs, k_agents)
+        env_state, nts = jax.vmap(lenv.step)(jax.random.split(k_env, E), state.env_state, actions)
+        if config.bootstrap_truncation:
+            final_value = pc.upper(state.params, nts.info["final_state"])[2]
+        else:
+            final_value = jnp.zeros_like(value)
+        stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
+        tr = Transition(ts.state, rule, logp, value, nts.reward.mean(-1), nts.done, nts.terminated,
+                        final_value, stats)
+        return state.replace(env_state=env_state, last_ts=nts), tr
+
+    def reg_terms(params, ref_params, s, rule, hp):
+        mean, log_std, _ = pc.upper(params, s)
+        rmean, rlog_std, _ = pc.upper(ref_params, s)
+        return ppo.gaussian_regularizer(rcfg.kind, mean, log_std, rmean, rlog_std, rule, hp.reg_coef)
+
+    def loss_fn(params, ref_params, mb: Transition, adv, targets, hp):
+        mean, log_std, value = pc.upper(params, mb.s)
+        logp = ppo.gaussian_log_prob(mean, log_std, mb.rule)
+        pg, _, approx_kl, clip_frac = ppo.clipped_policy_loss(logp, mb.logp, adv, hp.clip_eps)
+        vf = ppo.clipped_value_loss(value, mb.value, targets, hp.clip_eps)
+        entropy = ppo.gaussian_entropy(log_std).mean()
+        loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
+        reg_value = jnp.zeros(())
+        if rcfg.kind != "none" and rcfg.mode == "loss":
+            reg_loss, _, v = reg_terms(params, ref_params, mb.s, mb.rule, hp)
+            loss, reg_value = loss + reg_loss.mean(), v.mean()
+        return loss, dict(policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl,
+                          clip_frac=clip_frac, regularizer=reg_value,
+                          upper_std=jnp.exp(log_std).mean())
+
+    def update(state: TrainState):
+        hp = state.hparams
+        key, k_roll, k_perm = jax.random.split(state.key, 3)
+        params_old = state.params
+        state, traj = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
+        last_value = pc.upper(state.params, state.last_ts.state)[2]
+        if rcfg.kind != "none" and rcfg.mode == "penalty":
+            ref = state.ref_params if rcfg.reference == "initial" else params_old
+            penalty = reg_terms(params_old, ref, traj.s, traj.rule, hp)[1]
+            traj = traj._replace(reward=traj.reward - penalty)
+        adv, targets = ppo.gae(traj.reward, traj.value, traj.done, traj.terminated, traj.final_value,
+                               last_value, hp.gamma, hp.gae_lambda, config.bootstrap_truncation)
+        flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
+        data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))
+        frac = state.update_step / config.num_updates
+        lr = hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr
+        ref_params = state.ref_params if rcfg.reference == "initial" else params_old
+
+        def epoch(carry, key):
+            perm = jax.random.permutation(key, n_samples).reshape(config.num_minibatches, mb_size)
+
+            def minibatch(carry, idx):
+                params, opt_state = carry
+                mb, a, tg = jax.tree.map(lambda z: z[idx], data)
+                grads, metrics = jax.grad(loss_fn, has_aux=True)(params, ref_params, mb, a, tg, hp)
+                updates, opt_state = tx.update(grads, opt_state)
+                params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+                return (params, opt_state), metrics
+
+            return jax.lax.scan(minibatch, carry, perm)
+
+        (params, opt_state), metrics = jax.lax.scan(
+            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs))
+        metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(episode_metrics(traj.info))
+        metrics["lr"] = lr
+        metrics["step_reward"] = traj.reward.mean()
+        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
+        return state, metrics
+
+    return Algorithm(name, config, lenv, init, update, pc.act, pc.initial_carry, E * T)
+
+
+# ----------------------------------------------------------------------------- open loop
+
+
+def open_loop_rules(algo: Algorithm, params, key: jax.Array, env=None) -> jax.Array:
+    """``[T, D]`` decision rules for steps ``0 .. T-1``, precomputed open loop.
+
+    Runs the upper policy greedily (its mean) on one simulated swarm drawn from the
+    known initial distribution (``env``: by default the algorithm's own; pass a swarm
+    with larger N for a closer approximation of the mean field), the agents sampling
+    their actions from the rule as in execution. ``params`` are one seed's parameters.
+    """
+    pc = _build(algo.env if env is None else env, algo.config)
+    lenv = pc.env
+    k_reset, k_run = jax.random.split(key)
+    env_state, ts = lenv.reset(k_reset)
+
+    def step(c, key):
+        env_state, ts = c
+        k_act, k_env = jax.random.split(key)
+        rule = pc.upper(params, ts.state)[0]
+        env_state, ts = lenv.step(k_env, env_state, pc.agent_actions(rule, ts.obs, k_act))
+        return (env_state, ts), rule
+
+    _, rules = jax.lax.scan(step, (env_state, ts), jax.random.split(k_run, lenv.spec.max_steps))
+    return rules
+
+
+def open_loop(algo: Algorithm, rules: jax.Array) -> Algorithm:
+    """The algorithm whose ``act`` applies the stored ``rules [T, D]`` at step ``t``:
+    agents use only their own observation and ``t`` (``marl.evaluation`` runs it as is)."""
+    T, D = algo.env.spec.max_steps, algo.initial_carry().rules.shape[-1]
+    if rules.shape != (T, D):
+        raise cfg.ConfigError("rules", tuple(rules.shape), f"must have shape (max_steps, rule_dim) = {(T, D)}")
+
+    def initial_carry(batch_shape=()):
+        c = algo.initial_carry(batch_shape)
+        return c.replace(rules=jnp.broadcast_to(rules, c.rules.shape), open_loop=jnp.ones(batch_shape, bool))
+
+    return algo._replace(initial_carry=initial_carry)
+
+
+def rule_dim(algo: Algorithm) -> int:
+    """Size ``D`` of a flattened decision rule of ``algo``."""
+    return int(algo.initial_carry().rules.shape[-1])
+
+

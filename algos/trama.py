@@ -1,0 +1,553 @@
+"""TRAMA: TRajectory-class-Aware Multi-Agent reinforcement learning.
+
+Paper: Na, Moon et al., "Trajectory-Class-Aware Multi-Agent Reinforcement Learning",
+ICLR 2025; official PyTorch code: github.com/aailab-kaist/TRAMA (TRAMA_release_pymarl,
+built on LAGMA). Built on the Q-learning backbone (:mod:`algos.qlearning`, mixer qplex
+by default as in the official configs) through its hooks; the multi-task environments
+are ``smax-mt:*`` (:mod:`envs.multitask_smax`).
+
+Equations (s_t global state, s~ = s / env.spec.state_scale, b: episode, i: agent)
+---------------------------------------------------------------------------------
+(a) Quantized latent space, a VQ-VAE on the state:
+  z_e = f_phi(s~_t)           s~ -> 64 -> ReLU -> 64 -> ReLU -> D (= 4)
+  x_t = argmin_j ||z_e - e_j||_2, e_j the codebook (``n_codes`` = 256 codes)
+  z_q = z_e + sg(e_x - z_e)   (straight-through estimator: dz_q/dz_e = I)
+  s^ = g_psi(z_q)             D -> 64 -> ReLU -> 64 -> ReLU -> S
+  L_VQ = recon_coef mean_f (s^ - s~)^2 + 0.25 ||e_x - sg(z_e)||^2 + 0.125 ||z_e - sg(e_x)||^2
+         + 0.125 L_cov,
+  L_cov = mean_{j in J(t, k_b)} ||sg(z_e) - e_j||^2 (coverage loss): class k owns the
+  codes [k n_k, (k + 1) n_k), n_k = n_codes / K; with dn = n_k / (L + 1) the codes of
+  time slot t are J(t, k) = {k n_k + floor(dn t), ..., k n_k + floor(dn (t + 1)) - 1}
+  when dn >= 1, else {k n_k + floor(dn t)} (:func:`coverage_table`). k_b is the
+  episode's trajectory class, uniform at random before the first clustering.
+  Separate Adam (lr 5e-4, grad-norm clip 10).
+(b) Trajectory clustering:
+  embedding  phi_b = (1 / |V_b|) sum_{t in V_b} e_{x_{b,t}}   (V_b: the episode's steps)
+  k-means (K = 4) on the embeddings of every stored episode, warm-started from the
+  previous centroids (k-means++ the first time), a fixed number of Lloyd iterations;
+  the result is accepted only when >= ``min_clusters`` (3) clusters are non-empty.
+  Classifier  phi -> 64 -> ReLU -> 32 -> ReLU -> K, cross-entropy on the clustered
+  embeddings, Adam 1e-3: labels the episodes stored after the last clustering.
+(c) Trajectory-class-aware agents:
+  predictor  p_i(k | tau_i) = softmax(W GRU_64(ReLU(W_in [o_i, onehot(i)])))  (shared)
+  class      k_i,t ~ p_i during rollouts, argmax greedy; stored with the step and fed
+             to both the online and the target network.
+  repr.      g(k) = W_2 ReLU(W_1 onehot(k))   (32 -> 32)
+  agent      Q_i(tau_i, . ; g(k_i,t)): g joins the agent input (backbone's agent_inputs)
+  loss       L = L_TD + 0.1 * mean_{b,t,i valid} CE(p_i(. | tau_{i,t}), y_b)
+             with y_b the episode's cluster label (0 before the first clustering).
+
+Schedule (all inside the jitted ``update``; counts in env steps / finished episodes)
+--------------------------------------------------------------------------------
+- VQ-VAE: one Adam step per backbone gradient step while env steps <=
+  ``vq_every_step_until`` (50k, official ``buffer_update_time``), afterwards one step
+  per ``vq_update_episodes`` (10) finished episodes (at most ``train_steps`` per
+  iteration), each on a batch of ``batch_size`` episodes sampled from the buffer.
+- Clustering: first at ``cluster_start`` (100k) env steps, then whenever
+  ``cluster_interval`` (50k) env steps or ``cluster_interval_episodes`` (500) episodes
+  passed since the last attempt, if >= ``min_cluster_episodes`` (1000) episodes are
+  stored. An accepted clustering relabels every stored episode and trains the
+  classifier for ``classifier_steps`` minibatches.
+- Each phase is a ``lax.cond`` on a condition maximized over the runner's seed axis
+  (``max_over_seeds``), so vmapped seeds branch instead of computing both sides; inside,
+  each seed applies its own decision.
+
+Deviations and choices (paper / official code)
+----------------------------------------------
+- Code indices are computed while acting (with the VQ-VAE of that moment) and stored
+  as buffer fields; the official code recomputes them on each training batch and
+  writes them back. Embeddings use the current codebook at clustering time.
+- Labels: each episode carries a random 31-bit id (a stored field); the hook state
+  keeps a label table over the buffer rows (k-means label, or -1 for episodes stored
+  since the last clustering), and the training batch looks its episodes up by id;
+  unlabelled episodes are labelled by the classifier, as in the official code (the
+  backbone's hooks see neither sampled row indices nor a writable buffer).
+- The VQ-VAE trains on its own batches from the replay buffer (same distribution as
+  the RL batch), in the per-iteration hook; the official code reuses the RL batch.
+- Padded slots after an episode's end are masked out of every loss; the official code
+  instead maps all-zero states to a reserved extra code and averages over them. No
+  reserved code is needed here.
+- Coverage indexing uses the env's limit L + 1 slots (official ``ref_max_time=2``);
+  the official default divides by the batch's longest episode.
+- The class predictor reads [o_i, onehot(i)]: the backbone does not pass the previous
+  action to the hooks' per-step fields, so unlike the paper's predictor (and the Q
+  agents) it does not see a_{i,t-1}.
+- The class representation g is trained through the TD loss, as in the paper; the
+  official code detaches it (never trained): ``detach_class_repr=True``.
+- The classifier trains ``classifier_steps`` (500) minibatches after an accepted
+  clustering and keeps its parameters between clusterings; the official code trains
+  N / 32 epochs over the N clustered episodes.
+- Not implemented: LAGMA's latent-goal incentive (the official TRAMA release keeps
+  LAGMA's codebook statistics, but the TRAMA objective does not use them).
+- Hook state does not see the backbone's swept hyperparameters (lr, gamma).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from algos import qlearning as ql
+from marl import buffers
+from marl import config as cfg
+from marl.networks import GRUStep, dense
+from marl.types import Algorithm, max_over_seeds
+
+GRAD_CLIP = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TRAMAConfig(ql.QLearningConfig):
+    """TRAMA settings: the Q-learning backbone's fields plus the latent space, clustering
+    and class-aware agents (official defaults)."""
+
+    mixer: str = "qplex"
+    n_codes: int = 256
+    latent_dim: int = 4
+    vq_hidden: int = 64
+    vq_lr: float = 5e-4
+    recon_coef: float = 1.0
+    vq_coef: float = 0.25
+    commit_coef: float = 0.125
+    coverage_coef: float = 0.125
+    vq_every_step_until: int = 50_000
+    """env steps during which the VQ-VAE trains at every backbone gradient step"""
+    vq_update_episodes: int = 10
+    """afterwards: finished episodes per VQ-VAE step"""
+    n_clusters: int = 4
+    min_clusters: int = 3
+    """accept a clustering only with at least this many non-empty clusters"""
+    cluster_start: int = 100_000
+    """env steps before the first clustering"""
+    cluster_interval: int = 50_000
+    cluster_interval_episodes: int = 500
+    min_cluster_episodes: int = 1000
+    """stored episodes needed to cluster"""
+    kmeans_iterations: int = 20
+    classifier_lr: float = 1e-3
+    classifier_steps: int = 500
+    predictor_hidden: int = 64
+    class_repr_dim: int = 32
+    class_loss_coef: float = 0.1
+    detach_class_repr: bool = False
+    """True: the official code's variant, g is never trained"""
+    sample_class: bool = True
+    """sample the predicted class during rollouts (False: argmax)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("n_codes", "latent_dim", "vq_hidden", "vq_update_episodes", "n_clusters", "min_clusters",
+                  "cluster_interval", "cluster_interval_episodes", "min_cluster_episodes", "kmeans_iterations",
+                  "classifier_steps", "predictor_hidden", "class_repr_dim"):
+            cfg.check_positive(f, getattr(self, f), integer=True)
+        for f in ("vq_lr", "classifier_lr"):
+            cfg.check_positive(f, getattr(self, f))
+        for f in ("recon_coef", "vq_coef", "commit_coef", "coverage_coef", "class_loss_coef",
+                  "vq_every_step_until", "cluster_start"):
+            cfg.check_nonnegative(f, getattr(self, f))
+        if self.n_codes % self.n_clusters:
+            raise cfg.ConfigError("n_codes", self.n_codes,
+                                  f"must be a multiple of n_clusters={self.n_clusters} (each class owns a slice)")
+        if self.min_clusters > self.n_clusters:
+            raise cfg.ConfigError("min_clusters", self.min_clusters, f"must be <= n_clusters={self.n_clusters}")
+        if self.min_cluster_episodes < self.n_clusters:
+            raise cfg.ConfigError("min_cluster_episodes", self.min_cluster_episodes,
+                                  f"must be >= n_clusters={self.n_clusters}")
+
+
+# ---------------------------------------------------------------------------- networks
+
+
+class VQVAE(nn.Module):
+    """Encoder, codebook and decoder; see the module docstring."""
+
+    state_dim: int
+    latent_dim: int
+    hidden: int
+    n_codes: int
+
+    def setup(self):
+        self.enc = [dense(self.hidden), dense(self.hidden), dense(self.latent_dim, scale=1.0)]
+        self.dec = [dense(self.hidden), dense(self.hidden), dense(self.state_dim, scale=1.0)]
+        self.codebook = self.param(
+            "codebook", lambda key, shape: jax.random.uniform(key, shape, minval=-1.0, maxval=1.0),
+            (self.n_codes, self.latent_dim))
+
+    def encode(self, s):
+        x = nn.relu(self.enc[0](s))
+        x = nn.relu(self.enc[1](x))
+        return self.enc[2](x)
+
+    def decode(self, z):
+        x = nn.relu(self.dec[0](z))
+        x = nn.relu(self.dec[1](x))
+        return self.dec[2](x)
+
+    def codes(self):
+        return self.codebook
+
+    def __call__(self, s):
+        """(z_e, z_q straight-through, code index, s^) for states s [..., S]."""
+        z_e = self.encode(s)
+        book = self.codes()
+        idx = nearest_code(z_e, book)
+        e = book[idx]
+        z_q = z_e + jax.lax.stop_gradient(e - z_e)
+        return z_e, z_q, idx, self.decode(z_q)
+
+
+def nearest_code(z, book):
+    """Index of the nearest codebook row (L2) for z [..., D]; book [n, D]."""
+    d = (z**2).sum(-1, keepdims=True) - 2.0 * z @ book.T + (book**2).sum(-1)
+    return jnp.argmin(d, -1).astype(jnp.int32)
+
+
+class ClassPredictor(nn.Module):
+    """[o_i, onehot(i)] -> 64 -> ReLU -> GRU 64 -> K logits (one step; parameters shared)."""
+
+    hidden: int
+    n_classes: int
+
+    @nn.compact
+    def __call__(self, h, x):
+        x = nn.relu(dense(self.hidden)(x))
+        h, y = GRUStep(self.hidden)(h, x, jnp.zeros(h.shape[:-1], bool))
+        return h, dense(self.n_classes, scale=0.01)(y)
+
+
+class ClassRepr(nn.Module):
+    """g(k) = W_2 ReLU(W_1 onehot(k))."""
+
+    dim: int
+
+    @nn.compact
+    def __call__(self, onehot):
+        return dense(self.dim, scale=1.0)(nn.relu(dense(self.dim)(onehot)))
+
+
+class Classifier(nn.Module):
+    """Trajectory embedding -> 64 -> ReLU -> 32 -> ReLU -> K logits."""
+
+    n_classes: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(dense(64)(x))
+        x = nn.relu(dense(32)(x))
+        return dense(self.n_classes, scale=0.01)(x)
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def coverage_table(n_codes: int, n_classes: int, num_slots: int) -> np.ndarray:
+    """J as a mask [num_slots, K, n_codes]: code j belongs to class k at time slot t."""
+    nk = n_codes // n_classes
+    dn = nk / num_slots
+    table = np.zeros((num_slots, n_classes, n_codes), bool)
+    for t in range(num_slots):
+        for k in range(n_classes):
+            lo = nk * k + int(dn * t)
+            hi = nk * k + int(dn * (t + 1)) if dn >= 1 else lo + 1
+            table[t, k, lo:hi] = True
+    return table
+
+
+def trajectory_embedding(book, codes, valid):
+    """Mean codebook vector over the valid steps: codes [..., T], valid [..., T] -> [..., D]."""
+    v = valid.astype(book.dtype)
+    total = (book[codes] * v[..., None]).sum(-2)
+    return total / jnp.maximum(v.sum(-1, keepdims=True), 1.0)
+
+
+def kmeans_pp_init(key, x, mask, k: int):
+    """k-means++ seeding over the rows of x [N, D] where mask [N]."""
+    keys = jax.random.split(key, k)
+    logits = jnp.where(mask, 0.0, -jnp.inf)
+    first = jax.random.categorical(keys[0], logits)
+    cents = jnp.zeros((k, x.shape[-1]), x.dtype).at[0].set(x[first])
+    d2 = ((x - x[first]) ** 2).sum(-1)
+    for i in range(1, k):
+        p = jnp.where(mask, d2, 0.0)
+        lg = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-30)), -jnp.inf)
+        lg = jnp.where(jnp.any(p > 0), lg, logits)  # every point coincides: pick any
+        j = jax.random.categorical(keys[i], lg)
+        cents = cents.at[i].set(x[j])
+        d2 = jnp.minimum(d2, ((x - x[j]) ** 2).sum(-1))
+    return cents
+
+
+def kmeans(x, mask, init, iterations: int):
+    """Lloyd's algorithm from ``init`` [K, D] over rows x [N, D] where mask [N].
+
+    Returns (centroids [K, D], assignment [N], counts [K]). An empty cluster keeps its
+    previous centroid.
+    """
+    k = init.shape[0]
+    m = mask.astype(x.dtype)
+
+    def assign(c):
+        d = (x**2).sum(-1, keepdims=True) - 2.0 * x @ c.T + (c**2).sum(-1)
+        a = jnp.argmin(d, -1)
+        oh = jax.nn.one_hot(a, k, dtype=x.dtype) * m[:, None]
+        return a, oh
+
+    def body(c, _):
+        _, oh = assign(c)
+        cnt = oh.sum(0)
+        new = (oh.T @ x) / jnp.maximum(cnt, 1.0)[:, None]
+        return jnp.where(cnt[:, None] > 0, new, c), None
+
+    c, _ = jax.lax.scan(body, init, None, length=iterations)
+    a, oh = assign(c)
+    return c, a.astype(jnp.int32), oh.sum(0)
+
+
+@struct.dataclass
+class TRAMAState:
+    vq_params: Any
+    vq_opt: Any
+    clf_params: Any
+    clf_opt: Any
+    centroids: jax.Array  # [K, D]
+    clustered: jax.Array  # [] bool: a clustering was accepted
+    clusterings: jax.Array  # [] accepted clusterings
+    label: jax.Array  # [C] cluster label of buffer row r (-1: none yet)
+    label_uid: jax.Array  # [C] episode id the label belongs to
+    env_steps: jax.Array
+    episodes: jax.Array
+    last_vq_episode: jax.Array
+    last_cluster_step: jax.Array
+    last_cluster_episode: jax.Array
+    vq_loss: jax.Array  # last VQ-VAE phase: total, recon, vq, commit, coverage [5]
+    clf_loss: jax.Array
+    nonempty: jax.Array  # non-empty clusters of the last attempt
+
+
+def make(env, config: TRAMAConfig, name: str = "trama") -> Algorithm:
+    return ql.make(env, config, name=name, hooks=make_hooks(env, config))
+
+
+def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
+    """The backbone hooks implementing TRAMA on ``env`` (see the module docstring)."""
+    spec = env.spec
+    A, L, S = spec.num_agents, spec.max_steps, spec.state_dim
+    K, D = config.n_clusters, config.latent_dim
+    C = config.buffer_size
+    steps_per_iteration = config.num_envs * config.num_steps
+    state_scale = jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32)
+    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
+    vq = VQVAE(S, D, config.vq_hidden, config.n_codes)
+    predictor = ClassPredictor(config.predictor_hidden, K)
+    g_net = ClassRepr(config.class_repr_dim)
+    classifier = Classifier(K)
+    vq_tx = optax.chain(optax.clip_by_global_norm(GRAD_CLIP), optax.adam(config.vq_lr))
+    clf_tx = optax.adam(config.classifier_lr)
+    cover = jnp.asarray(coverage_table(config.n_codes, K, L + 1), jnp.float32)  # [L + 1, K, n]
+
+    def predictor_inputs(obs):
+        return jnp.concatenate([obs, jnp.broadcast_to(ids, obs.shape[:-2] + ids.shape)], -1)
+
+    def book(vq_params):
+        return vq.apply(vq_params, method=VQVAE.codes)
+
+    # ------------------------------------------------------------------ VQ-VAE
+    def vq_loss_fn(vq_params, states, valid, classes):
+        """Masked L_VQ over states [B, T+1, S]; valid [B, T+1]; classes [B] (coverage)."""
+        s = states / state_scale
+        z_e, _, idx, s_hat = vq.apply(vq_params, s)
+        codes = book(vq_params)
+        e = codes[idx]
+        w = valid.astype(jnp.float32)
+        n = jnp.maximum(w.sum(), 1.0)
+
+        def mean(x):
+            return (x * w).sum() / n
+
+        recon = mean(((s_hat - s) ** 2).mean(-1))
+        vq_term = mean(((e - jax.lax.stop_gradient(z_e)) ** 2).sum(-1))
+        commit = mean(((z_e - jax.lax.stop_gradient(e)) ** 2).sum(-1))
+        d_all = ((jax.lax.stop_gradient(z_e)[..., None, :] - codes) ** 2).sum(-1)  # [B, T+1, n]
+        j = cover[:, classes].transpose(1, 0, 2)[:, : s.shape[1]]  # [B, T+1, n]
+        coverage = mean((d_all * j).sum(-1) / jnp.maximum(j.sum(-1), 1.0))
+        total = (config.recon_coef * recon + config.vq_coef * vq_term + config.commit_coef * commit
+                 + config.coverage_coef * coverage)
+        return total, jnp.stack([total, recon, vq_term, commit, coverage])
+
+    def episode_labels(ext: TRAMAState, codes, valid, uid):
+        """Cluster labels [B] of episodes (stored codes [B, T+1], valid, uid [B])."""
+        emb = trajectory_embedding(book(ext.vq_params), codes, valid)
+        predicted = jnp.argmax(classifier.apply(ext.clf_params, emb), -1).astype(jnp.int32)
+        match = (ext.label_uid[None, :] == uid[:, None]) & (ext.label[None, :] >= 0)
+        stored = ext.label[jnp.argmax(match, -1)]
+        return jnp.where(match.any(-1), stored, predicted)
+
+    def vq_phase(ext: TRAMAState, buffer, n_steps, key):
+        def step(carry, inp):
+            params, opt = carry
+            i, k = inp
+            k_s, k_c = jax.random.split(k)
+            data, filled = buffers.sample(buffer, k_s, config.batch_size)
+            st = data["step"]
+            valid = filled
+            trans = jnp.concatenate([filled[:, 1:], jnp.zeros_like(filled[:, :1])], 1)
+            labels = episode_labels(ext, st["fields"]["code"], trans, st["fields"]["uid"][:, 0])
+            classes = jnp.where(ext.clustered, labels, jax.random.randint(k_c, labels.shape, 0, K))
+            (_, parts), grads = jax.value_and_grad(vq_loss_fn, has_aux=True)(params, st["state"], valid, classes)
+            updates, new_opt = vq_tx.update(grads, opt, params)
+            new_params = optax.apply_updates(params, updates)
+            on = i < n_steps
+            params, opt = jax.tree.map(lambda a, b: jnp.where(on, a, b), (new_params, new_opt), (params, opt))
+            return (params, opt), (parts, on)
+
+        steps = (jnp.arange(config.train_steps), jax.random.split(key, config.train_steps))
+        (params, opt), (parts, on) = jax.lax.scan(step, (ext.vq_params, ext.vq_opt), steps)
+        w = on.astype(jnp.float32)
+        loss = jnp.where(w.sum() > 0, (parts * w[:, None]).sum(0) / jnp.maximum(w.sum(), 1.0), ext.vq_loss)
+        return ext.replace(vq_params=params, vq_opt=opt, vq_loss=loss)
+
+    # ------------------------------------------------------------------ clustering
+    def cluster_phase(ext: TRAMAState, buffer, due, key):
+        k_init, k_clf = jax.random.split(key)
+        st = buffer.data["step"]
+        filled = buffer.filled
+        trans = jnp.concatenate([filled[:, 1:], jnp.zeros_like(filled[:, :1])], 1)
+        rows = filled[:, 0]
+        emb = trajectory_embedding(book(ext.vq_params), st["fields"]["code"], trans)  # [C, D]
+        init = jnp.where(ext.clustered, ext.centroids, kmeans_pp_init(k_init, emb, rows, K))
+        cents, assign, counts = kmeans(emb, rows, init, config.kmeans_iterations)
+        nonempty = (counts > 0).sum()
+        accept = due & (nonempty >= config.min_clusters)
+
+        def clf_step(carry, k):
+            params, opt = carry
+            idx = jax.random.choice(k, C, (config.batch_size,), p=rows / jnp.maximum(rows.sum(), 1))
+
+            def loss_fn(p):
+                logits = classifier.apply(p, emb[idx])
+                return optax.softmax_cross_entropy_with_integer_labels(logits, assign[idx]).mean()
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt = clf_tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), opt), loss
+
+        (clf_params, clf_opt), losses = jax.lax.scan(
+            clf_step, (ext.clf_params, ext.clf_opt), jax.random.split(k_clf, config.classifier_steps))
+
+        def pick(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+
+        return ext.replace(
+            centroids=pick(cents, ext.centroids),
+            clustered=ext.clustered | accept,
+            clusterings=ext.clusterings + accept.astype(jnp.int32),
+            label=pick(jnp.where(rows, assign, -1), ext.label),
+            label_uid=pick(st["fields"]["uid"][:, 0], ext.label_uid),
+            clf_params=pick(clf_params, ext.clf_params),
+            clf_opt=pick(clf_opt, ext.clf_opt),
+            clf_loss=jnp.where(accept, losses[-1], ext.clf_loss),
+            nonempty=jnp.where(due, nonempty, ext.nonempty).astype(jnp.int32),
+            last_cluster_step=jnp.where(due, ext.env_steps, ext.last_cluster_step),
+            last_cluster_episode=jnp.where(due, ext.episodes, ext.last_cluster_episode),
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def init(key):
+        k_vq, k_p, k_g, k_c = jax.random.split(key, 4)
+        vq_params = vq.init(k_vq, jnp.zeros((1, S)))
+        clf_params = classifier.init(k_c, jnp.zeros((1, D)))
+        x0 = predictor_inputs(jnp.zeros((1, A, spec.obs_dim)))
+        ext_params = {
+            "predictor": predictor.init(k_p, jnp.zeros((1, A, config.predictor_hidden)), x0),
+            "repr": g_net.init(k_g, jnp.zeros((1, K))),
+        }
+        z = jnp.zeros((), jnp.int32)
+        state = TRAMAState(
+            vq_params, vq_tx.init(vq_params), clf_params, clf_tx.init(clf_params),
+            jnp.zeros((K, D)), jnp.zeros((), bool), z, jnp.full((C,), -1, jnp.int32), jnp.full((C,), -1, jnp.int32),
+            z, z, z, z, z, jnp.zeros((5,)), jnp.zeros(()), z)
+        return ext_params, state
+
+    def initial_field_carry(batch_shape):
+        return (jnp.zeros(batch_shape + (A, config.predictor_hidden)), jnp.full(batch_shape, -1, jnp.int32))
+
+    def step_fields(ext_params, ext_state, ts, carry, key, greedy):
+        h, uid = carry
+        k_cls, k_uid = jax.random.split(key)
+        h, logits = predictor.apply(ext_params["predictor"], h, predictor_inputs(ts.obs))
+        sampled = jax.random.categorical(k_cls, logits) if config.sample_class else jnp.argmax(logits, -1)
+        cls = jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
+        fresh = jax.random.randint(k_uid, uid.shape, 0, jnp.iinfo(jnp.int32).max, jnp.int32)
+        uid = jnp.where(uid < 0, fresh, uid)
+        if isinstance(ext_state, TRAMAState):
+            code = vq.apply(ext_state.vq_params, ts.state / state_scale)[2]
+        else:  # deployment (``act``) has no hook state; codes are only for training
+            code = jnp.zeros(ts.state.shape[:-1], jnp.int32)
+        return {"cls": cls, "code": code, "uid": uid}, (h, uid)
+
+    def agent_inputs(ext_params, fields):
+        g = g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], K))
+        return jax.lax.stop_gradient(g) if config.detach_class_repr else g
+
+    def extra_loss(params, ext: TRAMAState, batch, key):
+        filled = batch["filled"]
+        valid = filled[:, 1:]  # [B, T]: transition t exists
+        trans = jnp.concatenate([valid, jnp.zeros_like(filled[:, :1])], 1)
+        fields = batch["fields"]
+        labels = episode_labels(ext, fields["code"], trans, fields["uid"][:, 0])  # [B]
+        x = predictor_inputs(batch["obs"])  # [B, T+1, A, in]
+        B = x.shape[0]
+
+        def step(h, xt):
+            return predictor.apply(params["ext"]["predictor"], h, xt)
+
+        _, logits = jax.lax.scan(step, jnp.zeros((B, A, config.predictor_hidden)), jnp.swapaxes(x, 0, 1))
+        logits = jnp.swapaxes(logits, 0, 1)[:, :-1]  # [B, T, A, K]
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
+        w = valid.astype(jnp.float32)[..., None]
+        n = jnp.maximum(w.sum() * A, 1.0)
+        ce = (ce * w).sum() / n
+        acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
+        on = ext.clustered.astype(jnp.float32)
+        metrics = {"class_loss": ce * on, "class_accuracy": acc * on, "clustered": on,
+                   "clusterings": ext.clusterings.astype(jnp.float32), "nonempty_clusters": ext.nonempty.astype(
+                       jnp.float32), "classifier_loss": ext.clf_loss, "vq_loss": ext.vq_loss[0],
+                   "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4]}
+        return config.class_loss_coef * on * ce, metrics
+
+    def after_iteration(ext: TRAMAState, params, buffer, new_episodes, key):
+        k_vq, k_cl = jax.random.split(key)
+        ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration, episodes=ext.episodes + new_episodes)
+        # the rows stored this iteration have no cluster label yet
+        n = jnp.minimum(new_episodes, C)
+        age = (buffer.insert_pos - 1 - jnp.arange(C)) % C
+        new = age < n
+        ext = ext.replace(label=jnp.where(new, -1, ext.label),
+                          label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid))
+        # VQ-VAE
+        early = ext.env_steps <= config.vq_every_step_until
+        since = ext.episodes - ext.last_vq_episode
+        n_vq = jnp.where(early, config.train_steps, jnp.minimum(since // config.vq_update_episodes,
+                                                                 config.train_steps))
+        n_vq = jnp.where(buffers.can_sample(buffer, config.batch_size), n_vq, 0)
+        ext = ext.replace(last_vq_episode=jnp.where(early | (n_vq > 0), ext.episodes, ext.last_vq_episode))
+        ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(e, buffer, n_vq, k_vq), lambda e: e, ext)
+        # clustering
+        due = ((ext.env_steps >= config.cluster_start)
+               & (~ext.clustered | (ext.env_steps - ext.last_cluster_step >= config.cluster_interval)
+                  | (ext.episodes - ext.last_cluster_episode >= config.cluster_interval_episodes))
+               & (buffer.size >= config.min_cluster_episodes))
+        return jax.lax.cond(max_over_seeds(due.astype(jnp.int32)) > 0,
+                            lambda e: cluster_phase(e, buffer, due, k_cl), lambda e: e, ext)
+
+    return ql.Hooks(init=init, initial_field_carry=initial_field_carry, step_fields=step_fields,
+                    agent_inputs=agent_inputs, extra_input_dim=config.class_repr_dim, extra_loss=extra_loss,
+                    after_iteration=after_iteration)

@@ -1,0 +1,302 @@
+"""Episodic memory of EMU (Na, Seo, Moon; ICLR 2024) as a fixed-shape pytree.
+
+Every function is pure, jittable and elementwise over a leading vmapped axis (seeds).
+Shapes: ``C`` capacity (static), ``k`` key (embedding) size, ``S`` state size.
+
+Contents
+--------
+Per entry ``j`` (slots ``0 .. size - 1`` are filled; see eviction below):
+
+```
+keys       [C, k]  x_j = f_phi(s_j, t_j / T), the embedding of the stored state
+keys_norm  [C, k]  (x_j - mu) / sigma, with the memory's key statistics mu, sigma [k]
+states     [C, S]  s_j, the global state (kept so keys can be recomputed after the
+                   embedding is retrained, see :func:`rekey`)
+H          [C]     best discounted return-to-go seen from the entry
+timestep   [C]     t_j, the step of the episode the entry was written at
+desirable  [C]     xi_j: the entry lies on a desirable (e.g. won) trajectory
+n_call     [C]     N_call: visits (insertion counts as one)
+n_xi       [C]     N_xi: desirable visits
+last_used  [C]     write-clock value of the last insertion or hit (eviction order)
+```
+
+Normalization
+-------------
+``mu, sigma`` are the per-dimension mean and standard deviation of the filled keys,
+recomputed by :func:`refresh_stats` (the caller decides when; EMU does it every few
+hundred episodes and after every re-keying). A dimension with ``sigma < 1e-6`` (no
+spread yet, e.g. a single entry) keeps scale 1. Before the first refresh mu = 0,
+sigma = 1. ``keys_norm`` always equals ``(keys - mu) / sigma`` for the current
+statistics: a refresh recomputes every row, an insertion normalizes with the current
+statistics. Queries are normalized with the same statistics, and both the
+nearest-neighbour search and the hit test run on normalized keys under the same
+metric (the official code searches raw keys with a KD-tree, then tests normalized
+keys: the recalled entry need not be the nearest under the test).
+
+Metric (static, ``metric``): ``"linf"`` d(a, b) = max_i |a_i - b_i| (the official
+code's per-dimension ``allclose(atol=delta, rtol=0)`` test, the default) or ``"l2"``
+d(a, b) = ||a - b||_2 (the paper's text). A hit is d(query, nearest) <= delta. The
+search is exact brute force over chunks of the memory; it only visits chunks that
+hold filled entries (a ``while_loop`` over ``ceil(size / chunk)`` chunks, so an
+almost empty memory is cheap), and computes differences per dimension (no
+``|a|^2 + |b|^2 - 2ab`` expansion, whose float32 cancellation error, ~1e-3 in
+distance, would swamp delta = 1.3e-5). Ties go to the lowest index.
+
+Write (:func:`write_episode`), after an episode, steps t scanned backwards
+-------------------------------------------------------------------------------
+The caller gives the keys x_t, states s_t, returns-to-go R_t = r_t + gamma R_{t+1},
+timesteps and the episode's desirability xi (won, or return above a threshold).
+For each valid t, from the last to the first:
+
+- nearest entry j and distance d (normalized keys);
+- hit (d <= delta and the memory is not empty):
+    N_call_j += 1;  N_xi_j += xi
+    if not xi_j and xi:  memory shift: entry j takes this step's key, state,
+                         R_t and t, and xi_j = 1 (counts are kept, as the
+                         official default ``flag_memory_cnt_reset=False``)
+    else:                H_j = max(H_j, R_t)
+    if xi_j (after the update) and ``propagate``: xi = 1 for the earlier steps of
+    this episode ("optimality propagation" of the official code: a trajectory that
+    reaches a desirable state is desirable from there on backwards);
+- miss: insert (x_t, s_t, H = R_t, t, xi, N_call = 1, N_xi = xi if
+  ``init_desirability`` else 0 (official default: 0)).
+
+Every touched entry gets ``last_used = clock`` and the clock advances.
+
+Eviction: least recently used by writes. The slot of an insertion is
+``argmin(last_used)``; empty slots start at ``last_used = j - C < 0``, so slots fill
+in index order (0, 1, ...) and the filled entries are always ``0 .. size - 1``; once
+full, the entry whose last insertion or write-time hit is the oldest is replaced.
+The official code also refreshes recency on read-only lookups during training; here
+lookups are pure reads (they happen inside the loss, which cannot return state), so
+recency counts writes only. One ``argmin`` over ``[C]`` per insertion keeps shapes
+fixed.
+
+Lookup (:func:`lookup`): nearest entry for a batch of raw query keys, with its
+distance, hit flag, H, xi and desirability ratio p = N_xi / (N_call + 1e-3).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+METRICS = ("linf", "l2")
+RATIO_EPS = 1e-3  # p = N_xi / (N_call + RATIO_EPS), as in the paper
+MIN_STD = 1e-6
+
+
+@struct.dataclass
+class EpisodicMemory:
+    keys: jax.Array  # [C, k]
+    keys_norm: jax.Array  # [C, k]
+    states: jax.Array  # [C, S]
+    H: jax.Array  # [C]
+    timestep: jax.Array  # [C] int32
+    desirable: jax.Array  # [C] bool
+    n_call: jax.Array  # [C] int32
+    n_xi: jax.Array  # [C] int32
+    last_used: jax.Array  # [C] int32
+    mean: jax.Array  # [k]
+    std: jax.Array  # [k]
+    size: jax.Array  # [] int32, filled entries (slots 0 .. size - 1)
+    clock: jax.Array  # [] int32, write clock
+    metric: str = struct.field(pytree_node=False, default="linf")
+
+    @property
+    def capacity(self) -> int:
+        return self.H.shape[-1]
+
+
+class Recall(NamedTuple):
+    """Result of :func:`lookup` for queries [Q, k]; every field [Q]."""
+
+    index: jax.Array  # nearest filled entry (0 when the memory is empty)
+    distance: jax.Array  # normalized distance to it (inf when empty)
+    hit: jax.Array  # distance <= delta
+    H: jax.Array
+    desirable: jax.Array
+    ratio: jax.Array  # N_xi / (N_call + 1e-3)
+
+
+def init(capacity: int, key_dim: int, state_dim: int, metric: str = "linf") -> EpisodicMemory:
+    """An empty memory (static sizes)."""
+    if not isinstance(capacity, int) or capacity <= 0:
+        raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    C = capacity
+    zi = jnp.zeros((C,), jnp.int32)
+    return EpisodicMemory(
+        keys=jnp.zeros((C, key_dim)), keys_norm=jnp.zeros((C, key_dim)), states=jnp.zeros((C, state_dim)),
+        H=jnp.zeros((C,)), timestep=zi, desirable=jnp.zeros((C,), bool), n_call=zi, n_xi=zi,
+        last_used=jnp.arange(C, dtype=jnp.int32) - C, mean=jnp.zeros((key_dim,)), std=jnp.ones((key_dim,)),
+        size=jnp.zeros((), jnp.int32), clock=jnp.zeros((), jnp.int32), metric=metric)
+
+
+def normalize(memory: EpisodicMemory, keys: jax.Array) -> jax.Array:
+    """Keys [..., k] in the memory's normalized coordinates."""
+    return (keys - memory.mean) / memory.std
+
+
+def filled_mask(memory: EpisodicMemory) -> jax.Array:
+    return jnp.arange(memory.capacity) < memory.size
+
+
+def refresh_stats(memory: EpisodicMemory) -> EpisodicMemory:
+    """Recompute mu, sigma over the filled keys and every normalized key."""
+    m = filled_mask(memory).astype(jnp.float32)[:, None]
+    n = jnp.maximum(m.sum(), 1.0)
+    mean = (memory.keys * m).sum(0) / n
+    var = (((memory.keys - mean) ** 2) * m).sum(0) / n
+    std = jnp.sqrt(var)
+    std = jnp.where(std < MIN_STD, 1.0, std)
+    memory = memory.replace(mean=mean, std=std)
+    return memory.replace(keys_norm=normalize(memory, memory.keys))
+
+
+def _distances(metric: str, q: jax.Array, m: jax.Array) -> jax.Array:
+    """[Q, M] distances between q [Q, k] and m [M, k], one dimension at a time."""
+    d = jnp.zeros((q.shape[0], m.shape[0]), q.dtype)
+    for i in range(q.shape[1]):
+        diff = q[:, i:i + 1] - m[None, :, i]
+        d = jnp.maximum(d, jnp.abs(diff)) if metric == "linf" else d + diff * diff
+    return d if metric == "linf" else jnp.sqrt(d)
+
+
+def nearest(memory: EpisodicMemory, queries_norm: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Exact nearest filled entry for normalized queries [Q, k] -> (index [Q], distance [Q]).
+
+    Brute force over chunks of ``chunk`` entries; only the chunks holding filled
+    entries are visited. The last chunk's start is clamped to ``C - chunk`` (it may
+    revisit entries, which cannot change a strict minimum).
+    """
+    C = memory.capacity
+    chunk = max(1, min(int(chunk), C))
+    n_active = (memory.size + chunk - 1) // chunk
+    Q = queries_norm.shape[0]
+
+    def body(carry):
+        c, best_d, best_i = carry
+        start = jnp.minimum(c * chunk, C - chunk)
+        keys = jax.lax.dynamic_slice_in_dim(memory.keys_norm, start, chunk)
+        idx = start + jnp.arange(chunk)
+        d = _distances(memory.metric, queries_norm, keys)
+        d = jnp.where((idx < memory.size)[None], d, jnp.inf)
+        j = jnp.argmin(d, axis=1)
+        dj = jnp.take_along_axis(d, j[:, None], 1)[:, 0]
+        better = dj < best_d
+        return c + 1, jnp.where(better, dj, best_d), jnp.where(better, start + j, best_i)
+
+    init_carry = (jnp.zeros((), jnp.int32), jnp.full((Q,), jnp.inf, queries_norm.dtype), jnp.zeros((Q,), jnp.int32))
+    _, best_d, best_i = jax.lax.while_loop(lambda c: c[0] < n_active, body, init_carry)
+    return best_i, best_d
+
+
+def lookup(memory: EpisodicMemory, queries: jax.Array, chunk: int = 2048, delta: float = 0.0) -> Recall:
+    """Recall the nearest entry of each raw query key [Q, k] (see the module docstring)."""
+    idx, dist = nearest(memory, normalize(memory, queries), chunk)
+    n_call = memory.n_call[idx].astype(jnp.float32)
+    ratio = memory.n_xi[idx].astype(jnp.float32) / (n_call + RATIO_EPS)
+    return Recall(index=idx, distance=dist, hit=dist <= delta, H=memory.H[idx],
+                  desirable=memory.desirable[idx], ratio=ratio)
+
+
+def _write_step(memory: EpisodicMemory, key, state, ret, t, xi, valid, delta, chunk, init_desirability):
+    """One write (hit update or insertion); returns (memory, the touched entry's xi)."""
+    qn = normalize(memory, key)
+    idx, dist = nearest(memory, qn[None], chunk)
+    idx, dist = idx[0], dist[0]
+    hit = dist <= delta  # inf on an empty memory
+    slot = jnp.where(hit, idx, jnp.argmin(memory.last_used)).astype(jnp.int32)
+    old_xi = memory.desirable[slot]
+    shift = hit & xi & ~old_xi
+    take_new = ~hit | shift  # the entry takes this step's key, state, return and time
+
+    def pick(new, old):
+        return jnp.where(valid, new, old)
+
+    new_key = jnp.where(take_new, key, memory.keys[slot])
+    new_norm = jnp.where(take_new, qn, memory.keys_norm[slot])
+    new_state = jnp.where(take_new, state, memory.states[slot])
+    new_H = jnp.where(take_new, ret, jnp.maximum(memory.H[slot], ret))
+    new_t = jnp.where(take_new, t, memory.timestep[slot])
+    new_xi = jnp.where(hit, old_xi | xi, xi)
+    xi_i = xi.astype(jnp.int32)
+    new_call = jnp.where(hit, memory.n_call[slot] + 1, 1)
+    new_nxi = jnp.where(hit, memory.n_xi[slot] + xi_i, xi_i if init_desirability else 0)
+    memory = memory.replace(
+        keys=memory.keys.at[slot].set(pick(new_key, memory.keys[slot])),
+        keys_norm=memory.keys_norm.at[slot].set(pick(new_norm, memory.keys_norm[slot])),
+        states=memory.states.at[slot].set(pick(new_state, memory.states[slot])),
+        H=memory.H.at[slot].set(pick(new_H, memory.H[slot])),
+        timestep=memory.timestep.at[slot].set(pick(new_t, memory.timestep[slot])),
+        desirable=memory.desirable.at[slot].set(pick(new_xi, old_xi)),
+        n_call=memory.n_call.at[slot].set(pick(new_call, memory.n_call[slot])),
+        n_xi=memory.n_xi.at[slot].set(pick(new_nxi, memory.n_xi[slot])),
+        last_used=memory.last_used.at[slot].set(pick(memory.clock, memory.last_used[slot])),
+        size=jnp.where(valid & ~hit, jnp.minimum(memory.size + 1, memory.capacity), memory.size),
+        clock=memory.clock + valid.astype(jnp.int32),
+    )
+    return memory, valid & hit & new_xi
+
+
+def write_episode(memory: EpisodicMemory, keys: jax.Array, states: jax.Array, returns_to_go: jax.Array,
+                  timesteps: jax.Array, desirable: jax.Array, valid_mask: jax.Array, delta: float, *,
+                  chunk: int = 16384, propagate: bool = True, init_desirability: bool = False) -> EpisodicMemory:
+    """Write one episode's steps, scanning t backwards (see the module docstring).
+
+    keys [L, k], states [L, S], returns_to_go [L], timesteps [L], desirable [] (xi of
+    the episode), valid_mask [L] (steps to write). The loop runs from the last valid
+    step down to 0, so the cost follows the episode's length, not L.
+    """
+    valid_mask = valid_mask.astype(bool)
+    L = valid_mask.shape[0]
+    last = jnp.max(jnp.where(valid_mask, jnp.arange(L), -1))
+
+    def body(carry):
+        t, mem, xi = carry
+        mem, reached = _write_step(mem, keys[t], states[t], returns_to_go[t], timesteps[t].astype(jnp.int32),
+                                   xi, valid_mask[t], delta, chunk, init_desirability)
+        if propagate:
+            xi = xi | reached
+        return t - 1, mem, xi
+
+    _, memory, _ = jax.lax.while_loop(lambda c: c[0] >= 0, body,
+                                      (last.astype(jnp.int32), memory, jnp.asarray(desirable, bool)))
+    return memory
+
+
+def discounted_returns(rewards: jax.Array, valid_mask: jax.Array, gamma) -> jax.Array:
+    """R_t = r_t + gamma R_{t+1} over the valid steps of one episode [L] (0 elsewhere)."""
+    def back(nxt, x):
+        r, ok = x
+        R = jnp.where(ok, r + gamma * nxt, 0.0)
+        return R, R
+
+    _, R = jax.lax.scan(back, jnp.zeros((), rewards.dtype), (rewards, valid_mask.astype(bool)), reverse=True)
+    return R
+
+
+def rekey(memory: EpisodicMemory, embed_fn: Callable[[jax.Array, jax.Array], jax.Array],
+          chunk: Optional[int] = 4096) -> EpisodicMemory:
+    """Recompute every filled key as ``embed_fn(states [N, S], timesteps [N]) -> [N, k]``,
+    then refresh the normalization statistics. Runs over the filled chunks only."""
+    C = memory.capacity
+    chunk = C if chunk is None else max(1, min(int(chunk), C))
+    n_active = (memory.size + chunk - 1) // chunk
+
+    def body(carry):
+        c, keys = carry
+        start = jnp.minimum(c * chunk, C - chunk)
+        s = jax.lax.dynamic_slice_in_dim(memory.states, start, chunk)
+        t = jax.lax.dynamic_slice_in_dim(memory.timestep, start, chunk)
+        new = embed_fn(s, t).astype(keys.dtype)
+        return c + 1, jax.lax.dynamic_update_slice_in_dim(keys, new, start, 0)
+
+    _, keys = jax.lax.while_loop(lambda c: c[0] < n_active, body, (jnp.zeros((), jnp.int32), memory.keys))
+    keys = jnp.where(filled_mask(memory)[:, None], keys, memory.keys)
+    return refresh_stats(memory.replace(keys=keys))

@@ -1,0 +1,247 @@
+"""TRAMA: quantizer, coverage indices, k-means, classifier and class predictor, vmapped hooks.
+
+The hook-level tests run on a spec-only environment and synthetic buffers, so they
+compile in seconds; the end-to-end training run is marked slow.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import algos
+from algos import trama
+from marl import buffers
+from marl.config import ConfigError
+from marl.types import SEED_AXIS, EnvSpec
+
+A, OBS, S, L = 3, 6, 8, 7  # agents, obs size, state size, episode limit
+C, K = 64, 4  # buffer rows, classes
+
+
+class SpecOnly:
+    spec = EnvSpec(name="toy", num_agents=A, obs_dim=OBS, state_dim=S, max_steps=L, num_actions=5)
+
+
+def small_config(**kw):
+    base = dict(num_envs=2, num_steps=8, train_steps=2, batch_size=16, buffer_size=C, hidden=16, total_steps=16,
+                n_codes=16, n_clusters=K, predictor_hidden=16, class_repr_dim=8, cluster_start=0,
+                min_cluster_episodes=8, classifier_steps=200, kmeans_iterations=10, vq_every_step_until=10**9)
+    return trama.TRAMAConfig(**{**base, **kw})
+
+
+def synthetic_buffer(key, n_rows=C):
+    """Episodes of 4 kinds: kind c visits codes {4c..4c+3} and its agents see c in their obs."""
+    k_len, k_kind, k_code, k_state, k_uid = jax.random.split(key, 5)
+    kind = jax.random.randint(k_kind, (n_rows,), 0, K)
+    length = jax.random.randint(k_len, (n_rows,), 3, L + 1)  # transitions
+    t = jnp.arange(L + 1)
+    filled = t[None] <= length[:, None]
+    code = 4 * kind[:, None] + jax.random.randint(k_code, (n_rows, L + 1), 0, 4)
+    obs = jnp.zeros((n_rows, L + 1, A, OBS)).at[..., :K].set(jax.nn.one_hot(kind, K)[:, None, None])
+    state = jax.random.normal(k_state, (n_rows, L + 1, S)) + kind[:, None, None]
+    uid = jnp.broadcast_to(jax.random.randint(k_uid, (n_rows, 1), 0, 2**30), (n_rows, L + 1))
+    fields = {"cls": jnp.zeros((n_rows, L + 1, A), jnp.int32), "code": code.astype(jnp.int32),
+              "uid": uid.astype(jnp.int32)}
+    step = {"obs": obs, "state": state, "fields": fields}
+    buf = buffers.EpisodeBuffer(data={"step": step}, filled=filled, insert_pos=jnp.zeros((), jnp.int32),
+                                size=jnp.asarray(n_rows, jnp.int32))
+    return buf, kind
+
+
+def separated(ext):
+    """Codes 4c..4c+3 near 5 * e_c: the episode kinds have well-separated embeddings."""
+    j = jnp.arange(16)
+    book = 5.0 * jax.nn.one_hot(j // 4, 4) + 0.05 * jnp.sin(j)[:, None]
+    vq = dict(ext.vq_params)
+    vq["params"] = {**vq["params"], "codebook": book}
+    return ext.replace(vq_params=vq)
+
+
+def as_batch(buf, rows):
+    data, filled = buffers.gather(buf, rows)
+    return {**data["step"], "filled": filled}
+
+
+def test_straight_through_gradient_of_the_quantizer():
+    vq = trama.VQVAE(S, 4, 16, 16)
+    p = vq.init(jax.random.PRNGKey(0), jnp.zeros((1, S)))
+    s = jax.random.normal(jax.random.PRNGKey(1), (5, S))
+    w = jax.random.normal(jax.random.PRNGKey(2), (5, 4))
+    z_e, z_q, idx, _ = vq.apply(p, s)
+    book = vq.apply(p, method=trama.VQVAE.codes)
+    np.testing.assert_allclose(z_q, book[idx], atol=1e-6)  # forward: the nearest code
+    d = jnp.linalg.norm(z_e[:, None] - book[None], axis=-1)
+    np.testing.assert_array_equal(idx, jnp.argmin(d, -1))
+    # backward: dz_q/dz_e = I, so the encoder gets the gradient it would get from z_e
+    g_q = jax.grad(lambda x: (w * vq.apply(p, x)[1]).sum())(s)
+    g_e = jax.grad(lambda x: (w * vq.apply(p, x, method=trama.VQVAE.encode)).sum())(s)
+    np.testing.assert_allclose(g_q, g_e, rtol=1e-5, atol=1e-6)
+    assert np.abs(g_q).sum() > 0
+
+
+def test_coverage_table():
+    # 16 codes, 4 classes -> 4 codes per class; 8 slots -> dn = 0.5: one code per (t, k)
+    j = trama.coverage_table(16, 4, 8)
+    assert j.shape == (8, 4, 16) and (j.sum(-1) == 1).all()
+    for t in range(8):
+        for k in range(4):
+            assert np.flatnonzero(j[t, k]).tolist() == [4 * k + t // 2]
+    # 2 slots -> dn = 2: two codes per (t, k); time slices partition each class's slice
+    j = trama.coverage_table(16, 4, 2)
+    assert np.flatnonzero(j[0, 1]).tolist() == [4, 5] and np.flatnonzero(j[1, 1]).tolist() == [6, 7]
+    assert (j.sum(0) == np.repeat(np.eye(4, dtype=bool), 4, axis=1)).all()
+
+
+def test_kmeans_recovers_separated_blobs():
+    key = jax.random.PRNGKey(3)
+    centres = jnp.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    truth = jnp.repeat(jnp.arange(4), 50)
+    x = centres[truth] + 0.5 * jax.random.normal(key, (200, 2))
+    x = jnp.concatenate([x, jnp.full((20, 2), 1e3)])  # masked-out rows must not count
+    mask = jnp.arange(220) < 200
+    run = jax.jit(lambda k, init: trama.kmeans(x, mask, init, 10))
+    init = trama.kmeans_pp_init(jax.random.PRNGKey(4), x, mask, 4)
+    cents, assign, counts = run(key, init)
+    assign = np.asarray(assign[:200])
+    # each blob is one cluster, and the clusters differ
+    mapping = [np.unique(assign[np.asarray(truth) == b]) for b in range(4)]
+    assert all(len(m) == 1 for m in mapping) and len({int(m[0]) for m in mapping}) == 4
+    np.testing.assert_allclose(np.sort(np.asarray(cents), 0), np.sort(np.asarray(centres), 0), atol=0.3)
+    assert int(counts.sum()) == 200
+    # warm start from the previous centroids keeps the labels
+    _, again, _ = run(key, cents)
+    np.testing.assert_array_equal(np.asarray(again[:200]), assign)
+
+
+CONFIG = small_config(vq_lr=1e-2, classifier_steps=100)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """One clustering of the synthetic buffer (shared: compiled once)."""
+    hooks = trama.make_hooks(SpecOnly, CONFIG)
+    params, ext0 = hooks.init(jax.random.PRNGKey(0))
+    ext0 = separated(ext0)
+    buf, kind = synthetic_buffer(jax.random.PRNGKey(1))
+    ext1 = jax.jit(hooks.after_iteration)(ext0, None, buf, jnp.asarray(0), jax.random.PRNGKey(2))
+    return hooks, params, ext0, ext1, buf, kind
+
+
+def test_clustering_trains_the_classifier_and_labels_the_buffer(clustered):
+    _, _, ext, new, buf, kind = clustered
+    assert bool(new.clustered) and int(new.nonempty) >= 3
+    # labels agree with the episode kinds up to a permutation
+    lab, kind = np.asarray(new.label), np.asarray(kind)
+    assert (lab >= 0).all()
+    for c in range(K):
+        assert len(np.unique(lab[kind == c])) == 1
+    # the classifier learned them: its loss fell from chance
+    trans = jnp.concatenate([buf.filled[:, 1:], jnp.zeros_like(buf.filled[:, :1])], 1)
+    emb = trama.trajectory_embedding(new.vq_params["params"]["codebook"], buf.data["step"]["fields"]["code"], trans)
+    clf = trama.Classifier(K)
+
+    def ce(p):
+        return float(optax.softmax_cross_entropy_with_integer_labels(clf.apply(p, emb), new.label).mean())
+
+    assert ce(ext.clf_params) > 1.0  # about log 4 before training
+    assert ce(new.clf_params) < 0.5 * ce(ext.clf_params)
+
+
+def test_class_predictor_loss_falls(clustered):
+    hooks, params, _, ext, buf, _ = clustered
+    batch = as_batch(buf, jnp.arange(16))
+    full = {"ext": params}
+    tx = optax.adam(1e-2)
+    opt = tx.init(full)
+
+    @jax.jit
+    def step(full, opt):
+        (loss, m), g = jax.value_and_grad(hooks.extra_loss, has_aux=True)(full, ext, batch, None)
+        u, opt = tx.update(g, opt)
+        return optax.apply_updates(full, u), opt, m
+
+    losses = []
+    for _ in range(60):
+        full, opt, m = step(full, opt)
+        losses.append(float(m["class_loss"]))
+    assert losses[0] > 1.0 and losses[-1] < 0.3 * losses[0], losses[::10]
+    assert float(m["class_accuracy"]) > 0.9
+
+
+def test_hooks_under_jit_and_vmap_over_two_seeds():
+    """after_iteration (VQ-VAE phase + clustering, lax.cond on seed-maximized conditions)
+    and the extra loss's gradient, vmapped over seeds with the runner's axis name."""
+    config = CONFIG
+    hooks = trama.make_hooks(SpecOnly, config)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    params, ext = jax.vmap(hooks.init)(keys)
+    bufs, _ = jax.vmap(synthetic_buffer)(keys)
+
+    @jax.jit
+    def one(ext, params, buf, key):
+        def seed(ext, params, buf, key):
+            ext = hooks.after_iteration(ext, None, buf, jnp.asarray(4), key)
+            batch = as_batch(buf, jnp.arange(8))
+            g = jax.grad(lambda p: hooks.extra_loss(p, ext, batch, key)[0])({"ext": params})
+            return ext, g
+
+        return jax.vmap(seed, axis_name=SEED_AXIS)(ext, params, buf, key)
+
+    recon = []
+    for i in range(8):
+        ext, g = one(ext, params, bufs, jax.random.split(jax.random.PRNGKey(10 + i), 2))
+        recon.append(np.asarray(ext.vq_loss[:, 1]))
+    assert ext.clustered.shape == (2,) and bool(ext.clustered.all())
+    assert int(ext.env_steps[0]) == 8 * config.num_envs * config.num_steps
+    leaves = jax.tree.leaves(g)
+    assert all(np.isfinite(x).all() for x in leaves)
+    assert sum(float(np.abs(x).sum()) for x in leaves) > 0  # the class loss reaches the predictor
+    assert (recon[-1] < recon[0]).all()  # the VQ-VAE trains (its own Adam)
+    assert not np.allclose(ext.vq_params["params"]["codebook"][0], ext.vq_params["params"]["codebook"][1])
+
+
+def test_class_representation_detached_variant():
+    for detach in (False, True):
+        hooks = trama.make_hooks(SpecOnly, small_config(detach_class_repr=detach))
+        params, _ = hooks.init(jax.random.PRNGKey(0))
+        fields = {"cls": jnp.array([[0, 1, 3]])}
+
+        def total(p, hooks=hooks, fields=fields):
+            return hooks.agent_inputs(p, fields).sum()
+
+        g = jax.grad(total)(params)
+        norm = sum(float(np.abs(x).sum()) for x in jax.tree.leaves(g["repr"]))
+        assert (norm == 0) == detach
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="n_codes"):
+        small_config(n_codes=10)
+    with pytest.raises(ConfigError, match="min_clusters"):
+        small_config(min_clusters=5)
+    with pytest.raises(ConfigError, match="classifier_lr"):
+        small_config(classifier_lr=0.0)
+    assert algos.default_config("trama").mixer == "qplex"
+
+
+@pytest.mark.slow
+def test_trama_trains_end_to_end_vmapped():
+    import envs
+    from marl.runner import train
+
+    env = envs.make("smax-mt:custom", tasks=[{"units": {"marine": 2}}, {"units": {"marine": 1, "marauder": 2}}],
+                    max_steps=20)
+    config = dataclasses.replace(
+        algos.default_config("trama"), num_envs=4, num_steps=16, train_steps=2, batch_size=4, buffer_size=32,
+        hidden=16, total_steps=4 * 16 * 6, cluster_start=0, min_cluster_episodes=8, cluster_interval=64,
+        classifier_steps=20, n_codes=16, predictor_hidden=16)
+    algo = algos.make("trama", env, config)
+    r = train(algo, num_iterations=6, num_seeds=2, progress=False)
+    assert r.metrics["loss"].shape == (2, 6) and np.isfinite(r.metrics["loss"]).all()
+    assert (r.metrics["clustered"][:, -1] == 1).all() and (r.metrics["class_loss"][:, -1] > 0).all()
+    fields = r.state.buffer.data["step"]["fields"]
+    assert fields["code"].max() < 16 and fields["cls"].max() < 4
