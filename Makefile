@@ -17,10 +17,10 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.train --algo mappo --env smax:3m --total-steps 1e6 --num-seeds 1
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench
