@@ -187,10 +187,7 @@ class DecPOMFCConfig:
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise cfg.ConfigError("num_minibatches", self.num_minibatches,
                                   f"must divide num_envs * num_steps = {self.num_envs * self.num_steps}")
-        if self.total_steps < self.num_envs * self.num_steps:
-            raise cfg.ConfigError("total_steps", self.total_steps,
-                                  f"must be at least one iteration = num_envs * num_steps = "
-                                  f"{self.num_envs * self.num_steps}")
+        cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
     def num_updates(self) -> int:

@@ -140,12 +140,7 @@ class PPOConfig:
                 f"must be divisible by num_minibatches={self.num_minibatches} "
                 "(minibatches split the parallel environments)",
             )
-        if self.total_steps < self.num_envs * self.num_steps:
-            raise cfg.ConfigError(
-                "total_steps",
-                self.total_steps,
-                f"must be at least one iteration = num_envs * num_steps = {self.num_envs * self.num_steps}",
-            )
+        cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
     def num_updates(self) -> int:

@@ -150,11 +150,7 @@ class QLearningConfig:
         if self.batch_size > self.buffer_size:
             raise cfg.ConfigError("batch_size", self.batch_size,
                                   f"must be <= buffer_size={self.buffer_size} (whole episodes are sampled)")
-        if self.total_steps < self.num_envs * self.num_steps:
-            raise cfg.ConfigError(
-                "total_steps", self.total_steps,
-                f"must be at least one iteration = num_envs * num_steps = {self.num_envs * self.num_steps}",
-            )
+        cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
     def num_updates(self) -> int:

@@ -160,10 +160,7 @@ class SACConfig:
             if r.reference == "uniform":
                 raise cfg.ConfigError("regularizer.reference", r.reference,
                                       "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'")
-        if self.total_steps < self.num_envs * self.num_steps:
-            raise cfg.ConfigError("total_steps", self.total_steps,
-                                  f"must be at least one iteration = num_envs * num_steps = "
-                                  f"{self.num_envs * self.num_steps}")
+        cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
     def num_updates(self) -> int:
