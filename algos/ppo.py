@@ -536,10 +536,15 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
             if discrete:
                 out = regularizer(_replay_logits(state.params, h0, traj), ref_logits, traj.avail, hp)
                 penalty = jnp.take_along_axis(out.penalty, traj.action[..., None], -1)[..., 0]
+                divergence = out.value
             else:
-                penalty = continuous_regularizer(_replay_logits(state.params, h0, traj), ref_logits,
-                                                 traj.action, hp)[1]
+                _, penalty, divergence = continuous_regularizer(
+                    _replay_logits(state.params, h0, traj), ref_logits, traj.action, hp)
             traj = traj._replace(reward=traj.reward - penalty)
+            # logged as "regularizer": the divergence to the reference on the rollout
+            penalty_metrics = dict(regularizer=divergence.mean(), reward_penalty=penalty.mean())
+        else:
+            penalty_metrics = {}
         adv, targets = advantages(traj, last_value, hp)
 
         frac = state.update_step / config.num_updates
@@ -564,6 +569,7 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
             epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs)
         )
         metrics = jax.tree.map(jnp.mean, metrics)
+        metrics.update(penalty_metrics)
         metrics.update(episode_metrics(traj.info))
         metrics["lr"] = lr
         state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)

@@ -74,6 +74,21 @@ fixed.
 
 Lookup (:func:`lookup`): nearest entry for a batch of raw query keys, with its
 distance, hit flag, H, xi and desirability ratio p = N_xi / (N_call + 1e-3).
+
+Hit lookup through a sorted index (:func:`build_index`, :func:`lookup_hits`)
+---------------------------------------------------------------------------------
+EMU only uses a recalled entry on a hit, and an entry within ``delta`` of a query
+under either metric lies within ``delta`` of it in the first coordinate. So the
+filled entries sorted by their first normalized coordinate (one ``argsort`` per
+memory change, :class:`HitIndex`) give, per query, by binary search the range of
+candidates with ``|x_0 - q_0| <= delta``; only those are compared in all
+coordinates, ``window`` at a time in a ``while_loop`` that runs until the longest
+range is exhausted. The result is exact: for every query with an entry within
+``delta`` it is the entry :func:`lookup` returns (same distance, ties to the lowest
+index); a query without one gets ``hit = False``, ``distance = inf`` and zero
+``H``, ``ratio`` and ``desirable``. The cost per query is ``O(log C + candidates)``
+instead of ``O(size)``. The index must be rebuilt after any change of the keys or
+the statistics (writes, :func:`refresh_stats`, :func:`rekey`).
 """
 
 from __future__ import annotations
@@ -205,11 +220,12 @@ def lookup(memory: EpisodicMemory, queries: jax.Array, chunk: int = 2048, delta:
                   desirable=memory.desirable[idx], ratio=ratio)
 
 
-def _write_step(memory: EpisodicMemory, key, state, ret, t, xi, valid, delta, chunk, init_desirability):
-    """One write (hit update or insertion); returns (memory, the touched entry's xi)."""
+def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, valid, delta, init_desirability):
+    """One write (hit update or insertion). ``find(memory, qn [k]) -> (index, distance)``
+    is exact whenever an entry lies within delta. Returns (memory, the touched entry's
+    xi, the touched slot, whether that slot took a new key)."""
     qn = normalize(memory, key)
-    idx, dist = nearest(memory, qn[None], chunk)
-    idx, dist = idx[0], dist[0]
+    idx, dist = find(memory, qn)
     hit = dist <= delta  # inf on an empty memory
     slot = jnp.where(hit, idx, jnp.argmin(memory.last_used)).astype(jnp.int32)
     old_xi = memory.desirable[slot]
@@ -241,7 +257,27 @@ def _write_step(memory: EpisodicMemory, key, state, ret, t, xi, valid, delta, ch
         size=jnp.where(valid & ~hit, jnp.minimum(memory.size + 1, memory.capacity), memory.size),
         clock=memory.clock + valid.astype(jnp.int32),
     )
-    return memory, valid & hit & new_xi
+    return memory, valid & hit & new_xi, slot, valid & take_new
+
+
+def _write_loop(memory, find, on_new_key, extra, keys, states, returns_to_go, timesteps, desirable, valid_mask,
+                delta, propagate, init_desirability):
+    valid_mask = valid_mask.astype(bool)
+    L = valid_mask.shape[0]
+    last = jnp.max(jnp.where(valid_mask, jnp.arange(L), -1))
+
+    def body(carry):
+        t, mem, xi, ext = carry
+        mem, reached, slot, new_key = _write_step(mem, lambda m, q: find(m, q, ext), keys[t], states[t],
+                                                  returns_to_go[t], timesteps[t].astype(jnp.int32), xi,
+                                                  valid_mask[t], delta, init_desirability)
+        if propagate:
+            xi = xi | reached
+        return t - 1, mem, xi, on_new_key(ext, slot, new_key)
+
+    _, memory, _, extra = jax.lax.while_loop(
+        lambda c: c[0] >= 0, body, (last.astype(jnp.int32), memory, jnp.asarray(desirable, bool), extra))
+    return memory, extra
 
 
 def write_episode(memory: EpisodicMemory, keys: jax.Array, states: jax.Array, returns_to_go: jax.Array,
@@ -251,23 +287,111 @@ def write_episode(memory: EpisodicMemory, keys: jax.Array, states: jax.Array, re
 
     keys [L, k], states [L, S], returns_to_go [L], timesteps [L], desirable [] (xi of
     the episode), valid_mask [L] (steps to write). The loop runs from the last valid
-    step down to 0, so the cost follows the episode's length, not L.
+    step down to 0, so the cost follows the episode's length, not L. Each step's
+    search is brute force over the filled entries; :func:`write_episode_indexed` gives
+    the same result faster on a large memory.
     """
-    valid_mask = valid_mask.astype(bool)
-    L = valid_mask.shape[0]
-    last = jnp.max(jnp.where(valid_mask, jnp.arange(L), -1))
+    def find(mem, qn, _):
+        idx, dist = nearest(mem, qn[None], chunk)
+        return idx[0], dist[0]
+
+    memory, _ = _write_loop(memory, find, lambda e, slot, new: e, (), keys, states, returns_to_go, timesteps,
+                            desirable, valid_mask, delta, propagate, init_desirability)
+    return memory
+
+
+class WriteCache(NamedTuple):
+    """Search state for a phase of writes (:func:`write_episode_indexed`): the
+    :class:`HitIndex` of the memory as it was before the phase, and the slots whose key
+    changed since (insertions and memory shifts). ``count`` may exceed the buffer's
+    size: the phase then falls back to brute force."""
+
+    index: HitIndex
+    recent: jax.Array  # [R] int32 slots given a new key in this phase
+    count: jax.Array  # [] int32 slots given a new key so far
+
+
+def write_cache(memory: EpisodicMemory, recent_size: int) -> WriteCache:
+    """An empty :class:`WriteCache` for a phase of writes into ``memory``."""
+    return WriteCache(build_index(memory), jnp.zeros((max(1, int(recent_size)),), jnp.int32),
+                      jnp.zeros((), jnp.int32))
+
+
+def _hit_search(memory: EpisodicMemory, index: HitIndex, qn: jax.Array, delta, window: int = 8):
+    """Nearest entry among those within delta of normalized queries [Q, k]: (index [Q],
+    distance [Q], inf without one); candidates from the sorted index, each checked
+    against its current normalized key."""
+    C = memory.capacity
+    W = max(1, min(int(window), C))
+    q0 = qn[:, 0]
+    # a slightly wider range than delta, so float rounding of q0 +- delta never drops
+    # a candidate; the exact test below decides
+    margin = delta * (1.0 + 1e-3) + 4.0 * jnp.finfo(qn.dtype).eps * (1.0 + jnp.abs(q0))
+    lo = jnp.searchsorted(index.first, q0 - margin, side="left").astype(jnp.int32)
+    hi = jnp.searchsorted(index.first, q0 + margin, side="right").astype(jnp.int32)
+    n_windows = (jnp.max(jnp.maximum(hi - lo, 0), initial=0) + W - 1) // W
+    Q = qn.shape[0]
 
     def body(carry):
-        t, mem, xi = carry
-        mem, reached = _write_step(mem, keys[t], states[t], returns_to_go[t], timesteps[t].astype(jnp.int32),
-                                   xi, valid_mask[t], delta, chunk, init_desirability)
-        if propagate:
-            xi = xi | reached
-        return t - 1, mem, xi
+        w, best_d, best_i = carry
+        pos = lo[:, None] + w * W + jnp.arange(W)  # [Q, W]
+        idx = index.order[jnp.clip(pos, 0, C - 1)]
+        d = _pair_distances(memory.metric, qn[:, None, :], memory.keys_norm[idx])
+        d = jnp.where((pos < hi[:, None]) & (idx < memory.size), d, jnp.inf)
+        d = jnp.where(d <= delta, d, jnp.inf)
+        return (w + 1,) + _merge_best(best_d, best_i, d, idx, C)
 
-    _, memory, _ = jax.lax.while_loop(lambda c: c[0] >= 0, body,
-                                      (last.astype(jnp.int32), memory, jnp.asarray(desirable, bool)))
-    return memory
+    init_carry = (jnp.zeros((), jnp.int32), jnp.full((Q,), jnp.inf, qn.dtype), jnp.full((Q,), C, jnp.int32))
+    _, dist, idx = jax.lax.while_loop(lambda c: c[0] < n_windows, body, init_carry)
+    return idx, dist
+
+
+def _pair_distances(metric: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    diff = a - b
+    if metric == "linf":
+        return jnp.abs(diff).max(-1)
+    return jnp.sqrt((diff * diff).sum(-1))
+
+
+def _merge_best(best_d, best_i, d, idx, C):
+    """Fold candidates d, idx [Q, W] into the running best [Q] (ties: lowest index)."""
+    d_min = d.min(1)
+    i_min = jnp.where(d == d_min[:, None], idx, C).min(1)
+    better = (d_min < best_d) | ((d_min == best_d) & (i_min < best_i))
+    return jnp.where(better, d_min, best_d), jnp.where(better, i_min, best_i)
+
+
+def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.Array, states: jax.Array,
+                          returns_to_go: jax.Array, timesteps: jax.Array, desirable: jax.Array,
+                          valid_mask: jax.Array, delta: float, *, chunk: int = 16384, propagate: bool = True,
+                          init_desirability: bool = False) -> tuple[EpisodicMemory, WriteCache]:
+    """:func:`write_episode` with the search of each step restricted to the entries
+    within delta: the cache's index (built before the phase) plus the slots re-keyed
+    since, so a write costs O(log C + candidates + recent) instead of O(size). The
+    result equals :func:`write_episode`'s (tested); when more slots were re-keyed in
+    the phase than the cache holds, the remaining steps search by brute force."""
+    R = cache.recent.shape[0]
+
+    def find(mem, qn, c: WriteCache):
+        def fast(_):
+            i_idx, d_idx = _hit_search(mem, c.index, qn[None], delta)
+            d = _pair_distances(mem.metric, qn[None, None, :], mem.keys_norm[c.recent][None])
+            d = jnp.where((jnp.arange(R) < c.count)[None] & (d <= delta), d, jnp.inf)
+            best_d, best_i = _merge_best(d_idx, i_idx, d, c.recent[None], mem.capacity)
+            return best_i[0], best_d[0]
+
+        def brute(_):
+            i, d = nearest(mem, qn[None], chunk)
+            return i[0], d[0]
+
+        return jax.lax.cond(c.count <= R, fast, brute, None)
+
+    def on_new_key(c: WriteCache, slot, new):
+        recent = jnp.where(new & (c.count < R), c.recent.at[jnp.minimum(c.count, R - 1)].set(slot), c.recent)
+        return c._replace(recent=recent, count=c.count + new.astype(jnp.int32))
+
+    return _write_loop(memory, find, on_new_key, cache, keys, states, returns_to_go, timesteps, desirable,
+                       valid_mask, delta, propagate, init_desirability)
 
 
 def discounted_returns(rewards: jax.Array, valid_mask: jax.Array, gamma) -> jax.Array:
@@ -300,3 +424,33 @@ def rekey(memory: EpisodicMemory, embed_fn: Callable[[jax.Array, jax.Array], jax
     _, keys = jax.lax.while_loop(lambda c: c[0] < n_active, body, (jnp.zeros((), jnp.int32), memory.keys))
     keys = jnp.where(filled_mask(memory)[:, None], keys, memory.keys)
     return refresh_stats(memory.replace(keys=keys))
+
+
+class HitIndex(NamedTuple):
+    """Filled entries sorted by their first normalized key coordinate (see the module
+    docstring); unfilled slots sort last with key +inf."""
+
+    order: jax.Array  # [C] int32, entry indices in ascending order of keys_norm[:, 0]
+    first: jax.Array  # [C] keys_norm[order, 0] (+inf for unfilled slots)
+
+
+def build_index(memory: EpisodicMemory) -> HitIndex:
+    """The :class:`HitIndex` of the memory's current normalized keys."""
+    first = jnp.where(filled_mask(memory), memory.keys_norm[:, 0], jnp.inf)
+    order = jnp.argsort(first).astype(jnp.int32)
+    return HitIndex(order=order, first=first[order])
+
+
+def lookup_hits(memory: EpisodicMemory, index: HitIndex, queries: jax.Array, delta: float,
+                window: int = 8) -> Recall:
+    """Recall of raw query keys [Q, k] for the hits only (module docstring): equals
+    :func:`lookup` on every query with an entry within ``delta``; the others get
+    ``hit = False``, ``distance = inf`` and zero H, ratio and desirability."""
+    idx, dist = _hit_search(memory, index, normalize(memory, queries), delta, window)
+    hit = dist <= delta
+    idx = jnp.where(hit, idx, 0)
+    n_call = memory.n_call[idx].astype(jnp.float32)
+    ratio = memory.n_xi[idx].astype(jnp.float32) / (n_call + RATIO_EPS)
+    return Recall(index=idx, distance=jnp.where(hit, dist, jnp.inf), hit=hit,
+                  H=jnp.where(hit, memory.H[idx], 0.0), desirable=hit & memory.desirable[idx],
+                  ratio=jnp.where(hit, ratio, 0.0))

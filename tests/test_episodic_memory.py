@@ -151,6 +151,77 @@ def test_lookup_matches_numpy_brute_force(metric):
     assert not bool(empty.hit.any()) and np.isinf(np.asarray(empty.distance)).all()
 
 
+@pytest.mark.parametrize("metric", em.METRICS)
+def test_indexed_hit_lookup_equals_brute_force_on_every_hit(metric):
+    """lookup_hits == lookup wherever lookup hits, including crowded first coordinates
+    (many entries share x_0, so candidate ranges span several windows) and ties."""
+    rng = np.random.default_rng(3)
+    m = _random_memory(rng, capacity=400, size=300).replace(metric=metric)
+    keys = np.array(m.keys)
+    keys[100:160, 0] = keys[100, 0]  # 60 entries with the same first coordinate
+    keys[200] = keys[201]  # an exact duplicate: the tie goes to the lower index
+    m = em.refresh_stats(m.replace(keys=jnp.asarray(keys)))
+    delta = 0.05
+    stored = keys[[0, 5, 100, 130, 159, 201, 299]]
+    queries = np.concatenate([
+        stored + rng.uniform(-1e-3, 1e-3, size=stored.shape) * np.asarray(m.std),  # hits
+        keys[rng.integers(0, 300, 40)] + rng.normal(size=(40, 4)) * 0.05 * np.asarray(m.std),  # mixed
+        rng.normal(size=(20, 4)) * 5.0,  # mostly misses
+        keys[350:352],  # unfilled slots' keys are never recalled
+    ]).astype(np.float32)
+    q = jnp.asarray(queries)
+    brute = em.lookup(m, q, 64, delta)
+    fast = jax.jit(lambda mem, qq: em.lookup_hits(mem, em.build_index(mem), qq, delta, window=4))(m, q)
+    hit = np.asarray(brute.hit)
+    assert hit[:len(stored)].all() and 0 < hit.sum() < len(queries)
+    np.testing.assert_array_equal(np.asarray(fast.hit), hit)
+    np.testing.assert_array_equal(np.asarray(fast.index)[hit], np.asarray(brute.index)[hit])
+    np.testing.assert_allclose(np.asarray(fast.distance)[hit], np.asarray(brute.distance)[hit], rtol=1e-6, atol=1e-7)
+    for f in ("H", "ratio", "desirable"):
+        np.testing.assert_array_equal(np.asarray(getattr(fast, f))[hit], np.asarray(getattr(brute, f))[hit])
+        assert not np.asarray(getattr(fast, f))[~hit].any()
+    assert np.isinf(np.asarray(fast.distance)[~hit]).all()
+    assert int(fast.index[len(stored) - 2]) == 200  # the duplicate of entry 201
+    # an empty memory recalls nothing
+    empty = em.init(16, 4, 5)
+    rec = em.lookup_hits(empty, em.build_index(empty), q, 1.0)
+    assert not bool(rec.hit.any())
+
+
+@pytest.mark.parametrize("recent_size", [64, 5])  # 5: the phase overflows into brute force
+def test_indexed_write_equals_brute_force_write(recent_size):
+    """Episodes with repeated keys (hits, memory shifts, max-H), misses and evictions
+    (capacity 24 < 48 distinct keys): the indexed writes give the same memory."""
+    rng = np.random.default_rng(4)
+    protos = rng.normal(size=(48, 3)).astype(np.float32)
+    L = 6
+
+    @jax.jit
+    def phase(memory, keys, rets, xis, valid):
+        brute = memory
+        cache = em.write_cache(memory, recent_size)
+        for e in range(keys.shape[0]):
+            args = (keys[e], keys[e][:, :2], rets[e], jnp.arange(L), xis[e], valid[e], DELTA)
+            brute = em.write_episode(brute, *args, chunk=5)
+            memory, cache = em.write_episode_indexed(memory, cache, *args, chunk=5)
+        return brute, memory, cache.count
+
+    memory = em.init(24, 3, 2)
+    for _ in range(3):  # three phases, the index rebuilt before each
+        ids = rng.integers(0, 48, size=(6, L))
+        keys = protos[ids] + rng.uniform(-1e-3, 1e-3, size=(6, L, 3)).astype(np.float32) * DELTA
+        rets = rng.normal(size=(6, L)).astype(np.float32)
+        valid = np.arange(L)[None] < rng.integers(2, L + 1, size=(6, 1))
+        brute, fast, count = phase(memory, jnp.asarray(keys), jnp.asarray(rets), jnp.asarray(rng.random(6) < 0.5),
+                                   jnp.asarray(valid))
+        for f in ("keys", "keys_norm", "states", "H", "timestep", "desirable", "n_call", "n_xi", "last_used",
+                  "size", "clock"):
+            np.testing.assert_array_equal(np.asarray(getattr(fast, f)), np.asarray(getattr(brute, f)), err_msg=f)
+        memory = brute
+    assert int(memory.size) == 24 and int(memory.n_call.max()) > 1  # evictions and hits happened
+    assert (int(count) > recent_size) == (recent_size == 5)
+
+
 def test_rekey_recomputes_every_filled_key_and_the_statistics():
     rng = np.random.default_rng(1)
     m = _random_memory(rng, capacity=50, size=37)
