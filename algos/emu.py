@@ -82,7 +82,8 @@ Deviations and choices (paper / official code)
   not change between an iteration's gradient steps, so the index is never stale.
   Writes search the same way: the index as it was before the iteration's writes plus
   the slots re-keyed since (``marl.episodic_memory.write_episode_indexed``, equal to
-  the brute-force write, tested).
+  the brute-force write, tested). After the writes the re-keyed slots are merged into
+  the index in O(C) (``update_index``); a full sort happens only after re-keying.
 """
 
 from __future__ import annotations
@@ -294,8 +295,8 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             cache = em.WriteCache(ext.index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
         else:
             cache = ()
-        _, memory, _ = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.zeros((), jnp.int32), ext.memory, cache))
-        return ext.replace(memory=memory, written=ext.written + n)
+        _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.zeros((), jnp.int32), ext.memory, cache))
+        return ext.replace(memory=memory, written=ext.written + n), cache
 
     def write_row(params, memory, cache, row, filled):
         step = row["step"]
@@ -336,7 +337,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
 
     def after_iteration(ext: EMUState, params, buffer, new_episodes, key):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
-        ext = write_new_episodes(ext, buffer, new_episodes)
+        ext, cache = write_new_episodes(ext, buffer, new_episodes)
         due_stats = ext.written - ext.last_stats >= config.stats_interval_episodes
         fresh, mem = em.refresh_stats(ext.memory), ext.memory
         memory = mem.replace(mean=jnp.where(due_stats, fresh.mean, mem.mean),
@@ -345,7 +346,13 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, ext.written, ext.last_stats))
         due = max_over_seeds((ext.env_steps - ext.last_embed >= config.embed_interval).astype(jnp.int32)) > 0
         ext = jax.lax.cond(due, train_embedding, lambda e, k: e, ext, key)
-        return ext.replace(index=em.build_index(ext.memory) if config.lookup == "index" else ext.index)
+        if config.lookup != "index":
+            return ext
+        # after re-keying (or more re-keyed slots than the cache lists) sort again, else
+        # merge this iteration's re-keyed slots into the old order
+        resort = due | (max_over_seeds(cache.count) > recent_size)
+        index = jax.lax.cond(resort, lambda m, i, c: em.build_index(m), em.update_index, ext.memory, ext.index, cache)
+        return ext.replace(index=index)
 
     hooks = ql.Hooks(init=init, intrinsic_reward=intrinsic_reward, extra_loss=extra_loss,
                      after_iteration=after_iteration)

@@ -5,6 +5,8 @@
     python -m experiments.bench --seeds-check 4       # also: 4 vmapped seeds vs 4 in a row
     python -m experiments.bench --algos mappo --regularizer-share   # + cost of KL / Wasserstein
     python -m experiments.bench --algos ippo --num-envs 16 --num-steps 32 --iterations 4 --sweep-check 2
+    python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64   # + EMU / backbone ratio
+    python -m experiments.bench --algos --num-envs 8 --emu-memory 1000000      # EMU's 1M-entry memory
 
 Measures:
 - random-policy environment throughput (env steps/s): uniform random valid actions,
@@ -16,6 +18,10 @@ Measures:
 - optionally (``--sweep-check N``), a sweep of 16 learning rates x N seeds as one program
   (``marl.sweep``'s row layout) vs the same 16 runs of N seeds one after another, and the
   compile time of each program (see :func:`sweep_check`);
+- optionally (``--emu-memory C``), one EMU lookup batch against a full memory of C
+  entries, indexed and brute force, and the memory's footprint (:func:`emu_memory_bench`);
+- EMU's and TRAMA's throughput as a share of their backbone's (its mixer, e.g. qmix),
+  when the backbone is benched in the same run;
 - optionally (``--regularizer-share``), MAPPO's update time with each regularizer vs none,
   as the added share ``(t_reg - t_none) / t_none`` (see :func:`regularizer_share`).
 Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
@@ -59,6 +65,11 @@ class BenchArgs:
     reference initial, loss mode with reference rollout) and report each one's added share"""
     sweep_check: int = 0
     """if > 0: a sweep of 16 configurations x this many seeds in one program vs the same 16 runs in a row"""
+    emu_memory: int = 0
+    """if > 0: EMU's episodic memory at this capacity, full, for --emu-memory-env's states: the time
+    of one lookup batch (32 episodes x the env's step limit), indexed and brute force, the index
+    rebuild, and the memory's footprint (see :func:`emu_memory_bench`)"""
+    emu_memory_env: str = "smax:5m_vs_6m"
 
 
 def _median_time(fn, arg, repeats):
@@ -156,6 +167,15 @@ def main(args: BenchArgs) -> dict:
     for name, r in result["algos"].items():
         if "sweep_check" in r:
             print_sweep_check(name, r["sweep_check"])
+    for name, r in result["algos"].items():
+        backbone = getattr(algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
+                                      total_steps=args.num_envs * args.num_steps * args.iterations,
+                                      **overrides).config, "mixer", None) if name in ("emu", "trama") else None
+        if backbone in result["algos"]:
+            r["ratio_to_backbone"] = r["env_steps_per_s"] / result["algos"][backbone]["env_steps_per_s"]
+            print(f"{name}: {100 * r['ratio_to_backbone']:.0f}% of its backbone {backbone}'s throughput")
+    if args.emu_memory:
+        result["emu_memory"] = emu_memory_bench(args.emu_memory, args.emu_memory_env, args.repeats)
     if args.regularizer_share:
         result["regularizer_share"] = regularizer_share(env, args, overrides)
         print_regularizer_share(result["regularizer_share"])
@@ -164,6 +184,63 @@ def main(args: BenchArgs) -> dict:
         json.dump(result, f, indent=2)
     print(f"JSON: {args.out}")
     return result
+
+
+# --------------------------------------------------------------- EMU's memory
+
+
+def emu_memory_bench(capacity: int, env_name: str, repeats: int, batch_episodes: int = 32,
+                     delta: float = 1.3e-5) -> dict:
+    """A full EMU memory of ``capacity`` entries with ``env_name``'s global state: keys
+    standard normal in 4-d (the dCAE's key size), so each query's candidate range is
+    realistic; one lookup batch of ``batch_episodes x max_steps`` queries, half of them
+    stored keys moved by less than delta (hits), half fresh keys (misses). Times (median
+    of ``repeats``, compile excluded): the indexed lookup EMU uses, the brute-force
+    lookup (one timing: it is slow at this size), and the index rebuild done once per
+    iteration. Footprint: bytes of every memory array plus the index."""
+    from marl import episodic_memory as em
+
+    spec = envs.make(env_name).spec
+    S, T, k = spec.state_dim, spec.max_steps, 4
+    keys = jax.random.normal(jax.random.PRNGKey(0), (capacity, k))
+    memory = em.init(capacity, k, S)
+    memory = em.refresh_stats(memory.replace(keys=keys, size=jnp.asarray(capacity, jnp.int32),
+                                             n_call=jnp.ones((capacity,), jnp.int32)))
+    Q = batch_episodes * T
+    q_hit = keys[: Q // 2] + delta * 0.1 * memory.std
+    q_miss = jax.random.normal(jax.random.PRNGKey(1), (Q - Q // 2, k))
+    queries = jnp.concatenate([q_hit, q_miss])
+    index = jax.block_until_ready(jax.jit(em.build_index)(memory))
+    build = jax.jit(em.build_index).lower(memory).compile()
+    indexed = jax.jit(lambda m, i, q: em.lookup_hits(m, i, q, delta)).lower(memory, index, queries).compile()
+    brute = jax.jit(lambda m, q: em.lookup(m, q, 2048, delta)).lower(memory, queries).compile()
+    rec = jax.block_until_ready(indexed(memory, index, queries))
+    t_indexed = statistics.median(_time_calls(lambda: indexed(memory, index, queries), repeats))
+    t_build = statistics.median(_time_calls(lambda: build(memory), repeats))
+    t0 = time.perf_counter()
+    rec_b = jax.block_until_ready(brute(memory, queries))
+    t_brute = time.perf_counter() - t0
+    same = bool(jnp.all(rec.hit == rec_b.hit) & jnp.all(jnp.where(rec.hit, rec.index == rec_b.index, True)))
+    nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
+    out = {"env": env_name, "capacity": capacity, "state_dim": S, "queries": Q, "hits": int(rec.hit.sum()),
+           "indexed_lookup_s": t_indexed, "brute_force_lookup_s": t_brute, "index_rebuild_s": t_build,
+           "indexed_equals_brute_force": same, "memory_bytes": nbytes(memory), "index_bytes": nbytes(index),
+           "bytes_per_entry": (nbytes(memory) + nbytes(index)) / capacity}
+    print(f"EMU memory, {capacity:,} entries of {env_name} states (S = {S}): lookup of {Q:,} queries "
+          f"({batch_episodes} episodes x {T} steps, {out['hits']:,} hits): indexed {1e3 * t_indexed:.2f} ms, "
+          f"brute force {1e3 * t_brute:,.0f} ms, index rebuild {1e3 * t_build:.0f} ms; same recall: {same}; "
+          f"footprint {out['memory_bytes'] / 2**20:,.0f} MiB + index {out['index_bytes'] / 2**20:.1f} MiB "
+          f"({out['bytes_per_entry']:.0f} B/entry)")
+    return out
+
+
+def _time_calls(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 # --------------------------------------------------------------- sweep check

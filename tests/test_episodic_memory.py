@@ -197,27 +197,36 @@ def test_indexed_write_equals_brute_force_write(recent_size):
     L = 6
 
     @jax.jit
-    def phase(memory, keys, rets, xis, valid):
+    def phase(memory, index, keys, rets, xis, valid):
         brute = memory
-        cache = em.write_cache(memory, recent_size)
+        cache = em.WriteCache(index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
         for e in range(keys.shape[0]):
             args = (keys[e], keys[e][:, :2], rets[e], jnp.arange(L), xis[e], valid[e], DELTA)
             brute = em.write_episode(brute, *args, chunk=5)
             memory, cache = em.write_episode_indexed(memory, cache, *args, chunk=5)
-        return brute, memory, cache.count
+        memory = em.refresh_stats(memory)  # the statistics move between phases
+        index = jax.lax.cond(cache.count > recent_size, lambda m, i, c: em.build_index(m), em.update_index,
+                             memory, index, cache)
+        return em.refresh_stats(brute), memory, index, cache.count
 
     memory = em.init(24, 3, 2)
-    for _ in range(3):  # three phases, the index rebuilt before each
+    index = em.build_index(memory)
+    for _ in range(4):  # each phase starts from the index merged (or rebuilt) after the last
         ids = rng.integers(0, 48, size=(6, L))
         keys = protos[ids] + rng.uniform(-1e-3, 1e-3, size=(6, L, 3)).astype(np.float32) * DELTA
         rets = rng.normal(size=(6, L)).astype(np.float32)
         valid = np.arange(L)[None] < rng.integers(2, L + 1, size=(6, 1))
-        brute, fast, count = phase(memory, jnp.asarray(keys), jnp.asarray(rets), jnp.asarray(rng.random(6) < 0.5),
-                                   jnp.asarray(valid))
+        brute, fast, index, count = phase(memory, index, jnp.asarray(keys), jnp.asarray(rets),
+                                          jnp.asarray(rng.random(6) < 0.5), jnp.asarray(valid))
         for f in ("keys", "keys_norm", "states", "H", "timestep", "desirable", "n_call", "n_xi", "last_used",
                   "size", "clock"):
             np.testing.assert_array_equal(np.asarray(getattr(fast, f)), np.asarray(getattr(brute, f)), err_msg=f)
-        memory = brute
+        # the merged index is the full sort's, up to the order of equal keys
+        full, n = em.build_index(fast), int(fast.size)
+        np.testing.assert_array_equal(np.asarray(index.first), np.asarray(full.first))
+        assert sorted(np.asarray(index.order[:n]).tolist()) == list(range(n))
+        np.testing.assert_array_equal(np.asarray(fast.keys_norm[index.order[:n], 0]), np.asarray(index.first[:n]))
+        memory = fast
     assert int(memory.size) == 24 and int(memory.n_call.max()) > 1  # evictions and hits happened
     assert (int(count) > recent_size) == (recent_size == 5)
 
