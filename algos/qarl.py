@@ -510,10 +510,7 @@ def save_grid(grid, masses, frictions, path_prefix: str, title: str = "") -> tup
     """Writes ``<prefix>.json`` (masses, frictions, returns [M][F]) and a heatmap
     ``<prefix>.png``; returns both paths. ``grid``: ``[M, F]`` (or ``[S, M, F]``: the
     heatmap shows the mean over seeds, the JSON keeps every seed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
     grid = np.asarray(grid, np.float64)
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)

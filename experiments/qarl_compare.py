@@ -133,10 +133,7 @@ def run_env(env_name: str, args, out_dir: str) -> dict:
 
 
 def plot_curves(results: dict, title: str, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
     warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)  # before a seed's first episode
     warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)

@@ -250,10 +250,7 @@ def curve(vals: np.ndarray, eps: np.ndarray) -> np.ndarray:
 
 def plot_env(env: str, runs: dict, metrics: list[str], path: str) -> str:
     """runs: kind -> records. One panel per metric, one line per kind, min-max band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):

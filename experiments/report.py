@@ -21,7 +21,8 @@ Outputs (``--out``, default ``<first dir>/report``):
   of the iterations) with a percentile-bootstrap CI over seeds; per method over all its
   tasks, the IQM of all (task, seed) scores with a stratified-bootstrap CI (seeds
   resampled within each task, rliable-style). Scores are raw: aggregate across tasks
-  only when their scales are comparable (win rates are).
+  only when their scales are comparable (win rates are). Also per (task, method): the
+  IQM of each seed's overall (time-normalized) score, its mean over all iterations.
 
 Metric ``auto``: the win rate when any run of the task won an episode, else the return.
 """
@@ -38,7 +39,7 @@ import numpy as np
 import tyro
 
 from marl.logging import read_metrics
-from marl.stats import bootstrap_band, bootstrap_ci, final_scores, iqm, stratified_bootstrap_ci
+from marl.stats import bootstrap_band, bootstrap_ci, final_scores, iqm, overall_scores, stratified_bootstrap_ci
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,10 +182,7 @@ def curve(values: np.ndarray, episodes: np.ndarray) -> np.ndarray:
 
 
 def plot_task(task: str, groups: list[Group], metrics: list[str], path: str, args: ReportArgs) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
     pct = f"{100 * args.confidence:g}%"
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
@@ -224,12 +222,16 @@ def build_tables(groups: list[Group], args: ReportArgs) -> dict:
             if metric not in g.values:
                 continue
             finals = final_scores(g.values[metric], g.episodes, args.final_fraction)
+            overall = overall_scores(g.values[metric], g.episodes)
+            overall = overall[np.isfinite(overall)]
             ok = finals[np.isfinite(finals)]
             point = iqm(ok) if ok.size else float("nan")
             lo, hi = bootstrap_ci(ok, iqm, **ci) if ok.size else (float("nan"), float("nan"))
             per_task.append({"task": task, "method": g.method, "metric": metric, "iqm": point, "ci_low": lo,
                              "ci_high": hi, "mean": float(ok.mean()) if ok.size else float("nan"),
                              "num_seeds": int(ok.size), "per_seed": [float(v) for v in finals],
+                             "overall_iqm": iqm(overall) if overall.size else float("nan"),
+                             "overall_per_seed": [float(v) for v in overall],
                              "sources": g.sources})
             if ok.size:
                 scores.setdefault(g.method, {})[task] = (metric, ok)
@@ -251,14 +253,16 @@ def markdown(tables: dict, args: ReportArgs) -> str:
         "",
         f"Each seed's score: its episode-weighted mean over the last {100 * args.final_fraction:g}% of iterations. "
         f"IQM = interquartile mean over seeds; {pct} percentile-bootstrap CI ({args.bootstrap_samples} resamples, "
-        f"seed {args.bootstrap_seed}).",
+        f"seed {args.bootstrap_seed}). Overall: IQM over seeds of each seed's mean over all iterations (area under "
+        "the learning curve / training length, a time-normalized score).",
         "",
-        f"| task | method | metric | IQM | {pct} CI | mean | seeds |",
-        "|---|---|---|---|---|---|---|",
+        f"| task | method | metric | IQM | {pct} CI | mean | overall | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in tables["per_task"]:
         lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['iqm']:.4f} | "
-                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['mean']:.4f} | {r['num_seeds']} |")
+                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['mean']:.4f} | {r['overall_iqm']:.4f} | "
+                     f"{r['num_seeds']} |")
     if tables["aggregate"]:
         lines += [
             "",

@@ -35,10 +35,7 @@ def curves(records: list[dict], metric: str, min_episodes: bool = True):
 
 
 def plot_run(run_dir: str, metrics=("return", "win_rate"), path: str | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
     records = read_metrics(run_dir)
     metrics = [m for m in metrics if any(m in r for r in records)]

@@ -175,3 +175,25 @@ def final_scores(values, episodes=None, fraction: float = 0.1) -> np.ndarray:
         if before.size:
             out[s] = float(v[s, before[-1]])
     return out
+
+
+def overall_scores(values, episodes=None) -> np.ndarray:
+    """Each seed's time-normalized score over the whole run: the mean over iterations
+    (equal env steps each) of ``values [seeds, iterations]``, i.e. the area under the
+    learning curve divided by the training length (EMU's "overall" win rate).
+    Iterations that ended no episode (``episodes == 0``) or hold NaN carry the
+    previous valid value; those before a seed's first valid value are skipped (NaN if
+    it never had one)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"values must be [seeds, iterations], got shape {v.shape}")
+    e = np.ones_like(v) if episodes is None else np.asarray(episodes, dtype=np.float64)
+    c = np.where(np.isfinite(v) & (e > 0), v, np.nan)
+    for i in range(1, c.shape[1]):
+        c[:, i] = np.where(np.isnan(c[:, i]), c[:, i - 1], c[:, i])
+    out = np.full(v.shape[0], np.nan)
+    for s in range(v.shape[0]):
+        ok = np.isfinite(c[s])
+        if ok.any():
+            out[s] = float(c[s][ok].mean())
+    return out

@@ -62,6 +62,9 @@ def test_bootstrap_band_and_final_scores():
     # seed 0: (1 * 1 + 3 * 3) / 4 = 2.5; seed 1: no episode in the window -> last valid value 5
     np.testing.assert_allclose(stats.final_scores(vals, eps, 0.5), [2.5, 5.0])
     np.testing.assert_allclose(stats.final_scores(vals, None, 0.25), [3.0, 9.0])
+    # overall: mean over iterations, carrying values over iterations without episodes
+    np.testing.assert_allclose(stats.overall_scores(vals, eps), [7.0 / 4, 19.0 / 4])
+    np.testing.assert_allclose(stats.overall_scores([[np.nan, 2.0, 4.0]]), [3.0])
 
 
 # ------------------------------------------------------------------ report
@@ -104,6 +107,9 @@ def test_report_on_a_hand_made_runs_directory(tmp_path):
     assert a_x["metric"] == "return"  # nobody won
     np.testing.assert_allclose(a_x["per_seed"], [1, 2, 3, 10])
     assert a_x["iqm"] == pytest.approx(2.5) and a_x["mean"] == pytest.approx(4.0)
+    # overall per seed f: (8 * 0 + (f - 1) + (f + 1/3)) / 10; IQM = mean of seeds 2 and 3
+    np.testing.assert_allclose(a_x["overall_per_seed"], [(2 * f - 2 / 3) / 10 for f in (1, 2, 3, 10)])
+    assert a_x["overall_iqm"] == pytest.approx(((4 - 2 / 3) + (6 - 2 / 3)) / 20)
     assert (a_x["ci_low"], a_x["ci_high"]) == pytest.approx(stats.bootstrap_ci([1, 2, 3, 10]))
     assert rows[("x", "b")]["iqm"] == pytest.approx(4.0)
     assert (rows[("x", "b")]["ci_low"], rows[("x", "b")]["ci_high"]) == pytest.approx((4.0, 4.0))
@@ -117,7 +123,7 @@ def test_report_on_a_hand_made_runs_directory(tmp_path):
 
     md = open(out["markdown"]).read()
     assert "| x | a | return | 2.5000 |" in md
-    assert "| x | b | return | 4.0000 | [4.0000, 4.0000] | 4.0000 | 4 |" in md
+    assert "| x | b | return | 4.0000 | [4.0000, 4.0000] | 4.0000 | 0.7333 | 4 |" in md
     assert "| a | 2 | return | 3.0000 |" in md
 
 
