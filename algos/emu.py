@@ -68,9 +68,9 @@ Deviations and choices (paper / official code)
   and Qbar there is not a value estimate (the official code applies it there too).
 - Final observations (the state after an episode's last transition) are not written;
   the official code writes pymarl's zero-reward padding slot with H = 0.
-- The returns H and the incentive use the static ``config.gamma``: a sweep over the
-  backbone's ``gamma`` hyperparameter does not reach them (the hooks do not see the
-  swept values).
+- The returns H and the incentive use the run's ``gamma`` hyperparameter (a swept
+  value reaches them through the hooks' ``hp``; ``config.gamma`` when a hook is
+  called without it). A memory written under one gamma holds returns of that gamma.
 - Not implemented: the official code's EMC-style curiosity reward (scale 1e-3; the
   paper finds it adds little) and its extra memory updates from replayed batches.
 - Lookup: the incentive only uses hits, so by default (``lookup="index"``) each
@@ -252,7 +252,10 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory))
         return {}, state
 
-    def intrinsic_reward(ext: EMUState, batch, target_next):
+    def gamma_of(hp):
+        return config.gamma if hp is None else hp.gamma
+
+    def intrinsic_reward(ext: EMUState, batch, target_next, hp=None):
         """gamma * scale * eta_t [B, T] for the transitions of ``batch``."""
         s_next = batch["state"][:, 1:]
         B, T = s_next.shape[:2]
@@ -266,7 +269,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             rec = em.lookup(ext.memory, keys, config.lookup_chunk, config.delta)
         eta = incentive(rec, target_next.reshape(B * T)).reshape(B, T)
         live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
-        return config.gamma * config.incentive_scale * jnp.where(live, eta, 0.0)
+        return gamma_of(hp) * config.incentive_scale * jnp.where(live, eta, 0.0)
 
     def extra_loss(params, ext: EMUState, batch, key):
         # no loss term: the hook reports the memory's state with the training metrics
@@ -279,7 +282,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             "embed_loss": ext.embed_loss,
         }
 
-    def write_new_episodes(ext: EMUState, buffer, new_episodes):
+    def write_new_episodes(ext: EMUState, buffer, new_episodes, gamma):
         cap = buffer.capacity
         n = jnp.minimum(new_episodes, cap).astype(jnp.int32)
 
@@ -288,7 +291,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             r = (buffer.insert_pos - n + j) % cap
             row = jax.tree.map(lambda x: x[r], buffer.data)
             filled = buffer.filled[r]
-            memory, cache = write_row(ext.embed_params, memory, cache, row, filled)
+            memory, cache = write_row(ext.embed_params, memory, cache, row, filled, gamma)
             return j + 1, memory, cache
 
         if config.lookup == "index":
@@ -298,7 +301,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.zeros((), jnp.int32), ext.memory, cache))
         return ext.replace(memory=memory, written=ext.written + n), cache
 
-    def write_row(params, memory, cache, row, filled):
+    def write_row(params, memory, cache, row, filled, gamma):
         step = row["step"]
         valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
         last = jnp.maximum(filled.sum() - 1, 0)
@@ -307,7 +310,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         else:
             xi = row["episode"]["return"][last] >= config.desirable_return
         t = jnp.arange(L + 1)
-        returns = em.discounted_returns(reward_scale * step["reward"], valid, config.gamma)
+        returns = em.discounted_returns(reward_scale * step["reward"], valid, gamma)
         keys = encode(params, step["state"], t)
         kw = dict(chunk=WRITE_CHUNK, propagate=config.propagate_desirability,
                   init_desirability=config.init_desirability)
@@ -335,9 +338,9 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
                            embed_loss=jnp.where(ready, losses.mean(), ext.embed_loss),
                            last_embed=ext.env_steps)
 
-    def after_iteration(ext: EMUState, params, buffer, new_episodes, key):
+    def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
-        ext, cache = write_new_episodes(ext, buffer, new_episodes)
+        ext, cache = write_new_episodes(ext, buffer, new_episodes, gamma_of(hp))
         due_stats = ext.written - ext.last_stats >= config.stats_interval_episodes
         fresh, mem = em.refresh_stats(ext.memory), ext.memory
         memory = mem.replace(mean=jnp.where(due_stats, fresh.mean, mem.mean),

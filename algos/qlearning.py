@@ -184,12 +184,13 @@ class Hooks(NamedTuple):
     agent_inputs(ext_params, fields) -> [..., A, extra_input_dim]: extra agent inputs
         built from the step's fields, for acting and for training (online and
         target networks read the same stored fields).
-    intrinsic_reward(ext_state, batch, target_next) -> [B, T]: added to r_t in the
-        TD target (e.g. EMU's gamma * eta); ``target_next`` is Qbar_{t+1} [B, T].
+    intrinsic_reward(ext_state, batch, target_next, hp) -> [B, T]: added to r_t in the
+        TD target (e.g. EMU's gamma * eta); ``target_next`` is Qbar_{t+1} [B, T];
+        ``hp`` the run's :class:`HParams` (swept values such as gamma reach the hook).
     extra_loss(params, ext_state, batch, key) -> (loss, metrics dict): added to the
         TD loss in the same gradient step (``params`` is the full dict, so the hook
         can read the agents' parameters too).
-    after_iteration(ext_state, params, buffer, new_episodes, key) -> ext_state: once
+    after_iteration(ext_state, params, buffer, new_episodes, key, hp) -> ext_state: once
         per iteration after training (memory writes, clustering); ``new_episodes``
         [] is how many episodes entered the buffer this iteration (the newest rows
         end at ``buffer.insert_pos``).
@@ -588,7 +589,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         reward = reward_scale * batch["reward"][:, :-1]
         metrics = {}
         if hooks.intrinsic_reward is not None:
-            bonus = hooks.intrinsic_reward(ext_state, batch, next_tot)
+            bonus = hooks.intrinsic_reward(ext_state, batch, next_tot, hp)
             reward = reward + bonus
             metrics["intrinsic_reward"] = (bonus * mask).sum() / jnp.maximum(mask.sum(), 1.0)
         reg_loss = jnp.zeros(())
@@ -662,7 +663,8 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         state = state.replace(target_params=target, target_episodes=jnp.where(copy, state.episodes,
                                                                                state.target_episodes))
         if hooks.after_iteration is not None:
-            ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - episodes_before, k_hook)
+            ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - episodes_before,
+                                        k_hook, hp)
             state = state.replace(ext=ext)
         metrics.update(episode_metrics(stats))
         metrics.update(epsilon=eps, buffer_episodes=state.buffer.size.astype(jnp.float32))

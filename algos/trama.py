@@ -523,7 +523,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
                    "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4]}
         return config.class_loss_coef * on * ce, metrics
 
-    def after_iteration(ext: TRAMAState, params, buffer, new_episodes, key):
+    def after_iteration(ext: TRAMAState, params, buffer, new_episodes, key, hp=None):
         k_vq, k_cl = jax.random.split(key)
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration, episodes=ext.episodes + new_episodes)
         # the rows stored this iteration have no cluster label yet

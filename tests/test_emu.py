@@ -10,6 +10,7 @@ import pytest
 import algos
 import envs
 from algos import emu
+from algos import qlearning as ql
 from marl import buffers
 from marl import episodic_memory as em
 from marl.config import ConfigError
@@ -60,12 +61,17 @@ def test_incentive_in_the_td_target_hand_computed():
     off = emu.make_parts(SPEC, _config(incentive=False)).hooks.intrinsic_reward
     batch_far = dict(batch, state=batch["state"] + 10.0)  # states the memory has never seen
 
+    swept = ql.HParams(*(jnp.asarray(v, jnp.float32) for v in (1e-3, 0.25, 0.6, 0.05, 0.0, 0.05)))
+
     @jax.jit
     def variants(ext):
         return (parts.hooks.intrinsic_reward(ext, batch, target_next), scaled(ext, batch, target_next),
-                off(ext, batch, target_next), parts.hooks.intrinsic_reward(ext, batch_far, target_next))
+                off(ext, batch, target_next), parts.hooks.intrinsic_reward(ext, batch_far, target_next),
+                parts.hooks.intrinsic_reward(ext, batch, target_next, swept))
 
-    bonus, scaled, off, far = (np.asarray(x) for x in variants(ext))
+    bonus, scaled, off, far, bonus_swept = (np.asarray(x) for x in variants(ext))
+    # a swept gamma (0.25 instead of the config's 0.5) reaches the incentive's gamma factor
+    np.testing.assert_allclose(bonus_swept, 0.5 * bonus, rtol=1e-5)
     bonus = bonus[0]
     p = 1.0 / (2.0 + 1e-3)
     # t = 0: s_1 has H = 1.0 > 0.2; t = 1: s_2 has H = 2.0 < 3.0 (no gap);

@@ -108,14 +108,14 @@ def _toy_hooks():
     def agent_inputs(ext_params, fields):
         return ext_params["emb"][fields["cls"]]
 
-    def intrinsic_reward(ext_state, batch, target_next):
+    def intrinsic_reward(ext_state, batch, target_next, hp):
         return jnp.full(target_next.shape[:2], bonus)
 
     def extra_loss(params, ext_state, batch, key):
         loss = 1e-3 * jnp.sum(params["ext"]["emb"] ** 2)
         return loss, {"emb_norm": loss}
 
-    def after_iteration(ext_state, params, buffer, new_episodes, key):
+    def after_iteration(ext_state, params, buffer, new_episodes, key, hp):
         return {"calls": ext_state["calls"] + 1}
 
     return ql.Hooks(init=init, step_fields=step_fields, agent_inputs=agent_inputs, extra_input_dim=2,
