@@ -290,7 +290,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             j, memory, cache = carry
             r = (buffer.insert_pos - n + j) % cap
             row = jax.tree.map(lambda x: x[r], buffer.data)
-            filled = buffer.filled[r]
+            filled = buffer.filled[r] & (j < n)  # rows past this seed's count write nothing
             memory, cache = write_row(ext.embed_params, memory, cache, row, filled, gamma)
             return j + 1, memory, cache
 
@@ -298,7 +298,11 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             cache = em.WriteCache(ext.index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
         else:
             cache = ()
-        _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n, body, (jnp.zeros((), jnp.int32), ext.memory, cache))
+        # one trip count for all vmapped seeds (a per-seed count would select the whole memory
+        # at every step)
+        n_max = max_over_seeds(n)
+        _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n_max, body,
+                                              (jnp.zeros((), jnp.int32), ext.memory, cache))
         return ext.replace(memory=memory, written=ext.written + n), cache
 
     def write_row(params, memory, cache, row, filled, gamma):

@@ -6,6 +6,7 @@
     python -m experiments.bench --algos mappo --regularizer-share   # + cost of KL / Wasserstein
     python -m experiments.bench --algos ippo --num-envs 16 --num-steps 32 --iterations 4 --sweep-check 2
     python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64   # + EMU / backbone ratio
+    python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64 --iterations 4 --warmup-updates 40
     python -m experiments.bench --algos --num-envs 8 --emu-memory 1000000      # EMU's 1M-entry memory
 
 Measures:
@@ -54,6 +55,8 @@ class BenchArgs:
     num_steps: int = 128
     iterations: int = 2
     """updates per timed call"""
+    warmup_updates: int = 0
+    """updates run before timing (at least one call of --iterations); e.g. to fill EMU's memory"""
     repeats: int = 3
     seeds_check: int = 0
     """if > 0: compare this many vmapped seeds with as many single-seed runs"""
@@ -105,13 +108,16 @@ def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
     return num_envs * num_steps / t
 
 
-def algo_bench(algo, iterations, repeats, num_seeds=1):
+def algo_bench(algo, iterations, repeats, num_seeds=1, warmup_updates=0):
     keys = jax.random.split(jax.random.PRNGKey(0), num_seeds)
     state = init_states(algo, keys)
     t0 = time.perf_counter()
     fn = make_chunk_fn(algo, iterations).lower(state).compile()
     compile_s = time.perf_counter() - t0
     state, _, _ = jax.block_until_ready(fn(state))  # warm-up (and past any learning start)
+    for _ in range(max(0, -(-warmup_updates // iterations) - 1)):
+        state, _, _ = fn(state)
+    state = jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -136,7 +142,7 @@ def main(args: BenchArgs) -> dict:
     for name in args.algos:
         algo = algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
                           total_steps=args.num_envs * args.num_steps * args.iterations, **overrides)
-        r = algo_bench(algo, args.iterations, args.repeats)
+        r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=args.warmup_updates)
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
         if args.seeds_check:
             s = args.seeds_check

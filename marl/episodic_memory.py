@@ -103,6 +103,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from marl.types import max_over_seeds
+
 METRICS = ("linf", "l2")
 RATIO_EPS = 1e-3  # p = N_xi / (N_call + RATIO_EPS), as in the paper
 MIN_STD = 1e-6
@@ -195,7 +197,7 @@ def nearest(memory: EpisodicMemory, queries_norm: jax.Array, chunk: int) -> tupl
     """
     C = memory.capacity
     chunk = max(1, min(int(chunk), C))
-    n_active = (memory.size + chunk - 1) // chunk
+    n_active = max_over_seeds((memory.size + chunk - 1) // chunk)  # one trip count for all vmapped seeds
     Q = queries_norm.shape[0]
 
     def body(carry):
@@ -268,7 +270,9 @@ def _write_loop(memory, find, on_new_key, extra, keys, states, returns_to_go, ti
                 delta, propagate, init_desirability):
     valid_mask = valid_mask.astype(bool)
     L = valid_mask.shape[0]
-    last = jnp.max(jnp.where(valid_mask, jnp.arange(L), -1))
+    # one trip count for every vmapped seed: a per-seed count would make the loop select
+    # its whole carry (the memory) at every step; steps past a seed's own last are invalid
+    last = max_over_seeds(jnp.max(jnp.where(valid_mask, jnp.arange(L), -1)))
 
     def body(carry):
         t, mem, xi, ext = carry
@@ -333,7 +337,7 @@ def _hit_search(memory: EpisodicMemory, index: HitIndex, qn: jax.Array, delta, w
     margin = delta * (1.0 + 1e-3) + 4.0 * jnp.finfo(qn.dtype).eps * (1.0 + jnp.abs(q0))
     lo = jnp.searchsorted(index.first, q0 - margin, side="left").astype(jnp.int32)
     hi = jnp.searchsorted(index.first, q0 + margin, side="right").astype(jnp.int32)
-    n_windows = (jnp.max(jnp.maximum(hi - lo, 0), initial=0) + W - 1) // W
+    n_windows = max_over_seeds((jnp.max(jnp.maximum(hi - lo, 0), initial=0) + W - 1) // W)
     Q = qn.shape[0]
 
     def body(carry):
@@ -373,7 +377,8 @@ def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.A
     within delta: the cache's index (built before the phase) plus the slots re-keyed
     since, so a write costs O(log C + candidates + recent) instead of O(size). The
     result equals :func:`write_episode`'s (tested); when more slots were re-keyed in
-    the phase than the cache holds, the remaining steps search by brute force."""
+    the phase than the cache holds (in any vmapped seed), the remaining steps search
+    by brute force."""
     R = cache.recent.shape[0]
 
     def find(mem, qn, c: WriteCache):
@@ -388,7 +393,8 @@ def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.A
             i, d = nearest(mem, qn[None], chunk)
             return i[0], d[0]
 
-        return jax.lax.cond(c.count <= R, fast, brute, None)
+        # the same branch for every vmapped seed, so it stays a branch (not both sides)
+        return jax.lax.cond(max_over_seeds(c.count) <= R, fast, brute, None)
 
     def on_new_key(c: WriteCache, slot, new):
         recent = jnp.where(new & (c.count < R), c.recent.at[jnp.minimum(c.count, R - 1)].set(slot), c.recent)
@@ -415,7 +421,7 @@ def rekey(memory: EpisodicMemory, embed_fn: Callable[[jax.Array, jax.Array], jax
     then refresh the normalization statistics. Runs over the filled chunks only."""
     C = memory.capacity
     chunk = C if chunk is None else max(1, min(int(chunk), C))
-    n_active = (memory.size + chunk - 1) // chunk
+    n_active = max_over_seeds((memory.size + chunk - 1) // chunk)
 
     def body(carry):
         c, keys = carry
