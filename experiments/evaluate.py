@@ -24,9 +24,9 @@ import tyro
 
 import algos
 import envs
-from experiments.train import _apply, make_env, parse_env_kwargs
+from experiments.train import make_env, parse_env_kwargs
 from marl.checkpoint import Checkpointer
-from marl.config import ConfigError
+from marl.config import ConfigError, apply_overrides
 from marl.evaluation import evaluate_seeds
 from marl.runner import init_states
 
@@ -51,7 +51,7 @@ def load_run(run_dir: str):
             desc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError("run_dir", run_dir, f"must hold a readable run.json ({e})") from None
-    config = _apply(algos.default_config(desc["algo"]), desc.get("config", {}))
+    config = apply_overrides(algos.default_config(desc["algo"]), desc.get("config", {}), "config")
     env = make_env(desc["env"], parse_env_kwargs(desc.get("env_kwargs", {})))
     return algos.make(desc["algo"], env, config), desc
 

@@ -43,7 +43,7 @@ import tyro
 import algos
 import envs
 from marl import regularizers as reg
-from marl.config import ConfigError
+from marl.config import ConfigError, apply_overrides, json_dict_arg
 from marl.stats import bootstrap_ci, iqm
 
 ALGO = "mappo"
@@ -97,40 +97,6 @@ class StudyArgs:
 # ------------------------------------------------------------------ config building
 
 
-def _load_overrides(text: Optional[str]) -> dict:
-    if not text:
-        return {}
-    src = text
-    if not text.lstrip().startswith("{") and os.path.isfile(text):
-        try:
-            with open(text) as f:
-                src = f.read()
-        except OSError as e:
-            raise ConfigError("overrides", text, f"must be a JSON dict or a readable JSON file ({e})") from None
-    try:
-        values = json.loads(src)
-    except json.JSONDecodeError as e:
-        raise ConfigError("overrides", text, f"must be a JSON dict ({e})") from None
-    if not isinstance(values, dict):
-        raise ConfigError("overrides", text, "must be a JSON dict of PPO config fields")
-    return values
-
-
-def _apply(config, values: dict, prefix: str):
-    """``dataclasses.replace`` with nested dicts for nested dataclasses; validated."""
-    names = {f.name for f in dataclasses.fields(config)}
-    changes = {}
-    for k, v in values.items():
-        if k not in names:
-            raise ConfigError(f"{prefix}.{k}", v, f"unknown field; allowed: {sorted(names)}")
-        cur = getattr(config, k)
-        changes[k] = _apply(cur, v, f"{prefix}.{k}") if dataclasses.is_dataclass(cur) and isinstance(v, dict) else v
-    try:
-        return dataclasses.replace(config, **changes)
-    except TypeError as e:
-        raise ConfigError(prefix, values, f"invalid value ({e})") from None
-
-
 def study_configs(args: StudyArgs) -> dict:
     """-> {(env, kind): PPOConfig}, every config validated (nothing compiled).
 
@@ -144,14 +110,14 @@ def study_configs(args: StudyArgs) -> dict:
             raise ConfigError("kinds", k, f"unknown regularizer kind; allowed: {list(reg.KINDS)}")
     if len(set(args.kinds)) != len(args.kinds):
         raise ConfigError("kinds", args.kinds, "must not repeat a kind")
-    values = dict(_load_overrides(args.overrides))
+    values = dict(json_dict_arg("overrides", args.overrides) or {})
     if "total_steps" in values:
         raise ConfigError("overrides.total_steps", values["total_steps"], "set it with --total-steps")
     reg_values = values.pop("regularizer", {})
     if not isinstance(reg_values, dict):
         raise ConfigError("overrides.regularizer", reg_values, "must be a dict of regularizer fields")
-    base_reg = _apply(reg.RegularizerConfig(), reg_values, "overrides.regularizer")
-    base = _apply(algos.default_config(ALGO), values, "overrides")
+    base_reg = apply_overrides(reg.RegularizerConfig(), reg_values, "overrides.regularizer")
+    base = apply_overrides(algos.default_config(ALGO), values, "overrides")
     out = {}
     for kind in args.kinds:
         rc = dataclasses.replace(

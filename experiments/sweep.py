@@ -32,7 +32,7 @@ import tyro
 
 import algos
 import envs
-from marl.config import ConfigError
+from marl.config import ConfigError, apply_overrides, json_dict_arg
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,28 +77,8 @@ class SweepArgs:
     """print the sweepable hyperparameters of --algo and exit"""
 
 
-def _json_arg(field: str, text: Optional[str]):
-    if text is None:
-        return None
-    src = text
-    if not text.lstrip().startswith(("{", "[")) and os.path.isfile(text):
-        try:
-            with open(text) as f:
-                src = f.read()
-        except OSError as e:
-            raise ConfigError(field, text, f"must be JSON or a readable JSON file ({e})") from None
-    try:
-        value = json.loads(src)
-    except json.JSONDecodeError as e:
-        raise ConfigError(field, text, f"must be a JSON dict or a JSON file ({e})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(field, text, "must be a JSON dict")
-    return value
-
-
 def build(args: SweepArgs):
     """-> (algorithm, configurations, base config). Everything validated, nothing compiled."""
-    from experiments.regularizer_study import _apply
     from marl import sweep
 
     for field in ("num_seeds", "num_configs", "chunk_iterations", "checkpoint_every"):
@@ -108,16 +88,16 @@ def build(args: SweepArgs):
     if (args.grid is None) == (args.random is None):
         raise ConfigError("grid/random", (args.grid, args.random), "give exactly one of --grid and --random")
     base = algos.default_config(args.algo)  # unknown algorithm -> ConfigError
-    overrides = _json_arg("overrides", args.overrides) or {}
+    overrides = json_dict_arg("overrides", args.overrides) or {}
     if "total_steps" in overrides and args.total_steps is not None:
         raise ConfigError("overrides.total_steps", overrides["total_steps"], "set it with --total-steps only")
-    base = _apply(base, overrides, "overrides")
+    base = apply_overrides(base, overrides, "overrides")
     if args.total_steps is not None:
         base = dataclasses.replace(base, total_steps=args.total_steps)
     if args.grid is not None:
-        configs = sweep.grid(_json_arg("grid", args.grid))
+        configs = sweep.grid(json_dict_arg("grid", args.grid))
     else:
-        configs = sweep.random_search(_json_arg("random", args.random), args.num_configs, args.sweep_seed)
+        configs = sweep.random_search(json_dict_arg("random", args.random), args.num_configs, args.sweep_seed)
     from experiments.train import make_env, parse_env_kwargs
 
     try:

@@ -29,7 +29,7 @@ import tyro
 
 import algos
 import envs
-from marl.config import ConfigError
+from marl.config import ConfigError, apply_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,18 +144,7 @@ def load_config_file(path: str, defaults):
             values = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError("config_file", path, f"must be a readable JSON file ({e})") from None
-    return _apply(defaults, values)
-
-
-def _apply(config, values: dict):
-    names = {f.name: f for f in dataclasses.fields(config)}
-    changes = {}
-    for k, v in values.items():
-        if k not in names:
-            raise ConfigError(f"config_file.{k}", v, f"unknown field; allowed: {sorted(names)}")
-        cur = getattr(config, k)
-        changes[k] = _apply(cur, v) if dataclasses.is_dataclass(cur) and isinstance(v, dict) else v
-    return dataclasses.replace(config, **changes)
+    return apply_overrides(defaults, values, "config_file")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

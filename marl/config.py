@@ -7,6 +7,8 @@ raises :class:`ConfigError` naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any, Iterable
 
 
@@ -57,3 +59,42 @@ def check_total_steps(total_steps: int, num_envs: int, num_steps: int) -> None:
 def replace(config, **changes):
     """``dataclasses.replace`` that re-runs validation (``__post_init__``)."""
     return dataclasses.replace(config, **changes)
+
+
+def apply_overrides(config, values: dict, prefix: str):
+    """``dataclasses.replace`` of ``config`` with ``values``, nested dicts going into
+    nested dataclasses. An unknown field raises ConfigError naming ``prefix.field`` and
+    the allowed names; the config's own checks (``__post_init__``) run as usual."""
+    names = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"{prefix}.{k}", v, f"unknown field; allowed: {sorted(names)}")
+        cur = getattr(config, k)
+        nested = dataclasses.is_dataclass(cur) and isinstance(v, dict)
+        changes[k] = apply_overrides(cur, v, f"{prefix}.{k}") if nested else v
+    try:
+        return dataclasses.replace(config, **changes)
+    except TypeError as e:
+        raise ConfigError(prefix, values, f"invalid value ({e})") from None
+
+
+def json_dict_arg(field: str, text):
+    """A command-line JSON dict given inline or as a path to a JSON file -> dict (None
+    for None); ConfigError naming ``field`` otherwise."""
+    if text is None:
+        return None
+    src = text
+    if not text.lstrip().startswith(("{", "[")) and os.path.isfile(text):
+        try:
+            with open(text) as f:
+                src = f.read()
+        except OSError as e:
+            raise ConfigError(field, text, f"must be JSON or a readable JSON file ({e})") from None
+    try:
+        value = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise ConfigError(field, text, f"must be a JSON dict or a JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(field, text, "must be a JSON dict")
+    return value
