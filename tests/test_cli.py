@@ -1,9 +1,12 @@
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import train as cli
+from marl.config import ConfigError
 
 TINY = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
         "--hidden", "16", "--no-progress"]
@@ -88,6 +91,26 @@ def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
 
     algo, _ = evaluate.load_run(str(tmp_path / "swarm"))
     assert algo.env.spec.num_agents == 5 and algo.env.spec.max_steps == 8
+    # the trained parameters run at another N (no agent ids: they do not depend on N)
+    assert evaluate.main([str(tmp_path / "swarm"), "--episodes", "2", "--env-kwargs", '{"num_agents": 7}']) == 0
+    ev = json.loads((tmp_path / "swarm" / "eval_2_num_agents7.json").read_text())
+    assert ev["env_kwargs"] == {"num_agents": 7, "max_steps": 8} and np.isfinite(ev["return"]).all()
+    assert evaluate.main([str(tmp_path / "swarm"), "--env-kwargs", '{"num_agentz": 7}']) == 2
+    assert "env_kwargs.num_agentz" in capsys.readouterr().err
+    # parameters whose shapes do not fit the changed environment are refused, naming env_kwargs
+    algo, desc, params, _ = evaluate.restore_params(str(tmp_path / "swarm"))
+    with pytest.raises(ConfigError, match="env_kwargs"):
+        evaluate.with_env(algo, desc, jax.tree.map(lambda x: x[..., :1], params), {"num_agents": 7})
+    # the transfer table: one row per N, returns finite, table and plot written
+    from experiments import swarm_transfer
+
+    res = swarm_transfer.transfer(swarm_transfer.TransferArgs(
+        run_dirs=(str(tmp_path / "swarm"),), num_agents=(3, 9), episodes=1, out=str(tmp_path / "tr")))
+    assert [r["n"] for r in res["rows"]] == [3, 9] and all(np.isfinite(r["mean"]) for r in res["rows"])
+    assert "N=9" in (tmp_path / "tr" / "transfer.md").read_text()
+    assert (tmp_path / "tr" / "transfer_swarm-aggregation.png").stat().st_size > 1000
+    assert swarm_transfer.main([str(tmp_path / "swarm"), "--num-agents", "1"]) == 2
+    assert "num_agents" in capsys.readouterr().err
     # resuming with other environment arguments is not an exact resume
     other = [a if a != '{"num_agents": 5, "max_steps": 8}' else '{"num_agents": 6, "max_steps": 8}' for a in args]
     assert cli.main(other + ["--resume"]) == 2

@@ -1,0 +1,168 @@
+"""Return of trained swarm policies as the number of agents changes.
+
+    python -m experiments.swarm_transfer runs/swarm_study/aggregation_dec_pomfc runs/swarm_study/aggregation_ippo
+    python -m experiments.swarm_transfer runs/swarm_study/*_dec_pomfc --num-agents 10 100 1000 10000 --episodes 8
+
+Every run (trained at its own N, as written by ``experiments.train``) is restored from
+its latest checkpoint and evaluated, greedily, at every N of ``--num-agents``; nothing
+is retrained. Policies whose parameters do not depend on N (Dec-POMFC; IPPO / MAPPO
+without one-hot agent ids) run unchanged; a run whose parameters do depend on N is
+reported as such and skipped. Returns of the swarm tasks are sums over the episode of
+a reward on the empirical distribution (order parameter, polarization, minus the mean
+distance to the centre), so they are comparable across N.
+
+Outputs (``--out``, default ``<parent of the first run>/transfer``): ``transfer.json``
+(per run and N: per-seed returns, their mean and min / max over seeds, seconds),
+``transfer.md`` (one table per task: runs x N) and ``transfer_<task>.png`` (return vs N,
+log scale, one line per run, min-max band over seeds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import tyro
+
+from marl.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferArgs:
+    run_dirs: tyro.conf.Positional[tuple[str, ...]]
+    """run directories (each with run.json and checkpoints/)"""
+    num_agents: tuple[int, ...] = (10, 100, 1000, 10000)
+    """swarm sizes to evaluate at"""
+    episodes: int = 8
+    """greedy episodes per seed at each N"""
+    large_episodes: int = 2
+    """episodes per seed at N >= large_n (a large swarm's return varies little between episodes)"""
+    large_n: int = 5000
+    seed: int = 12345
+    out: Optional[str] = None
+
+
+def check_args(args: TransferArgs) -> None:
+    if not args.run_dirs:
+        raise ConfigError("run_dirs", args.run_dirs, "must name at least one run directory")
+    for n in args.num_agents:
+        if not (isinstance(n, int) and n >= 2):
+            raise ConfigError("num_agents", n, "must be integers >= 2")
+    for field in ("episodes", "large_episodes", "large_n"):
+        v = getattr(args, field)
+        if not (isinstance(v, int) and v >= 1):
+            raise ConfigError(field, v, "must be a positive integer")
+    for d in args.run_dirs:
+        if not os.path.isfile(os.path.join(d, "run.json")):
+            raise ConfigError("run_dirs", d, "must be a run directory holding run.json")
+
+
+def transfer(args: TransferArgs) -> dict:
+    """Evaluate every run at every N -> {"rows": [...], "out": dir, "table": markdown}."""
+    from experiments.evaluate import evaluate_run
+
+    check_args(args)
+    rows = []
+    for d in args.run_dirs:
+        with open(os.path.join(d, "run.json")) as f:
+            desc = json.load(f)
+        trained_n = desc.get("env_kwargs", {}).get("num_agents")
+        for n in args.num_agents:
+            episodes = args.large_episodes if n >= args.large_n else args.episodes
+            t0 = time.perf_counter()
+            try:
+                ev = evaluate_run(d, episodes, True, None, args.seed, {"num_agents": n})
+            except ConfigError as e:
+                if e.field != "env_kwargs":
+                    raise
+                print(f"  {d} at N={n}: skipped ({e})", flush=True)
+                rows.append({"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n,
+                             "n": n, "skipped": str(e)})
+                continue
+            ret = np.asarray(ev["return"], np.float64)
+            row = {"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n, "n": n,
+                   "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
+                   "min": float(ret.min()), "max": float(ret.max()), "seconds": time.perf_counter() - t0,
+                   "env_steps": ev["env_steps"]}
+            rows.append(row)
+            print(f"  {desc['algo']} on {desc['env']} (trained at N={trained_n}) at N={n}: "
+                  f"return {row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}] ({row['seconds']:.0f}s)",
+                  flush=True)
+
+    out = os.path.abspath(args.out or os.path.join(os.path.dirname(os.path.abspath(args.run_dirs[0])), "transfer"))
+    os.makedirs(out, exist_ok=True)
+    table = markdown(rows, args.num_agents)
+    with open(os.path.join(out, "transfer.json"), "w") as f:
+        json.dump({"args": dataclasses.asdict(args), "rows": rows}, f, indent=2)
+    with open(os.path.join(out, "transfer.md"), "w") as f:
+        f.write(table + "\n")
+    plots = [plot(env, [r for r in rows if r["env"] == env], os.path.join(out, f"transfer_{_slug(env)}.png"))
+             for env in dict.fromkeys(r["env"] for r in rows)]
+    print("\n" + table + f"\n\nwritten: {out}")
+    return {"rows": rows, "out": out, "table": table, "plots": plots}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+
+
+def _label(r: dict) -> str:
+    return f"{r['algo']} (trained N={r['trained_n']})"
+
+
+def markdown(rows: list[dict], ns) -> str:
+    lines = ["Greedy return (mean over seeds, [min, max] over seeds) at each N; "
+             "each policy trained at one N only.", ""]
+    for env in dict.fromkeys(r["env"] for r in rows):
+        lines += [f"**{env}**", "", "| policy | " + " | ".join(f"N={n:,}" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
+        for run in dict.fromkeys(r["run"] for r in rows if r["env"] == env):
+            cells = {r["n"]: r for r in rows if r["run"] == run}
+            first = next(iter(cells.values()))
+            txt = [("n/a" if "skipped" in cells[n] else f"{cells[n]['mean']:.2f} [{cells[n]['min']:.2f}, "
+                    f"{cells[n]['max']:.2f}]") if n in cells else "" for n in ns]
+            lines.append(f"| {_label(first)} | " + " | ".join(txt) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot(env: str, rows: list[dict], path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        rs = sorted((r for r in rows if r["run"] == run and "skipped" not in r), key=lambda r: r["n"])
+        if not rs:
+            continue
+        n = [r["n"] for r in rs]
+        (line,) = ax.plot(n, [r["mean"] for r in rs], marker="o", label=_label(rs[0]))
+        ax.fill_between(n, [r["min"] for r in rs], [r["max"] for r in rs], alpha=0.2, color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("number of agents N at evaluation")
+    ax.set_ylabel("greedy episode return")
+    ax.set_title(f"{env}: policies evaluated across N")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = tyro.cli(TransferArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__.split("\n\n")[0])
+    try:
+        transfer(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
