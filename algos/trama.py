@@ -51,6 +51,8 @@ Schedule (all inside the jitted ``update``; counts in env steps / finished episo
 - Each phase is a ``lax.cond`` on a condition maximized over the runner's seed axis
   (``max_over_seeds``), so vmapped seeds branch instead of computing both sides; inside,
   each seed applies its own decision.
+- The class predictor's training unroll runs in chunks of ``UNROLL_CHUNK`` slots and
+  skips the chunks past the batch's longest episode, like the agents' unroll.
 
 Deviations and choices (paper / official code)
 ----------------------------------------------
@@ -503,13 +505,25 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         fields = batch["fields"]
         labels = episode_labels(ext, fields["code"], trans, fields["uid"][:, 0])  # [B]
         x = predictor_inputs(batch["obs"])  # [B, T+1, A, in]
-        B = x.shape[0]
+        B, S = x.shape[:2]
+        # chunks of slots past the batch's longest episode (over all vmapped seeds) are
+        # skipped, as in the agents' unroll; their logits are 0 and masked below
+        n_slots = max_over_seeds(filled.sum(-1).max())
+        L = ql.UNROLL_CHUNK
+        C = -(-S // L)
+        x = jnp.pad(x, ((0, 0), (0, C * L - S)) + ((0, 0),) * (x.ndim - 2))
+        x = jnp.moveaxis(x.reshape((B, C, L) + x.shape[2:]), 0, 2)  # [C, L, B, A, in]
 
         def step(h, xt):
             return predictor.apply(params["ext"]["predictor"], h, xt)
 
-        _, logits = jax.lax.scan(step, jnp.zeros((B, A, config.predictor_hidden)), jnp.swapaxes(x, 0, 1))
-        logits = jnp.swapaxes(logits, 0, 1)[:, :-1]  # [B, T, A, K]
+        def chunk(h, inp):
+            c, x_c = inp
+            return jax.lax.cond(c * L < n_slots, lambda h: jax.lax.scan(step, h, x_c),
+                                lambda h: (h, jnp.zeros((L, B, A, K), h.dtype)), h)
+
+        _, logits = jax.lax.scan(chunk, jnp.zeros((B, A, config.predictor_hidden)), (jnp.arange(C), x))
+        logits = jnp.moveaxis(logits.reshape((C * L, B, A, K)), 1, 0)[:, : S - 1]  # [B, T, A, K]
         ce = optax.softmax_cross_entropy_with_integer_labels(
             logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
         w = valid.astype(jnp.float32)[..., None]

@@ -8,12 +8,16 @@
     python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64   # + EMU / backbone ratio
     python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64 --iterations 4 --warmup-updates 40
     python -m experiments.bench --algos --num-envs 8 --emu-memory 1000000      # EMU's 1M-entry memory
+    python -m experiments.bench --env adv:cartpole --algos sac qarl rarl --num-envs 4 --num-steps 3 --iterations 500
 
 Measures:
-- random-policy environment throughput (env steps/s): uniform random valid actions,
-  ``jit(scan(vmap(env.step)))`` over the same num_envs x num_steps as the learners;
+- random-policy environment throughput (env steps/s): uniform random valid actions
+  (uniform in the action box for continuous actions), ``jit(scan(vmap(env.step)))``
+  over the same num_envs x num_steps as the learners;
 - each algorithm's training throughput (env steps/s through ``update``, i.e. acting +
-  learning) and its ratio to the random-policy figure; compile time, excluded;
+  learning) and its ratio to the random-policy figure; compile time, excluded; learners
+  with ``learning_starts`` (SAC, QARL, RARL) are first run past it, so the timed updates
+  take gradient steps;
 - optionally, one program with S vmapped seeds vs S single-seed programs run one after
   another (wall time of the same number of updates);
 - optionally (``--sweep-check N``), a sweep of 16 learning rates x N seeds as one program
@@ -85,14 +89,19 @@ def _median_time(fn, arg, repeats):
 
 
 def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
+    spec = env.spec
+
     def rollout(carry):
         key, state, ts = carry
 
         def step(c, k):
             state, ts = c
             k1, k2 = jax.random.split(k)
-            logits = jnp.where(ts.avail_actions, 0.0, -1e9)
-            a = jax.random.categorical(k1, logits)
+            if spec.num_actions is None:  # continuous: uniform in the action box
+                a = jax.random.uniform(k1, (num_envs, spec.num_agents, spec.action_dim),
+                                       minval=spec.action_low, maxval=spec.action_high)
+            else:
+                a = jax.random.categorical(k1, jnp.where(ts.avail_actions, 0.0, -1e9))
             state, ts = jax.vmap(env.step)(jax.random.split(k2, num_envs), state, a)
             return (state, ts), ts.reward.sum()
 
@@ -142,7 +151,12 @@ def main(args: BenchArgs) -> dict:
     for name in args.algos:
         algo = algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
                           total_steps=args.num_envs * args.num_steps * args.iterations, **overrides)
-        r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=args.warmup_updates)
+        warmup = args.warmup_updates
+        starts = getattr(algo.config, "learning_starts", 0)  # SAC-style learners: time updates that learn
+        if starts:
+            warmup = max(warmup, -(-starts // algo.env_steps_per_update) + args.iterations)
+        r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=warmup)
+        r["warmup_updates"] = warmup
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
         if args.seeds_check:
             s = args.seeds_check
