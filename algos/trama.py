@@ -82,6 +82,21 @@ Deviations and choices (paper / official code)
 - Not implemented: LAGMA's latent-goal incentive (the official TRAMA release keeps
   LAGMA's codebook statistics, but the TRAMA objective does not use them).
 - Hook state does not see the backbone's swept hyperparameters (lr, gamma).
+
+Task-recovery metric (analysis only)
+------------------------------------
+On environments that report the true task (``info["task_id"]``, multi-task SMAX;
+detected once at ``make`` time from the reset timestep), each step also stores the
+task id as the buffer field ``task``; it never enters the agents' or the predictor's
+inputs, nor any loss. At the first step of an auto-reset episode the info still holds
+the finished episode's task, so that step stores -1 (as every step does on
+environments without task ids), and an episode's task is the id of its transition
+steps (:func:`episode_task`; -1 for a one-step episode after an auto-reset, left out).
+Each accepted clustering computes the adjusted Rand index between the k-means labels
+and the true tasks of the stored episodes (:func:`adjusted_rand_index`), logged as
+``cluster_ari``: 1 when the clusters are exactly the tasks (up to renaming), about 0
+for clusters unrelated to the tasks, 0 before the first clustering. Environments
+without task ids do not log it.
 """
 
 from __future__ import annotations
@@ -312,6 +327,54 @@ def kmeans(x, mask, init, iterations: int):
     return c, a.astype(jnp.int32), oh.sum(0)
 
 
+def adjusted_rand_index(labels_a, labels_b, mask, num_a: int, num_b: int):
+    """Adjusted Rand index (Hubert and Arabie 1985) of two labelings of the items where
+    ``mask``: labels_a [N] in [0, num_a), labels_b [N] in [0, num_b) (static sizes).
+
+    With the contingency table n_ij, its row sums a_i, column sums b_j and n masked
+    items: index = sum C(n_ij, 2), expected = sum C(a_i, 2) sum C(b_j, 2) / C(n, 2),
+    max = (sum C(a_i, 2) + sum C(b_j, 2)) / 2, ARI = (index - expected) / (max - expected).
+    When max == expected (fewer than 2 items, both labelings a single cluster, or both
+    all singletons) the index is undefined; this returns 0 there (never NaN). Labels
+    outside their range count in no cell. Jittable; float32 [].
+    """
+    w = mask.astype(jnp.float32)
+    oh_a = jax.nn.one_hot(labels_a, num_a, dtype=jnp.float32) * w[:, None]
+    oh_b = jax.nn.one_hot(labels_b, num_b, dtype=jnp.float32)
+    table = oh_a.T @ oh_b  # [num_a, num_b]
+
+    def pairs(x):
+        return (x * (x - 1.0) / 2.0).sum()
+
+    index = pairs(table)
+    sum_a, sum_b = pairs(table.sum(1)), pairs(table.sum(0))
+    total = pairs(table.sum())
+    # sum_b / total is exactly 1 or 0 in the degenerate cases, so max - expected is exactly 0
+    expected = sum_a * (sum_b / jnp.maximum(total, 1.0))
+    denom = 0.5 * (sum_a + sum_b) - expected
+    return jnp.where(denom > 0, (index - expected) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def episode_task(task, valid):
+    """True task of stored episodes: task [..., T+1] per-step ids (-1: unknown), valid
+    [..., T+1] the transition steps -> [...] (-1 when no step knows it)."""
+    return jnp.where(valid, task, -1).max(-1)
+
+
+def env_num_tasks(env) -> int:
+    """Number of true tasks of an environment that reports ``info["task_id"]`` at reset
+    (multi-task SMAX), else 0. Static: the reset is only traced (``jax.eval_shape``)."""
+    n, inner = None, env
+    while n is None and inner is not None:  # the wrappers and the adapter keep the wrapped env in _env
+        n = getattr(inner, "num_tasks", None)
+        inner = getattr(inner, "__dict__", {}).get("_env")
+    if not n or not hasattr(env, "reset"):
+        return 0
+    _, ts = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
+    info = getattr(ts, "info", None)
+    return int(n) if isinstance(info, dict) and "task_id" in info else 0
+
+
 @struct.dataclass
 class TRAMAState:
     vq_params: Any
@@ -331,6 +394,7 @@ class TRAMAState:
     vq_loss: jax.Array  # last VQ-VAE phase: total, recon, vq, commit, coverage [5]
     clf_loss: jax.Array
     nonempty: jax.Array  # non-empty clusters of the last attempt
+    ari: jax.Array  # [] adjusted Rand index of the last accepted clustering vs the true tasks (0: none)
 
 
 def make(env, config: TRAMAConfig, name: str = "trama") -> Algorithm:
@@ -353,6 +417,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
     vq_tx = optax.chain(optax.clip_by_global_norm(GRAD_CLIP), optax.adam(config.vq_lr))
     clf_tx = optax.adam(config.classifier_lr)
     cover = jnp.asarray(coverage_table(config.n_codes, K, L + 1), jnp.float32)  # [L + 1, K, n]
+    n_tasks = env_num_tasks(env)  # 0: the env reports no task ids (no cluster_ari)
 
     def predictor_inputs(obs):
         return jnp.concatenate([obs, jnp.broadcast_to(ids, obs.shape[:-2] + ids.shape)], -1)
@@ -427,6 +492,11 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         cents, assign, counts = kmeans(emb, rows, init, config.kmeans_iterations)
         nonempty = (counts > 0).sum()
         accept = due & (nonempty >= config.min_clusters)
+        if n_tasks:
+            task = episode_task(st["fields"]["task"], trans)
+            ari = jnp.where(accept, adjusted_rand_index(assign, task, rows & (task >= 0), K, n_tasks), ext.ari)
+        else:
+            ari = ext.ari
 
         def clf_step(carry, k):
             params, opt = carry
@@ -456,6 +526,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             clf_opt=pick(clf_opt, ext.clf_opt),
             clf_loss=jnp.where(accept, losses[-1], ext.clf_loss),
             nonempty=jnp.where(due, nonempty, ext.nonempty).astype(jnp.int32),
+            ari=ari,
             last_cluster_step=jnp.where(due, ext.env_steps, ext.last_cluster_step),
             last_cluster_episode=jnp.where(due, ext.episodes, ext.last_cluster_episode),
         )
@@ -474,7 +545,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         state = TRAMAState(
             vq_params, vq_tx.init(vq_params), clf_params, clf_tx.init(clf_params),
             jnp.zeros((K, D)), jnp.zeros((), bool), z, jnp.full((C,), -1, jnp.int32), jnp.full((C,), -1, jnp.int32),
-            z, z, z, z, z, jnp.zeros((5,)), jnp.zeros(()), z)
+            z, z, z, z, z, jnp.zeros((5,)), jnp.zeros(()), z, jnp.zeros(()))
         return ext_params, state
 
     def initial_field_carry(batch_shape):
@@ -492,7 +563,14 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             code = vq.apply(ext_state.vq_params, ts.state / state_scale)[2]
         else:  # deployment (``act``) has no hook state; codes are only for training
             code = jnp.zeros(ts.state.shape[:-1], jnp.int32)
-        return {"cls": cls, "code": code, "uid": uid}, (h, uid)
+        # the true task, for analysis only (never an input); at an auto-reset step the
+        # info still describes the finished episode: unknown (-1) there
+        info = ts.info if isinstance(getattr(ts, "info", None), dict) else {}
+        if n_tasks and "task_id" in info:
+            task = jnp.where(ts.done, -1, info["task_id"]).astype(jnp.int32)
+        else:
+            task = jnp.full(uid.shape, -1, jnp.int32)
+        return {"cls": cls, "code": code, "uid": uid, "task": task}, (h, uid)
 
     def agent_inputs(ext_params, fields):
         g = g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], K))
@@ -535,6 +613,8 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
                    "clusterings": ext.clusterings.astype(jnp.float32), "nonempty_clusters": ext.nonempty.astype(
                        jnp.float32), "classifier_loss": ext.clf_loss, "vq_loss": ext.vq_loss[0],
                    "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4]}
+        if n_tasks:
+            metrics["cluster_ari"] = ext.ari
         return config.class_loss_coef * on * ce, metrics
 
     def after_iteration(ext: TRAMAState, params, buffer, new_episodes, key, hp=None):

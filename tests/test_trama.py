@@ -170,6 +170,7 @@ def test_class_predictor_loss_falls(clustered):
         losses.append(float(m["class_loss"]))
     assert losses[0] > 1.0 and losses[-1] < 0.3 * losses[0], losses[::10]
     assert float(m["class_accuracy"]) > 0.9
+    assert "cluster_ari" not in m  # the spec-only env reports no task ids
 
 
 def test_hooks_under_jit_and_vmap_over_two_seeds():
@@ -216,6 +217,104 @@ def test_class_representation_detached_variant():
         g = jax.grad(total)(params)
         norm = sum(float(np.abs(x).sum()) for x in jax.tree.leaves(g["repr"]))
         assert (norm == 0) == detach
+
+
+def ari_numpy(a, b, mask):
+    """Adjusted Rand index from the pair counts of the contingency table (0 when undefined)."""
+    a, b = np.asarray(a)[np.asarray(mask)], np.asarray(b)[np.asarray(mask)]
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max(initial=-1) + 1, ib.max(initial=-1) + 1))
+    np.add.at(table, (ia, ib), 1)
+
+    def pairs(x):
+        return float((x * (x - 1) / 2).sum())
+
+    index, sa, sb, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array(len(a)))
+    expected = sa * sb / total if total else 0.0
+    top = (sa + sb) / 2
+    return 0.0 if top == expected else (index - expected) / (top - expected)
+
+
+def test_adjusted_rand_index_matches_numpy():
+    ari = jax.jit(trama.adjusted_rand_index, static_argnums=(3, 4))
+    rng = np.random.default_rng(0)
+    n, na, nb = 60, 4, 3
+    for trial in range(6):
+        a, b = rng.integers(0, na, n), rng.integers(0, nb, n)
+        if trial % 2:  # correlated labelings: b mostly a function of a
+            b = np.where(rng.random(n) < 0.8, a % nb, b)
+        mask = rng.random(n) < (1.0 if trial < 2 else 0.7)
+        got = float(ari(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask), na, nb))
+        np.testing.assert_allclose(got, ari_numpy(a, b, mask), atol=1e-5)
+        # masked-out items do not count, whatever their labels
+        a2 = np.where(mask, a, rng.integers(0, na, n))
+        assert abs(float(ari(jnp.asarray(a2), jnp.asarray(b), jnp.asarray(mask), na, nb)) - got) < 1e-6
+    # a renamed copy of a labeling agrees perfectly
+    a = rng.integers(0, 4, n)
+    perm = np.array([2, 0, 3, 1])
+    assert abs(float(ari(jnp.asarray(a), jnp.asarray(perm[a]), jnp.ones(n, bool), 4, 4)) - 1.0) < 1e-6
+    # undefined cases give a finite 0: one cluster each, all singletons, fewer than 2 items
+    one = jnp.zeros(n, jnp.int32)
+    for args in ((one, one, jnp.ones(n, bool), 4, 3), (jnp.arange(5), jnp.arange(5), jnp.ones(5, bool), 5, 5),
+                 (one, one, jnp.arange(n) < 1, 4, 3), (one, one, jnp.zeros(n, bool), 4, 3)):
+        v = float(ari(*args))
+        assert np.isfinite(v) and v == 0.0
+    # one side a single cluster: no agreement beyond chance
+    assert abs(float(ari(one, jnp.asarray(b), jnp.ones(n, bool), 4, 3))) < 1e-6
+
+
+def test_episode_task_skips_unknown_and_padding_steps():
+    task = jnp.array([[-1, 1, 1, 0, 0], [2, 2, 0, 0, 0], [-1, 0, 0, 0, 0]])
+    valid = jnp.array([[True, True, True, False, False], [True, True, False, False, False],
+                       [True, False, False, False, False]])
+    np.testing.assert_array_equal(trama.episode_task(task, valid), [1, 2, -1])
+
+
+def test_multitask_env_task_ids_in_the_buffer_and_cluster_ari():
+    """A tiny TRAMA run on a two-task SMAX: task ids are stored per step (unknown at an
+    auto-reset step), never reach the agents' inputs, and cluster_ari is logged."""
+    import envs
+    from marl.runner import train
+
+    # task 0: two marines, task 1: two marauders; the world state ends with the 4 unit type ids
+    env = envs.make("smax-mt:custom", tasks=[{"units": {"marine": 2}}, {"units": {"marauder": 2}}], max_steps=5)
+    config = small_config(num_envs=4, num_steps=8, batch_size=4, buffer_size=16, n_clusters=2, min_clusters=1,
+                          min_cluster_episodes=4, cluster_interval=1, classifier_steps=5, kmeans_iterations=5,
+                          n_codes=8, mixer="vdn", total_steps=3 * 32)
+    hooks = trama.make_hooks(env, config)
+    params, _ = hooks.init(jax.random.PRNGKey(0))
+    fields = {"cls": jnp.array([[0, 1]]), "task": jnp.array([0])}
+    np.testing.assert_array_equal(hooks.agent_inputs(params, fields),
+                                  hooks.agent_inputs(params, {**fields, "task": jnp.array([1])}))
+
+    algo = algos.make("trama", env, config)
+    r = train(algo, num_iterations=3, progress=False)
+    assert r.metrics["cluster_ari"].shape == (1, 3) and np.isfinite(r.metrics["cluster_ari"]).all()
+    ext, buf = r.state.ext, r.state.buffer
+    assert bool(ext.clustered[0])
+    filled = np.asarray(buf.filled[0])
+    task = np.asarray(buf.data["step"]["fields"]["task"][0])
+    state = np.asarray(buf.data["step"]["state"][0])
+    rows = filled[:, 0]
+    assert rows.sum() >= 4
+    trans = np.concatenate([filled[:, 1:], np.zeros_like(filled[:, :1])], 1)
+    ep_task = np.asarray(trama.episode_task(jnp.asarray(task), jnp.asarray(trans)))
+    truth = state[:, 0, -1].astype(int)  # marine is SMAX unit type 0, marauder 1
+    assert set(ep_task[rows].tolist()) <= {-1, 0, 1}
+    known = rows & (ep_task >= 0)
+    assert known.sum() >= 4
+    np.testing.assert_array_equal(ep_task[known], truth[known])
+    # every known step of an episode holds its task; unknown (-1) only at slot 0
+    for r_ in np.flatnonzero(known):
+        steps = task[r_][trans[r_]]
+        assert set(steps[1:].tolist()) == {ep_task[r_]} or len(steps) == 1
+        assert steps[0] in (-1, ep_task[r_])
+    assert (task[known, 0] == -1).any()  # episodes after an auto-reset
+    # the logged index is the one of the stored labels against the true tasks
+    label = np.asarray(ext.label[0])
+    expected = ari_numpy(label, ep_task, rows & (ep_task >= 0) & (label >= 0))
+    np.testing.assert_allclose(float(ext.ari[0]), expected, atol=1e-5)
 
 
 def test_config_errors_name_the_field():
