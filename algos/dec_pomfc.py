@@ -48,8 +48,14 @@ observation, which ``envs/swarms.py`` documents; every feature lies in [-1, 1]):
                (``<delta_T(x_i, x_j)>_i / r``): where the local crowd is.
   vicsek       (1, 2): neighbours' mean relative heading ``<cos(phi_j - phi_i)>_i,
                <sin(phi_j - phi_i)>_i``: how far and which way to turn to align.
-  kuramoto     (2, 5): ``<sin(theta_j - theta_i)>_i`` and the own natural frequency
-               ``omega_i`` (clipped): the local phase lag and the drift to cancel.
+  kuramoto     (3, 4): the own phase ``cos theta_i, sin theta_i``. The rule is then a
+               function of the agent's own state, as a mean-field control law; the
+               upper policy, which reads the phase distribution, places it so that
+               phases are pulled toward the swarm's mean phase. The neighbour lag and
+               own frequency (``obs_features=(2, 5)``) did not learn on our task:
+               with about 3 neighbours in r = 0.1 at N = 100 the lag is mostly noise
+               (greedy return 7.0 after 160k steps vs 33.8 after 80k with the own
+               phase, 2 seeds each, N = 100, T = 50).
 An agent without neighbours sees 0 for the neighbour features (the centre of the grid).
 
 Upper-level reward: the swarm's shared reward (mean over agents of ``Timestep.reward``).
@@ -113,7 +119,7 @@ from marl.types import Algorithm, Timestep
 OBS_FEATURES = {
     "swarm:aggregation": (1, 2),
     "swarm:vicsek": (1, 2),
-    "swarm:kuramoto": (2, 5),
+    "swarm:kuramoto": (3, 4),
 }
 
 
