@@ -274,7 +274,9 @@ def _progress(enabled: bool, total: int, initial: int, algo: Algorithm):
 def _postfix(metrics: dict, sps: float) -> dict:
     out = {"steps/s": f"{sps:,.0f}"}
     eps = np.asarray(metrics.get("episodes", 0))
-    for k, label in (("return", "return"), ("win_rate", "win")):
+    # zero-sum games log a team return of 0; show the first player's return there
+    ret = "return_agent0" if "return_agent0" in metrics else "return"
+    for k, label in ((ret, "return"), ("win_rate", "win")):
         if k in metrics:
             v = np.asarray(metrics[k])
             w = eps if np.ndim(eps) else np.ones_like(v)
