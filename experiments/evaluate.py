@@ -103,14 +103,15 @@ def with_env(algo, desc: dict, params, env_kwargs: dict):
 
 
 def evaluate_run(run_dir: str, episodes: int = 256, greedy: bool = True, step: Optional[int] = None,
-                 seed: int = 12345, env_kwargs: Optional[dict] = None) -> dict:
+                 seed: int = 12345, env_kwargs: Optional[dict] = None, sequential_seeds: bool = False) -> dict:
     """Evaluate every seed of a run from its checkpoint -> dict of per-seed lists plus
-    ``step``, ``env_steps``, ``episodes_per_seed``, ``greedy``, ``env_kwargs``."""
+    ``step``, ``env_steps``, ``episodes_per_seed``, ``greedy``, ``env_kwargs``.
+    ``sequential_seeds``: one seed after another (a seed's memory; large swarms)."""
     if episodes < 1:
         raise ConfigError("episodes", episodes, "must be >= 1")
     algo, desc, params, step = restore_params(run_dir, step)
     algo = with_env(algo, desc, params, env_kwargs or {})
-    ev = evaluate_seeds(algo, params, jax.random.PRNGKey(seed), episodes, greedy=greedy)
+    ev = evaluate_seeds(algo, params, jax.random.PRNGKey(seed), episodes, greedy=greedy, sequential=sequential_seeds)
     out = {k: np.asarray(v).tolist() for k, v in ev.items()}
     out.update(step=step, episodes_per_seed=episodes, greedy=greedy,
                env_steps=step * int(desc["env_steps_per_iteration"]),

@@ -40,8 +40,9 @@ class TransferArgs:
     """swarm sizes to evaluate at"""
     episodes: int = 8
     """greedy episodes per seed at each N"""
-    large_episodes: int = 2
-    """episodes per seed at N >= large_n (a large swarm's return varies little between episodes)"""
+    large_episodes: int = 1
+    """episodes per seed at N >= large_n, seeds evaluated one after another to bound memory
+    (a large swarm's return varies little between episodes)"""
     large_n: int = 5000
     seed: int = 12345
     out: Optional[str] = None
@@ -73,10 +74,11 @@ def transfer(args: TransferArgs) -> dict:
             desc = json.load(f)
         trained_n = desc.get("env_kwargs", {}).get("num_agents")
         for n in args.num_agents:
-            episodes = args.large_episodes if n >= args.large_n else args.episodes
+            large = n >= args.large_n
+            episodes = args.large_episodes if large else args.episodes
             t0 = time.perf_counter()
             try:
-                ev = evaluate_run(d, episodes, True, None, args.seed, {"num_agents": n})
+                ev = evaluate_run(d, episodes, True, None, args.seed, {"num_agents": n}, sequential_seeds=large)
             except ConfigError as e:
                 if e.field != "env_kwargs":
                     raise

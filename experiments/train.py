@@ -188,9 +188,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import jax
 
-    sps = result.env_steps * run.num_seeds / max(result.train_seconds, 1e-9)
-    print(f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): compile {result.compile_seconds:.1f}s, "
-          f"train {result.train_seconds:.1f}s ({sps:,.0f} env steps/s)")
+    if result.train_seconds > 0:
+        sps = result.env_steps * run.num_seeds / result.train_seconds
+        print(f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): "
+              f"compile {result.compile_seconds:.1f}s, train {result.train_seconds:.1f}s ({sps:,.0f} env steps/s)")
+    else:  # resumed a finished run: nothing was trained in this call
+        print(f"already trained: {result.env_steps:,} env steps x {run.num_seeds} seed(s)")
     if run.eval_episodes:
         ev = evaluate_seeds(algo, result.state.params, jax.random.PRNGKey(run.seed + 10_000), run.eval_episodes)
         ev = {k: [float(x) for x in v] for k, v in ev.items()}

@@ -43,8 +43,18 @@ def evaluate(algo: Algorithm, params, key: jax.Array, num_episodes: int = 32, gr
 
 
 def evaluate_seeds(algo: Algorithm, batched_params, key: jax.Array, num_episodes: int = 32,
-                   greedy: bool = True) -> dict:
-    """:func:`evaluate` for seed-batched parameters [S, ...]; returns arrays [S]."""
+                   greedy: bool = True, sequential: bool = False) -> dict:
+    """:func:`evaluate` for seed-batched parameters [S, ...]; returns arrays [S].
+
+    ``sequential=True`` evaluates the seeds one after another (``lax.map``) instead of
+    vmapped: the same results with a seed's memory instead of S seeds' (large swarms)."""
     num_seeds = jax.tree.leaves(batched_params)[0].shape[0]
-    fn = jax.jit(jax.vmap(lambda p, k: evaluate(algo, p, k, num_episodes, greedy)))
+
+    def one(p, k):
+        return evaluate(algo, p, k, num_episodes, greedy)
+
+    if sequential:
+        fn = jax.jit(lambda ps, ks: jax.lax.map(lambda pk: one(*pk), (ps, ks)))
+    else:
+        fn = jax.jit(jax.vmap(one))
     return jax.device_get(fn(batched_params, jax.random.split(key, num_seeds)))
