@@ -44,6 +44,9 @@ class TransferArgs:
     """episodes per seed at N >= large_n, seeds evaluated one after another to bound memory
     (a large swarm's return varies little between episodes)"""
     large_n: int = 5000
+    large_env_kwargs: str = "{}"
+    """JSON object of extra env arguments at N >= large_n, e.g. '{"cell_capacity": 64}' (a
+    swarm whose radius holds thousands of neighbours per agent then averages over a subsample)"""
     seed: int = 12345
     out: Optional[str] = None
 
@@ -58,6 +61,11 @@ def check_args(args: TransferArgs) -> None:
         v = getattr(args, field)
         if not (isinstance(v, int) and v >= 1):
             raise ConfigError(field, v, "must be a positive integer")
+    from experiments.train import parse_env_kwargs
+
+    extra = parse_env_kwargs(args.large_env_kwargs)
+    if "num_agents" in extra:
+        raise ConfigError("large_env_kwargs", args.large_env_kwargs, "must not set num_agents (use --num-agents)")
     for d in args.run_dirs:
         if not os.path.isfile(os.path.join(d, "run.json")):
             raise ConfigError("run_dirs", d, "must be a run directory holding run.json")
@@ -67,7 +75,10 @@ def transfer(args: TransferArgs) -> dict:
     """Evaluate every run at every N -> {"rows": [...], "out": dir, "table": markdown}."""
     from experiments.evaluate import evaluate_run
 
+    from experiments.train import parse_env_kwargs
+
     check_args(args)
+    large_kwargs = parse_env_kwargs(args.large_env_kwargs)
     rows = []
     for d in args.run_dirs:
         with open(os.path.join(d, "run.json")) as f:
@@ -78,7 +89,8 @@ def transfer(args: TransferArgs) -> dict:
             episodes = args.large_episodes if large else args.episodes
             t0 = time.perf_counter()
             try:
-                ev = evaluate_run(d, episodes, True, None, args.seed, {"num_agents": n}, sequential_seeds=large)
+                kwargs = {"num_agents": n, **(large_kwargs if large else {})}
+                ev = evaluate_run(d, episodes, True, None, args.seed, kwargs, sequential_seeds=large)
             except ConfigError as e:
                 if e.field != "env_kwargs":
                     raise
@@ -88,7 +100,7 @@ def transfer(args: TransferArgs) -> dict:
                 continue
             ret = np.asarray(ev["return"], np.float64)
             row = {"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n, "n": n,
-                   "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
+                   "env_kwargs": ev["env_kwargs"], "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
                    "min": float(ret.min()), "max": float(ret.max()), "seconds": time.perf_counter() - t0,
                    "env_steps": ev["env_steps"]}
             rows.append(row)

@@ -105,9 +105,11 @@ def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
     from experiments import swarm_transfer
 
     res = swarm_transfer.transfer(swarm_transfer.TransferArgs(
-        run_dirs=(str(tmp_path / "swarm"),), num_agents=(3, 9), episodes=2, large_n=9, out=str(tmp_path / "tr")))
+        run_dirs=(str(tmp_path / "swarm"),), num_agents=(3, 9), episodes=2, large_n=9,
+        large_env_kwargs='{"cell_capacity": 4}', out=str(tmp_path / "tr")))
     assert [r["n"] for r in res["rows"]] == [3, 9] and all(np.isfinite(r["mean"]) for r in res["rows"])
     assert [r["episodes_per_seed"] for r in res["rows"]] == [2, 1]  # N >= large_n: 1 episode, seeds in sequence
+    assert "cell_capacity" not in res["rows"][0]["env_kwargs"] and res["rows"][1]["env_kwargs"]["cell_capacity"] == 4
     seq = evaluate.evaluate_run(str(tmp_path / "swarm"), 2, env_kwargs={"num_agents": 9}, sequential_seeds=True)
     vm = evaluate.evaluate_run(str(tmp_path / "swarm"), 2, env_kwargs={"num_agents": 9})
     np.testing.assert_allclose(seq["return"], vm["return"], rtol=1e-5)
@@ -115,6 +117,8 @@ def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
     assert (tmp_path / "tr" / "transfer_swarm-aggregation.png").stat().st_size > 1000
     assert swarm_transfer.main([str(tmp_path / "swarm"), "--num-agents", "1"]) == 2
     assert "num_agents" in capsys.readouterr().err
+    assert swarm_transfer.main([str(tmp_path / "swarm"), "--large-env-kwargs", '{"num_agents": 5}']) == 2
+    assert "large_env_kwargs" in capsys.readouterr().err
     # resuming with other environment arguments is not an exact resume
     other = [a if a != '{"num_agents": 5, "max_steps": 8}' else '{"num_agents": 6, "max_steps": 8}' for a in args]
     assert cli.main(other + ["--resume"]) == 2
