@@ -74,7 +74,6 @@ def check_args(args: TransferArgs) -> None:
 def transfer(args: TransferArgs) -> dict:
     """Evaluate every run at every N -> {"rows": [...], "out": dir, "table": markdown}."""
     from experiments.evaluate import evaluate_run
-
     from experiments.train import parse_env_kwargs
 
     check_args(args)
