@@ -99,7 +99,8 @@ def transfer(args: TransferArgs) -> dict:
                 continue
             ret = np.asarray(ev["return"], np.float64)
             row = {"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n, "n": n,
-                   "env_kwargs": ev["env_kwargs"], "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
+                   "env_kwargs": ev["env_kwargs"], "episodes_per_seed": episodes, "returns": ret.tolist(),
+                   "mean": float(ret.mean()),
                    "min": float(ret.min()), "max": float(ret.max()), "seconds": time.perf_counter() - t0,
                    "env_steps": ev["env_steps"]}
             rows.append(row)
