@@ -500,9 +500,13 @@ def robustness_grid(algo: Algorithm, params, key, masses: Sequence[float] = DEFA
     return jax.vmap(cell)(m.reshape(-1), f.reshape(-1)).reshape(m.shape)
 
 
-def cross_params(protagonist_params: sac.Params, adversary_params: sac.Params) -> sac.Params:
+def cross_params(protagonist_params: sac.Params, adversary_params: sac.Params, seed_axis: bool = False) -> sac.Params:
     """Agent 0 (actor, critics, temperature) from one run and agent 1 from another:
-    a protagonist against another method's adversary."""
+    a protagonist against another method's adversary. Parameters are one seed's
+    (agent axis first) or, with ``seed_axis=True``, seed-batched ``[S, A, ...]`` (seed i
+    against the other run's seed i)."""
+    if seed_axis:
+        return jax.vmap(cross_params)(protagonist_params, adversary_params)
     return jax.tree.map(lambda p, a: p.at[1].set(a[1]), protagonist_params, adversary_params)
 
 

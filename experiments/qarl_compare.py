@@ -17,6 +17,7 @@ Writes under ``runs/qarl_compare_<time>/`` (or ``--out``):
 
     python -m experiments.qarl_compare --envs adv:cartpole --total-steps 300000 --num-seeds 4
     python -m experiments.qarl_compare --envs adv:cartpole adv:hopper --total-steps 1000000
+    python -m experiments.qarl_compare --envs adv:cartpole --out runs/my_compare --resume   # after a stop
     # smoke test (seconds of training, checks the pipeline):
     python -m experiments.qarl_compare --envs adv:cartpole --total-steps 480 --num-seeds 2 \\
         --learning-starts 64 --hidden 16 --num-layers 1 --batch-size 32 --buffer-size 1024 --grid 3
@@ -52,6 +53,8 @@ def parse(argv=None):
     p.add_argument("--eval-episodes", type=int, default=16)
     p.add_argument("--grid", type=int, default=11, help="robustness grid size per axis (11 in the paper)")
     p.add_argument("--out", default=None)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in --out from their checkpoints (finished runs are only re-evaluated)")
     # a few QARL/SAC fields for quick runs; anything else keeps the config defaults
     for name, typ in (("learning-starts", int), ("hidden", int), ("num-layers", int), ("batch-size", int),
                       ("buffer-size", int), ("num-envs", int), ("num-steps", int), ("train-steps", int),
@@ -75,6 +78,20 @@ def grid_values(n: int):
             tuple(float(x) for x in np.round(np.linspace(0.0, 5.0, n), 3)))
 
 
+def logged_curve(run_dir: str, num_seeds: int):
+    """(return_agent0 [S, I], episodes [S, I]) from the run's metrics.jsonl."""
+    from marl.logging import read_metrics
+
+    records = read_metrics(run_dir)
+    its = sorted({r["iteration"] for r in records})
+    col = {it: i for i, it in enumerate(its)}
+    curve, episodes = np.zeros((num_seeds, len(its))), np.zeros((num_seeds, len(its)))
+    for r in records:
+        curve[r["seed"], col[r["iteration"]]] = r.get("return_agent0", 0.0)
+        episodes[r["seed"], col[r["iteration"]]] = r.get("episodes", 0.0)
+    return curve, episodes
+
+
 def evaluators(algo, episodes: int, masses, frictions):
     """Seed-vmapped, jitted ``ev(params, keys, adversary) -> [S]`` and ``grid(params, keys) -> [S, M, F]``."""
     fns = {adv: jax.jit(jax.vmap(lambda p, k, adv=adv: qarl.evaluate_protagonist(algo, p, k, episodes, adv)))
@@ -90,15 +107,16 @@ def run_env(env_name: str, args, out_dir: str) -> dict:
         name, preset = METHODS[method]
         algo = qarl.make(env, algos.default_config(name, **preset, **overrides(args)), name=method)
         t0 = time.perf_counter()
+        run_dir = os.path.join(out_dir, method)
         res = train(algo, num_iterations=algo.config.num_updates, num_seeds=args.num_seeds, seed=args.seed,
                     chunk_iterations=min(args.chunk_iterations, algo.config.num_updates),
-                    run_dir=os.path.join(out_dir, method), progress=True,
+                    run_dir=run_dir, progress=True, resume=args.resume and os.path.isdir(run_dir),
                     run_info={"config": {k: str(v) for k, v in vars(algo.config).items()}, "method": method})
         trained[method] = (algo, res)
-        m = res.metrics
-        steps = (np.arange(m["return_agent0"].shape[1]) + 1) * algo.env_steps_per_update
+        curve, episodes = logged_curve(run_dir, args.num_seeds)  # the whole run, resumed or not
+        steps = (np.arange(curve.shape[1]) + 1) * algo.env_steps_per_update
         results[method] = {"wall_seconds": time.perf_counter() - t0, "compile_seconds": res.compile_seconds,
-                           "steps": steps, "curve": m["return_agent0"], "episodes": m["episodes"],
+                           "steps": steps, "curve": curve, "episodes": episodes,
                            "final_shape": np.asarray(res.state.ext.curriculum.shape).tolist()}
 
     masses, frictions = grid_values(args.grid)
@@ -113,7 +131,8 @@ def run_env(env_name: str, args, out_dir: str) -> dict:
         for other, (_, ores) in trained.items():
             if other == "sac":
                 continue  # its adversary never learned
-            against[other] = np.asarray(ev(qarl.cross_params(params, ores.state.params), keys, True)).tolist()
+            crossed = qarl.cross_params(params, ores.state.params, seed_axis=True)
+            against[other] = np.asarray(ev(crossed, keys, True)).tolist()
         without = np.asarray(ev(params, keys, False)).tolist()
         grid = np.asarray(grid_fn(params, keys))
         qarl.save_grid(grid, masses, frictions, os.path.join(out_dir, f"robustness_{method}"),

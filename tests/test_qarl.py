@@ -229,3 +229,17 @@ def test_robustness_grid_parameters_reach_the_physics(tmp_path):
     assert not np.allclose(with_adv, nominal)  # the adversary's force matters
     js, png = qarl.save_grid(grid, qarl.DEFAULT_MASSES, qarl.DEFAULT_FRICTIONS, str(tmp_path / "grid"), "test")
     assert (tmp_path / "grid.png").stat().st_size > 1000 and "returns" in open(js).read()
+
+
+def test_cross_params_swaps_the_adversary_of_every_seed():
+    algo = _tiny("adv:pendulum", threshold=-400.0)
+    init = jax.jit(jax.vmap(algo.init))
+    a = init(jax.random.split(jax.random.PRNGKey(0), 3)).params
+    b = init(jax.random.split(jax.random.PRNGKey(1), 3)).params
+    crossed = qarl.cross_params(a, b, seed_axis=True)
+    for x, y, c in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(crossed), strict=True):
+        np.testing.assert_array_equal(c[:, 0], x[:, 0])  # every seed keeps its protagonist
+        np.testing.assert_array_equal(c[:, 1], y[:, 1])  # and faces the other run's adversary
+    one = qarl.cross_params(jax.tree.map(lambda x: x[0], a), jax.tree.map(lambda x: x[0], b))
+    for x, c in zip(jax.tree.leaves(one), jax.tree.leaves(crossed), strict=True):
+        np.testing.assert_array_equal(x, c[0])
