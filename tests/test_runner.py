@@ -115,3 +115,14 @@ def test_progress_postfix_shows_the_first_players_return_in_zero_sum_games():
          "return_agent0": np.array([[30.0, 0.0]])}
     assert _postfix(m, 100.0)["return"] == "30.000"
     assert _postfix({"episodes": np.array([1.0]), "return": np.array([4.0])}, 1.0)["return"] == "4.000"
+
+
+def test_checkpoint_keeps_zero_size_arrays(tmp_path):
+    """MJX states hold arrays of size 0, which orbax alone refuses to save."""
+    state = {"a": jnp.arange(3.0), "empty": jnp.zeros((2, 0), jnp.float32), "n": jnp.zeros((0,), jnp.int32)}
+    ck = Checkpointer(str(tmp_path / "ck"))
+    ck.save(1, state)
+    back = ck.restore(jax.eval_shape(lambda: state))
+    ck.close()
+    np.testing.assert_array_equal(back["a"], state["a"])
+    assert back["empty"].shape == (2, 0) and back["n"].shape == (0,) and back["n"].dtype == jnp.int32
