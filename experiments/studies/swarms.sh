@@ -18,10 +18,9 @@ for task in aggregation kuramoto vicsek; do
       --no-agent-ids --no-recurrent --hidden 64 --clip-eps 0.2
   done
 done
-mkdir -p "$S/other_n"
 $PY -m experiments.train --algo dec_pomfc --env swarm:aggregation --env-kwargs "{\"num_agents\": 10, $AGG}" $COMMON \
-  --runs-dir "$S/other_n" --run-name aggregation_dec_pomfc_n10
+  --runs-dir $S --run-name aggregation_dec_pomfc_n10
 $PY -m experiments.report $S/*_dec_pomfc $S/*_ippo $S/*_mappo --out "$S/report"
-$PY -m experiments.swarm_transfer $S/aggregation_dec_pomfc "$S/other_n/aggregation_dec_pomfc_n10" \
+$PY -m experiments.swarm_transfer $S/aggregation_dec_pomfc $S/aggregation_dec_pomfc_n10 \
   $S/aggregation_ippo $S/aggregation_mappo $S/kuramoto_dec_pomfc $S/kuramoto_ippo $S/vicsek_dec_pomfc $S/vicsek_ippo \
   --num-agents 10 100 1000 10000 --episodes 8 --large-env-kwargs '{"cell_capacity": 64}' --out "$S/transfer"
