@@ -3,6 +3,7 @@
     python -m experiments.report runs/regularizer_study/wpr_3m
     python -m experiments.report runs/sweeps/my_sweep --out runs/sweeps/my_sweep/report
     python -m experiments.report runs --group-by run --metric return --final-fraction 0.2
+    python -m experiments.report runs/trama_study --metric return --panels cluster_ari class_accuracy
 
 Every directory below the given ones that holds ``run.json`` and ``metrics.jsonl`` (as
 the runner writes them) is read. Runs are grouped into *methods* per *task*
@@ -50,6 +51,9 @@ class ReportArgs:
     """output directory (default: <first dir>/report)"""
     metric: str = "auto"
     """auto (win_rate where any episode was won, else return) or any logged metric"""
+    panels: tuple[str, ...] = ()
+    """further logged metrics to plot, one panel each (e.g. cluster_ari class_accuracy); a task
+    where no run logged one skips it"""
     group_by: str = "label"
     """label (algorithm [/ kind] [/ sweep config]: equal labels pool seeds) | run (one method per directory)"""
     final_fraction: float = 0.1
@@ -299,7 +303,8 @@ def check_args(args: ReportArgs) -> None:
 
 
 def report(args: ReportArgs) -> dict:
-    """Write the curves and tables; returns {"dir", "curves", "markdown", "tables"}."""
+    """Write the curves and tables; returns {"dir", "curves", "panels" (task -> plotted metrics),
+    "markdown", "tables"}."""
     from marl.config import ConfigError
 
     check_args(args)
@@ -309,11 +314,13 @@ def report(args: ReportArgs) -> dict:
     groups = load_groups(runs, args.group_by, root=os.path.abspath(args.dirs[0]))
     out = os.path.abspath(args.out or os.path.join(args.dirs[0], "report"))
     os.makedirs(out, exist_ok=True)
-    curves = []
+    curves, panels_of = [], {}
     for task in sorted({g.task for g in groups}):
         tg = [g for g in groups if g.task == task]
         metric = task_metric(tg, args.metric)
         panels = [metric] + (["return"] if metric != "return" and any("return" in g.values for g in tg) else [])
+        panels += [m for m in dict.fromkeys(args.panels) if m not in panels and any(m in g.values for g in tg)]
+        panels_of[task] = panels
         curves.append(plot_task(task, tg, panels, os.path.join(out, f"curves_{_slug(task)}.png"), args))
     tables = build_tables(groups, args)
     text = markdown(tables, args)
@@ -323,7 +330,8 @@ def report(args: ReportArgs) -> dict:
         json.dump({"args": dataclasses.asdict(args), "runs": runs, **tables}, f, indent=2)
     print(text)
     print(f"report: {os.path.join(out, 'report.md')}\n" + "".join(f"curve:  {c}\n" for c in curves), end="")
-    return {"dir": out, "curves": curves, "markdown": os.path.join(out, "report.md"), "tables": tables}
+    return {"dir": out, "curves": curves, "panels": panels_of, "markdown": os.path.join(out, "report.md"),
+            "tables": tables}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -96,7 +96,9 @@ def test_report_on_a_hand_made_runs_directory(tmp_path):
     # a sweep directory: 2 configurations x 2 seeds as rows c * 2 + s
     _write_run(runs / "sw" / "run", {"algo": "c", "env": "x", "sweep": {
         "configs": [{"lr": 0.1}, {"lr": 0.2}], "num_seeds": 2}}, [1.0, 3.0, 7.0, 9.0])
-    out = rep.report(rep.ReportArgs(dirs=(str(runs),), out=str(tmp_path / "out"), final_fraction=0.2))
+    out = rep.report(rep.ReportArgs(dirs=(str(runs),), out=str(tmp_path / "out"), final_fraction=0.2,
+                                    panels=("episodes", "not_logged")))
+    assert out["panels"] == {"x": ["return", "episodes"], "y": ["return", "episodes"]}
 
     for c in out["curves"]:
         assert open(c, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -131,7 +133,7 @@ def test_report_cli_and_bad_input(tmp_path, capsys):
     runs = tmp_path / "runs"
     _write_run(runs / "r1", {"algo": "a", "env": "x"}, [1.0, 2.0])
     _write_run(runs / "r2", {"algo": "a", "env": "x"}, [5.0, 6.0])
-    assert rep.main([str(runs), "--group-by", "run", "--final-fraction", "0.2"]) == 0
+    assert rep.main([str(runs), "--group-by", "run", "--final-fraction", "0.2", "--panels", "episodes", "nope"]) == 0
     md = open(runs / "report" / "report.md").read()
     assert "| x | r1 | return | 1.5000 |" in md and "| x | r2 | return | 5.5000 |" in md
     # grouped by label, the two runs pool their seeds

@@ -16,4 +16,4 @@ for set in surComb3 surComb4; do
       --no-progress --chunk-iterations 20 --checkpoint-every 2 --resume
   done
 done
-$PY -m experiments.report "$OUT" --out "$OUT/report" --metric return
+$PY -m experiments.report "$OUT" --out "$OUT/report" --metric return --panels cluster_ari class_accuracy
