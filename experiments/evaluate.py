@@ -61,9 +61,15 @@ def load_run(run_dir: str):
             desc = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError("run_dir", run_dir, f"must hold a readable run.json ({e})") from None
+    return build(desc), desc
+
+
+def build(desc: dict, env_overrides: Optional[dict] = None):
+    """The algorithm of a run description (``run.json``), its env arguments updated
+    with ``env_overrides``."""
     config = apply_overrides(algos.default_config(desc["algo"]), desc.get("config", {}), "config")
-    env = make_env(desc["env"], parse_env_kwargs(desc.get("env_kwargs", {})))
-    return algos.make(desc["algo"], env, config), desc
+    kwargs = {**parse_env_kwargs(desc.get("env_kwargs", {})), **(env_overrides or {})}
+    return algos.make(desc["algo"], make_env(desc["env"], kwargs), config)
 
 
 def restore_params(run_dir: str, step: Optional[int] = None):
@@ -89,9 +95,7 @@ def with_env(algo, desc: dict, params, env_kwargs: dict):
     changed environment (their shapes depend on what changed)."""
     if not env_kwargs:
         return algo
-    kwargs = {**parse_env_kwargs(desc.get("env_kwargs", {})), **env_kwargs}
-    config = apply_overrides(algos.default_config(desc["algo"]), desc.get("config", {}), "config")
-    new = algos.make(desc["algo"], make_env(desc["env"], kwargs), config)
+    new = build(desc, env_kwargs)
     abstract = jax.eval_shape(lambda k: new.init(k), jax.random.PRNGKey(0)).params
     got = jax.tree.map(lambda x: x.shape[1:], params)
     want = jax.tree.map(lambda x: x.shape, abstract)

@@ -74,6 +74,7 @@ def check_args(args: TransferArgs) -> None:
 def transfer(args: TransferArgs) -> dict:
     """Evaluate every run at every N -> {"rows": [...], "out": dir, "table": markdown}."""
     from experiments.evaluate import evaluate_run
+    from experiments.regularizer_study import slug
     from experiments.train import parse_env_kwargs
 
     check_args(args)
@@ -115,14 +116,10 @@ def transfer(args: TransferArgs) -> dict:
         json.dump({"args": dataclasses.asdict(args), "rows": rows}, f, indent=2)
     with open(os.path.join(out, "transfer.md"), "w") as f:
         f.write(table + "\n")
-    plots = [plot(env, [r for r in rows if r["env"] == env], os.path.join(out, f"transfer_{_slug(env)}.png"))
+    plots = [plot(env, [r for r in rows if r["env"] == env], os.path.join(out, f"transfer_{slug(env)}.png"))
              for env in dict.fromkeys(r["env"] for r in rows)]
     print("\n" + table + f"\n\nwritten: {out}")
     return {"rows": rows, "out": out, "table": table, "plots": plots}
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
 def _label(r: dict) -> str:
