@@ -243,12 +243,14 @@ class RNNAgent(nn.Module):
 
     num_actions: int
     hidden: int
+    out_scale: float = 1.0
+    """orthogonal init scale of the output layer"""
 
     def setup(self):
         self.fc = dense(self.hidden)
         self.gru_x = nn.Dense(3 * self.hidden, kernel_init=orthogonal(1.0))
         self.gru_h = nn.Dense(3 * self.hidden, kernel_init=orthogonal(1.0))
-        self.out = dense(self.num_actions, scale=1.0)
+        self.out = dense(self.num_actions, scale=self.out_scale)
 
     def encode(self, x):
         return self.gru_x(nn.relu(self.fc(x)))
@@ -328,6 +330,40 @@ def _gru_bwd(res, d_hs):
 
 
 gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
+
+
+def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots):
+    """Outputs [B, S, ..., out] of ``agent`` run along sequences x [B, S, ..., D] from a
+    zero hidden state (stored episodes from t = 0).
+
+    Time runs in chunks of ``UNROLL_CHUNK`` slots: each chunk encodes its inputs in one
+    product, then runs the recurrence (:func:`gru_recurrence`, hand-written backward).
+    Chunks that start at or past ``n_slots`` (the longest sequence: pass it maximized
+    over the seeds of a vmapped run, :func:`max_over_seeds`, so the branch is uniform)
+    are skipped; their outputs are 0 (callers mask them).
+    """
+    B, S = x.shape[:2]
+    K = UNROLL_CHUNK
+    C = -(-S // K)
+    x = jnp.pad(x, ((0, 0), (0, C * K - S)) + ((0, 0),) * (x.ndim - 2))
+    x = jnp.moveaxis(x.reshape((B, C, K) + x.shape[2:]), 0, 2)  # [C, K, B, ..., D]
+
+    def chunk(h, inp):
+        c, x_c = inp
+
+        def run(h):
+            xi = agent.apply(agent_params, x_c, method=RNNAgent.encode)
+            hs = agent.apply(agent_params, h, xi, method=RNNAgent.recur_sequence)
+            return hs[-1], agent.apply(agent_params, hs, method=RNNAgent.head)
+
+        def skip(h):
+            return h, jnp.zeros((K,) + h.shape[:-1] + (agent.num_actions,), h.dtype)
+
+        return jax.lax.cond(c * K < n_slots, run, skip, h)
+
+    h0 = jnp.zeros((B,) + x.shape[3:-1] + (agent.hidden,))
+    _, ys = jax.lax.scan(chunk, h0, (jnp.arange(C), x))
+    return jnp.moveaxis(ys.reshape((C * K, B) + ys.shape[3:]), 1, 0)[:, :S]
 
 
 def masked_argmax(q, avail):
@@ -533,37 +569,11 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
 
     # ------------------------------------------------------------------ learning
     def unroll(params, batch):
-        """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0).
-
-        Time runs in chunks of ``UNROLL_CHUNK`` slots: each chunk encodes its inputs
-        in one product, then runs the recurrence (:func:`gru_recurrence`). Chunks
-        that start past the longest episode of the batch (over every seed of a
-        vmapped run) are skipped; their Q-values are 0 (they are masked everywhere).
-        """
+        """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0); see
+        :func:`unroll_chunked`."""
         prev = jnp.concatenate([jnp.full_like(batch["action"][:, :1], -1), batch["action"][:, :-1]], 1)
         x = agent_inputs(params["ext"], batch["obs"], prev, batch["fields"])
-        n_slots = max_over_seeds(batch["filled"].sum(-1).max())
-        B, S = x.shape[:2]
-        K = UNROLL_CHUNK
-        C = -(-S // K)
-        x = jnp.pad(x, ((0, 0), (0, C * K - S)) + ((0, 0),) * (x.ndim - 2))
-        x = jnp.moveaxis(x.reshape((B, C, K) + x.shape[2:]), 0, 2)  # [C, K, B, A, D]
-
-        def chunk(h, inp):
-            c, x_c = inp
-
-            def run(h):
-                xi = agent.apply(params["agent"], x_c, method=RNNAgent.encode)
-                hs = agent.apply(params["agent"], h, xi, method=RNNAgent.recur_sequence)
-                return hs[-1], agent.apply(params["agent"], hs, method=RNNAgent.head)
-
-            def skip(h):
-                return h, jnp.zeros((K,) + h.shape[:-1] + (n,), h.dtype)
-
-            return jax.lax.cond(c * K < n_slots, run, skip, h)
-
-        _, qs = jax.lax.scan(chunk, jnp.zeros((B, A, H)), (jnp.arange(C), x))
-        return jnp.moveaxis(qs.reshape((C * K, B) + qs.shape[3:]), 1, 0)[:, :S]
+        return unroll_chunked(agent, params["agent"], x, max_over_seeds(batch["filled"].sum(-1).max()))
 
     def mix(mixer_params, qs, states, actions, max_qs):
         return mx.apply_with_aux(mixer, mixer_params, qs, states / state_scale, jax.nn.one_hot(actions, n), max_qs)

@@ -51,8 +51,10 @@ Schedule (all inside the jitted ``update``; counts in env steps / finished episo
 - Each phase is a ``lax.cond`` on a condition maximized over the runner's seed axis
   (``max_over_seeds``), so vmapped seeds branch instead of computing both sides; inside,
   each seed applies its own decision.
-- The class predictor's training unroll runs in chunks of ``UNROLL_CHUNK`` slots and
-  skips the chunks past the batch's longest episode, like the agents' unroll.
+- The class predictor is the agents' network shape with K outputs and trains with the
+  agents' unroll (:func:`algos.qlearning.unroll_chunked`: chunks of ``UNROLL_CHUNK``
+  slots, hand-written GRU backward, chunks past the batch's longest episode skipped).
+  Before the first accepted clustering its loss has weight 0 and is not computed.
 
 Deviations and choices (paper / official code)
 ----------------------------------------------
@@ -114,7 +116,7 @@ from flax import struct
 from algos import qlearning as ql
 from marl import buffers
 from marl import config as cfg
-from marl.networks import GRUStep, dense
+from marl.networks import dense
 from marl.types import Algorithm, max_over_seeds
 
 GRAD_CLIP = 10.0
@@ -226,17 +228,11 @@ def nearest_code(z, book):
     return jnp.argmin(d, -1).astype(jnp.int32)
 
 
-class ClassPredictor(nn.Module):
-    """[o_i, onehot(i)] -> 64 -> ReLU -> GRU 64 -> K logits (one step; parameters shared)."""
-
-    hidden: int
-    n_classes: int
-
-    @nn.compact
-    def __call__(self, h, x):
-        x = nn.relu(dense(self.hidden)(x))
-        h, y = GRUStep(self.hidden)(h, x, jnp.zeros(h.shape[:-1], bool))
-        return h, dense(self.n_classes, scale=0.01)(y)
+def class_predictor(hidden: int, n_classes: int) -> ql.RNNAgent:
+    """[o_i, onehot(i)] -> hidden -> ReLU -> GRU hidden -> K logits (parameters shared): the
+    backbone's agent network with K outputs (small output init), so its training unroll
+    is the backbone's (:func:`algos.qlearning.unroll_chunked`)."""
+    return ql.RNNAgent(n_classes, hidden, out_scale=0.01)
 
 
 class ClassRepr(nn.Module):
@@ -411,7 +407,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
     state_scale = jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32)
     ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
     vq = VQVAE(S, D, config.vq_hidden, config.n_codes)
-    predictor = ClassPredictor(config.predictor_hidden, K)
+    predictor = class_predictor(config.predictor_hidden, K)
     g_net = ClassRepr(config.class_repr_dim)
     classifier = Classifier(K)
     vq_tx = optax.chain(optax.clip_by_global_norm(GRAD_CLIP), optax.adam(config.vq_lr))
@@ -581,33 +577,23 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         valid = filled[:, 1:]  # [B, T]: transition t exists
         trans = jnp.concatenate([valid, jnp.zeros_like(filled[:, :1])], 1)
         fields = batch["fields"]
-        labels = episode_labels(ext, fields["code"], trans, fields["uid"][:, 0])  # [B]
-        x = predictor_inputs(batch["obs"])  # [B, T+1, A, in]
-        B, S = x.shape[:2]
-        # chunks of slots past the batch's longest episode (over all vmapped seeds) are
-        # skipped, as in the agents' unroll; their logits are 0 and masked below
-        n_slots = max_over_seeds(filled.sum(-1).max())
-        L = ql.UNROLL_CHUNK
-        C = -(-S // L)
-        x = jnp.pad(x, ((0, 0), (0, C * L - S)) + ((0, 0),) * (x.ndim - 2))
-        x = jnp.moveaxis(x.reshape((B, C, L) + x.shape[2:]), 0, 2)  # [C, L, B, A, in]
 
-        def step(h, xt):
-            return predictor.apply(params["ext"]["predictor"], h, xt)
+        def class_loss(pred_params):
+            labels = episode_labels(ext, fields["code"], trans, fields["uid"][:, 0])  # [B]
+            # the agents' chunked unroll: chunks past the batch's longest episode are skipped
+            logits = ql.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
+                                       max_over_seeds(filled.sum(-1).max()))[:, :-1]  # [B, T, A, K]
+            ce = optax.softmax_cross_entropy_with_integer_labels(
+                logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
+            w = valid.astype(jnp.float32)[..., None]
+            n = jnp.maximum(w.sum() * A, 1.0)
+            acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
+            return (ce * w).sum() / n, acc
 
-        def chunk(h, inp):
-            c, x_c = inp
-            return jax.lax.cond(c * L < n_slots, lambda h: jax.lax.scan(step, h, x_c),
-                                lambda h: (h, jnp.zeros((L, B, A, K), h.dtype)), h)
-
-        _, logits = jax.lax.scan(chunk, jnp.zeros((B, A, config.predictor_hidden)), (jnp.arange(C), x))
-        logits = jnp.moveaxis(logits.reshape((C * L, B, A, K)), 1, 0)[:, : S - 1]  # [B, T, A, K]
-        ce = optax.softmax_cross_entropy_with_integer_labels(
-            logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
-        w = valid.astype(jnp.float32)[..., None]
-        n = jnp.maximum(w.sum() * A, 1.0)
-        ce = (ce * w).sum() / n
-        acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
+        # before the first clustering the loss has weight 0: its unroll is skipped (the
+        # condition is maximized over vmapped seeds; a seed not yet clustered weighs it 0)
+        ce, acc = jax.lax.cond(max_over_seeds(ext.clustered.astype(jnp.int32)) > 0, class_loss,
+                               lambda p: (jnp.zeros(()), jnp.zeros(())), params["ext"]["predictor"])
         on = ext.clustered.astype(jnp.float32)
         metrics = {"class_loss": ce * on, "class_accuracy": acc * on, "clustered": on,
                    "clusterings": ext.clusterings.astype(jnp.float32), "nonempty_clusters": ext.nonempty.astype(
