@@ -9,6 +9,8 @@
     python -m experiments.bench --algos qmix emu --num-envs 8 --num-steps 64 --iterations 4 --warmup-updates 40
     python -m experiments.bench --algos --num-envs 8 --emu-memory 1000000      # EMU's 1M-entry memory
     python -m experiments.bench --env adv:cartpole --algos sac qarl rarl --num-envs 4 --num-steps 3 --iterations 500
+    python -m experiments.bench --env smax-mt:surComb3 --algos qplex trama --num-envs 8 --num-steps 64 \
+        --iterations 4 --trama-clustered                 # TRAMA before and after its first clustering
 
 Measures:
 - random-policy environment throughput (env steps/s): uniform random valid actions
@@ -26,7 +28,9 @@ Measures:
 - optionally (``--emu-memory C``), one EMU lookup batch against a full memory of C
   entries, indexed and brute force, and the memory's footprint (:func:`emu_memory_bench`);
 - EMU's and TRAMA's throughput as a share of their backbone's (its mixer, e.g. qmix),
-  when the backbone is benched in the same run;
+  when the backbone is benched in the same run; with ``--trama-clustered`` also TRAMA
+  after its first clustering (``trama (clustered)``: class loss on, VQ-VAE every 10
+  episodes), which the default timing (the start of training) does not reach;
 - optionally (``--regularizer-share``), MAPPO's update time with each regularizer vs none,
   as the added share ``(t_reg - t_none) / t_none`` (see :func:`regularizer_share`).
 Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
@@ -77,6 +81,17 @@ class BenchArgs:
     of one lookup batch (32 episodes x the env's step limit), indexed and brute force, the index
     rebuild, and the memory's footprint (see :func:`emu_memory_bench`)"""
     emu_memory_env: str = "smax:5m_vs_6m"
+    trama_clustered: bool = False
+    """with trama in --algos: also time TRAMA after its first clustering (see TRAMA_CLUSTERED)"""
+
+
+MAX_EXTRA_WARMUP_CALLS = 50
+
+# TRAMA's schedule reaches the clustered phase after 100k env steps; these settings get
+# there within the warm-up (one accepted clustering, none during the timed calls) while
+# keeping the per-step work of that phase (class loss, VQ-VAE every 10 episodes)
+TRAMA_CLUSTERED = {"cluster_start": 0, "vq_every_step_until": 0, "cluster_interval": 10**9,
+                   "cluster_interval_episodes": 10**9}
 
 
 def _median_time(fn, arg, repeats):
@@ -123,9 +138,15 @@ def algo_bench(algo, iterations, repeats, num_seeds=1, warmup_updates=0):
     t0 = time.perf_counter()
     fn = make_chunk_fn(algo, iterations).lower(state).compile()
     compile_s = time.perf_counter() - t0
-    state, _, _ = jax.block_until_ready(fn(state))  # warm-up (and past any learning start)
+    state, m, _ = jax.block_until_ready(fn(state))  # warm-up (and past any learning start)
     for _ in range(max(0, -(-warmup_updates // iterations) - 1)):
-        state, _, _ = fn(state)
+        state, m, _ = fn(state)
+    # learners that report "learning" (replay learners start once the buffer holds a batch):
+    # time only calls in which every update learns
+    for _ in range(MAX_EXTRA_WARMUP_CALLS):
+        if float(jnp.min(m.get("learning", jnp.ones(())))) >= 1.0:
+            break
+        state, m, _ = fn(state)
     state = jax.block_until_ready(state)
     times = []
     for _ in range(repeats):
@@ -134,7 +155,31 @@ def algo_bench(algo, iterations, repeats, num_seeds=1, warmup_updates=0):
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
     return {"compile_s": compile_s, "seconds_per_call": t,
-            "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t}
+            "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t,
+            "last_metrics": {k: float(jnp.mean(v)) for k, v in m.items()}}
+
+
+def trama_clustered_bench(env, args: BenchArgs, overrides: dict) -> dict:
+    """TRAMA's throughput after its first clustering (:data:`TRAMA_CLUSTERED`); the
+    warm-up runs until the buffer holds ``min_cluster_episodes`` (the batch size) episodes
+    and checks that the clustering was accepted."""
+    from algos.trama import TRAMAConfig
+
+    min_episodes = overrides.get("batch_size", TRAMAConfig.batch_size)
+    algo = algos.make("trama", env, num_envs=args.num_envs, num_steps=args.num_steps,
+                      total_steps=args.num_envs * args.num_steps * args.iterations,
+                      **{"min_cluster_episodes": min_episodes, **overrides, **TRAMA_CLUSTERED})
+    # every env finishes an episode at least every max_steps steps
+    E = args.num_envs
+    steps = (-(-algo.config.min_cluster_episodes // E) + 1) * env.spec.max_steps * E
+    warmup = max(args.warmup_updates, -(-steps // algo.env_steps_per_update))
+    r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=warmup)
+    if r["last_metrics"].get("clustered", 0.0) < 1.0:
+        raise RuntimeError(f"trama_clustered: no accepted clustering after {warmup} warm-up updates "
+                           f"(nonempty clusters: {r['last_metrics'].get('nonempty_clusters')}); "
+                           "the timing would be of the phase before it")
+    r["warmup_updates"] = warmup
+    return r
 
 
 def main(args: BenchArgs) -> dict:
@@ -187,10 +232,19 @@ def main(args: BenchArgs) -> dict:
     for name, r in result["algos"].items():
         if "sweep_check" in r:
             print_sweep_check(name, r["sweep_check"])
+    if args.trama_clustered:
+        if "trama" not in args.algos:
+            raise ValueError(f"--trama-clustered needs trama in --algos, got {list(args.algos)}")
+        r = trama_clustered_bench(env, args, overrides)
+        r["ratio_to_random"] = r["env_steps_per_s"] / rand
+        result["algos"]["trama (clustered)"] = r
+        print(f"{'trama (clustered)':<16}{r['env_steps_per_s']:>14,.0f}{100 * r['ratio_to_random']:>11.2f}%"
+              f"{r['compile_s']:>12.1f}")
     for name, r in result["algos"].items():
-        backbone = getattr(algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
+        algo_name = name.split(" ")[0]  # "trama (clustered)" -> trama
+        backbone = getattr(algos.make(algo_name, env, num_envs=args.num_envs, num_steps=args.num_steps,
                                       total_steps=args.num_envs * args.num_steps * args.iterations,
-                                      **overrides).config, "mixer", None) if name in ("emu", "trama") else None
+                                      **overrides).config, "mixer", None) if algo_name in ("emu", "trama") else None
         if backbone in result["algos"]:
             r["ratio_to_backbone"] = r["env_steps_per_s"] / result["algos"][backbone]["env_steps_per_s"]
             print(f"{name}: {100 * r['ratio_to_backbone']:.0f}% of its backbone {backbone}'s throughput")
