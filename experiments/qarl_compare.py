@@ -117,7 +117,9 @@ def run_env(env_name: str, args, out_dir: str) -> dict:
         steps = (np.arange(curve.shape[1]) + 1) * algo.env_steps_per_update
         results[method] = {"wall_seconds": time.perf_counter() - t0, "compile_seconds": res.compile_seconds,
                            "steps": steps, "curve": curve, "episodes": episodes,
-                           "final_shape": np.asarray(res.state.ext.curriculum.shape).tolist()}
+                           # SAC has no adversary, so no temperature to draw: no curriculum
+                           "final_shape": (np.asarray(res.state.ext.curriculum.shape).tolist()
+                                           if algo.config.adversary else None)}
 
     masses, frictions = grid_values(args.grid)
     key = jax.random.PRNGKey(args.seed + 1)
