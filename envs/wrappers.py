@@ -100,8 +100,8 @@ class EpisodeStats(Wrapper):
 def episode_metrics(info: dict) -> dict:
     """Means of the finished episodes' statistics in a batch of infos (any shape).
 
-    Returns ``return``, ``length``, ``win_rate`` (NaN-free: 0 when no episode ended)
-    and ``episodes`` (how many ended).
+    Returns ``return``, ``length``, ``win_rate`` (NaN-free: 0 when no episode ended;
+    listed in :data:`marl.logging.EPISODE_STATS`) and ``episodes`` (how many ended).
     """
     d = info["episode_done"].astype(jnp.float32)
     n = d.sum()

@@ -39,7 +39,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
-from marl.logging import read_metrics
+from marl.logging import EPISODE_STATS, read_metrics
 from marl.stats import bootstrap_band, bootstrap_ci, final_scores, iqm, overall_scores, stratified_bootstrap_ci
 
 
@@ -177,6 +177,16 @@ def task_metric(groups: list[Group], choice: str) -> str:
 # ------------------------------------------------------------------ outputs
 
 
+def iteration_weights(metric: str, episodes: np.ndarray) -> np.ndarray:
+    """Weights [S, I] of a metric's iterations: episode statistics (``return``, ``length``,
+    ``win_rate``, per-agent ``return_*``) count the episodes that ended in the iteration;
+    every other metric (losses, TRAMA's cluster_ari, ...) is logged each iteration and
+    counts once."""
+    if metric in EPISODE_STATS or metric.startswith("return_"):
+        return episodes
+    return np.ones_like(episodes)
+
+
 def curve(values: np.ndarray, episodes: np.ndarray) -> np.ndarray:
     """[S, I] with iterations that ended no episode carrying the previous value."""
     out = np.where(episodes > 0, values, np.nan)
@@ -194,7 +204,7 @@ def plot_task(task: str, groups: list[Group], metrics: list[str], path: str, arg
         for g in groups:
             if m not in g.values:
                 continue
-            c = curve(g.values[m], g.episodes)
+            c = curve(g.values[m], iteration_weights(m, g.episodes))
             mean, lo, hi = bootstrap_band(c, min(args.bootstrap_samples, 1000), args.confidence,
                                           args.bootstrap_seed)
             marker = "o" if g.steps.size < 20 else None
@@ -225,8 +235,9 @@ def build_tables(groups: list[Group], args: ReportArgs) -> dict:
         for g in sorted(tg, key=lambda g: g.method):
             if metric not in g.values:
                 continue
-            finals = final_scores(g.values[metric], g.episodes, args.final_fraction)
-            overall = overall_scores(g.values[metric], g.episodes)
+            weights = iteration_weights(metric, g.episodes)
+            finals = final_scores(g.values[metric], weights, args.final_fraction)
+            overall = overall_scores(g.values[metric], weights)
             overall = overall[np.isfinite(overall)]
             ok = finals[np.isfinite(finals)]
             point = iqm(ok) if ok.size else float("nan")

@@ -13,6 +13,9 @@ import os
 
 import numpy as np
 
+EPISODE_STATS = ("return", "length", "win_rate")
+"""metrics averaged over the episodes that ended in an iteration (``envs.wrappers.episode_metrics``)"""
+
 
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")

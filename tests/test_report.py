@@ -144,3 +144,14 @@ def test_report_cli_and_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert rep.main([str(tmp_path / "empty")]) == 2
     assert "no run" in capsys.readouterr().err
+
+
+def test_only_episode_statistics_are_episode_weighted():
+    eps = np.array([[2.0, 0.0, 1.0]])
+    for m in ("return", "win_rate", "length", "return_agent0"):
+        np.testing.assert_array_equal(rep.iteration_weights(m, eps), eps)
+    # a per-iteration metric keeps its value where no episode ended
+    w = rep.iteration_weights("cluster_ari", eps)
+    np.testing.assert_array_equal(w, np.ones_like(eps))
+    np.testing.assert_array_equal(rep.curve(np.array([[0.1, 0.5, 0.7]]), w), [[0.1, 0.5, 0.7]])
+    np.testing.assert_array_equal(rep.curve(np.array([[0.1, 0.5, 0.7]]), eps), [[0.1, 0.1, 0.7]])
