@@ -179,10 +179,13 @@ def trama_clustered_bench(env, args: BenchArgs, overrides: dict) -> dict:
                            f"(nonempty clusters: {r['last_metrics'].get('nonempty_clusters')}); "
                            "the timing would be of the phase before it")
     r["warmup_updates"] = warmup
+    r["algo"] = "trama"
     return r
 
 
 def main(args: BenchArgs) -> dict:
+    if args.trama_clustered and "trama" not in args.algos:
+        raise ValueError(f"--trama-clustered needs trama in --algos, got {list(args.algos)}")
     env = envs.make(args.env)
     overrides = json.loads(args.overrides) if args.overrides else {}
     rand = random_policy_sps(env, args.num_envs, args.num_steps, args.repeats)
@@ -233,15 +236,13 @@ def main(args: BenchArgs) -> dict:
         if "sweep_check" in r:
             print_sweep_check(name, r["sweep_check"])
     if args.trama_clustered:
-        if "trama" not in args.algos:
-            raise ValueError(f"--trama-clustered needs trama in --algos, got {list(args.algos)}")
         r = trama_clustered_bench(env, args, overrides)
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
         result["algos"]["trama (clustered)"] = r
         print(f"{'trama (clustered)':<16}{r['env_steps_per_s']:>14,.0f}{100 * r['ratio_to_random']:>11.2f}%"
               f"{r['compile_s']:>12.1f}")
     for name, r in result["algos"].items():
-        algo_name = name.split(" ")[0]  # "trama (clustered)" -> trama
+        algo_name = r.get("algo", name)
         backbone = getattr(algos.make(algo_name, env, num_envs=args.num_envs, num_steps=args.num_steps,
                                       total_steps=args.num_envs * args.num_steps * args.iterations,
                                       **overrides).config, "mixer", None) if algo_name in ("emu", "trama") else None

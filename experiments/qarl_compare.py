@@ -37,6 +37,8 @@ import numpy as np
 import algos
 import envs
 from algos import qarl
+from experiments.regularizer_study import metric_arrays
+from marl.logging import read_metrics
 from marl.runner import train
 
 METHODS = {"qarl": ("qarl", {}), "rarl": ("rarl", {}), "sac": ("qarl", {"adversary": False})}
@@ -78,20 +80,6 @@ def grid_values(n: int):
             tuple(float(x) for x in np.round(np.linspace(0.0, 5.0, n), 3)))
 
 
-def logged_curve(run_dir: str, num_seeds: int):
-    """(return_agent0 [S, I], episodes [S, I]) from the run's metrics.jsonl."""
-    from marl.logging import read_metrics
-
-    records = read_metrics(run_dir)
-    its = sorted({r["iteration"] for r in records})
-    col = {it: i for i, it in enumerate(its)}
-    curve, episodes = np.zeros((num_seeds, len(its))), np.zeros((num_seeds, len(its)))
-    for r in records:
-        curve[r["seed"], col[r["iteration"]]] = r.get("return_agent0", 0.0)
-        episodes[r["seed"], col[r["iteration"]]] = r.get("episodes", 0.0)
-    return curve, episodes
-
-
 def evaluators(algo, episodes: int, masses, frictions):
     """Seed-vmapped, jitted ``ev(params, keys, adversary) -> [S]`` and ``grid(params, keys) -> [S, M, F]``."""
     fns = {adv: jax.jit(jax.vmap(lambda p, k, adv=adv: qarl.evaluate_protagonist(algo, p, k, episodes, adv)))
@@ -113,7 +101,8 @@ def run_env(env_name: str, args, out_dir: str) -> dict:
                     run_dir=run_dir, progress=True, resume=args.resume and os.path.isdir(run_dir),
                     run_info={"config": {k: str(v) for k, v in vars(algo.config).items()}, "method": method})
         trained[method] = (algo, res)
-        curve, episodes = logged_curve(run_dir, args.num_seeds)  # the whole run, resumed or not
+        # the whole run from its log, resumed or not
+        _, curve, episodes = metric_arrays(read_metrics(run_dir), "return_agent0")
         steps = (np.arange(curve.shape[1]) + 1) * algo.env_steps_per_update
         results[method] = {"wall_seconds": time.perf_counter() - t0, "compile_seconds": res.compile_seconds,
                            "steps": steps, "curve": curve, "episodes": episodes,
