@@ -44,6 +44,8 @@ class JaxMARLAdapter:
         ``state_dim -> array`` (see :class:`marl.types.EnvSpec`).
       max_return: optional largest episode return, for the spec.
       info_fn: optional ``inner_state -> dict`` of extra per-step info entries.
+      state_fn: optional ``(inner_state, state) -> state``, a transform of the world state
+        (SMAX bounds its weapon cooldowns here); it must keep the state's size.
     """
 
     def __init__(
@@ -56,9 +58,11 @@ class JaxMARLAdapter:
         state_scale=None,
         max_return: Optional[float] = None,
         info_fn: Optional[Callable] = None,
+        state_fn: Optional[Callable] = None,
     ):
         self._env = env
         self._info_fn = info_fn
+        self._state_fn = state_fn
         self.agents = list(agents if agents is not None else env.agents)
         self._won_fn = won_fn
         a0 = self.agents[0]
@@ -107,6 +111,8 @@ class JaxMARLAdapter:
     def _stack(self, obs: dict, inner) -> tuple[jax.Array, jax.Array, jax.Array]:
         o = jnp.stack([obs[a].reshape(-1) for a in self.agents]).astype(jnp.float32)
         s = obs["world_state"].reshape(-1) if self._has_world_state else o.reshape(-1)
+        if self._state_fn is not None:
+            s = self._state_fn(inner, s)
         if self._has_avail:
             av = self._env.get_avail_actions(inner)
             avail = jnp.stack([av[a] for a in self.agents]).astype(bool)

@@ -96,23 +96,42 @@ def _make_smax(map_name: str, **kwargs):
 
 
 def smax_adapter(env, name: str, info_fn=None):
-    """The adapter for a heuristic-enemy SMAX env: won flag, state scale, action geometry,
-    largest return; ``info_fn(inner_state) -> dict`` adds per-step info (multi-task SMAX)."""
+    """The adapter for a heuristic-enemy SMAX env: won flag, bounded world state, state scale,
+    action geometry, largest return; ``info_fn(inner_state) -> dict`` adds per-step info
+    (multi-task SMAX).
+
+    JaxMARL's ``get_world_state`` emits each unit's raw weapon cooldown, which falls by the
+    step time on every step a unit does not fire and has no floor (-49.5 within 100 steps):
+    left alone it carries almost all of the state's variance, and every mixer, embedding and
+    clustering tracks it instead of the units. The adapter replaces that column with
+    ``clip(cooldown / cooldown of the unit's type, 0, 1)``, as SMACv2's state and SMAX's own
+    observations do (dead units keep their zero features).
+    """
     import jax.numpy as jnp
 
     from envs.jaxmarl_adapter import JaxMARLAdapter
     from marl.action_costs import smax_cost
 
     n_allies = env.num_allies
+    feats, units = len(env.own_features), env.num_allies + env.num_enemies
+    type_cooldowns = np.asarray(env.unit_type_weapon_cooldowns, np.float32)
 
     def won(inner):
         alive = inner.state.unit_alive
         return jnp.all(~alive[n_allies:]) & jnp.any(alive[:n_allies])
 
+    def bounded_state(inner, s):
+        if s.shape[0] != units * (feats + 2):
+            return s  # an unknown layout: leave the state as it is
+        st = inner.state
+        cd = jnp.clip(st.unit_weapon_cooldowns / jnp.asarray(type_cooldowns)[st.unit_types], 0.0, 1.0)
+        cd = jnp.where(st.unit_alive, cd, 0.0)
+        per_unit = s[: units * feats].reshape(units, feats).at[:, 3].set(cd)
+        return jnp.concatenate([per_unit.reshape(-1), s[units * feats:]])
+
     def state_scale(state_dim):
         # world state: per unit [health, x, y, cooldown, type one-hot...], then teams and types
         scale = np.ones(state_dim, np.float32)
-        feats, units = len(env.own_features), env.num_allies + env.num_enemies
         if state_dim != units * (feats + 2):
             return scale  # an unknown layout: leave the state as it is
         for u in range(units):
@@ -124,7 +143,7 @@ def smax_adapter(env, name: str, info_fn=None):
     return JaxMARLAdapter(
         env, name, won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale,
         max_return=1.0 + float(env.won_battle_bonus),  # all enemy health (normalized to 1) + the win bonus
-        info_fn=info_fn,
+        info_fn=info_fn, state_fn=bounded_state,
     )
 
 

@@ -85,3 +85,22 @@ def test_any_jaxmarl_id_plugs_in():
     env = envs.make("MPE_simple_reference_v3")
     _, ts = env.reset(jax.random.PRNGKey(0))
     assert ts.obs.shape == (env.spec.num_agents, env.spec.obs_dim)
+
+
+@pytest.mark.parametrize("name", ["smax:3m", "smax:2s3z", "smax-mt:surComb3"])
+def test_smax_world_state_is_bounded(name):
+    """Every feature of ``state / state_scale`` stays small: JaxMARL's raw weapon cooldown
+    (no floor, -49.5 within 100 steps) is bounded by the adapter."""
+    env = envs.make(name)
+    scale = np.asarray(env.spec.state_scale)
+    _, _, ts = _rollout(env, 300)
+    x = np.abs(np.asarray(ts.state) / scale)
+    assert x.max() <= 1.5, (name, x.max(), np.unravel_index(x.argmax(), x.shape))
+    # the cooldown columns are in use (units fire), within [0, 1]
+    inner = env.unwrapped if hasattr(env, "unwrapped") else env
+    while hasattr(inner, "_env") and not hasattr(inner, "own_features"):
+        inner = inner._env
+    feats = len(inner.own_features)
+    units = inner.num_allies + inner.num_enemies
+    cd = np.asarray(ts.state)[:, : units * feats].reshape(-1, units, feats)[..., 3]
+    assert cd.min() >= 0.0 and cd.max() <= 1.0 and cd.max() > 0.5
