@@ -6,15 +6,26 @@ resumed run continues bit-for-bit where the saved one stopped. The step number i
 the number of completed iterations. Orbax does not store arrays of size 0 (MJX states
 hold some, e.g. the activations of a model without actuator dynamics): they are saved
 as one-element placeholders and rebuilt from ``state_like``'s shapes on restore.
+
+Integrity: :meth:`Checkpointer.restore_latest` restores the newest checkpoint that
+reads back whole. A damaged one (a file cut short, garbage metadata) is moved aside to
+``<run_dir>/damaged_checkpoints/<step>-<time>`` (never deleted) with a warning naming
+it and the reason, and the next older one is tried. A step that does not exist raises
+ConfigError listing the steps that do.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from marl.config import ConfigError
 
 
 def _empty(x) -> bool:
@@ -24,9 +35,13 @@ def _empty(x) -> bool:
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
+        self._max_to_keep = max_to_keep
+        self._open()
+
+    def _open(self):
         self._mgr = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True),
         )
 
     def save(self, step: int, state) -> None:
@@ -37,16 +52,44 @@ class Checkpointer:
     def latest_step(self):
         return self._mgr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self._mgr.all_steps())
+
     def restore(self, state_like, step: int | None = None):
         """Restore into the structure (and shardings) of ``state_like``."""
         step = self._mgr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step not in self.all_steps():
+            raise ConfigError("step", step, f"must be one of the checkpointed steps {self.all_steps()} "
+                                             f"in {self.directory}")
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct((1,), x.dtype) if _empty(x) else ocp.utils.to_shape_dtype_struct(x),
             state_like)
         restored = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
         return jax.tree.map(lambda r, x: jnp.zeros(x.shape, x.dtype) if _empty(x) else r, restored, state_like)
+
+    def restore_latest(self, state_like):
+        """-> (state, step) from the newest checkpoint that restores, or (None, 0) when
+        none does; damaged checkpoints are moved aside with a warning."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(state_like, step), step
+            except Exception as e:  # noqa: BLE001 - any failure to read back means damaged
+                self._quarantine(step, e)
+        return None, 0
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        src = os.path.join(self.directory, str(step))
+        dst_root = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints")
+        dst = os.path.join(dst_root, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(dst_root, exist_ok=True)
+        self._mgr.close()
+        shutil.move(src, dst)
+        self._open()
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        print(f"warning: checkpoint {step} in {self.directory} is damaged ({reason}); moved it to {dst} "
+              "and fell back to the previous checkpoint", file=sys.stderr)
 
     def close(self):
         self._mgr.close()

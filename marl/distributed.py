@@ -214,7 +214,7 @@ def train_sharded(
             for k, v in metrics.items():
                 history.setdefault(k, []).append(v[:, :good])
             if bad:
-                raise NonFiniteError(f"non-finite {bad[0]} at iteration {bad[1] + 1} "
+                raise NonFiniteError(f"{bad[0]} at iteration {bad[1] + 1} "
                                      f"(env step {(bad[1] + 1) * steps_per_iter}); training stopped")
             it += length
             if bar is not None:

@@ -11,6 +11,12 @@ included) after a chunk, and a resumed run runs the same compiled chunks from
 there, so it ends with the same parameters as the run that was never stopped.
 Metrics lines written after the last checkpoint are dropped on resume (they are
 recomputed identically).
+
+Safety: the run directory is checked and locked (:mod:`marl.rundir`) and the train
+state's size is checked against the memory available, all before anything compiles.
+Metrics are fsynced before each checkpoint; a resume restores the newest intact
+checkpoint (damaged ones are moved aside with a warning). Besides the non-finite check,
+an optional divergence guard (``max_loss``) stops a run whose losses exceed a bound.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from marl import rundir
 from marl.checkpoint import Checkpointer
 from marl.config import ConfigError
 from marl.logging import MetricsWriter
@@ -38,6 +46,63 @@ _COMPILED: dict = {}
 
 class NonFiniteError(FloatingPointError):
     """Training produced NaN or inf; the message names the metric and iteration."""
+
+
+class DivergenceError(NonFiniteError):
+    """A loss exceeded the divergence guard's bound (``max_loss``)."""
+
+
+def state_bytes(algo: Algorithm) -> int:
+    """Bytes of one seed's train state (parameters, optimizer states, buffers, env
+    states), from shapes alone: nothing is compiled or allocated."""
+    shapes = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+
+
+def available_memory_bytes() -> int:
+    """Memory free for the train state: the default device's free memory on an
+    accelerator, the host's available memory on CPU."""
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return 1 << 62  # unknown: do not refuse
+
+
+MEMORY_FACTOR = 2
+"""the state is held about twice at once (the chunk's donated buffers and a checkpoint's host copy)"""
+
+
+def check_memory(algo: Algorithm, num_rows: int, available: Optional[int] = None) -> int:
+    """ConfigError, before anything compiles, when ``num_rows`` train states do not fit
+    in memory; returns the estimated bytes."""
+    per = state_bytes(algo)
+    need = MEMORY_FACTOR * per * num_rows
+    free = available_memory_bytes() if available is None else available
+    if need > free:
+        gib = 1 << 30
+        fits = free // max(MEMORY_FACTOR * per, 1)
+        if fits >= 1:
+            raise ConfigError("num_seeds", num_rows,
+                              f"must be at most {fits}: each seed's train state takes {per / gib:.3g} GiB "
+                              f"(x{MEMORY_FACTOR} while training), {need / gib:.3g} GiB in all, and "
+                              f"{free / gib:.3g} GiB are available")
+        raise ConfigError("config", f"{per / gib:.3g} GiB train state per seed",
+                          f"must fit in the {free / gib:.3g} GiB available (x{MEMORY_FACTOR} while training): "
+                          "lower num_envs, buffer_size, capacity or the network sizes")
+    return need
 
 
 @dataclasses.dataclass
@@ -93,11 +158,14 @@ def train(
     run_dir: Optional[str] = None,
     checkpoint_every: int = 1,
     resume: bool = False,
+    resume_or_start: bool = False,
     progress: bool = True,
     hparams: Optional[dict] = None,
     stop_after_chunks: Optional[int] = None,
     run_info: Optional[dict] = None,
     keys: Optional[jax.Array] = None,
+    max_loss: Optional[float] = None,
+    check_memory_fit: bool = True,
 ) -> TrainResult:
     """Train ``num_seeds`` seeds of ``algo`` for ``num_iterations`` updates.
 
@@ -105,43 +173,76 @@ def train(
       chunk_iterations: iterations per compiled chunk (host loop granularity).
       run_dir: where ``metrics.jsonl``, ``checkpoints/`` and ``run.json`` go (None: nowhere).
       checkpoint_every: save a checkpoint every this many chunks (and at the end).
-      resume: continue from the latest checkpoint in ``run_dir``.
+      resume: continue from the latest intact checkpoint in ``run_dir`` (refused when
+        there is none, unless ``resume_or_start``).
+      resume_or_start: resume when ``run_dir`` holds a checkpoint, start it otherwise.
       hparams: per-seed overrides of sweepable hyperparameters (see :func:`init_states`).
       stop_after_chunks: stop early after this many chunks of this call (simulates a
         killed run in tests).
       run_info: extra JSON-able description stored in ``run.json`` (algo, env, config).
       keys: explicit per-seed PRNG keys [num_seeds, 2] (default: split(PRNGKey(seed))).
+      max_loss: divergence guard: stop (``DivergenceError``) when a metric whose name
+        contains ``loss`` exceeds this magnitude (None: off).
+      check_memory_fit: refuse, before compiling, train states that do not fit in memory.
     """
     for field, v in (("num_iterations", num_iterations), ("num_seeds", num_seeds),
                      ("chunk_iterations", chunk_iterations), ("checkpoint_every", checkpoint_every)):
-        if not (isinstance(v, (int, np.integer)) and v > 0):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0):
             raise ConfigError(field, v, "must be a positive integer")
-    if resume and run_dir is None:
-        raise ConfigError("resume", resume, "needs a run_dir with a checkpoint")
+    if (resume or resume_or_start) and run_dir is None:
+        raise ConfigError("resume", True, "needs a run_dir with a checkpoint")
+    if max_loss is not None and not (isinstance(max_loss, (int, float)) and max_loss > 0):
+        raise ConfigError("max_loss", max_loss, "must be a positive number (or None: no divergence guard)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", seed, f"must be an integer in [0, {2**32 - 1}]")
     chunk_iterations = min(chunk_iterations, num_iterations)
     steps_per_iter = algo.env_steps_per_update
-    if keys is None:
-        keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
-    elif keys.shape[0] != num_seeds:
+    if keys is not None and keys.shape[0] != num_seeds:
         raise ConfigError("keys", keys.shape, f"must have num_seeds={num_seeds} rows")
 
-    writer = ckpt = None
-    start_iter = 0
     description = {
         "algo": algo.name, "env": algo.env.spec.name, "num_seeds": num_seeds, "seed": seed,
         "num_iterations": num_iterations, "chunk_iterations": chunk_iterations,
         "env_steps_per_iteration": steps_per_iter, **(run_info or {}),
     }
-    state = init_states(algo, keys, hparams)
+    description = json.loads(json.dumps(description, default=str))
+    # every check of the run directory, the lock and the memory estimate: before compiling
+    lock = None
+    resuming = False
     if run_dir is not None:
-        run_dir = _prepare_run_dir(run_dir, resume, description)
-        ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
-        if resume:
-            start_iter = ckpt.latest_step() or 0
-            if start_iter:
-                state = ckpt.restore(state, start_iter)
-        writer = MetricsWriter(run_dir, truncate_after=start_iter if resume else 0)
+        run_dir, lock, resuming = rundir.prepare(run_dir, resume, description, resume_or_start)
+    writer = ckpt = None
+    try:
+        if check_memory_fit:
+            check_memory(algo, num_seeds)
+        if keys is None:
+            keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+        state = init_states(algo, keys, hparams)
+        start_iter = 0
+        if run_dir is not None:
+            ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+            if resuming:
+                restored, start_iter = ckpt.restore_latest(state)
+                if restored is not None:
+                    state = restored
+                else:
+                    print(f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again "
+                          "from iteration 0", file=sys.stderr)
+            writer = MetricsWriter(run_dir, truncate_after=start_iter, resume=resuming)
+        return _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
+                          progress, stop_after_chunks, max_loss, writer, ckpt, run_dir)
+    finally:
+        if writer is not None:
+            writer.close()
+        if ckpt is not None:
+            ckpt.close()
+        if lock is not None:
+            lock.release()
 
+
+def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
+               progress, stop_after_chunks, max_loss, writer, ckpt, run_dir) -> TrainResult:
+    steps_per_iter = algo.env_steps_per_update
     compile_s = 0.0
 
     def get_chunk(length):
@@ -172,7 +273,7 @@ def train(
             finite = np.asarray(jax.device_get(finite))
             dt = time.perf_counter() - t0
             train_s += dt
-            bad = _first_nonfinite(metrics, finite, it)
+            bad = _first_nonfinite(metrics, finite, it, max_loss)
             good = bad[1] - it if bad else length
             if writer is not None:
                 writer.write(metrics, it, steps_per_iter, upto=good)
@@ -180,11 +281,10 @@ def train(
                 history.setdefault(k, []).append(np.asarray(v)[:, :good])
             if bad:
                 name, at = bad
-                raise NonFiniteError(
-                    f"non-finite {name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
-                    f"training stopped. Last good checkpoint: "
-                    f"{'iteration ' + str(last_saved) + ' in ' + ckpt.directory if ckpt and last_saved else 'none'}"
-                )
+                cls = DivergenceError if name.startswith("diverging") else NonFiniteError
+                last = (f"iteration {last_saved} in {ckpt.directory}" if ckpt and last_saved else "none")
+                raise cls(f"{name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
+                          f"training stopped. Last good checkpoint: {last}")
             state = new_state
             it += length
             chunks_done += 1
@@ -192,6 +292,7 @@ def train(
                 bar.update(length * steps_per_iter)
                 bar.set_postfix(_postfix(metrics, num_seeds * length * steps_per_iter / max(dt, 1e-9)))
             if ckpt is not None and (chunks_done % checkpoint_every == 0 or it >= num_iterations):
+                writer.sync()  # the lines this checkpoint covers are durable before it exists
                 ckpt.save(it, state)
                 last_saved = it
             if stop_after_chunks is not None and chunks_done >= stop_after_chunks:
@@ -199,67 +300,36 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-        if writer is not None:
-            writer.close()
-        if ckpt is not None:
-            ckpt.close()
     metrics_np = {k: np.concatenate(v, axis=1) for k, v in history.items()}
     return TrainResult(state, metrics_np, run_dir, compile_s, train_s, it * steps_per_iter)
 
 
-def _first_nonfinite(metrics: dict, params_finite: np.ndarray, it0: int):
+def _first_nonfinite(metrics: dict, params_finite: np.ndarray, it0: int, max_loss: Optional[float] = None):
+    """-> (description, iteration) of the first non-finite metric, non-finite parameters
+    or (with ``max_loss``) loss beyond the bound; None when the chunk is sound."""
     first = None
     for k, v in metrics.items():
         v = np.asarray(v)
         if not np.issubdtype(v.dtype, np.floating):
             continue
-        bad_iters = np.where(~np.isfinite(v).all(axis=0))[0]
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        bad_iters = np.where(~np.isfinite(flat).all(axis=(0, 2)))[0]
         if bad_iters.size and (first is None or bad_iters[0] + it0 < first[1]):
-            first = (f"metric '{k}'", int(bad_iters[0]) + it0)
+            first = (f"non-finite metric '{k}'", int(bad_iters[0]) + it0)
+        if max_loss is not None and "loss" in k:
+            size = np.abs(np.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0))
+            big = np.where((size > max_loss).any(axis=(0, 2)))[0]
+            if big.size and (first is None or big[0] + it0 < first[1]):
+                first = (f"diverging metric '{k}' (|value| > max_loss={max_loss:g})", int(big[0]) + it0)
     if first is None and not params_finite.all():
         length = next(iter(metrics.values())).shape[1]
-        first = ("parameters", it0 + length - 1)
+        first = ("non-finite parameters", it0 + length - 1)
     return first
 
 
 def _prepare_run_dir(run_dir: str, resume: bool, description: dict) -> str:
-    run_dir = os.path.abspath(run_dir)
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError("run_dir", run_dir, f"must be a writable directory ({e.strerror})") from None
-    path = os.path.join(run_dir, "run.json")
-    if resume and os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        for k in ("algo", "env", "env_kwargs", "num_seeds", "seed", "chunk_iterations"):
-            if k in old and k in description and old[k] != description[k]:
-                raise ConfigError(
-                    k, description[k], f"must match the run being resumed ({old[k]!r}) for an exact resume"
-                )
-        old_cfg, new_cfg = old.get("config", {}), description.get("config", {})
-        for k in sorted(set(old_cfg) | set(new_cfg)):
-            # a field added to the config class after the run was written is not a change
-            if k in new_cfg and k not in old_cfg:
-                continue
-            if old_cfg.get(k) != new_cfg.get(k):
-                raise ConfigError(
-                    f"config.{k}", new_cfg.get(k),
-                    f"must match the run being resumed ({old_cfg.get(k)!r}) for an exact resume",
-                )
-    elif not resume and os.path.exists(os.path.join(run_dir, "checkpoints")) and os.listdir(
-        os.path.join(run_dir, "checkpoints")
-    ):
-        raise ConfigError(
-            "run_dir", run_dir, "already holds checkpoints: pass --resume to continue it, or choose a new name"
-        )
-    with open(path, "w") as f:
-        json.dump(description, f, indent=2, default=str)
-    return run_dir
+    """Check and describe ``run_dir`` without locking it (the sharded trainer's use)."""
+    return rundir.prepare(run_dir, resume, description, lock=False)[0]
 
 
 def _progress(enabled: bool, total: int, initial: int, algo: Algorithm):
