@@ -71,10 +71,12 @@ class JaxMARLAdapter:
         obs_dim = int(np.prod(obs_space.shape))
         for a in self.agents:
             if int(np.prod(env.observation_space(a).shape)) != obs_dim:
-                raise ValueError(
-                    f"env {name!r}: agents have different observation sizes; the stacked "
-                    "API needs one obs_dim (pad observations in a custom adapter)"
-                )
+                from marl.config import ConfigError
+
+                sizes = sorted({int(np.prod(env.observation_space(b).shape)) for b in self.agents})
+                raise ConfigError(
+                    "env", name, f"must have agents of one observation size (this one has {sizes}); the "
+                    "stacked API needs one obs_dim: pad observations in a custom adapter")
         # Probe the world state once, on the host, to learn its size.
         obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
         self._has_world_state = "world_state" in obs

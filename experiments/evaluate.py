@@ -31,8 +31,8 @@ import numpy as np
 import tyro
 
 import algos
-import envs
-from experiments.train import make_env, parse_env_kwargs
+from experiments.cli import entry
+from experiments.train import check_seed, make_env, parse_env_kwargs
 from marl.checkpoint import Checkpointer
 from marl.config import ConfigError, apply_overrides
 from marl.evaluation import evaluate_seeds
@@ -78,12 +78,14 @@ def restore_params(run_dir: str, step: Optional[int] = None):
     algo, desc = load_run(run_dir)
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
-        step = step if step is not None else ckpt.latest_step()
-        if step is None:
-            raise ConfigError("run_dir", run_dir, "has no checkpoint")
         keys = jax.random.split(jax.random.PRNGKey(desc["seed"]), desc["num_seeds"])
         abstract = jax.eval_shape(lambda k: init_states(algo, k), keys)
-        state = ckpt.restore(abstract, step)
+        if step is None:
+            state, step = ckpt.restore_latest(abstract, quarantine=False)
+            if state is None:
+                raise ConfigError("run_dir", run_dir, "has no intact checkpoint")
+        else:
+            state = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     return algo, desc, state.params, int(step)
@@ -131,14 +133,16 @@ def _suffix(env_kwargs: dict) -> str:
     return "_" + "".join(c if c.isalnum() or c in "-._" else "-" for c in text)
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     args = tyro.cli(EvalArgs, args=sys.argv[1:] if argv is None else argv)
-    try:
-        overrides = parse_env_kwargs(args.env_kwargs) if args.env_kwargs is not None else {}
-        out = evaluate_run(args.run_dir, args.episodes, not args.sampled, args.step, args.seed, overrides)
-    except (ConfigError, envs.UnknownEnvError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_seed("seed", args.seed)
+    if args.step is not None and args.step < 1:
+        raise ConfigError("step", args.step, "must be a positive checkpoint step (iterations)")
+    if not os.path.isdir(args.run_dir):
+        raise ConfigError("run_dir", args.run_dir, "must be an existing run directory")
+    overrides = parse_env_kwargs(args.env_kwargs) if args.env_kwargs is not None else {}
+    out = evaluate_run(args.run_dir, args.episodes, not args.sampled, args.step, args.seed, overrides)
     path = os.path.join(args.run_dir, f"eval_{args.episodes}{_suffix(overrides)}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)

@@ -39,6 +39,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from experiments.cli import entry
 from marl.logging import EPISODE_STATS, read_metrics
 from marl.stats import bootstrap_band, bootstrap_ci, final_scores, iqm, overall_scores, stratified_bootstrap_ci
 
@@ -311,6 +312,20 @@ def check_args(args: ReportArgs) -> None:
         raise ConfigError("confidence", args.confidence, "must be in (0, 1)")
     if args.bootstrap_samples <= 0:
         raise ConfigError("bootstrap_samples", args.bootstrap_samples, "must be a positive integer")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError("out", args.out, "must be a directory (this path is an existing file)")
+
+
+def check_metrics(groups: list[Group], args: ReportArgs) -> None:
+    """``--metric`` and ``--panels`` must name metrics that some run logged."""
+    from marl.config import ConfigError
+
+    logged = sorted({k for g in groups for k in g.values})
+    if args.metric != "auto" and args.metric not in logged:
+        raise ConfigError("metric", args.metric, f"must be 'auto' or a logged metric: {logged}")
+    for m in args.panels:
+        if m not in logged:
+            raise ConfigError("panels", m, f"must be logged metrics: {logged}")
 
 
 def report(args: ReportArgs) -> dict:
@@ -323,8 +338,12 @@ def report(args: ReportArgs) -> dict:
     if not runs:
         raise ConfigError("dirs", args.dirs, "hold no run (a directory with run.json and metrics.jsonl)")
     groups = load_groups(runs, args.group_by, root=os.path.abspath(args.dirs[0]))
+    check_metrics(groups, args)
     out = os.path.abspath(args.out or os.path.join(args.dirs[0], "report"))
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ConfigError("out", out, f"must be a writable directory ({e.strerror})") from None
     curves, panels_of = [], {}
     for task in sorted({g.task for g in groups}):
         tg = [g for g in groups if g.task == task]
@@ -345,15 +364,10 @@ def report(args: ReportArgs) -> dict:
             "tables": tables}
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
-    from marl.config import ConfigError
-
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        report(tyro.cli(ReportArgs, args=argv, description=__doc__.split("\n\n")[0]))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report(tyro.cli(ReportArgs, args=argv, description=__doc__.split("\n\n")[0]))
     return 0
 
 

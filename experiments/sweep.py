@@ -32,6 +32,7 @@ import tyro
 
 import algos
 import envs
+from experiments.cli import entry
 from marl.config import ConfigError, apply_overrides, json_dict_arg
 
 
@@ -79,12 +80,18 @@ class SweepArgs:
 
 def build(args: SweepArgs):
     """-> (algorithm, configurations, base config). Everything validated, nothing compiled."""
+    from experiments.train import check_name, check_seed
     from marl import sweep
 
     for field in ("num_seeds", "num_configs", "chunk_iterations", "checkpoint_every"):
         v = getattr(args, field)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ConfigError(field, v, "must be a positive integer")
+    check_seed("seed", args.seed)
+    check_seed("sweep_seed", args.sweep_seed)
+    check_name("name", args.name)
+    if not 0.0 < args.final_fraction <= 1.0:
+        raise ConfigError("final_fraction", args.final_fraction, "must be in (0, 1]")
     if (args.grid is None) == (args.random is None):
         raise ConfigError("grid/random", (args.grid, args.random), "give exactly one of --grid and --random")
     base = algos.default_config(args.algo)  # unknown algorithm -> ConfigError
@@ -106,6 +113,12 @@ def build(args: SweepArgs):
         raise ConfigError("env", args.env, str(e)) from None
     algo = algos.make(args.algo, env, base)
     sweep.validate(algo, configs)
+    if args.metric != "auto":
+        from marl.runner import metric_names
+
+        names = metric_names(algo)
+        if args.metric not in names:
+            raise ConfigError("metric", args.metric, f"must be 'auto' or a metric {args.algo} reports: {names}")
     return algo, configs, base
 
 
@@ -167,26 +180,18 @@ def parse(argv: list[str]) -> SweepArgs:
     return tyro.cli(SweepArgs, args=_normalize_argv(argv), description=__doc__.split("\n\n")[0])
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from marl.runner import NonFiniteError
+    args = parse(argv)
+    if args.list:
+        from experiments.train import make_env, parse_env_kwargs
+        from marl.sweep import sweepable
 
-    try:
-        args = parse(argv)
-        if args.list:
-            from experiments.train import make_env, parse_env_kwargs
-            from marl.sweep import sweepable
-
-            algo = algos.make(args.algo, make_env(args.env, parse_env_kwargs(args.env_kwargs)))
-            print(" ".join(sweepable(algo)))
-            return 0
-        run(args)
-    except (ConfigError, envs.UnknownEnvError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        algo = algos.make(args.algo, make_env(args.env, parse_env_kwargs(args.env_kwargs)))
+        print(" ".join(sweepable(algo)))
+        return 0
+    run(args)
     return 0
 
 

@@ -4,15 +4,20 @@
     python -m experiments.train --algo ippo --env mpe:simple_spread --lr 3e-4
     python -m experiments.train --algo mappo --env smax:3m --run-name my_run --resume
     python -m experiments.train --algo dec_pomfc --env swarm:aggregation --env-kwargs '{"num_agents": 100}'
+    python -m experiments.train --algo mappo --env smax:3m --regularizer.kind wasserstein --regularizer.coef 0.01
 
 The flags are generated from the algorithm's config dataclass (``--help`` after
-``--algo X`` lists them). Outputs go to ``runs/<run-name>/``: ``metrics.jsonl``,
+``--algo X`` lists them); nested config fields take dotted flags (``--regularizer.kind``).
+Outputs go to ``runs/<run-name>/``: ``metrics.jsonl``,
 ``checkpoints/`` (orbax), ``run.json``, ``eval.json`` and ``learning_curve.png``.
 ``--env-kwargs`` (a JSON object) is passed to ``envs.make(env, **kwargs)`` and stored
 in ``run.json`` as ``env_kwargs``, so resuming and ``experiments.evaluate`` rebuild the
 same environment.
 Invalid input is rejected before anything compiles, naming the field, the value
-and what is allowed.
+and what is allowed (exit code 2): the run directory (writable, locked against a second
+writer, resume compatibility), and the train state's size against available memory.
+``--resume`` of a run with no checkpoint is refused (``--resume-or-start`` resumes or
+starts). A non-finite metric or a loss above ``--max-loss`` stops the run (exit code 3).
 """
 
 from __future__ import annotations
@@ -23,12 +28,13 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import Annotated, Optional
 
 import tyro
 
 import algos
 import envs
+from experiments.cli import entry
 from marl.config import ConfigError, apply_overrides
 
 
@@ -52,7 +58,11 @@ class RunArgs:
     checkpoint_every: int = 5
     """checkpoint every this many chunks (and at the end)"""
     resume: bool = False
-    """continue run_name from its latest checkpoint"""
+    """continue run_name from its latest intact checkpoint (refused when it has none)"""
+    resume_or_start: bool = False
+    """continue run_name when it has a checkpoint, start it otherwise"""
+    max_loss: Optional[float] = 1e12
+    """divergence guard: stop when a loss metric exceeds this magnitude (None: off)"""
     eval_episodes: int = 32
     """greedy evaluation episodes per seed at the end (0: none)"""
     progress: bool = True
@@ -92,20 +102,48 @@ def parse(argv: list[str]):
     # built at run time: the config class depends on --algo
     Args = dataclasses.make_dataclass(
         "Args",
-        [("run", tyro.conf.OmitArgPrefixes[RunArgs]), ("config", tyro.conf.OmitArgPrefixes[cfg_cls])],
+        # top-level config fields as --field, nested ones dotted: --regularizer.kind
+        [("run", tyro.conf.OmitArgPrefixes[RunArgs]), ("config", Annotated[cfg_cls, tyro.conf.arg(name="")])],
         frozen=True,
     )
 
     args = tyro.cli(Args, args=argv, default=Args(RunArgs(algo=algo_name), defaults),
                     description=__doc__.split("\n\n")[0])
     run = args.run
+    check_run_args(run)
+    return run, args.config
+
+
+def check_run_args(run) -> None:
+    """Bounds of the run flags (shared with the other CLIs' seed and name checks)."""
     for field in ("num_seeds", "chunk_iterations", "checkpoint_every"):
         if getattr(run, field) <= 0:
             raise ConfigError(field, getattr(run, field), "must be a positive integer")
     if run.eval_episodes < 0:
         raise ConfigError("eval_episodes", run.eval_episodes, "must be >= 0")
+    check_seed("seed", run.seed)
+    if run.max_loss is not None and not run.max_loss > 0:
+        raise ConfigError("max_loss", run.max_loss, "must be a positive number (or None: no divergence guard)")
+    if run.resume and run.resume_or_start:
+        raise ConfigError("resume_or_start", True, "give either --resume or --resume-or-start, not both")
+    check_name("run_name", run.run_name)
     parse_env_kwargs(run.env_kwargs)
-    return run, args.config
+
+
+SEED_MAX = 2**31 - 1  # evaluation keys add 10,000 and must stay below 2**32
+
+
+def check_seed(field: str, seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(field, seed, f"must be an integer in [0, {SEED_MAX}]")
+
+
+def check_name(field: str, name) -> None:
+    """A run or sweep name: one path component (no separators, not '.' or '..')."""
+    if name is None:
+        return
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ConfigError(field, name, "must be a non-empty folder name without path separators")
 
 
 def parse_env_kwargs(text) -> dict:
@@ -147,26 +185,22 @@ def load_config_file(path: str, defaults):
     return apply_overrides(defaults, values, "config_file")
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        run, config = parse(argv)
-        env_kwargs = parse_env_kwargs(run.env_kwargs)
-        env = make_env(run.env, env_kwargs)
-        algo = algos.make(run.algo, env, config)
-    except (ConfigError, envs.UnknownEnvError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run, config = parse(argv)
+    env_kwargs = parse_env_kwargs(run.env_kwargs)
+    env = make_env(run.env, env_kwargs)
+    algo = algos.make(run.algo, env, config)
 
     from marl.evaluation import evaluate_seeds
     from marl.plotting import plot_run
-    from marl.runner import NonFiniteError, train
+    from marl.runner import train
 
     name = run.run_name or f"{run.algo}_{run.env.replace(':', '-')}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(run.runs_dir, name)
     num_iterations = config.total_steps // algo.env_steps_per_update
-    try:
-        result = train(
+    result = train(
             algo,
             num_iterations=num_iterations,
             num_seeds=run.num_seeds,
@@ -175,16 +209,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_dir=run_dir,
             checkpoint_every=run.checkpoint_every,
             resume=run.resume,
+            resume_or_start=run.resume_or_start,
+            max_loss=run.max_loss,
             progress=run.progress,
             run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                       "env_kwargs": env_kwargs},
         )
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
 
     import jax
 

@@ -32,6 +32,11 @@ def _empty(x) -> bool:
     return getattr(x, "size", 1) == 0
 
 
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
 class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
@@ -69,14 +74,20 @@ class Checkpointer:
         restored = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
         return jax.tree.map(lambda r, x: jnp.zeros(x.shape, x.dtype) if _empty(x) else r, restored, state_like)
 
-    def restore_latest(self, state_like):
+    def restore_latest(self, state_like, quarantine: bool = True):
         """-> (state, step) from the newest checkpoint that restores, or (None, 0) when
-        none does; damaged checkpoints are moved aside with a warning."""
+        none does. A damaged checkpoint is skipped with a warning and, with
+        ``quarantine`` (the run's own writer), moved aside so the run can save that step
+        again; readers (evaluation) leave the files where they are."""
         for step in reversed(self.all_steps()):
             try:
                 return self.restore(state_like, step), step
             except Exception as e:  # noqa: BLE001 - any failure to read back means damaged
-                self._quarantine(step, e)
+                if quarantine:
+                    self._quarantine(step, e)
+                else:
+                    print(f"warning: skipped damaged checkpoint {step} in {self.directory} ({_reason(e)})",
+                          file=sys.stderr)
         return None, 0
 
     def _quarantine(self, step: int, error: Exception) -> None:
@@ -87,8 +98,7 @@ class Checkpointer:
         self._mgr.close()
         shutil.move(src, dst)
         self._open()
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-        print(f"warning: checkpoint {step} in {self.directory} is damaged ({reason}); moved it to {dst} "
+        print(f"warning: checkpoint {step} in {self.directory} is damaged ({_reason(error)}); moved it to {dst} "
               "and fell back to the previous checkpoint", file=sys.stderr)
 
     def close(self):

@@ -81,6 +81,12 @@ def available_memory_bytes() -> int:
         return 1 << 62  # unknown: do not refuse
 
 
+def metric_names(algo: Algorithm) -> list[str]:
+    """The names of the metrics ``algo.update`` returns, from shapes alone (no compile)."""
+    state = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
+    return sorted(jax.eval_shape(algo.update, state)[1])
+
+
 MEMORY_FACTOR = 2
 """the state is held about twice at once (the chunk's donated buffers and a checkpoint's host copy)"""
 
