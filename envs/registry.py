@@ -147,6 +147,29 @@ def smax_adapter(env, name: str, info_fn=None):
     )
 
 
+def check_jaxmarl_kwargs(env, kwargs: dict, name: str) -> None:
+    """JaxMARL constructors pass ``**kwargs`` down their class chain and some swallow
+    unknown names silently: refuse a keyword that no ``__init__`` in the chain names."""
+    import inspect
+
+    from marl.config import ConfigError
+
+    accepted = set()
+    for cls in type(env).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        accepted |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    else:
+        return  # the chain ends in a catch-all: nothing to check against
+    for k, v in kwargs.items():
+        if k not in accepted:
+            raise ConfigError(k, v, f"not accepted by environment {name!r}; allowed: {sorted(accepted)}")
+
+
 _MPE_IDS = {
     "simple": "MPE_simple_v3",
     "simple_spread": "MPE_simple_spread_v3",
@@ -162,6 +185,7 @@ def _make_mpe(task: str, **kwargs):
     from marl.action_costs import mpe_cost
 
     env = jaxmarl.make(_MPE_IDS[task], **kwargs)
+    check_jaxmarl_kwargs(env, kwargs, f"mpe:{task}")
     space = env.action_space(env.agents[0])
     # The compass geometry holds for MPE's 5 movement actions only (not for
     # communication or continuous actions).
@@ -178,7 +202,9 @@ def _make_jaxmarl_id(env_id: str):
 
         from envs.jaxmarl_adapter import JaxMARLAdapter
 
-        return JaxMARLAdapter(jaxmarl.make(env_id, **kwargs), env_id)
+        env = jaxmarl.make(env_id, **kwargs)
+        check_jaxmarl_kwargs(env, kwargs, env_id)
+        return JaxMARLAdapter(env, env_id)
 
     return factory
 

@@ -1,0 +1,67 @@
+"""Every ``python -m experiments.<cli> ...`` command in README.md and docs/ parses with
+that CLI's own parser, so a documented flag can never drift from the code."""
+
+import contextlib
+import dataclasses
+import glob
+import importlib
+import io
+import os
+import re
+import shlex
+
+import pytest
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def documented_commands() -> list[tuple[str, int, str, list[str]]]:
+    """(file, line, module, argv) for each command in a fenced bash/sh block."""
+    files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
+                                                                 recursive=True))
+    out = []
+    for path in files:
+        text = open(path).read()
+        for block in re.finditer(r"```(?:bash|sh|shell|console)\n(.*?)```", text, re.S):
+            start = text[: block.start()].count("\n") + 2
+            joined = block.group(1).replace("\\\n", " ")
+            for i, line in enumerate(joined.splitlines()):
+                m = re.search(r"python\S* -m (experiments\.\w+)(.*)", line)
+                if m:
+                    argv = shlex.split(m.group(2), comments=True)
+                    for stop in ("|", "&&", ";", ">", "2>&1", "&"):
+                        if stop in argv:
+                            argv = argv[: argv.index(stop)]
+                    out.append((os.path.relpath(path, ROOT), start + i, m.group(1), argv))
+    return out
+
+
+def _parser(module):
+    if hasattr(module, "parse"):
+        return module.parse
+    classes = [v for k, v in vars(module).items() if k.endswith("Args") and dataclasses.is_dataclass(v)
+               and v.__module__ == module.__name__]
+    assert len(classes) == 1, f"{module.__name__}: no parse() and no single *Args dataclass"
+    return lambda argv: tyro.cli(classes[0], args=argv)
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_document_commands():
+    assert len(COMMANDS) >= 10
+    assert {m for _, _, m, _ in COMMANDS} >= {"experiments.train", "experiments.sweep", "experiments.evaluate",
+                                              "experiments.report"}
+
+
+@pytest.mark.parametrize("path,line,module,argv", COMMANDS,
+                         ids=[f"{p}:{n}" for p, n, _, _ in COMMANDS])
+def test_documented_command_parses(path, line, module, argv):
+    parse = _parser(importlib.import_module(module))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            parse(argv)
+        except SystemExit as e:
+            assert e.code in (0, None), f"{path}:{line}: `{module} {' '.join(argv)}` fails to parse:\n{err.getvalue()}"
