@@ -163,3 +163,54 @@ def test_divergence_guard_stops_a_run_whose_loss_explodes(tmp_path, mappo_tiny):
     assert [r["iteration"] for r in read_metrics(str(tmp_path / "d"))] == [1, 2]
     # off by default in the runner: finite values never stop it
     train(algo, num_iterations=4, chunk_iterations=2, progress=False)
+
+
+def _train_cmd(runs_dir, name, extra=()):
+    return [sys.executable, "-m", "experiments.train", "--algo", "ippo", "--env", "mpe:simple_spread",
+            "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
+            "--hidden", "16", "--total-steps", str(40 * 32), "--chunk-iterations", "1", "--checkpoint-every", "1",
+            "--eval-episodes", "0", "--no-progress", "--runs-dir", str(runs_dir), "--run-name", name, *extra]
+
+
+@pytest.mark.slow
+def test_chained_kills_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    """kill -9 at random moments (while starting, compiling, training, checkpointing and
+    rewriting metrics on resume), resume each time: the final parameters are bitwise
+    those of the run that was never stopped, and metrics.jsonl is equal line for line."""
+    import signal
+    import time
+
+    from experiments.evaluate import restore_params
+
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(_train_cmd(tmp_path, "ref"), cwd=cwd, check=True, capture_output=True)
+    rng = np.random.default_rng(0)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen(_train_cmd(tmp_path, "killed", ["--resume-or-start"]), cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt < 8:
+            size0 = metrics.stat().st_size if metrics.exists() else -1
+            if attempt % 2 == 0:  # somewhere in start-up: imports, the resume rewrite, compiling
+                deadline = time.time() + rng.uniform(2.0, 12.0)
+                while time.time() < deadline and proc.poll() is None:
+                    time.sleep(0.05)
+            else:  # somewhere in training: chunks, metrics lines, checkpoints
+                while proc.poll() is None and (not metrics.exists() or metrics.stat().st_size <= max(size0, 0)):
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.5))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert proc.returncode == 0 and kills >= 4
+    assert (tmp_path / "killed" / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+    _, _, ref, step_a = restore_params(str(tmp_path / "ref"))
+    _, _, got, step_b = restore_params(str(tmp_path / "killed"))
+    assert step_a == step_b == 40
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
