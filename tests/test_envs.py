@@ -104,3 +104,14 @@ def test_smax_world_state_is_bounded(name):
     units = inner.num_allies + inner.num_enemies
     cd = np.asarray(ts.state)[:, : units * feats].reshape(-1, units, feats)[..., 3]
     assert cd.min() >= 0.0 and cd.max() <= 1.0 and cd.max() > 0.5
+
+
+def test_importing_envs_prints_nothing():
+    """jaxmarl's two lines about optional submodules are dropped; the streams are restored."""
+    import subprocess
+    import sys
+
+    code = "import sys, envs; print('streams', sys.stdout is sys.__stdout__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "streams True\n", out.stdout
+    assert "Submoduled" not in out.stderr
