@@ -81,3 +81,39 @@ def test_documented_command_parses(path, line, module, argv):
             assert "<" in str(e.value), f"{path}:{line}: `{module} {' '.join(argv)}`: {e}"
         except SystemExit as e:
             assert e.code in (0, None), f"{path}:{line}: `{module} {' '.join(argv)}` fails to parse:\n{err.getvalue()}"
+
+
+def test_docs_site_builds_strict(tmp_path):
+    """``mkdocs build --strict``: a broken link or a page missing from the site fails."""
+    import subprocess
+    import sys
+
+    if not os.path.exists(os.path.join(ROOT, "mkdocs.yml")):
+        pytest.fail("mkdocs.yml is missing")
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "site" / "index.html").exists()
+    assert (tmp_path / "site" / "methods" / "emu" / "index.html").exists()
+
+
+def test_docs_link_nothing_outside_the_repository():
+    files = [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    files += glob.glob(os.path.join(ROOT, "results", "**", "README.md"), recursive=True)
+    for path in files:
+        text = open(path).read()
+        assert "../shared" not in text, path
+        for target in re.findall(r"\]\(([^)#]+)", text):
+            assert not target.startswith(("http://", "https://")), f"{path}: links outside the repository: {target}"
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+            assert resolved.startswith(ROOT) and os.path.exists(resolved), f"{path}: broken link {target}"
+
+
+def test_notebooks_install_from_the_users_copy():
+    """The install cell looks for an uploaded wheel or a clone (no hard-coded URL) and
+    documents the accelerator build of the pinned jax."""
+    for path in glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")):
+        text = open(path).read()
+        assert "git+https://" not in text, path
+        assert "marl_jax-*.whl" in text and "jax[{_accel}]" in text, path
