@@ -65,30 +65,39 @@ class JaxMARLAdapter:
         self._state_fn = state_fn
         self.agents = list(agents if agents is not None else env.agents)
         self._won_fn = won_fn
-        a0 = self.agents[0]
-        obs_space = env.observation_space(a0)
-        act_space = env.action_space(a0)
-        obs_dim = int(np.prod(obs_space.shape))
-        for a in self.agents:
-            if int(np.prod(env.observation_space(a).shape)) != obs_dim:
-                from marl.config import ConfigError
+        obs_sizes = [int(np.prod(env.observation_space(a).shape)) for a in self.agents]
+        obs_dim = max(obs_sizes)
+        spaces = [env.action_space(a) for a in self.agents]
+        discrete = [hasattr(sp, "n") for sp in spaces]
+        if len(set(discrete)) > 1:
+            from marl.config import ConfigError
 
-                sizes = sorted({int(np.prod(env.observation_space(b).shape)) for b in self.agents})
-                raise ConfigError(
-                    "env", name, f"must have agents of one observation size (this one has {sizes}); the "
-                    "stacked API needs one obs_dim: pad observations in a custom adapter")
+            raise ConfigError("env", name, "must have agents whose actions are all discrete or all continuous")
+        # Agents that differ (MPE simple_tag, speaker_listener, world_comm, ...): observations
+        # are zero-padded to the largest size with a per-agent feature mask, discrete actions
+        # padded with never-available extras, continuous actions padded with ignored dims.
+        self._obs_sizes = obs_sizes
         # Probe the world state once, on the host, to learn its size.
         obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
         self._has_world_state = "world_state" in obs
         state_dim = (
             int(np.prod(obs["world_state"].shape)) if self._has_world_state else obs_dim * len(self.agents)
         )
-        if hasattr(act_space, "n"):
-            num_actions, action_dim, low, high = int(act_space.n), None, -1.0, 1.0
+        if discrete[0]:
+            self._action_counts = [int(sp.n) for sp in spaces]
+            num_actions, action_dim, low, high = max(self._action_counts), None, -1.0, 1.0
         else:
+            self._action_counts = None
+            self._action_dims = [int(np.prod(sp.shape)) for sp in spaces]
             num_actions = None
-            action_dim = int(np.prod(act_space.shape))
-            low, high = float(np.min(act_space.low)), float(np.max(act_space.high))
+            action_dim = max(self._action_dims)
+            low = float(min(np.min(sp.low) for sp in spaces))
+            high = float(max(np.max(sp.high) for sp in spaces))
+        hetero_obs = len(set(obs_sizes)) > 1
+        hetero_act = discrete[0] and len(set(self._action_counts)) > 1
+        if hetero_act and action_cost is not None and np.shape(action_cost)[0] != num_actions:
+            action_cost = None
+        types = tuple(a.rsplit("_", 1)[0] if "_" in a else a for a in self.agents)
         self._has_avail = num_actions is not None and _implements(env, "get_avail_actions")
         self.spec = EnvSpec(
             name=name,
@@ -104,22 +113,33 @@ class JaxMARLAdapter:
             state_scale=None if state_scale is None else np.asarray(
                 state_scale(state_dim) if callable(state_scale) else state_scale, np.float32),
             max_return=max_return,
+            agent_types=types if len(set(types)) > 1 else None,
+            obs_mask=np.arange(obs_dim)[None, :] < np.asarray(obs_sizes)[:, None] if hetero_obs else None,
+            action_counts=tuple(self._action_counts) if hetero_act else None,
         )
+        self._action_mask = (np.arange(num_actions)[None, :] < np.asarray(self._action_counts)[:, None]
+                             if hetero_act else None)
 
     @property
     def unwrapped(self):
         return self._env
 
     def _stack(self, obs: dict, inner) -> tuple[jax.Array, jax.Array, jax.Array]:
-        o = jnp.stack([obs[a].reshape(-1) for a in self.agents]).astype(jnp.float32)
+        d = self.spec.obs_dim
+        o = jnp.stack([jnp.pad(obs[a].reshape(-1), (0, d - n)) for a, n in zip(self.agents, self._obs_sizes,
+                                                                                   strict=True)]).astype(jnp.float32)
         s = obs["world_state"].reshape(-1) if self._has_world_state else o.reshape(-1)
         if self._state_fn is not None:
             s = self._state_fn(inner, s)
         if self._has_avail:
             av = self._env.get_avail_actions(inner)
-            avail = jnp.stack([av[a] for a in self.agents]).astype(bool)
+            n = self.spec.num_actions
+            avail = jnp.stack([jnp.pad(jnp.asarray(av[a]).reshape(-1), (0, n - jnp.asarray(av[a]).size))
+                               for a in self.agents]).astype(bool)
         else:
             avail = jnp.ones((len(self.agents), self.spec.num_actions or 1), bool)
+        if self._action_mask is not None:
+            avail = avail & jnp.asarray(self._action_mask)
         return o, s.astype(jnp.float32), avail
 
     def reset(self, key: jax.Array) -> tuple[AdapterState, Timestep]:
@@ -138,7 +158,10 @@ class JaxMARLAdapter:
         return AdapterState(inner, jnp.zeros((), jnp.int32)), ts
 
     def step(self, key: jax.Array, state: AdapterState, action: jax.Array) -> tuple[AdapterState, Timestep]:
-        acts = {a: action[i] for i, a in enumerate(self.agents)}
+        if self._action_counts is None and len(set(self._action_dims)) > 1:
+            acts = {a: action[i, : self._action_dims[i]] for i, a in enumerate(self.agents)}
+        else:
+            acts = {a: action[i] for i, a in enumerate(self.agents)}
         obs, inner, rew, dones, _ = self._env.step_env(key, state.inner, acts)
         t = state.t + 1
         done = jnp.asarray(dones["__all__"], bool) | (t >= self.spec.max_steps)

@@ -175,7 +175,14 @@ _MPE_IDS = {
     "simple_spread": "MPE_simple_spread_v3",
     "simple_reference": "MPE_simple_reference_v3",
     "simple_speaker_listener": "MPE_simple_speaker_listener_v4",
+    # agents that differ in observation size or action count: padded by the adapter
+    "simple_tag": "MPE_simple_tag_v3",
+    "simple_adversary": "MPE_simple_adversary_v3",
+    "simple_push": "MPE_simple_push_v3",
+    "simple_crypto": "MPE_simple_crypto_v3",
+    "world_comm": "MPE_simple_world_comm_v3",
 }
+_MPE_DEFAULTS = {"world_comm": {"action_type": "Discrete"}}  # JaxMARL's default there is continuous
 
 
 def _make_mpe(task: str, **kwargs):
@@ -184,12 +191,13 @@ def _make_mpe(task: str, **kwargs):
     from envs.jaxmarl_adapter import JaxMARLAdapter
     from marl.action_costs import mpe_cost
 
+    kwargs = {**_MPE_DEFAULTS.get(task, {}), **kwargs}
     env = jaxmarl.make(_MPE_IDS[task], **kwargs)
     check_jaxmarl_kwargs(env, kwargs, f"mpe:{task}")
-    space = env.action_space(env.agents[0])
+    counts = {getattr(env.action_space(a), "n", None) for a in env.agents}
     # The compass geometry holds for MPE's 5 movement actions only (not for
-    # communication or continuous actions).
-    cost = mpe_cost(5) if getattr(space, "n", None) == 5 else None
+    # communication, continuous actions, or agents whose actions differ).
+    cost = mpe_cost(5) if counts == {5} else None
     return JaxMARLAdapter(env, f"mpe:{task}", action_cost=cost)
 
 

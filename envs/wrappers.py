@@ -12,6 +12,9 @@ length of the running episode and reports, at every step, the statistics of the
 episode that ended at this step: ``info["episode_done"]`` (bool),
 ``info["episode_return"]``, ``info["episode_length"]`` and ``info["won"]`` when the
 environment reports it. Metrics are averages of these weighted by ``episode_done``.
+When agents form several teams (``spec.teams``: adversaries vs good agents), each
+team's return (mean over its agents) is reported too, as ``episode_return_<team>``
+and the metric ``return_<team>``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from marl.types import Timestep
@@ -71,29 +75,43 @@ class StatsState:
     inner: Any
     ret: jax.Array
     length: jax.Array
+    team_ret: jax.Array  # [teams] (size 0 with one team)
 
 
 class EpisodeStats(Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        teams = self.spec.teams
+        self._teams = teams
+        # [teams, agents]: each team's mean over its agents
+        ids = self.spec.agent_type_ids
+        onehot = np.eye(max(len(teams), 1), dtype=np.float32)[ids].T if teams else np.zeros((0, self.spec.num_agents))
+        self._team_avg = onehot / np.maximum(onehot.sum(1, keepdims=True), 1.0)
+
     def reset(self, key):
         state, ts = self._env.reset(key)
         z = jnp.zeros((), jnp.float32)
-        return StatsState(state, z, jnp.zeros((), jnp.int32)), ts._replace(info=self._info(ts, z, 0, False))
+        team = jnp.zeros((len(self._teams),), jnp.float32)
+        return StatsState(state, z, jnp.zeros((), jnp.int32), team), ts._replace(info=self._info(ts, z, 0, False, team))
 
     def step(self, key, state: StatsState, action):
         inner, ts = self._env.step(key, state.inner, action)
         ret = state.ret + ts.reward.mean()
+        team = state.team_ret + jnp.asarray(self._team_avg, jnp.float32) @ ts.reward
         length = state.length + 1
-        info = self._info(ts, ret, length, ts.done)
+        info = self._info(ts, ret, length, ts.done, team)
         keep = 1 - ts.done.astype(jnp.float32)
-        return StatsState(inner, ret * keep, (length * keep).astype(jnp.int32)), ts._replace(info=info)
+        return (StatsState(inner, ret * keep, (length * keep).astype(jnp.int32), team * keep),
+                ts._replace(info=info))
 
-    @staticmethod
-    def _info(ts: Timestep, ret, length, done) -> dict:
+    def _info(self, ts: Timestep, ret, length, done, team) -> dict:
         info = dict(ts.info)
         info["episode_done"] = jnp.asarray(done, bool)
         info["episode_return"] = jnp.asarray(ret, jnp.float32)
         info["episode_length"] = jnp.asarray(length, jnp.int32)
         info["won"] = jnp.asarray(info.get("won", False), bool)
+        for i, name in enumerate(self._teams):
+            info[f"episode_return_{name}"] = team[i]
         return info
 
 
@@ -106,9 +124,13 @@ def episode_metrics(info: dict) -> dict:
     d = info["episode_done"].astype(jnp.float32)
     n = d.sum()
     denom = jnp.maximum(n, 1.0)
-    return {
+    out = {
         "return": (info["episode_return"] * d).sum() / denom,
         "length": (info["episode_length"] * d).sum() / denom,
         "win_rate": (info["won"].astype(jnp.float32) * d).sum() / denom,
         "episodes": n,
     }
+    for k in sorted(info):  # per-team returns (competitive tasks)
+        if k.startswith("episode_return_"):
+            out["return_" + k[len("episode_return_"):]] = (info[k] * d).sum() / denom
+    return out

@@ -352,7 +352,8 @@ def _postfix(metrics: dict, sps: float) -> dict:
     eps = np.asarray(metrics.get("episodes", 0))
     # zero-sum games log a team return of 0; show the first player's return there
     ret = "return_agent0" if "return_agent0" in metrics else "return"
-    for k, label in ((ret, "return"), ("win_rate", "win")):
+    teams = [k for k in metrics if k.startswith("return_") and not k.startswith("return_agent")][:3]
+    for k, label in ((ret, "return"), ("win_rate", "win"), *((t, t[len("return_"):]) for t in teams)):
         if k in metrics:
             v = np.asarray(metrics[k])
             w = eps if np.ndim(eps) else np.ones_like(v)

@@ -33,6 +33,12 @@ class EnvSpec:
         Mixers' hypernetworks read the state scaled this way.
       max_return: optional largest achievable episode return (SMAX: all enemy health
         plus the win bonus); value-based learners can normalize rewards with it.
+      agent_types: optional type name of each agent (``("adversary", "adversary",
+        "agent")``); agents of one type form a team, whose return is reported apart.
+      obs_mask: optional ``[A, obs_dim]`` bool, the features each agent really has when
+        agents differ in observation size (observations are zero-padded to ``obs_dim``).
+      action_counts: optional per-agent number of discrete actions when agents differ
+        (actions are padded to ``num_actions`` and the extra ones are never available).
     """
 
     name: str
@@ -47,10 +53,28 @@ class EnvSpec:
     action_cost: Optional[np.ndarray] = None
     state_scale: Optional[np.ndarray] = None
     max_return: Optional[float] = None
+    agent_types: Optional[tuple[str, ...]] = None
+    obs_mask: Optional[np.ndarray] = None
+    action_counts: Optional[tuple[int, ...]] = None
 
     @property
     def discrete(self) -> bool:
         return self.num_actions is not None
+
+    @property
+    def teams(self) -> tuple[str, ...]:
+        """The distinct agent types in order of first appearance (empty: one team)."""
+        if not self.agent_types or len(set(self.agent_types)) < 2:
+            return ()
+        return tuple(dict.fromkeys(self.agent_types))
+
+    @property
+    def agent_type_ids(self) -> np.ndarray:
+        """``[A]`` int: each agent's index in :attr:`teams` (zeros when there is one team)."""
+        teams = self.teams
+        if not teams:
+            return np.zeros(self.num_agents, np.int32)
+        return np.asarray([teams.index(t) for t in self.agent_types], np.int32)
 
     def __hash__(self):  # specs are compared by identity; arrays are not hashable
         return id(self)
