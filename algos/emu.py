@@ -104,6 +104,7 @@ from marl.networks import dense
 from marl.types import Algorithm, max_over_seeds
 
 LOOKUPS = ("index", "brute")
+REDUCTIONS = ("sum", "mean")
 WRITE_CHUNK = 16384  # memory entries per distance block when writing (one query at a time)
 EMBED_GRAD_CLIP = 10.0
 
@@ -112,25 +113,39 @@ EMBED_GRAD_CLIP = 10.0
 class EMUConfig(ql.QLearningConfig):
     """EMU settings: the Q-learning backbone's fields plus the memory and embedding."""
 
-    capacity: int = 100_000
-    """episodic memory entries (the paper uses 1_000_000)"""
+    capacity: Optional[int] = None
+    """episodic memory entries; None: buffer_size x the env's episode limit, so every
+    replayed state can still be in the memory (the paper uses 1_000_000)"""
     delta: float = 1.3e-5
-    """hit threshold on normalized keys (1.3e-3 on the paper's super-hard maps)"""
+    """hit threshold on normalized keys for lookups (official: 1.3e-5; 1.3e-3 on the
+    super-hard maps)"""
+    write_delta: Optional[float] = None
+    """hit threshold of the writes: a written step within it of an entry counts as a
+    revisit of that entry (N_call += 1, N_xi += xi) instead of being inserted; None:
+    ``delta`` (the official code uses one threshold for both)"""
     hit_metric: str = "linf"
     """linf (official code, per dimension) | l2 (paper)"""
     key_dim: int = 4
     embed_hidden: int = 64
     lambda_rcon: float = 0.1
     """weight of the state reconstruction in the dCAE loss"""
+    embed_loss_reduction: str = "sum"
+    """sum (official: squared errors summed over the minibatch, and over the state
+    features in the reconstruction term) | mean (mean over samples and features)"""
     embed_interval: int = 10_000
     """env steps between embedding training phases"""
     embed_steps: int = 100
     """Adam steps per embedding phase"""
     embed_batch: int = 1024
     """memory entries per embedding minibatch"""
+    embed_min_entries: Optional[int] = None
+    """entries the memory must hold before the embedding trains; None: embed_steps x
+    embed_batch (official: 102,400, sampled without replacement)"""
     embed_lr: float = 5e-4
-    stats_interval_episodes: int = 200
-    """written episodes between refreshes of the key normalization"""
+    stats_interval: int = 200
+    """env steps between refreshes of the key normalization (official: 200)"""
+    stats_interval_episodes: Optional[int] = None
+    """if set: refresh every this many written episodes instead of ``stats_interval``"""
     incentive: bool = True
     """add the episodic incentive gamma * eta to the TD target"""
     incentive_scale: float = 1.0
@@ -142,24 +157,38 @@ class EMUConfig(ql.QLearningConfig):
     """memory entries per distance block of the brute-force lookup"""
     desirable_return: Optional[float] = None
     """None: an episode is desirable when won; else when its (unscaled) return >= this"""
+    desirable_quantile: Optional[float] = None
+    """if set (e.g. 0.9): an episode is also desirable when its return exceeds this
+    quantile of the last ``desirable_window`` written episodes' returns (for maps where
+    nobody wins yet)"""
+    desirable_window: int = 1000
+    """episodes whose returns the running quantile covers"""
     propagate_desirability: bool = True
     init_desirability: bool = False
-    """count the inserting visit in N_xi (official default: no)"""
+    """count the inserting visit in N_xi (official: False; True on the super-hard maps)"""
 
     def __post_init__(self):
         super().__post_init__()
         if self.mixer == "none":
             raise cfg.ConfigError("mixer", self.mixer, "EMU needs a mixer: one of ['vdn', 'qmix', 'qplex']")
-        for f in ("capacity", "key_dim", "embed_hidden", "embed_interval", "embed_steps", "embed_batch",
-                  "stats_interval_episodes", "lookup_chunk"):
+        for f in ("key_dim", "embed_hidden", "embed_interval", "embed_steps", "embed_batch",
+                  "stats_interval", "lookup_chunk", "desirable_window"):
             cfg.check_positive(f, getattr(self, f), integer=True)
+        for f in ("capacity", "embed_min_entries", "stats_interval_episodes"):
+            if getattr(self, f) is not None:
+                cfg.check_positive(f, getattr(self, f), integer=True)
         cfg.check_positive("embed_lr", self.embed_lr)
         for f in ("delta", "lambda_rcon", "incentive_scale"):
             cfg.check_nonnegative(f, getattr(self, f))
+        if self.write_delta is not None:
+            cfg.check_nonnegative("write_delta", self.write_delta)
         cfg.check_choice("hit_metric", self.hit_metric, em.METRICS)
         cfg.check_choice("lookup", self.lookup, LOOKUPS)
+        cfg.check_choice("embed_loss_reduction", self.embed_loss_reduction, REDUCTIONS)
         if self.desirable_return is not None and not isinstance(self.desirable_return, (int, float)):
             raise cfg.ConfigError("desirable_return", self.desirable_return, "must be a number or None")
+        if self.desirable_quantile is not None:
+            cfg.check_range("desirable_quantile", self.desirable_quantile, 0.0, 1.0)
 
 
 class StateEmbedding(nn.Module):
@@ -201,9 +230,11 @@ class EMUState:
     env_steps: jax.Array  # [] env steps so far
     last_embed: jax.Array  # env_steps at the last embedding phase
     written: jax.Array  # episodes written into the memory
-    last_stats: jax.Array  # ``written`` at the last statistics refresh
+    last_stats: jax.Array  # env_steps (or ``written``) at the last statistics refresh
     embed_loss: jax.Array  # mean dCAE loss of the last phase
     index: em.HitIndex  # sorted first key coordinate of the memory as it is now
+    recent_returns: jax.Array  # [desirable_window] returns of the last written episodes (NaN: none yet)
+    write_revisits: jax.Array  # share of the last iteration's writes that hit an entry
 
 
 class EMUParts(NamedTuple):
@@ -218,10 +249,40 @@ def make(env, config: EMUConfig, name: str = "emu") -> Algorithm:
     return ql.make(env, config, name=name, hooks=make_parts(env.spec, config).hooks)
 
 
+def memory_capacity(config: EMUConfig, max_steps: int) -> int:
+    """``config.capacity``, or buffer_size x the episode limit when it is None."""
+    return config.capacity if config.capacity is not None else config.buffer_size * max_steps
+
+
+def embedding_loss_terms(s, s_hat, H, h_hat, lambda_rcon, reduction="sum"):
+    """dCAE loss: (H - H^)^2 + lambda_rcon * ||s - s^||^2, summed over the minibatch
+    (and the state features) with ``reduction="sum"`` (the official MSELoss(reduction
+    "sum")), averaged over samples and features with ``"mean"``."""
+    if reduction == "sum":
+        return jnp.sum((H - h_hat) ** 2) + lambda_rcon * jnp.sum((s - s_hat) ** 2)
+    return jnp.mean((H - h_hat) ** 2) + lambda_rcon * jnp.mean((s - s_hat) ** 2)
+
+
+def desirability(won, ret, recent_returns, desirable_return=None, quantile=None):
+    """xi of a finished episode: won (or ``ret >= desirable_return`` when that is set),
+    or, with ``quantile``, ``ret`` above that quantile of ``recent_returns`` (NaN slots
+    are empty; no quantile rule before 10 returns are known)."""
+    xi = (won > 0.5) if desirable_return is None else (ret >= desirable_return)
+    if quantile is None:
+        return xi
+    known = jnp.isfinite(recent_returns)
+    threshold = jnp.nanquantile(jnp.where(known, recent_returns, jnp.nan), quantile)
+    return xi | ((known.sum() >= 10) & (ret > threshold))
+
+
 def make_parts(spec, config: EMUConfig) -> EMUParts:
     """EMU's hooks for an env with ``spec`` (reads state_dim, max_steps, state_scale, max_return)."""
     L = spec.max_steps
     S = spec.state_dim
+    capacity = memory_capacity(config, L)
+    write_delta = config.delta if config.write_delta is None else config.write_delta
+    embed_min = (config.embed_steps * config.embed_batch if config.embed_min_entries is None
+                 else config.embed_min_entries)
     steps_per_iteration = config.num_envs * config.num_steps
     # slots re-keyed by one iteration's writes: at most the steps of the episodes that end
     # in it (past that the writes fall back to brute force, still exact)
@@ -242,57 +303,55 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
     def embedding_loss(params, states, t, H):
         s = states / state_scale
         _, (s_hat, h_hat) = net.apply(params, s, tau(t))
-        return jnp.mean((H - h_hat) ** 2) + config.lambda_rcon * jnp.mean((s - s_hat) ** 2)
+        return embedding_loss_terms(s, s_hat, H, h_hat, config.lambda_rcon, config.embed_loss_reduction)
 
     # ------------------------------------------------------------------ hooks
     def init(key):
         params = net.init(key, jnp.zeros((1, S)), jnp.zeros((1,)))
-        memory = em.init(config.capacity, config.key_dim, S, config.hit_metric)
+        memory = em.init(capacity, config.key_dim, S, config.hit_metric)
         z = jnp.zeros((), jnp.int32)
-        state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory))
+        state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory),
+                         jnp.full((config.desirable_window,), jnp.nan), jnp.zeros(()))
         return {}, state
 
     def gamma_of(hp):
         return config.gamma if hp is None else hp.gamma
 
     def intrinsic_reward(ext: EMUState, batch, target_next, hp=None):
-        """gamma * scale * eta_t [B, T] for the transitions of ``batch``."""
+        """(gamma * scale * eta_t [B, T], lookup metrics) for the transitions of ``batch``."""
         s_next = batch["state"][:, 1:]
         B, T = s_next.shape[:2]
-        if not config.incentive:
-            return jnp.zeros((B, T))
+        live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
         t_next = jnp.broadcast_to(jnp.arange(1, T + 1), (B, T))
         keys = encode(ext.embed_params, s_next.reshape(B * T, S), t_next.reshape(-1))
         if config.lookup == "index":
             rec = em.lookup_hits(ext.memory, ext.index, keys, config.delta)
         else:
             rec = em.lookup(ext.memory, keys, config.lookup_chunk, config.delta)
-        eta = incentive(rec, target_next.reshape(B * T)).reshape(B, T)
-        live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
-        return gamma_of(hp) * config.incentive_scale * jnp.where(live, eta, 0.0)
+        eta = jnp.where(live, incentive(rec, target_next.reshape(B * T)).reshape(B, T), 0.0)
+        metrics = em.recall_metrics(rec, live.reshape(-1), eta.reshape(-1))
+        metrics["incentive"] = (eta * live).sum() / jnp.maximum(live.sum(), 1)
+        if not config.incentive:
+            return jnp.zeros((B, T)), metrics
+        return gamma_of(hp) * config.incentive_scale * eta, metrics
 
     def extra_loss(params, ext: EMUState, batch, key):
         # no loss term: the hook reports the memory's state with the training metrics
-        mem = ext.memory
-        n = jnp.maximum(mem.size, 1).astype(jnp.float32)
-        filled = em.filled_mask(mem)
-        return jnp.zeros(()), {
-            "memory_size": mem.size.astype(jnp.float32),
-            "memory_desirable": (mem.desirable & filled).sum() / n,
-            "embed_loss": ext.embed_loss,
-        }
+        return jnp.zeros(()), {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss,
+                               "write_revisits": ext.write_revisits}
 
     def write_new_episodes(ext: EMUState, buffer, new_episodes, gamma):
         cap = buffer.capacity
         n = jnp.minimum(new_episodes, cap).astype(jnp.int32)
 
         def body(carry):
-            j, memory, cache = carry
+            j, memory, cache, recent = carry
             r = (buffer.insert_pos - n + j) % cap
             row = jax.tree.map(lambda x: x[r], buffer.data)
             filled = buffer.filled[r] & (j < n)  # rows past this seed's count write nothing
-            memory, cache = write_row(ext.embed_params, memory, cache, row, filled, gamma)
-            return j + 1, memory, cache
+            memory, cache, ret = write_row(ext.embed_params, memory, cache, row, filled, gamma, recent)
+            recent = jnp.where(j < n, jnp.roll(recent, 1).at[0].set(ret), recent)
+            return j + 1, memory, cache, recent
 
         if config.lookup == "index":
             cache = em.WriteCache(ext.index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
@@ -301,31 +360,43 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         # one trip count for all vmapped seeds (a per-seed count would select the whole memory
         # at every step)
         n_max = max_over_seeds(n)
-        _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n_max, body,
-                                              (jnp.zeros((), jnp.int32), ext.memory, cache))
-        return ext.replace(memory=memory, written=ext.written + n), cache
+        _, memory, cache, recent = jax.lax.while_loop(
+            lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns))
+        writes = (memory.clock - ext.memory.clock).astype(jnp.float32)
+        revisits = (memory.write_hits - ext.memory.write_hits).astype(jnp.float32)
+        return ext.replace(memory=memory, written=ext.written + n, recent_returns=recent,
+                           write_revisits=revisits / jnp.maximum(writes, 1.0)), cache
 
-    def write_row(params, memory, cache, row, filled, gamma):
+    def write_row(params, memory, cache, row, filled, gamma, recent):
         step = row["step"]
         valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
         last = jnp.maximum(filled.sum() - 1, 0)
-        if config.desirable_return is None:
-            xi = row["episode"]["won"][last] > 0.5
-        else:
-            xi = row["episode"]["return"][last] >= config.desirable_return
+        ret = row["episode"]["return"][last]
+        xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return,
+                          config.desirable_quantile)
         t = jnp.arange(L + 1)
         returns = em.discounted_returns(reward_scale * step["reward"], valid, gamma)
         keys = encode(params, step["state"], t)
         kw = dict(chunk=WRITE_CHUNK, propagate=config.propagate_desirability,
                   init_desirability=config.init_desirability)
         if config.lookup == "index":
-            return em.write_episode_indexed(memory, cache, keys, step["state"], returns, t, xi, valid,
-                                            config.delta, **kw)
-        return em.write_episode(memory, keys, step["state"], returns, t, xi, valid, config.delta, **kw), cache
+            memory, cache = em.write_episode_indexed(memory, cache, keys, step["state"], returns, t, xi, valid,
+                                                     write_delta, **kw)
+        else:
+            memory = em.write_episode(memory, keys, step["state"], returns, t, xi, valid, write_delta, **kw)
+        return memory, cache, ret
 
     def train_embedding(ext: EMUState, key):
         mem = ext.memory
-        idx = jax.random.randint(key, (config.embed_steps, config.embed_batch), 0, jnp.maximum(mem.size, 1))
+        n = config.embed_steps * config.embed_batch
+        k_perm, k_fill = jax.random.split(key)
+        # n distinct filled entries (a random permutation's first n); with fewer filled
+        # entries than n (a small ``embed_min_entries``) the rest are drawn with replacement
+        scores = jnp.where(em.filled_mask(mem), jax.random.uniform(k_perm, (mem.capacity,)), 2.0)
+        order = jnp.argsort(scores)[:n] if n <= mem.capacity else jnp.zeros((n,), jnp.int32)
+        extra = jax.random.randint(k_fill, (n,), 0, jnp.maximum(mem.size, 1))
+        idx = jnp.where(jnp.arange(n) < mem.size, order if n <= mem.capacity else extra, extra)
+        idx = idx.reshape(config.embed_steps, config.embed_batch)
 
         def step(carry, ids):
             params, opt = carry
@@ -334,7 +405,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             return (optax.apply_updates(params, updates), opt), loss
 
         (params, opt), losses = jax.lax.scan(step, (ext.embed_params, ext.embed_opt), idx)
-        ready = mem.size >= config.embed_batch
+        ready = mem.size >= embed_min
         params, opt = jax.tree.map(lambda a, b: jnp.where(ready, a, b), (params, opt),
                                    (ext.embed_params, ext.embed_opt))
         memory = em.rekey(mem, lambda s, t: encode(params, s, t), config.lookup_chunk)
@@ -345,13 +416,20 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
     def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
         ext, cache = write_new_episodes(ext, buffer, new_episodes, gamma_of(hp))
-        due_stats = ext.written - ext.last_stats >= config.stats_interval_episodes
+        if config.stats_interval_episodes is None:
+            clock, interval = ext.env_steps, config.stats_interval
+        else:
+            clock, interval = ext.written, config.stats_interval_episodes
+        due_stats = clock - ext.last_stats >= interval
         fresh, mem = em.refresh_stats(ext.memory), ext.memory
         memory = mem.replace(mean=jnp.where(due_stats, fresh.mean, mem.mean),
                              std=jnp.where(due_stats, fresh.std, mem.std),
                              keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm))
-        ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, ext.written, ext.last_stats))
-        due = max_over_seeds((ext.env_steps - ext.last_embed >= config.embed_interval).astype(jnp.int32)) > 0
+        ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, clock, ext.last_stats))
+        # the phase runs once the memory is big enough (in some seed; the others keep their
+        # parameters) and the interval has passed
+        due = max_over_seeds(((ext.env_steps - ext.last_embed >= config.embed_interval)
+                              & (ext.memory.size >= embed_min)).astype(jnp.int32)) > 0
         ext = jax.lax.cond(due, train_embedding, lambda e, k: e, ext, key)
         if config.lookup != "index":
             return ext
