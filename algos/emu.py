@@ -12,40 +12,80 @@ State embedding, a deterministic conditional autoencoder (dCAE):
   encoder   x_t = f_phi(s~_t, tau)                 [s~, tau] -> 64 -> ReLU -> 64 -> ReLU -> 4
   decoder   (s^_t, H^_t) = g_psi(x_t, tau)         [x, tau] -> 64 -> ReLU -> 64 -> ReLU,
                                                    heads: state (S) and return (1)
-  loss      L(phi, psi) = mean (H_t - H^_t)^2 + lambda_rcon * mean (s~_t - s^_t)^2
-            (mean over samples and state features, as the official MSE criterion;
-            lambda_rcon = 0.1), Adam lr 5e-4, gradient norm clip 10.
+  loss      L(phi, psi) = sum_n (H_n - H^_n)^2 + lambda_rcon * sum_n sum_f (s~_nf - s^_nf)^2
+            over a minibatch (the official MSELoss(reduction="sum"); lambda_rcon = 0.1;
+            ``embed_loss_reduction="mean"`` averages over samples and features instead),
+            Adam lr 5e-4, gradient norm clip 10 (:func:`embedding_loss_terms`).
   s~ = s / env.spec.state_scale (the normalized state the mixers read).
 Episodic memory (marl/episodic_memory.py): keys x, states s, best return-to-go H
   (R_t = r'_t + gamma R_{t+1} with r' the backbone's scaled team reward, so H is on
-  the scale of Q_tot), desirability xi (the episode was won, or its return reached
-  ``desirable_return``), visit counts N_call and N_xi; written after every episode,
-  scanning steps backwards: hit (normalized distance <= delta) -> N_call += 1,
-  N_xi += xi, memory shift when an undesirable entry is reached by a desirable
-  trajectory, else H = max(H, R_t); miss -> insertion.
+  the scale of Q_tot), desirability xi, visit counts N_call and N_xi; written after
+  every episode, scanning steps backwards: hit (normalized distance <= write_delta)
+  -> N_call += 1, N_xi += xi, memory shift when an undesirable entry is reached by a
+  desirable trajectory, else H = max(H, R_t); miss -> insertion (N_call = 1,
+  N_xi = 0, or xi with ``init_desirability``).
 Episodic incentive, in the TD target of the backbone (its ``intrinsic_reward`` hook):
-  x^ = nearest entry to f_phi(s~_{t+1}, (t + 1) / T); on a hit
+  x^ = nearest entry to f_phi(s~_{t+1}, (t + 1) / T); on a hit (within ``delta``)
   p = N_xi / (N_call + 1e-3),  eta_t = p * max(H(x^) - Qbar_tot(s_{t+1}, a*), 0), else 0
   y_t = r'_t + gamma * incentive_scale * eta_t + gamma (1 - term_t) Qbar_tot(s_{t+1}, a*)
   with a* the online argmax (double Q) and Qbar the target network; loss: masked
   mean (Q_tot(s_t, a_t) - sg(y_t))^2 (the backbone's).
 
+Desirability on continuous, jittered states
+-------------------------------------------
+p rises only through revisits at write time: an insertion has N_call = 1, N_xi = 0,
+and only a later write that hits the entry adds to N_call and N_xi. SMAC restarts
+from identical states, so exact revisits (the official delta 1.3e-5, in effect
+"the same state") happen there. SMAX jitters every unit's start position, so they
+never do: with the official settings p stays 0 and the incentive is 0 wherever no
+episode wins, while replay lookups still hit (a replayed state finds its own entry).
+Three options, each off by default (the official configuration):
+- ``init_desirability=True``: an insertion counts its own visit, N_xi = xi (the
+  official ``flag_init_desirability``, set in its super-hard-map configs only): the
+  states of desirable episodes get p ~ 1 at once.
+- ``write_delta``: a separate, wider hit threshold for writes, so a state near an
+  entry counts as a revisit of it (N_call += 1, N_xi += xi, H = max) instead of being
+  inserted. Lookups keep ``delta``; a replayed state that was merged into a neighbour
+  then misses at the official delta (set ``delta >= write_delta`` to recall the
+  neighbour). Neither the paper nor the official code separates the two thresholds;
+  choose write_delta from the measured spacing of distinct keys
+  (experiments/studies/emu_key_spacing.py; results/emu_study/README.md) so that a
+  small share of writes (5-20%) are revisits.
+- ``desirable_quantile=q``: an episode is also desirable when its return exceeds the
+  q-quantile of the last ``desirable_window`` written episodes' returns (from 10 known
+  returns on), for maps where nobody wins yet. The paper defines xi by a return
+  threshold (the maximum return), the official code by the win flag.
+
+Memory behaviour metrics (logged every iteration, averaged over its gradient steps)
+----------------------------------------------------------------------------------
+``replay_hit_rate`` (share of the replayed live transitions whose s_{t+1} hits),
+``hit_positive_ratio`` (share of those hits whose entry has p > 0), ``incentive``
+(mean eta), ``incentive_positive`` (share of transitions with eta > 0),
+``incentive_active`` (share of gradient steps with some eta > 0), ``memory_size``,
+``memory_desirable`` (share of entries with xi = 1), ``memory_revisited`` (share
+with N_call > 1), ``memory_positive_ratio`` (share with N_xi > 0) and
+``write_revisits`` (share of the previous iteration's writes that hit an entry).
+The memory shares are those at the start of the iteration.
+
 Schedule (inside the jitted ``update``, ``after_iteration`` hook, fixed shapes)
 ------------------------------------------------------------------------------
 1. The episodes that entered the replay buffer this iteration are written into the
    memory (a ``while_loop`` over them, each a backward loop over its steps).
-2. Every ``stats_interval_episodes`` written episodes the key statistics (mean, std)
-   are refreshed (official ``ec_buffer_stats_update_interval`` = 200).
+2. Every ``stats_interval`` env steps (official ``ec_buffer_stats_update_interval``
+   = 200; with 8 envs x 64 steps per iteration that is every iteration) the key
+   statistics (mean, std) are refreshed; ``stats_interval_episodes`` counts written
+   episodes instead.
 3. Every ``embed_interval`` env steps (official configs: 10k; the paper's table says
-   1k) the dCAE trains for ``embed_steps`` Adam steps on minibatches of
-   ``embed_batch`` entries drawn uniformly (with replacement) from the memory
-   (official: 100 minibatches of 1024), then every stored key is re-encoded from its
-   stored state and the statistics are refreshed. A seed whose memory holds fewer
-   than ``embed_batch`` entries skips the phase. The dCAE parameters and their Adam
-   state are part of the non-trained hook state (``TrainState.ext``), not of the
-   backbone's optimizer: the dCAE is trained on memory samples on its own schedule,
-   never by the TD loss. The phase is a ``lax.cond`` on a step count that is equal
-   for every seed (``max_over_seeds``), so vmapped seeds branch rather than select.
+   1k), once the memory holds ``embed_min_entries`` entries (default embed_steps x
+   embed_batch = 102,400, the official), the dCAE trains for ``embed_steps`` Adam
+   steps on minibatches of ``embed_batch`` distinct entries (official: 100 x 1024
+   drawn without replacement), then every stored key is re-encoded from its stored
+   state and the statistics are refreshed. The dCAE parameters and their Adam state
+   are part of the non-trained hook state (``TrainState.ext``), not of the backbone's
+   optimizer: the dCAE is trained on memory samples on its own schedule, never by the
+   TD loss. The phase is a ``lax.cond`` on a step count that is equal for every seed
+   (``max_over_seeds``), so vmapped seeds branch rather than select; a seed whose
+   memory is still too small keeps its parameters.
 
 Deviations and choices (paper / official code)
 ----------------------------------------------
@@ -57,13 +97,13 @@ Deviations and choices (paper / official code)
   searches raw keys). Exact brute-force search, never a stale index.
 - Time input: t / T with T = env.spec.max_steps everywhere (the official code mixes
   t / (limit + 1) and t / limit).
-- Capacity: 100k entries by default (CPU-sized); the paper's 1M is ``capacity=1000000``.
+- Capacity: buffer_size x episode limit by default (5000 x 100 = 500k entries on
+  SMAX), so a replayed state is never evicted; the paper's 1M is ``capacity=1000000``.
 - Eviction: least recently written (insertions and write-time hits refresh recency;
   the official LRU also counts read-only lookups). See marl/episodic_memory.py.
-- N_xi of a new entry is 0 (official ``flag_init_desirability=False``);
-  ``init_desirability=True`` counts the inserting visit. Counts are not reset on a
-  memory shift (official default). Optimality propagation (a trajectory becomes
-  desirable backwards from a desirable entry it hit) is on (``propagate_desirability``).
+- Counts are not reset on a memory shift (official default). Optimality propagation
+  (a trajectory becomes desirable backwards from a desirable entry it hit) is on
+  (``propagate_desirability``), as in the official code.
 - The incentive is zero at terminal transitions: s_{t+1} is terminal, its value is 0
   and Qbar there is not a value estimate (the official code applies it there too).
 - Final observations (the state after an episode's last transition) are not written;
@@ -71,7 +111,13 @@ Deviations and choices (paper / official code)
 - The returns H and the incentive use the run's ``gamma`` hyperparameter (a swept
   value reaches them through the hooks' ``hp``; ``config.gamma`` when a hook is
   called without it). A memory written under one gamma holds returns of that gamma.
-- Not implemented: the official code's EMC-style curiosity reward (scale 1e-3; the
+- The dCAE minibatches are drawn fresh for each phase from the whole memory
+  (distinct entries, a random permutation); with ``embed_min_entries`` below
+  embed_steps x embed_batch the entries past the memory's size are drawn with
+  replacement.
+- Not implemented: the official code's EMC-style curiosity reward (a separate VDN
+  learner, a soft-updated copy of its agent network and a predictor of 10 x its
+  Q-values; the prediction error, scale 1e-3 decaying, is added to the reward; the
   paper finds it adds little) and its extra memory updates from replayed batches.
 - Lookup: the incentive only uses hits, so by default (``lookup="index"``) each
   gradient step searches a sorted index of the first normalized key coordinate,

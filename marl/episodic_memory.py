@@ -20,6 +20,11 @@ n_xi       [C]     N_xi: desirable visits
 last_used  [C]     write-clock value of the last insertion or hit (eviction order)
 ```
 
+and two counters: ``clock`` (valid writes so far) and ``write_hits`` (writes that
+hit an entry, i.e. revisits), so the share of writes that were revisits is their
+ratio. :func:`memory_metrics` and :func:`recall_metrics` summarize a memory and a
+batch of lookups as shares (EMU logs them every iteration).
+
 Normalization
 -------------
 ``mu, sigma`` are the per-dimension mean and standard deviation of the filled keys,
@@ -64,7 +69,8 @@ For each valid t, from the last to the first:
 Every touched entry gets ``last_used = clock`` and the clock advances.
 
 Eviction: least recently used by writes. The slot of an insertion is
-``argmin(last_used)``; empty slots start at ``last_used = j - C < 0``, so slots fill
+``argmin(last_used)`` (computed only once the memory is full: before that it is
+``size``); empty slots start at ``last_used = j - C < 0``, so slots fill
 in index order (0, 1, ...) and the filled entries are always ``0 .. size - 1``; once
 full, the entry whose last insertion or write-time hit is the oldest is replaced.
 The official code also refreshes recency on read-only lookups during training; here
