@@ -7,20 +7,21 @@
 # EMU: official settings except where stated in results/emu_study/README.md: desirability can
 # rise on SMAX's jittered states (init_desirability, a write-time neighbourhood WRITE_DELTA
 # measured with experiments/studies/emu_key_spacing.py, the running top-decile rule), lookups
-# at the same radius, the dCAE trains once the memory holds 20,480 entries, capacity 200k
-# (never full within the budget, so equal to the default buffer_size x episode limit).
+# at the same radius, the dCAE trains once the memory holds 20,480 entries. Both arms keep 1000
+# episodes (about 60k steps: nothing is dropped within the budget; 5000 x 3 seeds does not fit
+# in this machine's memory next to other work), so EMU's default capacity is 100k entries.
 set -e
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/emu_study}
-STEPS=${2:-200000}
+STEPS=${2:-60000}
 PY=${PYTHON:-.venv/bin/python}
 WRITE_DELTA=${WRITE_DELTA:-0.07}
-common="--env smax:2s3z --num-seeds 3 --total-steps $STEPS --train-steps 4 --runs-dir $OUT --no-progress
-  --chunk-iterations 10 --checkpoint-every 2 --resume --eval-episodes 0"
+common="--env smax:2s3z --num-seeds 3 --total-steps $STEPS --train-steps 4 --buffer-size 1000 --runs-dir $OUT
+  --no-progress --chunk-iterations 5 --checkpoint-every 2 --resume --eval-episodes 0"
 $PY -m experiments.train --algo qmix $common --run-name 2s3z_qmix &
 $PY -m experiments.train --algo emu --mixer qmix $common --run-name 2s3z_emu \
   --delta "$WRITE_DELTA" --write-delta "$WRITE_DELTA" --init-desirability --desirable-quantile 0.9 \
-  --embed-min-entries 20480 --capacity 200000 &
+  --embed-min-entries 20480 &
 wait
 $PY -m experiments.studies.emu_engagement "$OUT/2s3z_emu" "$OUT/2s3z_qmix" --out results/emu_study
 $PY -m experiments.report "$OUT" --out results/emu_study/report
