@@ -12,40 +12,80 @@ State embedding, a deterministic conditional autoencoder (dCAE):
   encoder   x_t = f_phi(s~_t, tau)                 [s~, tau] -> 64 -> ReLU -> 64 -> ReLU -> 4
   decoder   (s^_t, H^_t) = g_psi(x_t, tau)         [x, tau] -> 64 -> ReLU -> 64 -> ReLU,
                                                    heads: state (S) and return (1)
-  loss      L(phi, psi) = mean (H_t - H^_t)^2 + lambda_rcon * mean (s~_t - s^_t)^2
-            (mean over samples and state features, as the official MSE criterion;
-            lambda_rcon = 0.1), Adam lr 5e-4, gradient norm clip 10.
+  loss      L(phi, psi) = sum_n (H_n - H^_n)^2 + lambda_rcon * sum_n sum_f (s~_nf - s^_nf)^2
+            over a minibatch (the official MSELoss(reduction="sum"); lambda_rcon = 0.1;
+            ``embed_loss_reduction="mean"`` averages over samples and features instead),
+            Adam lr 5e-4, gradient norm clip 10 (:func:`embedding_loss_terms`).
   s~ = s / env.spec.state_scale (the normalized state the mixers read).
 Episodic memory (marl/episodic_memory.py): keys x, states s, best return-to-go H
   (R_t = r'_t + gamma R_{t+1} with r' the backbone's scaled team reward, so H is on
-  the scale of Q_tot), desirability xi (the episode was won, or its return reached
-  ``desirable_return``), visit counts N_call and N_xi; written after every episode,
-  scanning steps backwards: hit (normalized distance <= delta) -> N_call += 1,
-  N_xi += xi, memory shift when an undesirable entry is reached by a desirable
-  trajectory, else H = max(H, R_t); miss -> insertion.
+  the scale of Q_tot), desirability xi, visit counts N_call and N_xi; written after
+  every episode, scanning steps backwards: hit (normalized distance <= write_delta)
+  -> N_call += 1, N_xi += xi, memory shift when an undesirable entry is reached by a
+  desirable trajectory, else H = max(H, R_t); miss -> insertion (N_call = 1,
+  N_xi = 0, or xi with ``init_desirability``).
 Episodic incentive, in the TD target of the backbone (its ``intrinsic_reward`` hook):
-  x^ = nearest entry to f_phi(s~_{t+1}, (t + 1) / T); on a hit
+  x^ = nearest entry to f_phi(s~_{t+1}, (t + 1) / T); on a hit (within ``delta``)
   p = N_xi / (N_call + 1e-3),  eta_t = p * max(H(x^) - Qbar_tot(s_{t+1}, a*), 0), else 0
   y_t = r'_t + gamma * incentive_scale * eta_t + gamma (1 - term_t) Qbar_tot(s_{t+1}, a*)
   with a* the online argmax (double Q) and Qbar the target network; loss: masked
   mean (Q_tot(s_t, a_t) - sg(y_t))^2 (the backbone's).
 
+Desirability on continuous, jittered states
+-------------------------------------------
+p rises only through revisits at write time: an insertion has N_call = 1, N_xi = 0,
+and only a later write that hits the entry adds to N_call and N_xi. SMAC restarts
+from identical states, so exact revisits (the official delta 1.3e-5, in effect
+"the same state") happen there. SMAX jitters every unit's start position, so they
+never do: with the official settings p stays 0 and the incentive is 0 wherever no
+episode wins, while replay lookups still hit (a replayed state finds its own entry).
+Three options, each off by default (the official configuration):
+- ``init_desirability=True``: an insertion counts its own visit, N_xi = xi (the
+  official ``flag_init_desirability``, set in its super-hard-map configs only): the
+  states of desirable episodes get p ~ 1 at once.
+- ``write_delta``: a separate, wider hit threshold for writes, so a state near an
+  entry counts as a revisit of it (N_call += 1, N_xi += xi, H = max) instead of being
+  inserted. Lookups keep ``delta``; a replayed state that was merged into a neighbour
+  then misses at the official delta (set ``delta >= write_delta`` to recall the
+  neighbour). Neither the paper nor the official code separates the two thresholds;
+  choose write_delta from the measured spacing of distinct keys
+  (experiments/studies/emu_key_spacing.py; results/emu_study/README.md) so that a
+  small share of writes (5-20%) are revisits.
+- ``desirable_quantile=q``: an episode is also desirable when its return exceeds the
+  q-quantile of the last ``desirable_window`` written episodes' returns (from 10 known
+  returns on), for maps where nobody wins yet. The paper defines xi by a return
+  threshold (the maximum return), the official code by the win flag.
+
+Memory behaviour metrics (logged every iteration, averaged over its gradient steps)
+----------------------------------------------------------------------------------
+``replay_hit_rate`` (share of the replayed live transitions whose s_{t+1} hits),
+``hit_positive_ratio`` (share of those hits whose entry has p > 0), ``incentive``
+(mean eta), ``incentive_positive`` (share of transitions with eta > 0),
+``incentive_active`` (share of gradient steps with some eta > 0), ``memory_size``,
+``memory_desirable`` (share of entries with xi = 1), ``memory_revisited`` (share
+with N_call > 1), ``memory_positive_ratio`` (share with N_xi > 0) and
+``write_revisits`` (share of the previous iteration's writes that hit an entry).
+The memory shares are those at the start of the iteration.
+
 Schedule (inside the jitted ``update``, ``after_iteration`` hook, fixed shapes)
 ------------------------------------------------------------------------------
 1. The episodes that entered the replay buffer this iteration are written into the
    memory (a ``while_loop`` over them, each a backward loop over its steps).
-2. Every ``stats_interval_episodes`` written episodes the key statistics (mean, std)
-   are refreshed (official ``ec_buffer_stats_update_interval`` = 200).
+2. Every ``stats_interval`` env steps (official ``ec_buffer_stats_update_interval``
+   = 200; with 8 envs x 64 steps per iteration that is every iteration) the key
+   statistics (mean, std) are refreshed; ``stats_interval_episodes`` counts written
+   episodes instead.
 3. Every ``embed_interval`` env steps (official configs: 10k; the paper's table says
-   1k) the dCAE trains for ``embed_steps`` Adam steps on minibatches of
-   ``embed_batch`` entries drawn uniformly (with replacement) from the memory
-   (official: 100 minibatches of 1024), then every stored key is re-encoded from its
-   stored state and the statistics are refreshed. A seed whose memory holds fewer
-   than ``embed_batch`` entries skips the phase. The dCAE parameters and their Adam
-   state are part of the non-trained hook state (``TrainState.ext``), not of the
-   backbone's optimizer: the dCAE is trained on memory samples on its own schedule,
-   never by the TD loss. The phase is a ``lax.cond`` on a step count that is equal
-   for every seed (``max_over_seeds``), so vmapped seeds branch rather than select.
+   1k), once the memory holds ``embed_min_entries`` entries (default embed_steps x
+   embed_batch = 102,400, the official), the dCAE trains for ``embed_steps`` Adam
+   steps on minibatches of ``embed_batch`` distinct entries (official: 100 x 1024
+   drawn without replacement), then every stored key is re-encoded from its stored
+   state and the statistics are refreshed. The dCAE parameters and their Adam state
+   are part of the non-trained hook state (``TrainState.ext``), not of the backbone's
+   optimizer: the dCAE is trained on memory samples on its own schedule, never by the
+   TD loss. The phase is a ``lax.cond`` on a step count that is equal for every seed
+   (``max_over_seeds``), so vmapped seeds branch rather than select; a seed whose
+   memory is still too small keeps its parameters.
 
 Deviations and choices (paper / official code)
 ----------------------------------------------
@@ -57,13 +97,13 @@ Deviations and choices (paper / official code)
   searches raw keys). Exact brute-force search, never a stale index.
 - Time input: t / T with T = env.spec.max_steps everywhere (the official code mixes
   t / (limit + 1) and t / limit).
-- Capacity: 100k entries by default (CPU-sized); the paper's 1M is ``capacity=1000000``.
+- Capacity: buffer_size x episode limit by default (5000 x 100 = 500k entries on
+  SMAX), so a replayed state is never evicted; the paper's 1M is ``capacity=1000000``.
 - Eviction: least recently written (insertions and write-time hits refresh recency;
   the official LRU also counts read-only lookups). See marl/episodic_memory.py.
-- N_xi of a new entry is 0 (official ``flag_init_desirability=False``);
-  ``init_desirability=True`` counts the inserting visit. Counts are not reset on a
-  memory shift (official default). Optimality propagation (a trajectory becomes
-  desirable backwards from a desirable entry it hit) is on (``propagate_desirability``).
+- Counts are not reset on a memory shift (official default). Optimality propagation
+  (a trajectory becomes desirable backwards from a desirable entry it hit) is on
+  (``propagate_desirability``), as in the official code.
 - The incentive is zero at terminal transitions: s_{t+1} is terminal, its value is 0
   and Qbar there is not a value estimate (the official code applies it there too).
 - Final observations (the state after an episode's last transition) are not written;
@@ -71,7 +111,13 @@ Deviations and choices (paper / official code)
 - The returns H and the incentive use the run's ``gamma`` hyperparameter (a swept
   value reaches them through the hooks' ``hp``; ``config.gamma`` when a hook is
   called without it). A memory written under one gamma holds returns of that gamma.
-- Not implemented: the official code's EMC-style curiosity reward (scale 1e-3; the
+- The dCAE minibatches are drawn fresh for each phase from the whole memory
+  (distinct entries, a random permutation); with ``embed_min_entries`` below
+  embed_steps x embed_batch the entries past the memory's size are drawn with
+  replacement.
+- Not implemented: the official code's EMC-style curiosity reward (a separate VDN
+  learner, a soft-updated copy of its agent network and a predictor of 10 x its
+  Q-values; the prediction error, scale 1e-3 decaying, is added to the reward; the
   paper finds it adds little) and its extra memory updates from replayed batches.
 - Lookup: the incentive only uses hits, so by default (``lookup="index"``) each
   gradient step searches a sorted index of the first normalized key coordinate,
@@ -104,6 +150,7 @@ from marl.networks import dense
 from marl.types import Algorithm, max_over_seeds
 
 LOOKUPS = ("index", "brute")
+REDUCTIONS = ("sum", "mean")
 WRITE_CHUNK = 16384  # memory entries per distance block when writing (one query at a time)
 EMBED_GRAD_CLIP = 10.0
 
@@ -112,25 +159,39 @@ EMBED_GRAD_CLIP = 10.0
 class EMUConfig(ql.QLearningConfig):
     """EMU settings: the Q-learning backbone's fields plus the memory and embedding."""
 
-    capacity: int = 100_000
-    """episodic memory entries (the paper uses 1_000_000)"""
+    capacity: Optional[int] = None
+    """episodic memory entries; None: buffer_size x the env's episode limit, so every
+    replayed state can still be in the memory (the paper uses 1_000_000)"""
     delta: float = 1.3e-5
-    """hit threshold on normalized keys (1.3e-3 on the paper's super-hard maps)"""
+    """hit threshold on normalized keys for lookups (official: 1.3e-5; 1.3e-3 on the
+    super-hard maps)"""
+    write_delta: Optional[float] = None
+    """hit threshold of the writes: a written step within it of an entry counts as a
+    revisit of that entry (N_call += 1, N_xi += xi) instead of being inserted; None:
+    ``delta`` (the official code uses one threshold for both)"""
     hit_metric: str = "linf"
     """linf (official code, per dimension) | l2 (paper)"""
     key_dim: int = 4
     embed_hidden: int = 64
     lambda_rcon: float = 0.1
     """weight of the state reconstruction in the dCAE loss"""
+    embed_loss_reduction: str = "sum"
+    """sum (official: squared errors summed over the minibatch, and over the state
+    features in the reconstruction term) | mean (mean over samples and features)"""
     embed_interval: int = 10_000
     """env steps between embedding training phases"""
     embed_steps: int = 100
     """Adam steps per embedding phase"""
     embed_batch: int = 1024
     """memory entries per embedding minibatch"""
+    embed_min_entries: Optional[int] = None
+    """entries the memory must hold before the embedding trains; None: embed_steps x
+    embed_batch (official: 102,400, sampled without replacement)"""
     embed_lr: float = 5e-4
-    stats_interval_episodes: int = 200
-    """written episodes between refreshes of the key normalization"""
+    stats_interval: int = 200
+    """env steps between refreshes of the key normalization (official: 200)"""
+    stats_interval_episodes: Optional[int] = None
+    """if set: refresh every this many written episodes instead of ``stats_interval``"""
     incentive: bool = True
     """add the episodic incentive gamma * eta to the TD target"""
     incentive_scale: float = 1.0
@@ -142,24 +203,38 @@ class EMUConfig(ql.QLearningConfig):
     """memory entries per distance block of the brute-force lookup"""
     desirable_return: Optional[float] = None
     """None: an episode is desirable when won; else when its (unscaled) return >= this"""
+    desirable_quantile: Optional[float] = None
+    """if set (e.g. 0.9): an episode is also desirable when its return exceeds this
+    quantile of the last ``desirable_window`` written episodes' returns (for maps where
+    nobody wins yet)"""
+    desirable_window: int = 1000
+    """episodes whose returns the running quantile covers"""
     propagate_desirability: bool = True
     init_desirability: bool = False
-    """count the inserting visit in N_xi (official default: no)"""
+    """count the inserting visit in N_xi (official: False; True on the super-hard maps)"""
 
     def __post_init__(self):
         super().__post_init__()
         if self.mixer == "none":
             raise cfg.ConfigError("mixer", self.mixer, "EMU needs a mixer: one of ['vdn', 'qmix', 'qplex']")
-        for f in ("capacity", "key_dim", "embed_hidden", "embed_interval", "embed_steps", "embed_batch",
-                  "stats_interval_episodes", "lookup_chunk"):
+        for f in ("key_dim", "embed_hidden", "embed_interval", "embed_steps", "embed_batch",
+                  "stats_interval", "lookup_chunk", "desirable_window"):
             cfg.check_positive(f, getattr(self, f), integer=True)
+        for f in ("capacity", "embed_min_entries", "stats_interval_episodes"):
+            if getattr(self, f) is not None:
+                cfg.check_positive(f, getattr(self, f), integer=True)
         cfg.check_positive("embed_lr", self.embed_lr)
         for f in ("delta", "lambda_rcon", "incentive_scale"):
             cfg.check_nonnegative(f, getattr(self, f))
+        if self.write_delta is not None:
+            cfg.check_nonnegative("write_delta", self.write_delta)
         cfg.check_choice("hit_metric", self.hit_metric, em.METRICS)
         cfg.check_choice("lookup", self.lookup, LOOKUPS)
+        cfg.check_choice("embed_loss_reduction", self.embed_loss_reduction, REDUCTIONS)
         if self.desirable_return is not None and not isinstance(self.desirable_return, (int, float)):
             raise cfg.ConfigError("desirable_return", self.desirable_return, "must be a number or None")
+        if self.desirable_quantile is not None:
+            cfg.check_range("desirable_quantile", self.desirable_quantile, 0.0, 1.0)
 
 
 class StateEmbedding(nn.Module):
@@ -201,9 +276,11 @@ class EMUState:
     env_steps: jax.Array  # [] env steps so far
     last_embed: jax.Array  # env_steps at the last embedding phase
     written: jax.Array  # episodes written into the memory
-    last_stats: jax.Array  # ``written`` at the last statistics refresh
+    last_stats: jax.Array  # env_steps (or ``written``) at the last statistics refresh
     embed_loss: jax.Array  # mean dCAE loss of the last phase
     index: em.HitIndex  # sorted first key coordinate of the memory as it is now
+    recent_returns: jax.Array  # [desirable_window] returns of the last written episodes (NaN: none yet)
+    write_revisits: jax.Array  # share of the last iteration's writes that hit an entry
 
 
 class EMUParts(NamedTuple):
@@ -218,10 +295,40 @@ def make(env, config: EMUConfig, name: str = "emu") -> Algorithm:
     return ql.make(env, config, name=name, hooks=make_parts(env.spec, config).hooks)
 
 
+def memory_capacity(config: EMUConfig, max_steps: int) -> int:
+    """``config.capacity``, or buffer_size x the episode limit when it is None."""
+    return config.capacity if config.capacity is not None else config.buffer_size * max_steps
+
+
+def embedding_loss_terms(s, s_hat, H, h_hat, lambda_rcon, reduction="sum"):
+    """dCAE loss: (H - H^)^2 + lambda_rcon * ||s - s^||^2, summed over the minibatch
+    (and the state features) with ``reduction="sum"`` (the official MSELoss(reduction
+    "sum")), averaged over samples and features with ``"mean"``."""
+    if reduction == "sum":
+        return jnp.sum((H - h_hat) ** 2) + lambda_rcon * jnp.sum((s - s_hat) ** 2)
+    return jnp.mean((H - h_hat) ** 2) + lambda_rcon * jnp.mean((s - s_hat) ** 2)
+
+
+def desirability(won, ret, recent_returns, desirable_return=None, quantile=None):
+    """xi of a finished episode: won (or ``ret >= desirable_return`` when that is set),
+    or, with ``quantile``, ``ret`` above that quantile of ``recent_returns`` (NaN slots
+    are empty; no quantile rule before 10 returns are known)."""
+    xi = (won > 0.5) if desirable_return is None else (ret >= desirable_return)
+    if quantile is None:
+        return xi
+    known = jnp.isfinite(recent_returns)
+    threshold = jnp.nanquantile(jnp.where(known, recent_returns, jnp.nan), quantile)
+    return xi | ((known.sum() >= 10) & (ret > threshold))
+
+
 def make_parts(spec, config: EMUConfig) -> EMUParts:
     """EMU's hooks for an env with ``spec`` (reads state_dim, max_steps, state_scale, max_return)."""
     L = spec.max_steps
     S = spec.state_dim
+    capacity = memory_capacity(config, L)
+    write_delta = config.delta if config.write_delta is None else config.write_delta
+    embed_min = (config.embed_steps * config.embed_batch if config.embed_min_entries is None
+                 else config.embed_min_entries)
     steps_per_iteration = config.num_envs * config.num_steps
     # slots re-keyed by one iteration's writes: at most the steps of the episodes that end
     # in it (past that the writes fall back to brute force, still exact)
@@ -242,57 +349,55 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
     def embedding_loss(params, states, t, H):
         s = states / state_scale
         _, (s_hat, h_hat) = net.apply(params, s, tau(t))
-        return jnp.mean((H - h_hat) ** 2) + config.lambda_rcon * jnp.mean((s - s_hat) ** 2)
+        return embedding_loss_terms(s, s_hat, H, h_hat, config.lambda_rcon, config.embed_loss_reduction)
 
     # ------------------------------------------------------------------ hooks
     def init(key):
         params = net.init(key, jnp.zeros((1, S)), jnp.zeros((1,)))
-        memory = em.init(config.capacity, config.key_dim, S, config.hit_metric)
+        memory = em.init(capacity, config.key_dim, S, config.hit_metric)
         z = jnp.zeros((), jnp.int32)
-        state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory))
+        state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory),
+                         jnp.full((config.desirable_window,), jnp.nan), jnp.zeros(()))
         return {}, state
 
     def gamma_of(hp):
         return config.gamma if hp is None else hp.gamma
 
     def intrinsic_reward(ext: EMUState, batch, target_next, hp=None):
-        """gamma * scale * eta_t [B, T] for the transitions of ``batch``."""
+        """(gamma * scale * eta_t [B, T], lookup metrics) for the transitions of ``batch``."""
         s_next = batch["state"][:, 1:]
         B, T = s_next.shape[:2]
-        if not config.incentive:
-            return jnp.zeros((B, T))
+        live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
         t_next = jnp.broadcast_to(jnp.arange(1, T + 1), (B, T))
         keys = encode(ext.embed_params, s_next.reshape(B * T, S), t_next.reshape(-1))
         if config.lookup == "index":
             rec = em.lookup_hits(ext.memory, ext.index, keys, config.delta)
         else:
             rec = em.lookup(ext.memory, keys, config.lookup_chunk, config.delta)
-        eta = incentive(rec, target_next.reshape(B * T)).reshape(B, T)
-        live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
-        return gamma_of(hp) * config.incentive_scale * jnp.where(live, eta, 0.0)
+        eta = jnp.where(live, incentive(rec, target_next.reshape(B * T)).reshape(B, T), 0.0)
+        metrics = em.recall_metrics(rec, live.reshape(-1), eta.reshape(-1))
+        metrics["incentive"] = (eta * live).sum() / jnp.maximum(live.sum(), 1)
+        if not config.incentive:
+            return jnp.zeros((B, T)), metrics
+        return gamma_of(hp) * config.incentive_scale * eta, metrics
 
     def extra_loss(params, ext: EMUState, batch, key):
         # no loss term: the hook reports the memory's state with the training metrics
-        mem = ext.memory
-        n = jnp.maximum(mem.size, 1).astype(jnp.float32)
-        filled = em.filled_mask(mem)
-        return jnp.zeros(()), {
-            "memory_size": mem.size.astype(jnp.float32),
-            "memory_desirable": (mem.desirable & filled).sum() / n,
-            "embed_loss": ext.embed_loss,
-        }
+        return jnp.zeros(()), {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss,
+                               "write_revisits": ext.write_revisits}
 
     def write_new_episodes(ext: EMUState, buffer, new_episodes, gamma):
         cap = buffer.capacity
         n = jnp.minimum(new_episodes, cap).astype(jnp.int32)
 
         def body(carry):
-            j, memory, cache = carry
+            j, memory, cache, recent = carry
             r = (buffer.insert_pos - n + j) % cap
             row = jax.tree.map(lambda x: x[r], buffer.data)
             filled = buffer.filled[r] & (j < n)  # rows past this seed's count write nothing
-            memory, cache = write_row(ext.embed_params, memory, cache, row, filled, gamma)
-            return j + 1, memory, cache
+            memory, cache, ret = write_row(ext.embed_params, memory, cache, row, filled, gamma, recent)
+            recent = jnp.where(j < n, jnp.roll(recent, 1).at[0].set(ret), recent)
+            return j + 1, memory, cache, recent
 
         if config.lookup == "index":
             cache = em.WriteCache(ext.index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
@@ -301,31 +406,43 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         # one trip count for all vmapped seeds (a per-seed count would select the whole memory
         # at every step)
         n_max = max_over_seeds(n)
-        _, memory, cache = jax.lax.while_loop(lambda c: c[0] < n_max, body,
-                                              (jnp.zeros((), jnp.int32), ext.memory, cache))
-        return ext.replace(memory=memory, written=ext.written + n), cache
+        _, memory, cache, recent = jax.lax.while_loop(
+            lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns))
+        writes = (memory.clock - ext.memory.clock).astype(jnp.float32)
+        revisits = (memory.write_hits - ext.memory.write_hits).astype(jnp.float32)
+        return ext.replace(memory=memory, written=ext.written + n, recent_returns=recent,
+                           write_revisits=revisits / jnp.maximum(writes, 1.0)), cache
 
-    def write_row(params, memory, cache, row, filled, gamma):
+    def write_row(params, memory, cache, row, filled, gamma, recent):
         step = row["step"]
         valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
         last = jnp.maximum(filled.sum() - 1, 0)
-        if config.desirable_return is None:
-            xi = row["episode"]["won"][last] > 0.5
-        else:
-            xi = row["episode"]["return"][last] >= config.desirable_return
+        ret = row["episode"]["return"][last]
+        xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return,
+                          config.desirable_quantile)
         t = jnp.arange(L + 1)
         returns = em.discounted_returns(reward_scale * step["reward"], valid, gamma)
         keys = encode(params, step["state"], t)
         kw = dict(chunk=WRITE_CHUNK, propagate=config.propagate_desirability,
                   init_desirability=config.init_desirability)
         if config.lookup == "index":
-            return em.write_episode_indexed(memory, cache, keys, step["state"], returns, t, xi, valid,
-                                            config.delta, **kw)
-        return em.write_episode(memory, keys, step["state"], returns, t, xi, valid, config.delta, **kw), cache
+            memory, cache = em.write_episode_indexed(memory, cache, keys, step["state"], returns, t, xi, valid,
+                                                     write_delta, **kw)
+        else:
+            memory = em.write_episode(memory, keys, step["state"], returns, t, xi, valid, write_delta, **kw)
+        return memory, cache, ret
 
     def train_embedding(ext: EMUState, key):
         mem = ext.memory
-        idx = jax.random.randint(key, (config.embed_steps, config.embed_batch), 0, jnp.maximum(mem.size, 1))
+        n = config.embed_steps * config.embed_batch
+        k_perm, k_fill = jax.random.split(key)
+        # n distinct filled entries (a random permutation's first n); with fewer filled
+        # entries than n (a small ``embed_min_entries``) the rest are drawn with replacement
+        scores = jnp.where(em.filled_mask(mem), jax.random.uniform(k_perm, (mem.capacity,)), 2.0)
+        order = jnp.argsort(scores)[:n] if n <= mem.capacity else jnp.zeros((n,), jnp.int32)
+        extra = jax.random.randint(k_fill, (n,), 0, jnp.maximum(mem.size, 1))
+        idx = jnp.where(jnp.arange(n) < mem.size, order if n <= mem.capacity else extra, extra)
+        idx = idx.reshape(config.embed_steps, config.embed_batch)
 
         def step(carry, ids):
             params, opt = carry
@@ -334,7 +451,7 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             return (optax.apply_updates(params, updates), opt), loss
 
         (params, opt), losses = jax.lax.scan(step, (ext.embed_params, ext.embed_opt), idx)
-        ready = mem.size >= config.embed_batch
+        ready = mem.size >= embed_min
         params, opt = jax.tree.map(lambda a, b: jnp.where(ready, a, b), (params, opt),
                                    (ext.embed_params, ext.embed_opt))
         memory = em.rekey(mem, lambda s, t: encode(params, s, t), config.lookup_chunk)
@@ -345,13 +462,20 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
     def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
         ext, cache = write_new_episodes(ext, buffer, new_episodes, gamma_of(hp))
-        due_stats = ext.written - ext.last_stats >= config.stats_interval_episodes
+        if config.stats_interval_episodes is None:
+            clock, interval = ext.env_steps, config.stats_interval
+        else:
+            clock, interval = ext.written, config.stats_interval_episodes
+        due_stats = clock - ext.last_stats >= interval
         fresh, mem = em.refresh_stats(ext.memory), ext.memory
         memory = mem.replace(mean=jnp.where(due_stats, fresh.mean, mem.mean),
                              std=jnp.where(due_stats, fresh.std, mem.std),
                              keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm))
-        ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, ext.written, ext.last_stats))
-        due = max_over_seeds((ext.env_steps - ext.last_embed >= config.embed_interval).astype(jnp.int32)) > 0
+        ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, clock, ext.last_stats))
+        # the phase runs once the memory is big enough (in some seed; the others keep their
+        # parameters) and the interval has passed
+        due = max_over_seeds(((ext.env_steps - ext.last_embed >= config.embed_interval)
+                              & (ext.memory.size >= embed_min)).astype(jnp.int32)) > 0
         ext = jax.lax.cond(due, train_embedding, lambda e, k: e, ext, key)
         if config.lookup != "index":
             return ext

@@ -187,6 +187,7 @@ class Hooks(NamedTuple):
     intrinsic_reward(ext_state, batch, target_next, hp) -> [B, T]: added to r_t in the
         TD target (e.g. EMU's gamma * eta); ``target_next`` is Qbar_{t+1} [B, T];
         ``hp`` the run's :class:`HParams` (swept values such as gamma reach the hook).
+        May return ``(bonus, metrics dict)`` to log metrics of the computation.
     extra_loss(params, ext_state, batch, key) -> (loss, metrics dict): added to the
         TD loss in the same gradient step (``params`` is the full dict, so the hook
         can read the agents' parameters too).
@@ -600,6 +601,9 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         metrics = {}
         if hooks.intrinsic_reward is not None:
             bonus = hooks.intrinsic_reward(ext_state, batch, next_tot, hp)
+            if isinstance(bonus, tuple):  # (bonus, metrics dict)
+                bonus, hook_metrics = bonus
+                metrics.update(hook_metrics)
             reward = reward + bonus
             metrics["intrinsic_reward"] = (bonus * mask).sum() / jnp.maximum(mask.sum(), 1.0)
         reg_loss = jnp.zeros(())

@@ -20,6 +20,11 @@ n_xi       [C]     N_xi: desirable visits
 last_used  [C]     write-clock value of the last insertion or hit (eviction order)
 ```
 
+and two counters: ``clock`` (valid writes so far) and ``write_hits`` (writes that
+hit an entry, i.e. revisits), so the share of writes that were revisits is their
+ratio. :func:`memory_metrics` and :func:`recall_metrics` summarize a memory and a
+batch of lookups as shares (EMU logs them every iteration).
+
 Normalization
 -------------
 ``mu, sigma`` are the per-dimension mean and standard deviation of the filled keys,
@@ -64,7 +69,8 @@ For each valid t, from the last to the first:
 Every touched entry gets ``last_used = clock`` and the clock advances.
 
 Eviction: least recently used by writes. The slot of an insertion is
-``argmin(last_used)``; empty slots start at ``last_used = j - C < 0``, so slots fill
+``argmin(last_used)`` (computed only once the memory is full: before that it is
+``size``); empty slots start at ``last_used = j - C < 0``, so slots fill
 in index order (0, 1, ...) and the filled entries are always ``0 .. size - 1``; once
 full, the entry whose last insertion or write-time hit is the oldest is replaced.
 The official code also refreshes recency on read-only lookups during training; here
@@ -124,7 +130,8 @@ class EpisodicMemory:
     mean: jax.Array  # [k]
     std: jax.Array  # [k]
     size: jax.Array  # [] int32, filled entries (slots 0 .. size - 1)
-    clock: jax.Array  # [] int32, write clock
+    clock: jax.Array  # [] int32, write clock (valid writes so far)
+    write_hits: jax.Array  # [] int32, writes that hit an entry (revisits) so far
     metric: str = struct.field(pytree_node=False, default="linf")
 
     @property
@@ -155,7 +162,8 @@ def init(capacity: int, key_dim: int, state_dim: int, metric: str = "linf") -> E
         keys=jnp.zeros((C, key_dim)), keys_norm=jnp.zeros((C, key_dim)), states=jnp.zeros((C, state_dim)),
         H=jnp.zeros((C,)), timestep=zi, desirable=jnp.zeros((C,), bool), n_call=zi, n_xi=zi,
         last_used=jnp.arange(C, dtype=jnp.int32) - C, mean=jnp.zeros((key_dim,)), std=jnp.ones((key_dim,)),
-        size=jnp.zeros((), jnp.int32), clock=jnp.zeros((), jnp.int32), metric=metric)
+        size=jnp.zeros((), jnp.int32), clock=jnp.zeros((), jnp.int32), write_hits=jnp.zeros((), jnp.int32),
+        metric=metric)
 
 
 def normalize(memory: EpisodicMemory, keys: jax.Array) -> jax.Array:
@@ -226,6 +234,15 @@ def lookup(memory: EpisodicMemory, queries: jax.Array, chunk: int = 2048, delta:
                   desirable=memory.desirable[idx], ratio=ratio)
 
 
+def _insert_slot(memory: EpisodicMemory) -> jax.Array:
+    """The slot an insertion takes: ``argmin(last_used)``, which is ``size`` until the
+    memory is full (empty slots hold negative, increasing ``last_used``); the O(C)
+    argmin only runs once some vmapped seed's memory is full."""
+    C = memory.capacity
+    return jax.lax.cond(max_over_seeds(memory.size) < C, lambda m: m.size.astype(jnp.int32),
+                        lambda m: jnp.argmin(m.last_used).astype(jnp.int32), memory)
+
+
 def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, valid, delta, init_desirability):
     """One write (hit update or insertion). ``find(memory, qn [k]) -> (index, distance)``
     is exact whenever an entry lies within delta. Returns (memory, the touched entry's
@@ -233,7 +250,7 @@ def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, 
     qn = normalize(memory, key)
     idx, dist = find(memory, qn)
     hit = dist <= delta  # inf on an empty memory
-    slot = jnp.where(hit, idx, jnp.argmin(memory.last_used)).astype(jnp.int32)
+    slot = jnp.where(hit, idx, _insert_slot(memory)).astype(jnp.int32)
     old_xi = memory.desirable[slot]
     shift = hit & xi & ~old_xi
     take_new = ~hit | shift  # the entry takes this step's key, state, return and time
@@ -262,6 +279,7 @@ def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, 
         last_used=memory.last_used.at[slot].set(pick(memory.clock, memory.last_used[slot])),
         size=jnp.where(valid & ~hit, jnp.minimum(memory.size + 1, memory.capacity), memory.size),
         clock=memory.clock + valid.astype(jnp.int32),
+        write_hits=memory.write_hits + (valid & hit).astype(jnp.int32),
     )
     return memory, valid & hit & new_xi, slot, valid & take_new
 
@@ -402,6 +420,35 @@ def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.A
 
     return _write_loop(memory, find, on_new_key, cache, keys, states, returns_to_go, timesteps, desirable,
                        valid_mask, delta, propagate, init_desirability)
+
+
+def memory_metrics(memory: EpisodicMemory) -> dict:
+    """What the memory holds, as shares of its filled entries: ``memory_size``,
+    ``memory_desirable`` (xi = 1), ``memory_revisited`` (N_call > 1: reached again at
+    write time) and ``memory_positive_ratio`` (N_xi > 0: desirability ratio p > 0)."""
+    filled = filled_mask(memory)
+    n = jnp.maximum(memory.size, 1).astype(jnp.float32)
+
+    def share(x):
+        return (x & filled).sum() / n
+
+    return {"memory_size": memory.size.astype(jnp.float32), "memory_desirable": share(memory.desirable),
+            "memory_revisited": share(memory.n_call > 1), "memory_positive_ratio": share(memory.n_xi > 0)}
+
+
+def recall_metrics(recall: Recall, live: jax.Array, eta: jax.Array) -> dict:
+    """How a batch of lookups went, over the ``live`` queries [Q]: ``replay_hit_rate``
+    (share that hit), ``hit_positive_ratio`` (share of the hits whose entry has p > 0),
+    ``incentive_positive`` (share of queries with eta [Q] > 0) and ``incentive_active``
+    (1 when any query has eta > 0, else 0)."""
+    live = live.astype(bool)
+    hits = recall.hit & live
+    n_live = jnp.maximum(live.sum(), 1).astype(jnp.float32)
+    positive = (eta > 0) & live
+    return {"replay_hit_rate": hits.sum() / n_live,
+            "hit_positive_ratio": (hits & (recall.ratio > 0)).sum() / jnp.maximum(hits.sum(), 1).astype(jnp.float32),
+            "incentive_positive": positive.sum() / n_live,
+            "incentive_active": positive.any().astype(jnp.float32)}
 
 
 def discounted_returns(rewards: jax.Array, valid_mask: jax.Array, gamma) -> jax.Array:

@@ -69,7 +69,15 @@ def test_incentive_in_the_td_target_hand_computed():
                 off(ext, batch, target_next), parts.hooks.intrinsic_reward(ext, batch_far, target_next),
                 parts.hooks.intrinsic_reward(ext, batch, target_next, swept))
 
-    bonus, scaled, off, far, bonus_swept = (np.asarray(x) for x in variants(ext))
+    outs = variants(ext)
+    metrics, far_metrics, off_metrics = outs[0][1], outs[3][1], outs[2][1]
+    bonus, scaled, off, far, bonus_swept = (np.asarray(x[0]) for x in outs)
+    # lookups: the live transitions t = 0, 1 both recall their stored s_{t+1} (p = 1 / 2.001 > 0);
+    # only t = 0 has a positive gap
+    expect = {"replay_hit_rate": 1.0, "hit_positive_ratio": 1.0, "incentive_positive": 0.5, "incentive_active": 1.0}
+    assert {k: float(metrics[k]) for k in expect} == pytest.approx(expect)
+    assert float(far_metrics["replay_hit_rate"]) == 0.0 and float(far_metrics["incentive_active"]) == 0.0
+    assert float(off_metrics["replay_hit_rate"]) == 1.0  # switched off, the lookups are still measured
     # a swept gamma (0.25 instead of the config's 0.5) reaches the incentive's gamma factor
     np.testing.assert_allclose(bonus_swept, 0.5 * bonus, rtol=1e-5)
     bonus = bonus[0]
@@ -86,9 +94,74 @@ def test_incentive_in_the_td_target_hand_computed():
     np.testing.assert_allclose(emu.incentive(rec, jnp.array([1.0, 2.0, 0.0])), [2.0, 0.0, 0.0])
 
 
+def test_embedding_loss_is_the_official_sum():
+    # by hand: (3 - 1)^2 + 0.1 * (1 + 4) and (0 - 2)^2 + 0.1 * (0 + 9), summed over the samples
+    s = jnp.array([[1.0, 2.0], [0.0, 3.0]])
+    terms = (s, jnp.zeros_like(s), jnp.array([3.0, 0.0]), jnp.array([1.0, 2.0]), 0.1)
+    assert float(emu.embedding_loss_terms(*terms)) == pytest.approx(4.5 + 4.9)
+    assert float(emu.embedding_loss_terms(*terms, reduction="mean")) == pytest.approx(4.0 + 0.1 * 14 / 4)
+    # the network's loss is that sum over its own reconstructions
+    parts = emu.make_parts(SPEC, _config())
+    _, ext = parts.hooks.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    states, t, H = rng.normal(size=(5, S)), np.arange(5) % L, rng.normal(size=5)
+    net = emu.StateEmbedding(S, 4, 64)
+    _, (s_hat, h_hat) = net.apply(ext.embed_params, jnp.asarray(states, jnp.float32), jnp.asarray(t / L, jnp.float32))
+    by_hand = ((H - np.asarray(h_hat)) ** 2).sum() + 0.1 * ((states - np.asarray(s_hat)) ** 2).sum()
+    got = float(parts.embedding_loss(ext.embed_params, jnp.asarray(states, jnp.float32), jnp.asarray(t), H))
+    assert got == pytest.approx(by_hand, rel=1e-5)
+
+
+def _jittered_episodes(rng, n, jitter):
+    """n episodes of 3 transitions along one base trajectory (steps far apart), each
+    state jittered by up to ``jitter``; the first half won."""
+    base = 10.0 * rng.normal(size=(1, L + 1, S))
+    states = base + rng.uniform(-jitter, jitter, size=(n, L + 1, S))
+    rewards = np.tile([[0.0, 0.0, 1.0, 0.0, 0.0]], (n, 1))
+    return _buffer(states, rewards, [3] * n, (np.arange(n) < n // 2).astype(float))
+
+
+def test_desirability_rises_on_jittered_revisits():
+    """Jittered copies of one trajectory, half of them won, written through the hooks:
+    revisits counted within a neighbourhood (write_delta) raise N_xi, p > 0 reaches
+    the lookups and the incentive. (Exact revisits only: tests/test_episodic_memory.py.)"""
+    parts = emu.make_parts(SPEC, _config(delta=1e-6, write_delta=0.05))
+    _, ext = parts.hooks.init(jax.random.PRNGKey(0))
+    buf = _jittered_episodes(np.random.default_rng(1), 8, 0.01)  # key jitter < 0.006, steps > 0.4 apart
+    ext = jax.jit(parts.hooks.after_iteration)(ext, {}, buf, jnp.asarray(8), jax.random.PRNGKey(1))
+    mem = ext.memory
+    # the first (won) episode inserts 3 entries; the 7 others revisit them
+    assert int(mem.size) == 3 and float(ext.write_revisits) == pytest.approx(21 / 24)
+    assert np.asarray(mem.n_call[:3]).tolist() == [8, 8, 8]
+    # slots hold t = 2, 1, 0; the 3 other won episodes add 1 everywhere; a lost episode
+    # reaches the desirable entry of t = 2, so its earlier steps count as desirable too
+    assert np.asarray(mem.n_xi[:3]).tolist() == [3, 7, 7]
+    m = {k: float(v) for k, v in em.memory_metrics(mem).items()}
+    assert m["memory_positive_ratio"] == 1.0 and m["memory_revisited"] == 1.0 and m["memory_desirable"] == 1.0
+    # replayed: lookups at the tiny delta hit only the first episode's own states (2 of
+    # 16 live transitions), and those have p > 0 and a positive incentive
+    batch = {"state": buf.data["step"]["state"], "filled": buf.filled,
+             "terminated": jnp.zeros(buf.filled.shape, bool).at[:, 2].set(True)}
+    bonus, metrics = jax.jit(parts.hooks.intrinsic_reward)(ext, batch, jnp.full((8, L), -1.0))
+    assert float(metrics["replay_hit_rate"]) == pytest.approx(1 / 8)
+    assert float(metrics["hit_positive_ratio"]) == 1.0
+    assert (np.asarray(bonus[0, :2]) > 0).all() and not np.asarray(bonus[1:]).any()
+
+
+def test_running_top_quantile_makes_the_best_returns_desirable():
+    recent = jnp.asarray(np.r_[np.arange(20.0), np.full(10, np.nan)])  # 20 known returns 0..19
+    xi = jax.vmap(lambda r: emu.desirability(0.0, r, recent, quantile=0.9))(jnp.array([17.0, 17.2, 19.5]))
+    assert np.asarray(xi).tolist() == [False, True, True]  # 0.9 quantile of 0..19 = 17.1
+    assert bool(emu.desirability(1.0, -5.0, recent, quantile=0.9))  # a won episode stays desirable
+    few = jnp.asarray(np.r_[np.arange(5.0), np.full(25, np.nan)])
+    assert not bool(emu.desirability(0.0, 100.0, few, quantile=0.9))  # fewer than 10 known returns
+    assert not bool(emu.desirability(0.0, 100.0, recent))  # the rule is off by default
+
+
 def test_embedding_training_lowers_its_loss_and_rekeys_the_memory():
     # 512 env steps per iteration (8 envs x 64 steps): the phase is due at the second call
-    cfg = _config(embed_interval=1000, embed_steps=150, embed_batch=64, embed_lr=3e-3, capacity=256)
+    cfg = _config(embed_interval=1000, embed_steps=150, embed_batch=64, embed_lr=3e-3, capacity=256,
+                  embed_min_entries=64, embed_loss_reduction="mean")
     parts = emu.make_parts(SPEC, cfg)
     _, ext = parts.hooks.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
@@ -120,7 +193,9 @@ def test_embedding_training_lowers_its_loss_and_rekeys_the_memory():
 
 def test_config_errors_name_the_field():
     for field, value in [("capacity", 0), ("delta", -1.0), ("hit_metric", "l1"), ("embed_steps", 0),
-                         ("lookup_chunk", 1.5), ("mixer", "none"), ("lambda_rcon", -0.1)]:
+                         ("lookup_chunk", 1.5), ("mixer", "none"), ("lambda_rcon", -0.1),
+                         ("write_delta", -1.0), ("embed_loss_reduction", "max"), ("desirable_quantile", 1.5),
+                         ("capacity", 2.5), ("embed_min_entries", 0), ("stats_interval", 0)]:
         with pytest.raises(ConfigError) as e:
             algos.default_config("emu", **{field: value})
         assert e.value.field == field
@@ -130,7 +205,7 @@ def test_vmapped_updates_on_smax_fill_the_memory_and_train_the_embedding():
     env = envs.make("smax:3m")
     kw = tiny_overrides("emu", num_envs=2, num_steps=32, train_steps=1, batch_size=2, buffer_size=64, hidden=16)
     kw.update(mixer="vdn", capacity=1024, embed_interval=128, embed_steps=4, embed_batch=8, lookup_chunk=256,
-              stats_interval_episodes=2, total_steps=3 * 64)
+              stats_interval_episodes=2, total_steps=3 * 64, desirable_quantile=0.5, desirable_window=8)
     algo = algos.make("emu", env, **kw)
     r = train(algo, num_iterations=3, num_seeds=2, chunk_iterations=3, progress=False)
     m = r.metrics
@@ -138,6 +213,15 @@ def test_vmapped_updates_on_smax_fill_the_memory_and_train_the_embedding():
     ext, buf = r.state.ext, r.state.buffer
     assert (np.asarray(ext.env_steps) == 3 * 64).all() and (np.asarray(ext.last_embed) == 128).all()
     assert (np.asarray(m["embed_loss"][:, -1]) > 0).all()  # trained once, after iteration 2
+    # the memory behaviour is logged every iteration
+    for k in ("replay_hit_rate", "hit_positive_ratio", "incentive", "incentive_positive", "incentive_active",
+              "memory_size", "memory_desirable", "memory_revisited", "memory_positive_ratio", "write_revisits",
+              "intrinsic_reward"):
+        assert m[k].shape == (2, 3) and np.isfinite(m[k]).all(), k
+    # by the last iteration most replayed episodes were written before, so lookups hit
+    assert (m["replay_hit_rate"][:, -1] > 0).all() and (m["memory_size"][:, 1:] > 0).all()
+    # the running-quantile rule has made the better episodes desirable
+    assert (m["memory_desirable"][:, -1] > 0).all() and np.isfinite(np.asarray(ext.recent_returns)).any()
     parts = emu.make_parts(env.spec, algo.config)
     for s in range(2):
         size = int(ext.memory.size[s])

@@ -70,6 +70,37 @@ def test_write_hits_and_misses_keep_the_best_return_and_count_visits():
     assert int(m5.size) == 4 and int(m5.clock) == 5
 
 
+@functools.partial(jax.jit, static_argnames=("init_desirability",))
+def _write_jittered(keys, won, delta, init_desirability):
+    """Episodes [N, 3, k] written one after the other into an empty memory (no propagation)."""
+    m = em.init(64, keys.shape[-1], 1)
+    for e in range(keys.shape[0]):
+        m = em.write_episode(m, keys[e], jnp.zeros((3, 1)), jnp.ones(3), jnp.arange(3), won[e], jnp.ones(3, bool),
+                             delta, chunk=16, propagate=False, init_desirability=init_desirability)
+    return m
+
+
+@pytest.mark.parametrize("rule", ["exact", "neighbourhood", "init"])
+def test_desirability_on_jittered_revisits(rule):
+    """8 jittered copies of one 3-step trajectory, the first 4 won. Exact revisits (the
+    official threshold) never happen, so p = N_xi / N_call stays 0 unless an insertion
+    counts its own desirable visit (init_desirability); a neighbourhood counts them."""
+    rng = np.random.default_rng(0)
+    keys = jnp.asarray(np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]])[None] + rng.uniform(-1e-3, 1e-3, (8, 3, 2)),
+                       jnp.float32)
+    won = jnp.arange(8) < 4
+    delta = 0.01 if rule == "neighbourhood" else 1.3e-5
+    m = _write_jittered(keys, won, delta, rule == "init")
+    p = np.asarray(m.n_xi[:m.size]) / (np.asarray(m.n_call[:m.size]) + em.RATIO_EPS)
+    if rule == "neighbourhood":
+        assert int(m.size) == 3 and int(m.write_hits) == 21 and int(m.clock) == 24
+        assert np.asarray(m.n_call[:3]).tolist() == [8] * 3 and np.asarray(m.n_xi[:3]).tolist() == [3] * 3
+        np.testing.assert_allclose(p, 3 / (8 + 1e-3), rtol=1e-6)
+    else:
+        assert int(m.size) == 24 and int(m.write_hits) == 0
+        assert (p > 0).sum() == (12 if rule == "init" else 0)  # the won episodes' own entries
+
+
 def test_memory_shift_counts_and_desirability_propagation():
     m = em.init(8, 2, 3)
     m = _write(m, [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]], [3.0, 2.0, 1.0], False)  # a lost episode
