@@ -33,6 +33,9 @@ class EnvSpec:
         Mixers' hypernetworks read the state scaled this way.
       max_return: optional largest achievable episode return (SMAX: all enemy health
         plus the win bonus); value-based learners can normalize rewards with it.
+      rule_features: optional indices of the per-agent observation features (each in
+        [-1, 1]) that a mean-field decision rule reads as an agent's input (Dec-POMFC's
+        observation point); ``None``: the task defines none.
     """
 
     name: str
@@ -47,6 +50,7 @@ class EnvSpec:
     action_cost: Optional[np.ndarray] = None
     state_scale: Optional[np.ndarray] = None
     max_return: Optional[float] = None
+    rule_features: Optional[tuple[int, ...]] = None
 
     @property
     def discrete(self) -> bool:
