@@ -47,8 +47,12 @@ the swarm observation, documented in ``envs/swarms.py``; every feature lies in [
 ``obs_features`` overrides them. The swarm tasks' choices:
   aggregation  (1, 2): mean displacement to the neighbours within r, divided by r
                (``<delta_T(x_i, x_j)>_i / r``): where the local crowd is.
-  vicsek       (1, 2) (``vicsek_hard`` too): see below; (5, 6) with ``observe_heading``:
-               the own heading ``cos phi_i, sin phi_i``.
+  vicsek       (5, 6): the own heading ``cos phi_i, sin phi_i`` (the default
+               ``observe_heading=True``). The upper policy, reading the heading
+               distribution, places the rule so that headings turn toward a common
+               direction. Before the heading was observed the rule read the relative
+               headings (now ``swarm:vicsek_hard``) and stayed at the random polarization
+               level (return about 5 of 50 at 80k steps).
   vicsek_hard  (1, 2): neighbours' mean relative heading ``<cos(phi_j - phi_i)>_i,
                <sin(phi_j - phi_i)>_i``: how far and which way to turn to align.
   kuramoto     (3, 4): the own phase ``cos theta_i, sin theta_i``. The rule is then a

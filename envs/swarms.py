@@ -47,9 +47,10 @@ Vicsek (``swarm:vicsek``), action_dim 1
     ``alignment = 0`` (default) leaves alignment to the agents; ``alignment > 0``
     adds a built-in (continuous-time Vicsek) alignment rule.
     Reward ``P(phi') - action cost``, polarization ``P = |(1/N) sum_j (cos phi_j, sin phi_j)|``.
-    Observation [6 (+4)]: ``rho_i, <cos(phi_j - phi_i)>_i, <sin(phi_j - phi_i)>_i,
-    <delta_T(x_i, x_j)>_i / r rotated into i's heading frame (2), t / T``; with
-    ``observe_heading=True`` [8 (+4)] also ``cos phi_i, sin phi_i`` (a compass) before ``t / T``.
+    Observation [8 (+4)]: ``rho_i, <cos(phi_j - phi_i)>_i, <sin(phi_j - phi_i)>_i,
+    <delta_T(x_i, x_j)>_i / r rotated into i's heading frame (2), cos phi_i, sin phi_i,
+    t / T``. The own heading (a compass) is there with ``observe_heading=True`` (the
+    default); without it [6 (+4)] the agents see only headings relative to their own.
 
 Vicsek, hard partial observation (``swarm:vicsek_hard``)
     Vicsek with ``observe_heading=False`` and ``max_steps = 200`` by default
@@ -67,8 +68,8 @@ Aggregation (``swarm:aggregation``), action_dim 2
 Rule features (``spec.rule_features``): the observation entries a mean-field decision
 rule reads as an agent's input (an "observation point", every entry in [-1, 1]):
     Kuramoto     (3, 4): the own phase ``cos theta_i, sin theta_i``;
-    Vicsek       (5, 6) with ``observe_heading``: the own heading ``cos phi_i, sin phi_i``;
-                 (1, 2) without it (and hard Vicsek): the neighbours' mean relative heading;
+    Vicsek       (5, 6): the own heading ``cos phi_i, sin phi_i``;
+    Vicsek hard  (1, 2): the neighbours' mean relative heading;
     Aggregation  (1, 2): the mean displacement to the neighbours, divided by r.
 
 With ``observe_position=True`` every observation also holds
@@ -204,7 +205,7 @@ class VicsekConfig(SwarmConfig):
     """turn-rate bound (rad per time unit)"""
     alignment: float = 0.0
     """built-in alignment rate (0: none)"""
-    observe_heading: bool = False
+    observe_heading: bool = True
     """the observation holds the own heading (cos phi_i, sin phi_i); False: relative headings only"""
 
     def __post_init__(self):

@@ -88,7 +88,7 @@ def test_update_under_jit_vmap_and_transfer_to_another_N():
 
 
 def test_rule_reads_the_features_the_task_declares():
-    for task, feats in (("vicsek", (1, 2)), ("vicsek_hard", (1, 2)), ("kuramoto", (3, 4))):
+    for task, feats in (("vicsek", (5, 6)), ("vicsek_hard", (1, 2)), ("kuramoto", (3, 4))):
         algo = _algo(12, task)
         assert algo.env.spec.rule_features == feats
         _, ts = jax.jit(algo.env.reset)(jax.random.PRNGKey(0))
@@ -142,3 +142,15 @@ def test_dec_pomfc_learns_aggregation_at_100_agents():
     r = train(algo, num_iterations=200, num_seeds=1, chunk_iterations=50, progress=False)
     ret = r.metrics["return"][0]
     assert ret[-10:].mean() > ret[:10].mean() + 1.5, ret
+
+
+@pytest.mark.slow
+def test_dec_pomfc_learns_vicsek_with_the_heading():
+    """Vicsek with the own heading in the rule, the study's configuration at 80k steps
+    (3 vmapped seeds): the training return of every seed passes 25 over the last 10
+    updates (random policy about 5, compass reference about 40)."""
+    env = envs.make("swarm:vicsek", num_agents=100, max_steps=50)
+    algo = algos.make("dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000)
+    r = train(algo, num_iterations=200, num_seeds=3, chunk_iterations=50, progress=False)
+    ret = r.metrics["return"]
+    assert (ret[:, -10:].mean(1) > 25.0).all(), ret[:, -10:].mean(1)

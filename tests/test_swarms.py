@@ -140,7 +140,7 @@ def test_cell_list_step_at_10000_agents_is_linear_in_memory():
 
 
 def test_registered_specs():
-    dims = {"kuramoto": (1, 7, 19, (3, 4), 100), "vicsek": (1, 6, 83, (1, 2), 100),
+    dims = {"kuramoto": (1, 7, 19, (3, 4), 100), "vicsek": (1, 8, 83, (5, 6), 100),
             "vicsek_hard": (1, 6, 83, (1, 2), 200), "aggregation": (2, 4, 66, (1, 2), 100)}
     for task, (action_dim, obs_dim, state_dim, rule_features, horizon) in dims.items():
         spec = envs.make(f"swarm:{task}", num_agents=16).spec
@@ -149,12 +149,12 @@ def test_registered_specs():
         assert spec.rule_features == rule_features and spec.max_steps == horizon
         assert spec.num_agents == 16 and not spec.discrete and (spec.action_low, spec.action_high) == (-1.0, 1.0)
     # the hard variant is Vicsek without the compass; the option works on either name
-    assert envs.make("swarm:vicsek", num_agents=16, observe_heading=True).spec.rule_features == (5, 6)
+    assert envs.make("swarm:vicsek", num_agents=16, observe_heading=False).spec.rule_features == (1, 2)
     assert envs.make("swarm:vicsek_hard", num_agents=16, observe_heading=True).spec.obs_dim == 8
 
 
 def test_vicsek_observes_its_own_heading():
-    env = make_swarm("vicsek", num_agents=30, observe_position=True, observe_heading=True)
+    env = make_swarm("vicsek", num_agents=30, observe_position=True)
     state, ts = jax.jit(env.reset)(jax.random.PRNGKey(0))
     obs = np.asarray(ts.obs)
     assert obs.shape == (30, 12)  # density, 4 relative, cos / sin heading, 4 position, t / T
@@ -173,7 +173,6 @@ def test_reference_policies_rank_as_the_task_implies():
                         ("kuramoto", ("zero", "local_alignment", "mean_phase")),
                         ("aggregation", ("zero", "local_mean"))):
         kw = dict(radius=0.25, max_speed=1.0, noise=0.05) if task == "aggregation" else {}
-        kw = dict(observe_heading=True) if task == "vicsek" else kw
         env = envs.make(f"swarm:{task}", num_agents=100, max_steps=50, **kw)
         assert list(kinds) == reference_names(env)
         for k in kinds:
