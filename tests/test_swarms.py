@@ -1,5 +1,7 @@
 """Swarm environments: dynamics, neighbour statistics (dense vs cell list), memory, registry."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -234,3 +236,20 @@ def test_bad_configs_name_the_field():
         make_swarm("flocking")
     with pytest.raises(envs.UnknownEnvError, match="swarm:vicsek"):
         envs.make("swarm:vicsec")
+
+
+def test_reference_table_and_report_lines(tmp_path):
+    from experiments import report, swarm_references
+
+    out = tmp_path / "refs"
+    res = swarm_references.evaluate_references(swarm_references.RefArgs(
+        envs=('swarm:vicsek={"num_agents": 8, "max_steps": 5}',), seeds=2, episodes=2, out=str(out)))
+    assert [r["policy"] for r in res["rows"]] == ["zero", "local_alignment", "compass"]
+    assert all(len(r["per_seed"]) == 2 and np.isfinite(r["mean"]) for r in res["rows"])
+    args = report.ReportArgs(dirs=(str(tmp_path),), references=str(out / "references.json"))
+    lines = report.reference_lines(args)
+    assert set(lines["swarm:vicsek"]) == {"reference:zero", "reference:local_alignment", "reference:compass"}
+    assert "reference:compass" in report.markdown({"per_task": [], "aggregate": []}, args)
+    (tmp_path / "bad.json").write_text('{"swarm:vicsek": 3}')
+    with pytest.raises(ConfigError, match="references"):
+        report.check_args(dataclasses.replace(args, references=str(tmp_path / "bad.json")))

@@ -10,7 +10,8 @@
 #   kuramoto     Dec-POMFC, Kuramoto, 320k steps
 #   hard         Dec-POMFC, hard Vicsek, 400k steps, 32 envs
 #   aggregation  Dec-POMFC, Aggregation, 320k steps
-#   ablations    Vicsek at 80k: histogram mean field; upper noise AR(1) 0.9; one draw per episode
+#   ablations    = histogram noise_ar noise_episode: Dec-POMFC, Vicsek at 80k steps with a histogram
+#                mean field; upper-level noise AR(1) 0.9; one noise draw per episode
 #   baselines    IPPO and MAPPO, Vicsek, 80k steps
 #   report       reference policies, curves and tables, N transfer
 set -e
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/../.."
 S=${1:-runs/swarm_study}
 shift || true
 STAGES=${*:-vicsek kuramoto hard aggregation ablations baselines report}
+STAGES=${STAGES//ablations/histogram noise_ar noise_episode}
 PY=${PYTHON:-.venv/bin/python}
 COMMON="--num-seeds 3 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume"
 N100='{"num_agents": 100, "max_steps": 50}'
@@ -40,12 +42,13 @@ for stage in $STAGES; do
     aggregation)
       train --algo dec_pomfc --env swarm:aggregation --env-kwargs "$AGG100" $COMMON --total-steps 320000 \
         --run-name aggregation_dec_pomfc ;;
-    ablations)
-      mkdir -p "$S/ablations"
+    histogram)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
-        --runs-dir "$S/ablations" --run-name vicsek_histogram --representation histogram
+        --runs-dir "$S/ablations" --run-name vicsek_histogram --representation histogram ;;
+    noise_ar)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
-        --runs-dir "$S/ablations" --run-name vicsek_noise_ar09 --upper-noise-corr 0.9
+        --runs-dir "$S/ablations" --run-name vicsek_noise_ar09 --upper-noise-corr 0.9 ;;
+    noise_episode)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
         --runs-dir "$S/ablations" --run-name vicsek_noise_episode --upper-noise-corr 1.0 ;;
     baselines)
