@@ -10,8 +10,9 @@
 #   kuramoto     Dec-POMFC, Kuramoto, 320k steps
 #   hard         Dec-POMFC, hard Vicsek, 400k steps, 32 envs
 #   aggregation  Dec-POMFC, Aggregation, 320k steps
-#   ablations    = histogram noise_ar noise_episode: Dec-POMFC, Vicsek at 80k steps with a histogram
-#                mean field; upper-level noise AR(1) 0.9; one noise draw per episode
+#   ablations    = histogram noise_ar noise_episode: Dec-POMFC with a histogram mean field (Kuramoto,
+#                320k steps, as the kernel run); Vicsek at 80k steps with upper-level noise AR(1) 0.9
+#                and with one noise draw per episode
 #   baselines    IPPO and MAPPO, Vicsek, 80k steps
 #   report       reference policies, curves and tables, N transfer
 set -e
@@ -43,8 +44,8 @@ for stage in $STAGES; do
       train --algo dec_pomfc --env swarm:aggregation --env-kwargs "$AGG100" $COMMON --total-steps 320000 \
         --run-name aggregation_dec_pomfc ;;
     histogram)
-      train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
-        --runs-dir "$S/ablations" --run-name vicsek_histogram --representation histogram ;;
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 \
+        --runs-dir "$S/ablations" --run-name kuramoto_histogram --representation histogram ;;
     noise_ar)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
         --runs-dir "$S/ablations" --run-name vicsek_noise_ar09 --upper-noise-corr 0.9 ;;
@@ -60,7 +61,7 @@ for stage in $STAGES; do
         --envs "swarm:vicsek=$N100" "swarm:kuramoto=$N100" "swarm:vicsek_hard=$HARD" "swarm:aggregation=$AGG100"
       runs=$(ls -d "$S"/*_dec_pomfc "$S"/*_ippo "$S"/*_mappo 2>/dev/null || true)
       $PY -m experiments.report $runs --out "$S/report" --references "$S/references/references.json"
-      [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S"/ablations/* --group-by run \
+      [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S/kuramoto_dec_pomfc" "$S"/ablations/* --group-by run \
         --out "$S/ablations_report" --references "$S/references/references.json"
       $PY -m experiments.swarm_transfer $(ls -d "$S"/*_dec_pomfc) --num-agents 10 100 1000 10000 --episodes 8 \
         --large-env-kwargs '{"cell_capacity": 64}' --out "$S/transfer" ;;
