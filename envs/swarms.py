@@ -47,8 +47,15 @@ Vicsek (``swarm:vicsek``), action_dim 1
     ``alignment = 0`` (default) leaves alignment to the agents; ``alignment > 0``
     adds a built-in (continuous-time Vicsek) alignment rule.
     Reward ``P(phi') - action cost``, polarization ``P = |(1/N) sum_j (cos phi_j, sin phi_j)|``.
-    Observation [6 (+4)]: ``rho_i, <cos(phi_j - phi_i)>_i, <sin(phi_j - phi_i)>_i,
-    <delta_T(x_i, x_j)>_i / r rotated into i's heading frame (2), t / T``.
+    Observation [8 (+4)]: ``rho_i, <cos(phi_j - phi_i)>_i, <sin(phi_j - phi_i)>_i,
+    <delta_T(x_i, x_j)>_i / r rotated into i's heading frame (2), cos phi_i, sin phi_i,
+    t / T``. The own heading (a compass) is there with ``observe_heading=True`` (the
+    default); without it [6 (+4)] the agents see only headings relative to their own.
+
+Vicsek, hard partial observation (``swarm:vicsek_hard``)
+    Vicsek with ``observe_heading=False`` and ``max_steps = 200`` by default
+    (``VicsekHardConfig``): agents see neighbours' headings relative to their own only,
+    so a common direction can emerge from local alignment alone (no compass).
 
 Aggregation (``swarm:aggregation``), action_dim 2
     Positions uniform at reset; ``u_i = max_speed * a_i`` (a velocity, per component).
@@ -57,6 +64,13 @@ Aggregation (``swarm:aggregation``), action_dim 2
     ``m_k = arg((1/N) sum_j e^{2 pi i x_jk}) / (2 pi)  (mod 1)``.
     Reward ``-D(x') - action cost``, ``D = (1/N) sum_i |delta_T(m, x_i)|_T``.
     Observation [4 (+4)]: ``rho_i, <delta_T(x_i, x_j)>_i / r (2), t / T``.
+
+Rule features (``spec.rule_features``): the observation entries a mean-field decision
+rule reads as an agent's input (an "observation point", every entry in [-1, 1]):
+    Kuramoto     (3, 4): the own phase ``cos theta_i, sin theta_i``;
+    Vicsek       (5, 6): the own heading ``cos phi_i, sin phi_i``;
+    Vicsek hard  (1, 2): the neighbours' mean relative heading;
+    Aggregation  (1, 2): the mean displacement to the neighbours, divided by r.
 
 With ``observe_position=True`` every observation also holds
 ``cos 2 pi x_i1, sin 2 pi x_i1, cos 2 pi x_i2, sin 2 pi x_i2`` (before ``t / T``).
@@ -111,9 +125,9 @@ from flax import struct
 
 from marl import mean_field as mf
 from marl.config import ConfigError, check_choice, check_nonnegative, check_positive, check_range
-from marl.types import EnvSpec, Timestep
+from marl.types import Algorithm, EnvSpec, Timestep
 
-TASKS = ("aggregation", "kuramoto", "vicsek")
+TASKS = ("aggregation", "kuramoto", "vicsek", "vicsek_hard")
 TWO_PI = 2.0 * math.pi
 
 
@@ -191,12 +205,24 @@ class VicsekConfig(SwarmConfig):
     """turn-rate bound (rad per time unit)"""
     alignment: float = 0.0
     """built-in alignment rate (0: none)"""
+    observe_heading: bool = True
+    """the observation holds the own heading (cos phi_i, sin phi_i); False: relative headings only"""
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.observe_heading, (bool, np.bool_)):
+            raise ConfigError("observe_heading", self.observe_heading, "must be True or False")
         check_positive("speed", self.speed)
         check_positive("max_turn", self.max_turn)
         check_nonnegative("alignment", self.alignment)
+
+
+@dataclasses.dataclass(frozen=True)
+class VicsekHardConfig(VicsekConfig):
+    """The hard partial-observation Vicsek task: relative headings only, T = 200."""
+
+    observe_heading: bool = False
+    max_steps: int = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +327,7 @@ class _Swarm:
     action_dim: int = 1
     task_obs_dim: int = 0
     feat_dim: int = 0  # per-agent features summed over neighbours
+    rule_features: tuple[int, ...] = ()  # EnvSpec.rule_features (see the module docstring)
 
     def __init__(self, config: SwarmConfig):
         self.config = c = config
@@ -321,7 +348,8 @@ class _Swarm:
         else:
             act = dict(action_dim=self.action_dim, action_low=-1.0, action_high=1.0)
         self.spec = EnvSpec(name=f"swarm:{self.task}", num_agents=n, obs_dim=obs_dim,
-                            state_dim=self.state_dim, max_steps=c.max_steps, **act)
+                            state_dim=self.state_dim, max_steps=c.max_steps,
+                            rule_features=self.rule_features, **act)
 
     # --- accessors for mean-field code
     def positions(self, state: SwarmState) -> jax.Array:
@@ -425,6 +453,7 @@ def _relative_angle_means(angle, mean_feats):
 
 class Kuramoto(_Swarm):
     task, action_dim, task_obs_dim = "kuramoto", 1, 5
+    rule_features = (3, 4)  # cos theta_i, sin theta_i
 
     @property
     def state_dim(self):
@@ -467,7 +496,15 @@ class Kuramoto(_Swarm):
 
 
 class Vicsek(_Swarm):
-    task, action_dim, task_obs_dim = "vicsek", 1, 4
+    task, action_dim = "vicsek", 1
+
+    @property
+    def task_obs_dim(self):
+        return 6 if self.config.observe_heading else 4
+
+    @property
+    def rule_features(self):
+        return (5, 6) if self.config.observe_heading else (1, 2)
 
     @property
     def state_dim(self):
@@ -483,7 +520,7 @@ class Vicsek(_Swarm):
         c, s = jnp.cos(state.angle), jnp.sin(state.angle)
         fwd = (c * mean_disp[:, 0] + s * mean_disp[:, 1]) / self.config.radius
         left = (-s * mean_disp[:, 0] + c * mean_disp[:, 1]) / self.config.radius
-        return jnp.stack([rc, rs, fwd, left], -1)
+        return jnp.stack([rc, rs, fwd, left] + ([c, s] if self.config.observe_heading else []), -1)
 
     def _move(self, key, state, a):
         c = self.config
@@ -507,6 +544,10 @@ class Vicsek(_Swarm):
                                 jnp.stack([mc, ms])])
 
 
+class VicsekHard(Vicsek):
+    task = "vicsek_hard"
+
+
 def swarm_centre(pos: jax.Array) -> jax.Array:
     """[2] circular mean of positions on the unit torus, per coordinate."""
     ang = TWO_PI * pos
@@ -515,6 +556,7 @@ def swarm_centre(pos: jax.Array) -> jax.Array:
 
 class Aggregation(_Swarm):
     task, action_dim, task_obs_dim = "aggregation", 2, 2
+    rule_features = (1, 2)  # <delta_T(x_i, x_j)>_i / r
 
     @property
     def state_dim(self):
@@ -551,7 +593,7 @@ class Aggregation(_Swarm):
 
 
 _CLASSES = {"kuramoto": (Kuramoto, KuramotoConfig), "vicsek": (Vicsek, VicsekConfig),
-            "aggregation": (Aggregation, AggregationConfig)}
+            "vicsek_hard": (VicsekHard, VicsekHardConfig), "aggregation": (Aggregation, AggregationConfig)}
 
 
 def make_swarm(task: str, config: Optional[SwarmConfig] = None, **kwargs: Any) -> _Swarm:
@@ -574,3 +616,88 @@ def make_swarm(task: str, config: Optional[SwarmConfig] = None, **kwargs: Any) -
     if not isinstance(config, cfg_cls):
         raise ConfigError("config", type(config).__name__, f"must be a {cfg_cls.__name__} for task {task!r}")
     return cls(config)
+
+
+# ----------------------------------------------------------------------------- reference policies
+
+REFERENCE_POLICIES = {
+    "zero": ("aggregation", "kuramoto", "vicsek", "vicsek_hard"),
+    "local_alignment": ("kuramoto", "vicsek", "vicsek_hard"),
+    "compass": ("vicsek", "vicsek_hard"),
+    "mean_phase": ("kuramoto",),
+    "local_mean": ("aggregation",),
+}
+"""Hand-coded policies per task (see :func:`reference_actions`)."""
+
+REFERENCE_GAIN = 5.0
+
+
+def reference_names(swarm) -> list[str]:
+    """The reference policies that apply to a swarm (unwrapped or wrapped) as configured."""
+    swarm = getattr(swarm, "unwrapped", swarm)
+    names = [k for k, tasks in REFERENCE_POLICIES.items() if swarm.task in tasks]
+    if not getattr(swarm.config, "observe_heading", True):
+        names = [k for k in names if k != "compass"]
+    return names
+
+
+def _check_reference(swarm, kind: str) -> None:
+    if kind not in reference_names(swarm):
+        raise ConfigError("kind", kind, f"reference policies of swarm:{swarm.task} (as configured) are "
+                                        f"{reference_names(swarm)}")
+
+
+def reference_actions(swarm, kind: str, obs: jax.Array, state: jax.Array, gain: float = REFERENCE_GAIN) -> jax.Array:
+    """``[N, action_dim]`` actions in [-1, 1] of a hand-coded policy (proportional control,
+    ``clip(gain * error, -1, 1)``) from the agents' observations ``obs [N, obs_dim]``
+    and, for ``mean_phase`` only, the world state ``state`` (the broadcast mean field):
+
+    zero             ``a_i = 0``.
+    local_alignment  turn toward the neighbours' mean phase / heading: error
+                     ``<sin(a_j - a_i)>_i`` (obs[2]); decentralized, relative features only.
+    compass          Vicsek with the own heading: turn toward heading 0, error ``-sin phi_i``.
+    mean_phase       Kuramoto: toward the swarm's mean phase psi, error ``sin(psi - theta_i)``
+                     (psi from the world state's ``R cos psi, R sin psi``, as a mean-field
+                     policy would receive it).
+    local_mean       Aggregation: move toward the neighbours' mean position, error
+                     ``<delta_T(x_i, x_j)>_i / r``.
+    """
+    swarm = getattr(swarm, "unwrapped", swarm)
+    _check_reference(swarm, kind)
+    n, d = swarm.num_agents, swarm.action_dim
+    if kind == "zero":
+        err = jnp.zeros((n, d), jnp.float32)
+    elif kind == "local_alignment":
+        err = obs[:, 2:3]
+    elif kind == "compass":
+        err = -obs[:, 6:7]
+    elif kind == "mean_phase":
+        mc, ms = state[swarm.config.phase_bins], state[swarm.config.phase_bins + 1]
+        err = ((ms * obs[:, 3] - mc * obs[:, 4]) / jnp.maximum(jnp.hypot(mc, ms), 1e-6))[:, None]
+    else:  # local_mean
+        err = obs[:, 1:3]
+    return jnp.clip(gain * err, -1.0, 1.0)
+
+
+def reference_policy(env, kind: str, gain: float = REFERENCE_GAIN) -> Algorithm:
+    """A hand-coded policy as an evaluable ``Algorithm`` (``marl.evaluation.evaluate(algo,
+    {}, key)``): no parameters, no learning (``update`` is the identity). ``env``: a swarm as
+    ``envs.make`` returns it (wrapped with auto-reset and episode statistics)."""
+    swarm = getattr(env, "unwrapped", env)
+    if not isinstance(swarm, _Swarm):
+        raise ConfigError("env", getattr(env.spec, "name", env), "reference policies need a swarm:* environment")
+    _check_reference(swarm, kind)
+    check_positive("gain", gain)
+    if env is swarm:
+        from envs.wrappers import AutoReset, EpisodeStats
+
+        env = EpisodeStats(AutoReset(swarm))
+
+    def act(params, ts: Timestep, carry, key, greedy=False):
+        fn = lambda o, s: reference_actions(swarm, kind, o, s, gain)  # noqa: E731
+        for _ in range(ts.obs.ndim - 2):  # leading batch axes
+            fn = jax.vmap(fn)
+        return fn(ts.obs, ts.state), carry
+
+    return Algorithm(f"reference:{kind}", {"kind": kind, "gain": gain}, env, lambda key: {},
+                     lambda s: (s, {}), act, lambda batch_shape=(): jnp.zeros(batch_shape, jnp.int32), 0)

@@ -62,6 +62,10 @@ class ReportArgs:
     bootstrap_samples: int = 2000
     confidence: float = 0.95
     bootstrap_seed: int = 0
+    references: Optional[str] = None
+    """JSON file of fixed reference values of the return per task, ``{task: {label: value}}``
+    (or under the key ``lines``, as ``experiments.swarm_references`` writes it): drawn as
+    horizontal lines in the return panels and listed in report.md"""
 
 
 # ------------------------------------------------------------------ reading
@@ -211,6 +215,9 @@ def plot_task(task: str, groups: list[Group], metrics: list[str], path: str, arg
             marker = "o" if g.steps.size < 20 else None
             (line,) = ax.plot(g.steps, mean, marker=marker, label=f"{g.method} (n={c.shape[0]})")
             ax.fill_between(g.steps, lo, hi, alpha=0.2, color=line.get_color())
+        if m == "return":
+            for k, (label, value) in enumerate(reference_lines(args).get(task, {}).items()):
+                ax.axhline(value, color="0.35", lw=1, ls=("--", ":", "-.")[k % 3], label=f"{label} ({value:.2f})")
         ax.set_xlabel("env steps (per seed)")
         ax.set_ylabel(m)
         ax.grid(alpha=0.3)
@@ -220,6 +227,15 @@ def plot_task(task: str, groups: list[Group], metrics: list[str], path: str, arg
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def reference_lines(args: ReportArgs) -> dict:
+    """``{task: {label: value}}`` from ``args.references`` (empty without one)."""
+    if not args.references:
+        return {}
+    with open(args.references) as f:
+        data = json.load(f)
+    return data.get("lines", data)
 
 
 def _slug(name: str) -> str:
@@ -293,6 +309,10 @@ def markdown(tables: dict, args: ReportArgs) -> str:
         for r in tables["aggregate"]:
             lines.append(f"| {r['method']} | {len(r['tasks'])} | {'/'.join(r['metrics'])} | {r['iqm']:.4f} | "
                          f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['num_scores']} |")
+    refs = reference_lines(args)
+    if refs:
+        lines += ["", "## Reference values", "", "| task | reference | return |", "|---|---|---|"]
+        lines += [f"| {t} | {label} | {v:.4f} |" for t, by in sorted(refs.items()) for label, v in by.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -314,6 +334,13 @@ def check_args(args: ReportArgs) -> None:
         raise ConfigError("bootstrap_samples", args.bootstrap_samples, "must be a positive integer")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ConfigError("out", args.out, "must be a directory (this path is an existing file)")
+    if args.references is not None:
+        try:
+            refs = reference_lines(args)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError("references", args.references, f"must be a readable JSON file ({e})") from None
+        if not (isinstance(refs, dict) and all(isinstance(v, dict) for v in refs.values())):
+            raise ConfigError("references", args.references, "must map each task to {label: value}")
 
 
 def check_metrics(groups: list[Group], args: ReportArgs) -> None:
@@ -326,6 +353,7 @@ def check_metrics(groups: list[Group], args: ReportArgs) -> None:
     for m in args.panels:
         if m not in logged:
             raise ConfigError("panels", m, f"must be logged metrics: {logged}")
+
 
 
 def report(args: ReportArgs) -> dict:

@@ -5,8 +5,10 @@
 
 Every run (trained at its own N, as written by ``experiments.train``) is restored from
 its latest checkpoint and evaluated, greedily, at every N of ``--num-agents``; nothing
-is retrained. Policies whose parameters do not depend on N (Dec-POMFC; IPPO / MAPPO
-without one-hot agent ids) run unchanged; a run whose parameters do depend on N is
+is retrained. With ``--references`` (default) the hand-coded reference policies of each
+run's environment are evaluated at every N too (rows ``reference:<kind>``). Policies
+whose parameters do not depend on N (Dec-POMFC; IPPO / MAPPO without one-hot agent
+ids) run unchanged; a run whose parameters do depend on N is
 reported as such and skipped. Returns of the swarm tasks are sums over the episode of
 a reward on the empirical distribution (order parameter, polarization, minus the mean
 distance to the centre), so they are comparable across N.
@@ -48,6 +50,9 @@ class TransferArgs:
     """JSON object of extra env arguments at N >= large_n, e.g. '{"cell_capacity": 64}' (a
     swarm whose radius holds thousands of neighbours per agent then averages over a subsample)"""
     seed: int = 12345
+    references: bool = True
+    """also evaluate the hand-coded reference policies of each run's environment at every N"""
+    references_gain: float = 5.0
     out: Optional[str] = None
 
 
@@ -109,6 +114,8 @@ def transfer(args: TransferArgs) -> dict:
                   f"return {row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}] ({row['seconds']:.0f}s)",
                   flush=True)
 
+    if args.references:
+        rows += reference_rows(args, large_kwargs)
     out = os.path.abspath(args.out or os.path.join(os.path.dirname(os.path.abspath(args.run_dirs[0])), "transfer"))
     os.makedirs(out, exist_ok=True)
     table = markdown(rows, args.num_agents)
@@ -122,7 +129,46 @@ def transfer(args: TransferArgs) -> dict:
     return {"rows": rows, "out": out, "table": table, "plots": plots}
 
 
+def reference_rows(args: TransferArgs, large_kwargs: dict) -> list[dict]:
+    """Rows of the reference policies (``envs.swarms.reference_policy``) of every run's
+    environment (its env arguments, N replaced), one evaluation key per seed of the runs."""
+    import jax
+
+    from envs.swarms import reference_names, reference_policy
+    from experiments.train import make_env, parse_env_kwargs
+    from marl.evaluation import evaluate_seeds
+
+    envs_seen = {}
+    for d in args.run_dirs:
+        with open(os.path.join(d, "run.json")) as f:
+            desc = json.load(f)
+        kw = {k: v for k, v in parse_env_kwargs(desc.get("env_kwargs", {})).items() if k != "num_agents"}
+        envs_seen.setdefault((desc["env"], json.dumps(kw, sort_keys=True)), desc.get("num_seeds", 3))
+    rows = []
+    for (name, kw_text), seeds in envs_seen.items():
+        kw = json.loads(kw_text)
+        for n in args.num_agents:
+            large = n >= args.large_n
+            episodes = args.large_episodes if large else args.episodes
+            env = make_env(name, {**kw, "num_agents": n, **(large_kwargs if large else {})})
+            for kind in reference_names(env):
+                t0 = time.perf_counter()
+                algo = reference_policy(env, kind, args.references_gain)
+                ev = evaluate_seeds(algo, {"_": jax.numpy.zeros((seeds,))}, jax.random.PRNGKey(args.seed), episodes,
+                                    sequential=large)
+                ret = np.asarray(ev["return"], np.float64)
+                rows.append({"run": f"reference:{kind}:{name}:{kw_text}", "algo": f"reference:{kind}", "env": name,
+                             "trained_n": None, "n": n, "env_kwargs": {**kw, "num_agents": n},
+                             "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
+                             "min": float(ret.min()), "max": float(ret.max()),
+                             "seconds": time.perf_counter() - t0})
+                print(f"  reference {kind} on {name} at N={n}: return {ret.mean():.3f}", flush=True)
+    return rows
+
+
 def _label(r: dict) -> str:
+    if r["trained_n"] is None:
+        return f"{r['algo']} (hand-coded)"
     return f"{r['algo']} (trained N={r['trained_n']})"
 
 

@@ -39,6 +39,9 @@ class EnvSpec:
         agents differ in observation size (observations are zero-padded to ``obs_dim``).
       action_counts: optional per-agent number of discrete actions when agents differ
         (actions are padded to ``num_actions`` and the extra ones are never available).
+      rule_features: optional indices of the per-agent observation features (each in
+        [-1, 1]) that a mean-field decision rule reads as an agent's input (Dec-POMFC's
+        observation point); ``None``: the task defines none.
     """
 
     name: str
@@ -56,6 +59,7 @@ class EnvSpec:
     agent_types: Optional[tuple[str, ...]] = None
     obs_mask: Optional[np.ndarray] = None
     action_counts: Optional[tuple[int, ...]] = None
+    rule_features: Optional[tuple[int, ...]] = None
 
     @property
     def discrete(self) -> bool:

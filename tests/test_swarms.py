@@ -1,13 +1,23 @@
 """Swarm environments: dynamics, neighbour statistics (dense vs cell list), memory, registry."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import envs
-from envs.swarms import cell_grid, make_swarm, neighbour_sums_cells, neighbour_sums_dense
+from envs.swarms import (
+    cell_grid,
+    make_swarm,
+    neighbour_sums_cells,
+    neighbour_sums_dense,
+    reference_names,
+    reference_policy,
+)
 from marl.config import ConfigError
+from marl.evaluation import evaluate
 
 
 def _rollout_order(env, steps, seed=0):
@@ -132,12 +142,50 @@ def test_cell_list_step_at_10000_agents_is_linear_in_memory():
 
 
 def test_registered_specs():
-    dims = {"kuramoto": (1, 7, 19), "vicsek": (1, 6, 83), "aggregation": (2, 4, 66)}
-    for task, (action_dim, obs_dim, state_dim) in dims.items():
+    dims = {"kuramoto": (1, 7, 19, (3, 4), 100), "vicsek": (1, 8, 83, (5, 6), 100),
+            "vicsek_hard": (1, 6, 83, (1, 2), 200), "aggregation": (2, 4, 66, (1, 2), 100)}
+    for task, (action_dim, obs_dim, state_dim, rule_features, horizon) in dims.items():
         spec = envs.make(f"swarm:{task}", num_agents=16).spec
-        assert f"swarm:{task}" in envs.registered()
+        assert f"swarm:{task}" in envs.registered() and spec.name == f"swarm:{task}"
         assert (spec.action_dim, spec.obs_dim, spec.state_dim) == (action_dim, obs_dim, state_dim)
+        assert spec.rule_features == rule_features and spec.max_steps == horizon
         assert spec.num_agents == 16 and not spec.discrete and (spec.action_low, spec.action_high) == (-1.0, 1.0)
+    # the hard variant is Vicsek without the compass; the option works on either name
+    assert envs.make("swarm:vicsek", num_agents=16, observe_heading=False).spec.rule_features == (1, 2)
+    assert envs.make("swarm:vicsek_hard", num_agents=16, observe_heading=True).spec.obs_dim == 8
+
+
+def test_vicsek_observes_its_own_heading():
+    env = make_swarm("vicsek", num_agents=30, observe_position=True)
+    state, ts = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    obs = np.asarray(ts.obs)
+    assert obs.shape == (30, 12)  # density, 4 relative, cos / sin heading, 4 position, t / T
+    np.testing.assert_allclose(obs[:, 5], np.cos(state.angle), atol=1e-6)
+    np.testing.assert_allclose(obs[:, 6], np.sin(state.angle), atol=1e-6)
+    hard = make_swarm("vicsek_hard", num_agents=30)
+    _, ts_h = jax.jit(hard.reset)(jax.random.PRNGKey(0))
+    np.testing.assert_allclose(ts_h.obs[:, :5], obs[:, :5], atol=1e-6)  # same swarm, no heading
+
+
+def test_reference_policies_rank_as_the_task_implies():
+    """Hand-coded references at N = 100, T = 50 (16 episodes): the compass (own heading) and
+    the mean-phase controller far above local alignment, which is above doing nothing."""
+    out = {}
+    for task, kinds in (("vicsek", ("zero", "local_alignment", "compass")),
+                        ("kuramoto", ("zero", "local_alignment", "mean_phase")),
+                        ("aggregation", ("zero", "local_mean"))):
+        kw = dict(radius=0.25, max_speed=1.0, noise=0.05) if task == "aggregation" else {}
+        env = envs.make(f"swarm:{task}", num_agents=100, max_steps=50, **kw)
+        assert list(kinds) == reference_names(env)
+        for k in kinds:
+            algo = reference_policy(env, k)
+            run = jax.jit(lambda key, a=algo: evaluate(a, {}, key, 16)["return"])
+            out[task, k] = float(run(jax.random.PRNGKey(0)))
+    assert out["vicsek", "compass"] > 35 > out["vicsek", "local_alignment"] > out["vicsek", "zero"] + 4, out
+    assert out["kuramoto", "mean_phase"] > 35 > out["kuramoto", "local_alignment"] > out["kuramoto", "zero"] + 4, out
+    assert out["aggregation", "local_mean"] > out["aggregation", "zero"] + 2, out
+    with pytest.raises(ConfigError, match="kind"):  # no compass without the heading
+        reference_policy(envs.make("swarm:vicsek_hard", num_agents=8), "compass")
 
 
 def test_make_with_auto_reset_and_vmap():
@@ -180,9 +228,28 @@ def test_bad_configs_name_the_field():
         envs.make("swarm:vicsek", radius=0.0)
     with pytest.raises(ConfigError, match="neighbours"):
         make_swarm("aggregation", neighbours="kdtree")
+    with pytest.raises(ConfigError, match="observe_heading"):
+        make_swarm("vicsek", observe_heading="yes")
     with pytest.raises(ConfigError, match="coupling"):  # a Kuramoto field given to Vicsek
         make_swarm("vicsek", coupling=1.0)
     with pytest.raises(ConfigError, match="task"):
         make_swarm("flocking")
     with pytest.raises(envs.UnknownEnvError, match="swarm:vicsek"):
         envs.make("swarm:vicsec")
+
+
+def test_reference_table_and_report_lines(tmp_path):
+    from experiments import report, swarm_references
+
+    out = tmp_path / "refs"
+    res = swarm_references.evaluate_references(swarm_references.RefArgs(
+        envs=('swarm:vicsek={"num_agents": 8, "max_steps": 5}',), seeds=2, episodes=2, out=str(out)))
+    assert [r["policy"] for r in res["rows"]] == ["zero", "local_alignment", "compass"]
+    assert all(len(r["per_seed"]) == 2 and np.isfinite(r["mean"]) for r in res["rows"])
+    args = report.ReportArgs(dirs=(str(tmp_path),), references=str(out / "references.json"))
+    lines = report.reference_lines(args)
+    assert set(lines["swarm:vicsek"]) == {"reference:zero", "reference:local_alignment", "reference:compass"}
+    assert "reference:compass" in report.markdown({"per_task": [], "aggregate": []}, args)
+    (tmp_path / "bad.json").write_text('{"swarm:vicsek": 3}')
+    with pytest.raises(ConfigError, match="references"):
+        report.check_args(dataclasses.replace(args, references=str(tmp_path / "bad.json")))

@@ -1,26 +1,70 @@
 #!/bin/bash
-# Dec-POMFC vs IPPO vs MAPPO on the three swarm tasks at N = 100 (3 vmapped seeds x 80k
-# swarm steps per run), a Dec-POMFC run at N = 10, then the N-transfer table (policies
-# trained at one N, evaluated at N = 10 ... 10,000) and the curves and tables:
-#   bash experiments/studies/swarms.sh [runs/swarm_study]
+# Swarm study: Dec-POMFC on the adapted Kuramoto, Vicsek (own heading observed), hard
+# Vicsek (relative headings only, T = 200) and Aggregation tasks at N = 100, 3 vmapped
+# seeds per run; ablations (histogram mean field, correlated upper-level noise); IPPO /
+# MAPPO baselines; hand-coded reference policies; curves and tables with the references
+# as lines; the N-transfer table of the trained policies.
+#   bash experiments/studies/swarms.sh [runs/swarm_study] [stage ...]
+# Stages (default: all, in this order; each run resumes from its checkpoint):
+#   vicsek       Dec-POMFC, Vicsek, 80k steps
+#   kuramoto     Dec-POMFC, Kuramoto, 320k steps
+#   hard         Dec-POMFC, hard Vicsek, 400k steps, 32 envs
+#   aggregation  Dec-POMFC, Aggregation, 320k steps
+#   ablations    = histogram noise_ar noise_episode: Dec-POMFC with a histogram mean field (Kuramoto,
+#                320k steps, as the kernel run); Vicsek at 80k steps with upper-level noise AR(1) 0.9
+#                and with one noise draw per episode
+#   baselines    IPPO and MAPPO, Vicsek, 80k steps
+#   report       reference policies, curves and tables, N transfer
 set -e
 cd "$(dirname "$0")/../.."
 S=${1:-runs/swarm_study}
+shift || true
+STAGES=${*:-vicsek kuramoto hard aggregation ablations baselines report}
+STAGES=${STAGES//ablations/histogram noise_ar noise_episode}
 PY=${PYTHON:-.venv/bin/python}
-COMMON="--num-seeds 3 --total-steps 80000 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume"
+COMMON="--num-seeds 3 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume"
+N100='{"num_agents": 100, "max_steps": 50}'
+HARD='{"num_agents": 100}'  # swarm:vicsek_hard defaults: T = 200, relative headings only
 AGG='"max_steps": 50, "radius": 0.25, "max_speed": 1.0, "noise": 0.05'
-for task in aggregation kuramoto vicsek; do
-  KW='{"num_agents": 100, "max_steps": 50}'
-  [ "$task" = aggregation ] && KW="{\"num_agents\": 100, $AGG}"
-  $PY -m experiments.train --algo dec_pomfc --env swarm:$task --env-kwargs "$KW" $COMMON --runs-dir $S --run-name ${task}_dec_pomfc
-  for algo in ippo mappo; do
-    $PY -m experiments.train --algo $algo --env swarm:$task --env-kwargs "$KW" $COMMON --runs-dir $S --run-name ${task}_${algo} \
-      --no-agent-ids --no-recurrent --hidden 64 --clip-eps 0.2
-  done
+AGG100="{\"num_agents\": 100, $AGG}"
+PPO_FLAGS="--no-agent-ids --no-recurrent --hidden 64 --clip-eps 0.2"
+train() { $PY -m experiments.train --runs-dir "$S" "$@"; }
+
+for stage in $STAGES; do
+  case $stage in
+    vicsek)
+      train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 --run-name vicsek_dec_pomfc ;;
+    kuramoto)
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 \
+        --run-name kuramoto_dec_pomfc ;;
+    hard)
+      train --algo dec_pomfc --env swarm:vicsek_hard --env-kwargs "$HARD" $COMMON --num-envs 32 --total-steps 400000 \
+        --run-name vicsek_hard_dec_pomfc ;;
+    aggregation)
+      train --algo dec_pomfc --env swarm:aggregation --env-kwargs "$AGG100" $COMMON --total-steps 320000 \
+        --run-name aggregation_dec_pomfc ;;
+    histogram)
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 \
+        --runs-dir "$S/ablations" --run-name kuramoto_histogram --representation histogram ;;
+    noise_ar)
+      train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
+        --runs-dir "$S/ablations" --run-name vicsek_noise_ar09 --upper-noise-corr 0.9 ;;
+    noise_episode)
+      train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
+        --runs-dir "$S/ablations" --run-name vicsek_noise_episode --upper-noise-corr 1.0 ;;
+    baselines)
+      for algo in ippo mappo; do
+        train --algo $algo --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 --run-name vicsek_$algo $PPO_FLAGS
+      done ;;
+    report)
+      $PY -m experiments.swarm_references --out "$S/references" \
+        --envs "swarm:vicsek=$N100" "swarm:kuramoto=$N100" "swarm:vicsek_hard=$HARD" "swarm:aggregation=$AGG100"
+      runs=$(ls -d "$S"/*_dec_pomfc "$S"/*_ippo "$S"/*_mappo 2>/dev/null || true)
+      $PY -m experiments.report $runs --out "$S/report" --references "$S/references/references.json"
+      [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S/kuramoto_dec_pomfc" "$S"/ablations/* --group-by run \
+        --out "$S/ablations_report" --references "$S/references/references.json"
+      $PY -m experiments.swarm_transfer $(ls -d "$S"/*_dec_pomfc) --num-agents 10 100 1000 10000 --episodes 8 \
+        --large-env-kwargs '{"cell_capacity": 64}' --out "$S/transfer" ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
 done
-$PY -m experiments.train --algo dec_pomfc --env swarm:aggregation --env-kwargs "{\"num_agents\": 10, $AGG}" $COMMON \
-  --runs-dir $S --run-name aggregation_dec_pomfc_n10
-$PY -m experiments.report $S/*_dec_pomfc $S/*_ippo $S/*_mappo --out "$S/report"
-$PY -m experiments.swarm_transfer $S/aggregation_dec_pomfc $S/aggregation_dec_pomfc_n10 \
-  $S/aggregation_ippo $S/aggregation_mappo $S/kuramoto_dec_pomfc $S/kuramoto_ippo $S/vicsek_dec_pomfc $S/vicsek_ippo \
-  --num-agents 10 100 1000 10000 --episodes 8 --large-env-kwargs '{"cell_capacity": 64}' --out "$S/transfer"
