@@ -85,12 +85,15 @@ def test_every_algorithm_on_every_task(task, algo_name):
 
 @pytest.mark.slow
 def test_mappo_learns_speaker_listener():
-    """The speaker (3 actions, 3 features) must tell the listener which landmark to reach."""
+    """The speaker (3 actions, 3 features) must tell the listener which landmark to reach.
+    Measured at 400k steps, 2 seeds: episode return -34.9 over the first 20 iterations,
+    -15.8 and -14.2 over the last 20; -17.7 by 160k steps."""
     import algos
 
     env = envs.make("mpe:simple_speaker_listener")
-    algo = algos.make("mappo", env, num_envs=32, num_steps=25, total_steps=400_000, hidden=64, lr=3e-3)
-    res = train(algo, num_iterations=400_000 // (32 * 25), num_seeds=2, progress=False)
+    algo = algos.make("mappo", env, num_envs=32, num_steps=25, total_steps=240_000, hidden=64, lr=3e-3)
+    res = train(algo, num_iterations=240_000 // (32 * 25), num_seeds=2, progress=False)
     ret = res.metrics["return"]
-    first, last = ret[:, :20].mean(), ret[:, -20:].mean()
-    assert last > first + 0.4 * abs(first), (first, last)
+    first, last = ret[:, :20].mean(1), ret[:, -20:].mean(1)
+    assert (first < -28).all() and (last > -22).all(), (first, last)
+    assert all(f"return_{t}" in res.metrics for t in ("speaker", "listener"))
