@@ -347,6 +347,33 @@ def vq_update(vq: VQVAE, tx, params, opt, usage, vq_steps, s, valid, cover, coef
     return params, opt, usage, vq_steps, parts, (count > 0).sum().astype(jnp.float32)
 
 
+def fit_vq(vq: VQVAE, tx, s, valid, key, num_steps: int, batch_size: int, cover_table, coefs,
+           dead_code_window: int, from_data: bool = True):
+    """A VQ-VAE trained alone on episodes of scaled states s [N, T+1, S] (valid [N, T+1]):
+    ``num_steps`` :func:`vq_update` steps on batches of ``batch_size`` episodes drawn
+    uniformly, coverage classes uniform at random (TRAMA before its first clustering),
+    codebook started from encoder outputs when ``from_data``. Jittable with the int and
+    bool arguments static. Returns (params, codes in use per step [num_steps])."""
+    k_init, k_first, k_steps = jax.random.split(key, 3)
+    n = s.shape[0]
+    params = vq.init(k_init, s[:1, 0])
+    if from_data:
+        rows = jax.random.choice(k_first, n, (batch_size,))
+        params = codebook_from_data(vq, params, s[rows], valid[rows], k_first)
+
+    def step(carry, k):
+        k_b, k_c, k_r = jax.random.split(k, 3)
+        rows = jax.random.choice(k_b, n, (batch_size,))
+        classes = jax.random.randint(k_c, (batch_size,), 0, cover_table.shape[1])
+        *carry, _, in_use = vq_update(vq, tx, *carry, s[rows], valid[rows],
+                                      coverage_mask(cover_table, classes, s.shape[1]), coefs, dead_code_window, k_r)
+        return tuple(carry), in_use
+
+    carry = (params, tx.init(params), jnp.zeros(vq.n_codes), jnp.zeros((), jnp.int32))
+    (params, *_), in_use = jax.lax.scan(step, carry, jax.random.split(k_steps, num_steps))
+    return params, in_use
+
+
 def class_predictor(hidden: int, n_classes: int) -> ql.RNNAgent:
     """[o_i, onehot(i)] -> hidden -> ReLU -> GRU hidden -> K logits (parameters shared): the
     backbone's agent network with K outputs (small output init), so its training unroll
