@@ -503,6 +503,20 @@ def adjusted_rand_index(labels_a, labels_b, mask, num_a: int, num_b: int):
     return jnp.where(denom > 0, (index - expected) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+def vq_schedule(env_steps, episodes, last_vq_episode, can_sample, config: TRAMAConfig):
+    """VQ-VAE steps due this iteration and the new ``last_vq_episode``: ``train_steps``
+    while env_steps <= ``vq_every_step_until``, afterwards one per
+    ``vq_update_episodes`` finished episodes since ``last_vq_episode``, at most
+    ``train_steps``; the remainder carries over, and so do owed steps beyond
+    ``train_steps`` (up to two iterations' worth). None while the buffer cannot be sampled."""
+    early = env_steps <= config.vq_every_step_until
+    owed = (episodes - last_vq_episode) // config.vq_update_episodes
+    n = jnp.where(can_sample, jnp.where(early, config.train_steps, jnp.minimum(owed, config.train_steps)), 0)
+    later = jnp.maximum(last_vq_episode + n * config.vq_update_episodes,
+                        episodes - 2 * config.train_steps * config.vq_update_episodes)
+    return n, jnp.where(early, episodes, later)
+
+
 def majority_rate(labels, weight, num: int):
     """Share of the total weight [B] (e.g. valid steps per episode) carried by the most
     common of labels [B] in [0, num): the accuracy of always guessing that label."""
@@ -780,16 +794,9 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         ext = ext.replace(label=jnp.where(new, -1, ext.label),
                           label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid))
         # VQ-VAE
-        early = ext.env_steps <= config.vq_every_step_until
-        since = ext.episodes - ext.last_vq_episode
-        n_vq = jnp.where(early, config.train_steps, jnp.minimum(since // config.vq_update_episodes,
-                                                                 config.train_steps))
-        n_vq = jnp.where(buffers.can_sample(buffer, config.batch_size), n_vq, 0)
-        # later steps are owed per vq_update_episodes episodes: the remainder carries over, and
-        # so do owed steps beyond one phase's train_steps (at most one more phase's worth)
-        later = jnp.maximum(ext.last_vq_episode + n_vq * config.vq_update_episodes,
-                            ext.episodes - 2 * config.train_steps * config.vq_update_episodes)
-        ext = ext.replace(last_vq_episode=jnp.where(early, ext.episodes, later))
+        n_vq, last = vq_schedule(ext.env_steps, ext.episodes, ext.last_vq_episode,
+                                 buffers.can_sample(buffer, config.batch_size), config)
+        ext = ext.replace(last_vq_episode=last)
         ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(e, buffer, n_vq, k_vq), lambda e: e, ext)
         # clustering
         due = ((ext.env_steps >= config.cluster_start)

@@ -194,6 +194,8 @@ def test_hooks_under_jit_and_vmap_over_two_seeds():
     assert sum(float(np.abs(x).sum()) for x in leaves) > 0  # the class loss reaches the predictor
     assert (recon[-1] < recon[0]).all()  # the VQ-VAE trains (its own Adam)
     assert not np.allclose(ext.vq_params["params"]["codebook"][0], ext.vq_params["params"]["codebook"][1])
+    assert bool(ext.book_ready.all()) and (np.asarray(ext.codes_in_use) >= 1).all()
+    np.testing.assert_allclose(np.asarray(ext.cluster_sizes).sum(-1), 1.0, rtol=1e-5)
 
 
 def test_class_representation_detached_variant():
@@ -413,16 +415,19 @@ def test_dead_codes_restart_at_encoder_outputs_and_codebook_starts_from_data():
 
 def test_vq_cadence_keeps_the_remainder():
     """One VQ-VAE step per vq_update_episodes finished episodes: 60 episodes arriving 6 per
-    iteration give 6 steps (not one per two iterations)."""
-    config = small_config(vq_every_step_until=0, vq_update_episodes=10, cluster_start=10**9)
-    hooks = trama.make_hooks(SpecOnly, config)
-    _, ext = hooks.init(jax.random.PRNGKey(0))
-    buf, _ = synthetic_buffer(jax.random.PRNGKey(1))
-    step = jax.jit(hooks.after_iteration)
-    for i in range(10):
-        ext = step(ext, None, buf, jnp.asarray(6), jax.random.PRNGKey(i))
-    assert int(ext.vq_steps) == 6 and bool(ext.book_ready)
-    assert 1 <= float(ext.codes_in_use) <= config.n_codes
+    iteration give 6 steps (not one per two iterations); every step early on."""
+    config = small_config(vq_every_step_until=1000, vq_update_episodes=10, train_steps=2)
+    episodes, last, total = 0, 0, 0
+    for it in range(10):
+        episodes += 6
+        n, last = trama.vq_schedule(2000 + it, episodes, last, True, config)
+        total += int(n)
+    assert total == 6 and int(last) == 60
+    n, last = trama.vq_schedule(500, 66, 60, True, config)  # early: every iteration, owed count restarts
+    assert int(n) == 2 and int(last) == 66
+    assert int(trama.vq_schedule(2000, 100, 0, False, config)[0]) == 0  # buffer too small
+    n, last = trama.vq_schedule(2000, 1000, 0, True, config)  # a long backlog is capped
+    assert int(n) == 2 and int(last) == 1000 - 40
 
 
 def test_majority_rate():
