@@ -50,8 +50,8 @@ Schedule (all inside the jitted ``update``; counts in env steps / finished episo
 - VQ-VAE: one Adam step per backbone gradient step while env steps <=
   ``vq_every_step_until`` (50k, official ``buffer_update_time``), afterwards one step
   per ``vq_update_episodes`` (10) finished episodes (at most ``train_steps`` per
-  iteration; the remainder and owed steps carry over, up to two iterations' worth),
-  each on a batch of ``batch_size`` episodes sampled from the buffer.
+  iteration; the remainder and owed steps carry over, up to two iterations' worth:
+  :func:`vq_schedule`), each on a batch of ``batch_size`` episodes sampled from the buffer.
 - Clustering: first at ``cluster_start`` (100k) env steps, then whenever
   ``cluster_interval`` (50k) env steps or ``cluster_interval_episodes`` (500) episodes
   passed since the last attempt, if >= ``min_cluster_episodes`` (1000) episodes are
