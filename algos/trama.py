@@ -20,9 +20,17 @@ Equations (s_t global state, s~ = s / env.spec.state_scale, b: episode, i: agent
   time slot t are J(t, k) = {k n_k + floor(dn t), ..., k n_k + floor(dn (t + 1)) - 1}
   when dn >= 1, else {k n_k + floor(dn t)} (:func:`coverage_table`). k_b is the
   episode's trajectory class, uniform at random before the first clustering.
-  Separate Adam (lr 5e-4, grad-norm clip 10).
+  Separate Adam (lr 5e-4, grad-norm clip 10). :func:`vq_loss` is the loss,
+  :func:`vq_update` one step of it plus the dead-code check.
+  Codebook start: at the first VQ-VAE phase the codes are set to encoder outputs of
+  randomly drawn valid states of a buffer batch (``codebook_from_data``). Dead codes:
+  every ``dead_code_window`` (20) VQ-VAE steps, each code that no valid state of those
+  steps' batches was assigned to restarts at a random encoder output of the current
+  batch (:func:`restart_dead_codes`).
 (b) Trajectory clustering:
   embedding  phi_b = (1 / |V_b|) sum_{t in V_b} e_{x_{b,t}}   (V_b: the episode's steps)
+  with x_{b,t} the codes of the stored states under the current encoder and codebook
+  (recomputed at each clustering, and on each training batch for the classifier).
   k-means (K = 4) on the embeddings of every stored episode, warm-started from the
   previous centroids (k-means++ the first time), a fixed number of Lloyd iterations;
   the result is accepted only when >= ``min_clusters`` (3) clusters are non-empty.
@@ -42,7 +50,8 @@ Schedule (all inside the jitted ``update``; counts in env steps / finished episo
 - VQ-VAE: one Adam step per backbone gradient step while env steps <=
   ``vq_every_step_until`` (50k, official ``buffer_update_time``), afterwards one step
   per ``vq_update_episodes`` (10) finished episodes (at most ``train_steps`` per
-  iteration), each on a batch of ``batch_size`` episodes sampled from the buffer.
+  iteration; the remainder and owed steps carry over, up to two iterations' worth:
+  :func:`vq_schedule`), each on a batch of ``batch_size`` episodes sampled from the buffer.
 - Clustering: first at ``cluster_start`` (100k) env steps, then whenever
   ``cluster_interval`` (50k) env steps or ``cluster_interval_episodes`` (500) episodes
   passed since the last attempt, if >= ``min_cluster_episodes`` (1000) episodes are
@@ -58,9 +67,15 @@ Schedule (all inside the jitted ``update``; counts in env steps / finished episo
 
 Deviations and choices (paper / official code)
 ----------------------------------------------
-- Code indices are computed while acting (with the VQ-VAE of that moment) and stored
-  as buffer fields; the official code recomputes them on each training batch and
-  writes them back. Embeddings use the current codebook at clustering time.
+- Code indices are not stored: as in the official code they are computed from the
+  stored states with the current VQ-VAE, on each training batch (the classifier's
+  labels for the coverage classes and the class loss) and, over the whole buffer, at
+  each clustering (the official code writes the batch's codes back to its buffer and
+  clusters those).
+- Codebook start from encoder outputs and dead-code restarts are not in the paper or
+  the official code. From the uniform [-1, 1] start about 10 of the 256 codes stayed in
+  use on multi-task SMAX at 200k steps, too few for embeddings that separate the tasks.
+  Adam's moments of a restarted code are kept.
 - Labels: each episode carries a random 31-bit id (a stored field); the hook state
   keeps a label table over the buffer rows (k-means label, or -1 for episodes stored
   since the last clustering), and the training batch looks its episodes up by id;
@@ -84,6 +99,14 @@ Deviations and choices (paper / official code)
 - Not implemented: LAGMA's latent-goal incentive (the official TRAMA release keeps
   LAGMA's codebook statistics, but the TRAMA objective does not use them).
 - Hook state does not see the backbone's swept hyperparameters (lr, gamma).
+
+Logged diagnostics
+------------------
+``codes_in_use``: distinct codes among the valid states of the last VQ-VAE batch.
+``cluster_size_k``: share of the clustered episodes in cluster k (last accepted
+clustering). ``class_majority_rate``: share of the class loss's (step, agent) entries
+whose label is the batch's most common one (:func:`majority_rate`), the accuracy of a
+constant guess, to read ``class_accuracy`` against.
 
 Task-recovery metric (analysis only)
 ------------------------------------
@@ -120,6 +143,8 @@ from marl.networks import dense
 from marl.types import Algorithm, max_over_seeds
 
 GRAD_CLIP = 10.0
+CODE_CHUNK = 64
+"""buffer rows encoded at once when a clustering recomputes the stored episodes' codes"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +165,12 @@ class TRAMAConfig(ql.QLearningConfig):
     """env steps during which the VQ-VAE trains at every backbone gradient step"""
     vq_update_episodes: int = 10
     """afterwards: finished episodes per VQ-VAE step"""
+    codebook_from_data: bool = True
+    """initialize the codebook from encoder outputs of buffer states at the first VQ-VAE
+    phase (False: keep the uniform [-1, 1] start)"""
+    dead_code_window: int = 20
+    """every this many VQ-VAE steps, codes no valid state was assigned to since the last
+    check are restarted at encoder outputs of the current batch (0: never)"""
     n_clusters: int = 4
     min_clusters: int = 3
     """accept a clustering only with at least this many non-empty clusters"""
@@ -169,7 +200,7 @@ class TRAMAConfig(ql.QLearningConfig):
         for f in ("vq_lr", "classifier_lr"):
             cfg.check_positive(f, getattr(self, f))
         for f in ("recon_coef", "vq_coef", "commit_coef", "coverage_coef", "class_loss_coef",
-                  "vq_every_step_until", "cluster_start"):
+                  "vq_every_step_until", "cluster_start", "dead_code_window"):
             cfg.check_nonnegative(f, getattr(self, f))
         if self.n_codes % self.n_clusters:
             raise cfg.ConfigError("n_codes", self.n_codes,
@@ -228,6 +259,121 @@ def nearest_code(z, book):
     return jnp.argmin(d, -1).astype(jnp.int32)
 
 
+def vq_loss(vq: VQVAE, params, s, valid, cover, coefs):
+    """Masked L_VQ (module docstring, (a)) of scaled states s [..., S].
+
+    valid [...]: the steps that count; cover [..., n_codes]: the coverage mask J(t, k) of
+    each step's time slot and class; coefs: (recon, vq, commit, coverage) weights.
+    Returns (total, (parts [5] = total, recon, vq, commit, coverage; code index [...];
+    z_e [..., D])).
+    """
+    z_e, _, idx, s_hat = vq.apply(params, s)
+    codes = vq.apply(params, method=VQVAE.codes)
+    e = codes[idx]
+    w = valid.astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+
+    def mean(x):
+        return (x * w).sum() / n
+
+    z_sg = jax.lax.stop_gradient(z_e)
+    recon = mean(((s_hat - s) ** 2).mean(-1))
+    vq_term = mean(((e - z_sg) ** 2).sum(-1))
+    commit = mean(((z_e - jax.lax.stop_gradient(e)) ** 2).sum(-1))
+    d_all = ((z_sg[..., None, :] - codes) ** 2).sum(-1)  # [..., n_codes]
+    coverage = mean((d_all * cover).sum(-1) / jnp.maximum(cover.sum(-1), 1.0))
+    c_recon, c_vq, c_commit, c_cov = coefs
+    total = c_recon * recon + c_vq * vq_term + c_commit * commit + c_cov * coverage
+    return total, (jnp.stack([total, recon, vq_term, commit, coverage]), idx, z_e)
+
+
+def sample_latents(key, z_e, valid, n: int):
+    """n rows of z_e [..., D] drawn uniformly from the valid [...] steps (with
+    replacement; any step when none is valid): the data a code starts or restarts at."""
+    flat, ok = z_e.reshape(-1, z_e.shape[-1]), valid.reshape(-1)
+    logits = jnp.where(ok | ~ok.any(), 0.0, -jnp.inf)
+    return flat[jax.random.categorical(key, logits, shape=(n,))]
+
+
+def restart_dead_codes(book, usage, z_e, valid, key):
+    """Codes with zero usage [n_codes] move to encoder outputs z_e of valid steps drawn at
+    random; used codes stay. Returns the new codebook [n_codes, D]."""
+    fresh = sample_latents(key, jax.lax.stop_gradient(z_e), valid, book.shape[0])
+    return jnp.where((usage > 0)[:, None], book, fresh)
+
+
+def state_codes(vq: VQVAE, params, s, chunk: int = 0):
+    """Code indices of scaled states s [R, ..., S] with the current encoder and codebook;
+    ``chunk`` > 0 maps over the leading axis in chunks of that many rows (bounded memory)."""
+    book = vq.apply(params, method=VQVAE.codes)
+
+    def codes(x):
+        return nearest_code(vq.apply(params, x, method=VQVAE.encode), book)
+
+    return jax.lax.map(codes, s, batch_size=chunk) if chunk else codes(s)
+
+
+def with_codebook(params, book):
+    """VQ-VAE parameters with the codebook replaced."""
+    return {**params, "params": {**params["params"], "codebook": book}}
+
+
+def codebook_from_data(vq: VQVAE, params, s, valid, key):
+    """Parameters whose codebook rows are encoder outputs of valid scaled states s [..., S]
+    drawn at random (the first VQ-VAE phase's start)."""
+    z_e = vq.apply(params, s, method=VQVAE.encode)
+    return with_codebook(params, sample_latents(key, z_e, valid, vq.n_codes))
+
+
+def vq_update(vq: VQVAE, tx, params, opt, usage, vq_steps, s, valid, cover, coefs, dead_code_window: int, key):
+    """One VQ-VAE step on scaled states s [..., S] (``vq_loss``'s valid, cover, coefs) with
+    the optax transform tx, then the dead-code check: usage [n_codes] counts the valid
+    states assigned to each code; every ``dead_code_window``-th step (0: never) the codes
+    with zero usage restart at encoder outputs of this batch and the counts reset.
+
+    Returns (params, opt, usage, vq_steps, parts [5], codes in use in this batch).
+    """
+    (_, (parts, idx, z_e)), grads = jax.value_and_grad(vq_loss, argnums=1, has_aux=True)(
+        vq, params, s, valid, cover, coefs)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    count = (jax.nn.one_hot(idx, vq.n_codes) * valid[..., None]).reshape(-1, vq.n_codes).sum(0)
+    usage, vq_steps = usage + count, vq_steps + 1
+    if dead_code_window:
+        check = vq_steps % dead_code_window == 0
+        book = vq.apply(params, method=VQVAE.codes)
+        params = with_codebook(params, jnp.where(check, restart_dead_codes(book, usage, z_e, valid, key), book))
+        usage = jnp.where(check, 0.0, usage)
+    return params, opt, usage, vq_steps, parts, (count > 0).sum().astype(jnp.float32)
+
+
+def fit_vq(vq: VQVAE, tx, s, valid, key, num_steps: int, batch_size: int, cover_table, coefs,
+           dead_code_window: int, from_data: bool = True):
+    """A VQ-VAE trained alone on episodes of scaled states s [N, T+1, S] (valid [N, T+1]):
+    ``num_steps`` :func:`vq_update` steps on batches of ``batch_size`` episodes drawn
+    uniformly, coverage classes uniform at random (TRAMA before its first clustering),
+    codebook started from encoder outputs when ``from_data``. Jittable with the int and
+    bool arguments static. Returns (params, codes in use per step [num_steps])."""
+    k_init, k_first, k_steps = jax.random.split(key, 3)
+    n = s.shape[0]
+    params = vq.init(k_init, s[:1, 0])
+    if from_data:
+        rows = jax.random.choice(k_first, n, (batch_size,))
+        params = codebook_from_data(vq, params, s[rows], valid[rows], k_first)
+
+    def step(carry, k):
+        k_b, k_c, k_r = jax.random.split(k, 3)
+        rows = jax.random.choice(k_b, n, (batch_size,))
+        classes = jax.random.randint(k_c, (batch_size,), 0, cover_table.shape[1])
+        *carry, _, in_use = vq_update(vq, tx, *carry, s[rows], valid[rows],
+                                      coverage_mask(cover_table, classes, s.shape[1]), coefs, dead_code_window, k_r)
+        return tuple(carry), in_use
+
+    carry = (params, tx.init(params), jnp.zeros(vq.n_codes), jnp.zeros((), jnp.int32))
+    (params, *_), in_use = jax.lax.scan(step, carry, jax.random.split(k_steps, num_steps))
+    return params, in_use
+
+
 def class_predictor(hidden: int, n_classes: int) -> ql.RNNAgent:
     """[o_i, onehot(i)] -> hidden -> ReLU -> GRU hidden -> K logits (parameters shared): the
     backbone's agent network with K outputs (small output init), so its training unroll
@@ -271,6 +417,12 @@ def coverage_table(n_codes: int, n_classes: int, num_slots: int) -> np.ndarray:
             hi = nk * k + int(dn * (t + 1)) if dn >= 1 else lo + 1
             table[t, k, lo:hi] = True
     return table
+
+
+def coverage_mask(table, classes, num_steps: int):
+    """J(t, k_b) of every step of episodes of classes [B] from :func:`coverage_table`'s
+    table [L + 1, K, n_codes]: [B, num_steps, n_codes]."""
+    return table[:num_steps, classes].transpose(1, 0, 2)
 
 
 def trajectory_embedding(book, codes, valid):
@@ -351,6 +503,28 @@ def adjusted_rand_index(labels_a, labels_b, mask, num_a: int, num_b: int):
     return jnp.where(denom > 0, (index - expected) / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+def vq_schedule(env_steps, episodes, last_vq_episode, can_sample, config: TRAMAConfig):
+    """VQ-VAE steps due this iteration and the new ``last_vq_episode``: ``train_steps``
+    while env_steps <= ``vq_every_step_until``, afterwards one per
+    ``vq_update_episodes`` finished episodes since ``last_vq_episode``, at most
+    ``train_steps``; the remainder carries over, and so do owed steps beyond
+    ``train_steps`` (up to two iterations' worth). None while the buffer cannot be sampled."""
+    early = env_steps <= config.vq_every_step_until
+    owed = (episodes - last_vq_episode) // config.vq_update_episodes
+    n = jnp.where(can_sample, jnp.where(early, config.train_steps, jnp.minimum(owed, config.train_steps)), 0)
+    later = jnp.maximum(last_vq_episode + n * config.vq_update_episodes,
+                        episodes - 2 * config.train_steps * config.vq_update_episodes)
+    return n, jnp.where(early, episodes, later)
+
+
+def majority_rate(labels, weight, num: int):
+    """Share of the total weight [B] (e.g. valid steps per episode) carried by the most
+    common of labels [B] in [0, num): the accuracy of always guessing that label."""
+    w = weight.astype(jnp.float32)
+    per = (jax.nn.one_hot(labels, num) * w[:, None]).sum(0)
+    return per.max() / jnp.maximum(w.sum(), 1.0)
+
+
 def episode_task(task, valid):
     """True task of stored episodes: task [..., T+1] per-step ids (-1: unknown), valid
     [..., T+1] the transition steps -> [...] (-1 when no step knows it)."""
@@ -391,6 +565,11 @@ class TRAMAState:
     clf_loss: jax.Array
     nonempty: jax.Array  # non-empty clusters of the last attempt
     ari: jax.Array  # [] adjusted Rand index of the last accepted clustering vs the true tasks (0: none)
+    book_ready: jax.Array  # [] bool: the codebook was initialized (from encoder outputs)
+    usage: jax.Array  # [n_codes] valid states assigned to each code since the last dead-code check
+    vq_steps: jax.Array  # [] VQ-VAE steps taken
+    codes_in_use: jax.Array  # [] distinct codes of the valid states of the last VQ-VAE batch
+    cluster_sizes: jax.Array  # [K] share of the stored episodes in each cluster (last accepted clustering)
 
 
 def make(env, config: TRAMAConfig, name: str = "trama") -> Algorithm:
@@ -422,68 +601,66 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         return vq.apply(vq_params, method=VQVAE.codes)
 
     # ------------------------------------------------------------------ VQ-VAE
-    def vq_loss_fn(vq_params, states, valid, classes):
-        """Masked L_VQ over states [B, T+1, S]; valid [B, T+1]; classes [B] (coverage)."""
-        s = states / state_scale
-        z_e, _, idx, s_hat = vq.apply(vq_params, s)
-        codes = book(vq_params)
-        e = codes[idx]
-        w = valid.astype(jnp.float32)
-        n = jnp.maximum(w.sum(), 1.0)
+    coefs = (config.recon_coef, config.vq_coef, config.commit_coef, config.coverage_coef)
 
-        def mean(x):
-            return (x * w).sum() / n
+    def transitions(filled):
+        """The steps an episode's embedding averages over: t with a transition t -> t + 1."""
+        return jnp.concatenate([filled[..., 1:], jnp.zeros_like(filled[..., :1])], -1)
 
-        recon = mean(((s_hat - s) ** 2).mean(-1))
-        vq_term = mean(((e - jax.lax.stop_gradient(z_e)) ** 2).sum(-1))
-        commit = mean(((z_e - jax.lax.stop_gradient(e)) ** 2).sum(-1))
-        d_all = ((jax.lax.stop_gradient(z_e)[..., None, :] - codes) ** 2).sum(-1)  # [B, T+1, n]
-        j = cover[:, classes].transpose(1, 0, 2)[:, : s.shape[1]]  # [B, T+1, n]
-        coverage = mean((d_all * j).sum(-1) / jnp.maximum(j.sum(-1), 1.0))
-        total = (config.recon_coef * recon + config.vq_coef * vq_term + config.commit_coef * commit
-                 + config.coverage_coef * coverage)
-        return total, jnp.stack([total, recon, vq_term, commit, coverage])
-
-    def episode_labels(ext: TRAMAState, codes, valid, uid):
-        """Cluster labels [B] of episodes (stored codes [B, T+1], valid, uid [B])."""
-        emb = trajectory_embedding(book(ext.vq_params), codes, valid)
+    def episode_labels(ext: TRAMAState, vq_params, s, valid, uid):
+        """Cluster labels [B] of episodes (scaled states s [B, T+1, S], valid, uid [B]): the
+        stored k-means label, else the classifier's on the embedding of the codes that
+        the VQ-VAE ``vq_params`` gives the states now."""
+        emb = trajectory_embedding(book(vq_params), state_codes(vq, vq_params, s), valid)
         predicted = jnp.argmax(classifier.apply(ext.clf_params, emb), -1).astype(jnp.int32)
         match = (ext.label_uid[None, :] == uid[:, None]) & (ext.label[None, :] >= 0)
         stored = ext.label[jnp.argmax(match, -1)]
         return jnp.where(match.any(-1), stored, predicted)
 
     def vq_phase(ext: TRAMAState, buffer, n_steps, key):
+        k_init, k_steps = jax.random.split(key)
+        params = ext.vq_params
+        if config.codebook_from_data:  # first phase: codes start at encoder outputs of stored states
+            k_b, k_z = jax.random.split(k_init)
+            data, filled = buffers.sample(buffer, k_b, config.batch_size)
+            fresh = codebook_from_data(vq, params, data["step"]["state"] / state_scale, filled, k_z)
+            keep = ext.book_ready | (n_steps == 0)
+            params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), params, fresh)
+
         def step(carry, inp):
-            params, opt = carry
+            params, opt, usage, vq_steps, _ = carry
             i, k = inp
-            k_s, k_c = jax.random.split(k)
+            k_s, k_c, k_r = jax.random.split(k, 3)
             data, filled = buffers.sample(buffer, k_s, config.batch_size)
             st = data["step"]
-            valid = filled
-            trans = jnp.concatenate([filled[:, 1:], jnp.zeros_like(filled[:, :1])], 1)
-            labels = episode_labels(ext, st["fields"]["code"], trans, st["fields"]["uid"][:, 0])
+            s = st["state"] / state_scale
+            labels = episode_labels(ext, params, s, transitions(filled), st["fields"]["uid"][:, 0])
             classes = jnp.where(ext.clustered, labels, jax.random.randint(k_c, labels.shape, 0, K))
-            (_, parts), grads = jax.value_and_grad(vq_loss_fn, has_aux=True)(params, st["state"], valid, classes)
-            updates, new_opt = vq_tx.update(grads, opt, params)
-            new_params = optax.apply_updates(params, updates)
+            cov = coverage_mask(cover, classes, s.shape[1])
+            *new, parts, in_use = vq_update(vq, vq_tx, params, opt, usage, vq_steps, s, filled, cov, coefs,
+                                            config.dead_code_window, k_r)
             on = i < n_steps
-            params, opt = jax.tree.map(lambda a, b: jnp.where(on, a, b), (new_params, new_opt), (params, opt))
-            return (params, opt), (parts, on)
+            carry = jax.tree.map(lambda a, b: jnp.where(on, a, b), (*new, in_use), carry)
+            return carry, (parts, on)
 
-        steps = (jnp.arange(config.train_steps), jax.random.split(key, config.train_steps))
-        (params, opt), (parts, on) = jax.lax.scan(step, (ext.vq_params, ext.vq_opt), steps)
+        steps = (jnp.arange(config.train_steps), jax.random.split(k_steps, config.train_steps))
+        carry = (params, ext.vq_opt, ext.usage, ext.vq_steps, ext.codes_in_use)
+        (params, opt, usage, vq_steps, in_use), (parts, on) = jax.lax.scan(step, carry, steps)
         w = on.astype(jnp.float32)
         loss = jnp.where(w.sum() > 0, (parts * w[:, None]).sum(0) / jnp.maximum(w.sum(), 1.0), ext.vq_loss)
-        return ext.replace(vq_params=params, vq_opt=opt, vq_loss=loss)
+        return ext.replace(vq_params=params, vq_opt=opt, vq_loss=loss, usage=usage, vq_steps=vq_steps,
+                           codes_in_use=in_use, book_ready=ext.book_ready | (n_steps > 0))
 
     # ------------------------------------------------------------------ clustering
     def cluster_phase(ext: TRAMAState, buffer, due, key):
         k_init, k_clf = jax.random.split(key)
         st = buffer.data["step"]
         filled = buffer.filled
-        trans = jnp.concatenate([filled[:, 1:], jnp.zeros_like(filled[:, :1])], 1)
+        trans = transitions(filled)
         rows = filled[:, 0]
-        emb = trajectory_embedding(book(ext.vq_params), st["fields"]["code"], trans)  # [C, D]
+        # codes of the stored states with the current encoder and codebook
+        codes = state_codes(vq, ext.vq_params, st["state"] / state_scale, chunk=CODE_CHUNK)  # [C, T+1]
+        emb = trajectory_embedding(book(ext.vq_params), codes, trans)  # [C, D]
         init = jnp.where(ext.clustered, ext.centroids, kmeans_pp_init(k_init, emb, rows, K))
         cents, assign, counts = kmeans(emb, rows, init, config.kmeans_iterations)
         nonempty = (counts > 0).sum()
@@ -523,6 +700,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             clf_loss=jnp.where(accept, losses[-1], ext.clf_loss),
             nonempty=jnp.where(due, nonempty, ext.nonempty).astype(jnp.int32),
             ari=ari,
+            cluster_sizes=pick(counts / jnp.maximum(counts.sum(), 1.0), ext.cluster_sizes),
             last_cluster_step=jnp.where(due, ext.env_steps, ext.last_cluster_step),
             last_cluster_episode=jnp.where(due, ext.episodes, ext.last_cluster_episode),
         )
@@ -539,9 +717,13 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         }
         z = jnp.zeros((), jnp.int32)
         state = TRAMAState(
-            vq_params, vq_tx.init(vq_params), clf_params, clf_tx.init(clf_params),
-            jnp.zeros((K, D)), jnp.zeros((), bool), z, jnp.full((C,), -1, jnp.int32), jnp.full((C,), -1, jnp.int32),
-            z, z, z, z, z, jnp.zeros((5,)), jnp.zeros(()), z, jnp.zeros(()))
+            vq_params=vq_params, vq_opt=vq_tx.init(vq_params), clf_params=clf_params, clf_opt=clf_tx.init(clf_params),
+            centroids=jnp.zeros((K, D)), clustered=jnp.zeros((), bool), clusterings=z,
+            label=jnp.full((C,), -1, jnp.int32), label_uid=jnp.full((C,), -1, jnp.int32), env_steps=z, episodes=z,
+            last_vq_episode=z, last_cluster_step=z, last_cluster_episode=z, vq_loss=jnp.zeros((5,)),
+            clf_loss=jnp.zeros(()), nonempty=z, ari=jnp.zeros(()), book_ready=jnp.zeros((), bool),
+            usage=jnp.zeros((config.n_codes,)), vq_steps=z, codes_in_use=jnp.zeros(()),
+            cluster_sizes=jnp.zeros((K,)))
         return ext_params, state
 
     def initial_field_carry(batch_shape):
@@ -555,10 +737,6 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         cls = jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
         fresh = jax.random.randint(k_uid, uid.shape, 0, jnp.iinfo(jnp.int32).max, jnp.int32)
         uid = jnp.where(uid < 0, fresh, uid)
-        if isinstance(ext_state, TRAMAState):
-            code = vq.apply(ext_state.vq_params, ts.state / state_scale)[2]
-        else:  # deployment (``act``) has no hook state; codes are only for training
-            code = jnp.zeros(ts.state.shape[:-1], jnp.int32)
         # the true task, for analysis only (never an input); at an auto-reset step the
         # info still describes the finished episode: unknown (-1) there
         info = ts.info if isinstance(getattr(ts, "info", None), dict) else {}
@@ -566,7 +744,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             task = jnp.where(ts.done, -1, info["task_id"]).astype(jnp.int32)
         else:
             task = jnp.full(uid.shape, -1, jnp.int32)
-        return {"cls": cls, "code": code, "uid": uid, "task": task}, (h, uid)
+        return {"cls": cls, "uid": uid, "task": task}, (h, uid)
 
     def agent_inputs(ext_params, fields):
         g = g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], K))
@@ -575,11 +753,11 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
     def extra_loss(params, ext: TRAMAState, batch, key):
         filled = batch["filled"]
         valid = filled[:, 1:]  # [B, T]: transition t exists
-        trans = jnp.concatenate([valid, jnp.zeros_like(filled[:, :1])], 1)
         fields = batch["fields"]
 
         def class_loss(pred_params):
-            labels = episode_labels(ext, fields["code"], trans, fields["uid"][:, 0])  # [B]
+            labels = episode_labels(ext, ext.vq_params, batch["state"] / state_scale, transitions(filled),
+                                    fields["uid"][:, 0])  # [B]
             # the agents' chunked unroll: chunks past the batch's longest episode are skipped
             logits = ql.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
                                        max_over_seeds(filled.sum(-1).max()))[:, :-1]  # [B, T, A, K]
@@ -588,17 +766,20 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             w = valid.astype(jnp.float32)[..., None]
             n = jnp.maximum(w.sum() * A, 1.0)
             acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
-            return (ce * w).sum() / n, acc
+            return (ce * w).sum() / n, (acc, majority_rate(labels, valid.sum(-1), K))
 
         # before the first clustering the loss has weight 0: its unroll is skipped (the
         # condition is maximized over vmapped seeds; a seed not yet clustered weighs it 0)
-        ce, acc = jax.lax.cond(max_over_seeds(ext.clustered.astype(jnp.int32)) > 0, class_loss,
-                               lambda p: (jnp.zeros(()), jnp.zeros(())), params["ext"]["predictor"])
+        ce, (acc, majority) = jax.lax.cond(
+            max_over_seeds(ext.clustered.astype(jnp.int32)) > 0, class_loss,
+            lambda p: (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), params["ext"]["predictor"])
         on = ext.clustered.astype(jnp.float32)
-        metrics = {"class_loss": ce * on, "class_accuracy": acc * on, "clustered": on,
+        metrics = {"class_loss": ce * on, "class_accuracy": acc * on, "class_majority_rate": majority * on,
+                   "codes_in_use": ext.codes_in_use, "clustered": on,
                    "clusterings": ext.clusterings.astype(jnp.float32), "nonempty_clusters": ext.nonempty.astype(
                        jnp.float32), "classifier_loss": ext.clf_loss, "vq_loss": ext.vq_loss[0],
-                   "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4]}
+                   "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4],
+                   **{f"cluster_size_{k}": ext.cluster_sizes[k] for k in range(K)}}
         if n_tasks:
             metrics["cluster_ari"] = ext.ari
         return config.class_loss_coef * on * ce, metrics
@@ -613,12 +794,9 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         ext = ext.replace(label=jnp.where(new, -1, ext.label),
                           label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid))
         # VQ-VAE
-        early = ext.env_steps <= config.vq_every_step_until
-        since = ext.episodes - ext.last_vq_episode
-        n_vq = jnp.where(early, config.train_steps, jnp.minimum(since // config.vq_update_episodes,
-                                                                 config.train_steps))
-        n_vq = jnp.where(buffers.can_sample(buffer, config.batch_size), n_vq, 0)
-        ext = ext.replace(last_vq_episode=jnp.where(early | (n_vq > 0), ext.episodes, ext.last_vq_episode))
+        n_vq, last = vq_schedule(ext.env_steps, ext.episodes, ext.last_vq_episode,
+                                 buffers.can_sample(buffer, config.batch_size), config)
+        ext = ext.replace(last_vq_episode=last)
         ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(e, buffer, n_vq, k_vq), lambda e: e, ext)
         # clustering
         due = ((ext.env_steps >= config.cluster_start)

@@ -23,8 +23,12 @@ reflect and surround. This module rebuilds them on JaxMARL's SMAX:
   ends it is the finished episode's task), for analysis only. It never enters
   observations or the world state. Unit types are visible, as in SMACv2 (the agents'
   own type bits, the types of the units they see; the world state lists all types).
-- ``shuffle_units`` (default on) permutes the present units among the first slots
-  each episode, so an agent index is not tied to a unit type.
+- Slot order as in SMACv2 (default): each team's present units are sorted by unit
+  type (SMAX's type index), then start x, then start y, padded slots last. A task thus
+  keeps its slot pattern (agent i has the same type in every episode of that task), and
+  the enemy, mirroring the composition, has the same type in each slot.
+  ``shuffle_units=True`` instead permutes the present units among the first slots each
+  episode (unsorted positions), so an agent index is not tied to a unit type.
 
 Named task sets (``TASK_SETS``), after the paper's ``surComb3`` / ``surComb4`` and
 their reflect variants (``reSurComb*``: reflect or surround with probability 1/2 each):
@@ -68,12 +72,13 @@ class TaskSet:
     tasks: sequence of ``{"units": {type_name: count, ...}, "weight": w}`` (weight
       defaults to 1; weights are normalized).
     reflect_prob: probability of reflect start positions; else surround.
-    shuffle_units: permute the present units among their slots each episode.
+    shuffle_units: permute the present units among their slots each episode; False
+      (default): sort each team by (unit type, x, y) as SMACv2 does.
     """
 
     tasks: tuple
     reflect_prob: float = 0.0
-    shuffle_units: bool = True
+    shuffle_units: bool = False
 
     def __post_init__(self):
         tasks = tuple(dict(units=dict(t["units"]), weight=float(t.get("weight", 1.0))) for t in self.tasks)
@@ -182,10 +187,10 @@ def _classes():
                 # present units get keys in [0, 1), padded ones 2: they stay last
                 order = jnp.argsort(jnp.where(present, jax.random.uniform(k_perm, present.shape), 2.0))
                 types = types[order]
-            unit_types = jnp.concatenate([types, types])  # the enemy mirrors the allies
-            present = jnp.concatenate([present, present])
             reflect = jax.random.uniform(k_mode) < self.task_set.reflect_prob
             positions = jnp.where(reflect, self._reflect.generate(k_ref), self._surround.generate(k_sur))
+            unit_types = jnp.concatenate([types, types])  # the enemy mirrors the allies
+            present = jnp.concatenate([present, present])
             unit_health = jnp.where(present, self.unit_type_health[unit_types], 0.0)
             teams = jnp.zeros((self.num_agents,)).at[self.num_allies:].set(1)
             state = MultiTaskState(
@@ -203,6 +208,12 @@ def _classes():
                 present=present,
             )
             state = self._push_units_away(state)
+            if not self.task_set.shuffle_units:  # sort each team on its final start positions
+                n = self.num_allies
+                order = jnp.concatenate([sort_slots(types, present[:n], state.unit_positions[:n]),
+                                         n + sort_slots(types, present[n:], state.unit_positions[n:])])
+                state = state.replace(unit_positions=state.unit_positions[order],
+                                      unit_types=state.unit_types[order], unit_health=state.unit_health[order])
             obs = self.get_obs(state)
             obs["world_state"] = jax.lax.stop_gradient(self.get_world_state(state))
             return obs, state
@@ -246,6 +257,12 @@ def _classes():
                                                             attack_mode=attack_mode)
 
     return MultiTaskSMAX, MultiTaskHeuristicEnemySMAX
+
+
+def sort_slots(types, present, positions):
+    """Slot order of one team as in SMACv2: present units first, sorted by unit type,
+    then x, then y. types [N], present [N] bool, positions [N, 2] -> permutation [N]."""
+    return jnp.lexsort((positions[:, 1], positions[:, 0], types, ~present))
 
 
 def task_set_from(tasks: Any = None, reflect_prob: Optional[float] = None,

@@ -110,3 +110,28 @@ def test_custom_task_sets_are_validated():
         TaskSet(({"units": {"marine": 1}},), reflect_prob=2.0)
     with pytest.raises(ValueError, match="weight"):
         TaskSet(({"units": {"marine": 1}, "weight": 0},))
+
+
+def test_slots_are_sorted_by_unit_type_then_position(custom_env, resets):
+    """Default slot order (SMACv2's): a task keeps one slot pattern; ties in type are
+    ordered by x; ``shuffle_units=True`` permutes the types instead."""
+    state, ts = resets
+    inner = state.inner.inner.state
+    N = custom_env.spec.num_agents
+    tid = np.asarray(ts.info["task_id"])
+    types = np.asarray(inner.unit_types).astype(int)
+    pos = np.asarray(inner.unit_positions)
+    present = np.asarray(inner.present)
+    for task in range(3):
+        rows = types[tid == task, :N]
+        assert (rows == rows[0]).all()  # one pattern per task
+        n = present[tid == task][0, :N].sum()
+        assert (np.diff(rows[0, :n]) >= 0).all()  # ascending type index
+    for team in (slice(0, N), slice(N, 2 * N)):
+        same = (types[:, team][:, 1:] == types[:, team][:, :-1]) & present[:, team][:, 1:]
+        assert same.any() and (np.diff(pos[:, team, 0], axis=1)[same] >= 0).all()
+    shuffled = envs.make("smax-mt:custom", tasks=CUSTOM, shuffle_units=True, max_steps=30)
+    st, ts2 = jax.jit(jax.vmap(shuffled.reset))(jax.random.split(jax.random.PRNGKey(0), 400))
+    t2 = np.asarray(st.inner.inner.state.unit_types)[:, :N]
+    rows = t2[np.asarray(ts2.info["task_id"]) == 1]  # 2 stalkers + 2 zealots
+    assert len({tuple(r) for r in rows}) > 1
