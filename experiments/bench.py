@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Optional
 
@@ -52,6 +53,7 @@ import tyro
 
 import algos
 import envs
+from experiments.cli import entry
 from marl.runner import init_states, make_chunk_fn
 
 
@@ -183,11 +185,24 @@ def trama_clustered_bench(env, args: BenchArgs, overrides: dict) -> dict:
     return r
 
 
-def main(args: BenchArgs) -> dict:
+def check_args(args: BenchArgs) -> None:
+    from marl.config import ConfigError, check_positive
+
+    for field in ("num_envs", "num_steps", "iterations", "repeats"):
+        check_positive(field, getattr(args, field), integer=True)
+    for field in ("warmup_updates", "seeds_check", "sweep_check", "emu_memory"):
+        if getattr(args, field) < 0:
+            raise ConfigError(field, getattr(args, field), "must be >= 0")
     if args.trama_clustered and "trama" not in args.algos:
-        raise ValueError(f"--trama-clustered needs trama in --algos, got {list(args.algos)}")
+        raise ConfigError("trama_clustered", True, f"needs trama in --algos, got {list(args.algos)}")
+
+
+def main(args: BenchArgs) -> dict:
+    from marl.config import json_dict_arg
+
+    check_args(args)
     env = envs.make(args.env)
-    overrides = json.loads(args.overrides) if args.overrides else {}
+    overrides = json_dict_arg("overrides", args.overrides) or {}
     rand = random_policy_sps(env, args.num_envs, args.num_steps, args.repeats)
     result = {
         "env": args.env, "num_envs": args.num_envs, "num_steps": args.num_steps,
@@ -474,5 +489,11 @@ def print_regularizer_share(r: dict) -> None:
         print(f"{label:<30}{v['seconds_per_update']:>10.3f}{spread:>16}{share:>13}{v['compile_s']:>11.1f}")
 
 
+@entry
+def cli(argv=None) -> int:
+    main(tyro.cli(BenchArgs, args=argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main(tyro.cli(BenchArgs))
+    sys.exit(cli())

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Optional
 
@@ -24,6 +25,7 @@ import jax
 import tyro
 
 from envs.swarms import TASKS, make_swarm
+from experiments.cli import entry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,5 +93,11 @@ def main(args: Args) -> list[dict]:
     return rows
 
 
+@entry
+def cli(argv=None) -> int:
+    main(tyro.cli(Args, args=argv))
+    return 0
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    sys.exit(cli())

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from experiments.cli import entry
 from marl.config import ConfigError
 
 
@@ -81,13 +82,10 @@ def evaluate_references(args: RefArgs) -> dict:
     return {"rows": rows, "lines": lines}
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     args = tyro.cli(RefArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__.split("\n\n")[0])
-    try:
-        evaluate_references(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    evaluate_references(args)
     return 0
 
 

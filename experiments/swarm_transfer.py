@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import tyro
 
+from experiments.cli import entry
 from marl.config import ConfigError
 
 
@@ -211,13 +212,10 @@ def plot(env: str, rows: list[dict], path: str) -> str:
     return path
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     args = tyro.cli(TransferArgs, args=sys.argv[1:] if argv is None else argv, description=__doc__.split("\n\n")[0])
-    try:
-        transfer(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    transfer(args)
     return 0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -26,6 +27,7 @@ import optax
 import algos
 import envs
 from algos import trama
+from experiments.cli import entry
 
 
 def random_policy_episodes(env, key, n: int):
@@ -82,6 +84,12 @@ def task_recovery(env, s, valid, task, seeds=(1,), vq_steps: int = 640, config=N
 def main(env_name: str = "smax-mt:surComb3", episodes: int = 300, max_steps: int = 50, vq_steps: int = 640,
          seeds: tuple = (1, 2, 3), out: Optional[str] = None) -> dict:
     """Every variant x seed; the rollout key is fixed (PRNGKey(0)), seeds vary the VQ-VAE."""
+    from marl.config import ConfigError, check_positive
+
+    for field, v in (("episodes", episodes), ("max_steps", max_steps), ("vq_steps", vq_steps)):
+        check_positive(field, v, integer=True)
+    if not seeds:
+        raise ConfigError("seeds", seeds, "must name at least one seed")
     base = algos.default_config("trama")
     variants = {
         "sorted slots, codebook from data, restarts": (False, base),
@@ -110,7 +118,13 @@ def main(env_name: str = "smax-mt:surComb3", episodes: int = 300, max_steps: int
     return result
 
 
-if __name__ == "__main__":
+@entry
+def cli(argv=None) -> int:
     import tyro
 
-    tyro.cli(main)
+    tyro.cli(main, args=argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -164,6 +164,23 @@ def _cases():
         (r, ["{RUNS}", "--bootstrap-samples", "0"], "bootstrap_samples"),
         (r, ["{RUNS}", "--group-by", "bogus"], "group_by"),
     ]
+    b, bs = "experiments.bench", "experiments.bench_swarms"
+    c += [
+        (b, ["--env", "nope"], "env"),
+        (b, ["--algos", "nope"], "algo"),
+        (b, ["--repeats", "0"], "repeats"),
+        (b, ["--iterations", "0"], "iterations"),
+        (b, ["--num-envs", "0"], "num_envs"),
+        (b, ["--overrides", "x"], "overrides"),
+        (b, ["--trama-clustered"], "trama_clustered"),
+        (bs, ["--tasks", "nope"], "task"),
+        (bs, ["--sizes", "0"], "num_agents"),
+        ("experiments.swarm_references", ["--episodes", "0"], "episodes"),
+        ("experiments.swarm_transfer", ["/nonexistent"], "run_dirs"),
+        ("experiments.swarm_transfer", ["{RUN_DIR}", "--num-agents", "0"], "num_agents"),
+        ("experiments.trama_recovery", ["--episodes", "0"], "episodes"),
+        ("experiments.trama_recovery", ["--env-name", "nope"], "env"),
+    ]
     return c
 
 
@@ -209,7 +226,8 @@ def nothing_compiles(monkeypatch):
 
 
 def _run(module: str, argv: list[str]) -> tuple[int, str]:
-    main = importlib.import_module(module).main
+    mod = importlib.import_module(module)
+    main = getattr(mod, "cli", None) or mod.main
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
