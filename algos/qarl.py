@@ -646,6 +646,7 @@ def best_response_algo(env, config: QARLConfig, total_steps: int, protagonist_in
     ``config``'s networks, only the adversary learning for ``total_steps``.
     ``protagonist_input``: whether the protagonist reads log alpha (its own run's setting)."""
     c = dataclasses.replace(config, curriculum="fixed", adversary=True, total_steps=int(total_steps),
+                            buffer_size=min(config.buffer_size, int(total_steps)),
                             phase_unit="iterations", phase_length=2**30,
                             temperature_inputs=(bool(protagonist_input), True))
     return make(env, c, name="best_response")

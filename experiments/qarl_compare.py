@@ -38,6 +38,7 @@ import warnings
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import algos
@@ -46,8 +47,9 @@ from algos import qarl
 from envs.adversarial import with_params
 from experiments.regularizer_study import metric_arrays
 from marl import stats
+from marl.checkpoint import Checkpointer
 from marl.logging import read_metrics
-from marl.runner import train
+from marl.runner import init_states, train
 
 METHODS = {"qarl": ("qarl", {}), "rarl": ("rarl", {}), "sac": ("qarl", {"adversary": False, "curriculum": "auto"})}
 SHAPE_GOAL = 2.0  # the curriculum check: the Gamma shape at or below this ...
@@ -70,6 +72,10 @@ def parse(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue the runs in --out from their checkpoints (finished runs are only re-evaluated)")
+    p.add_argument("--eval-only", action="store_true",
+                   help="no training: evaluate the latest checkpoints in --out (a stopped run: its budget so far)")
+    p.add_argument("--report-only", action="store_true",
+                   help="no computation: tables and plots from the evaluations saved in --out (eval.json)")
     # a few QARL/SAC fields for quick runs; anything else keeps the config defaults
     for name, typ in (("learning-starts", int), ("hidden", int), ("num-layers", int), ("batch-size", int),
                       ("buffer-size", int), ("num-envs", int), ("num-steps", int), ("train-steps", int),
@@ -110,6 +116,21 @@ def shape_check(steps, shape, budget: float) -> dict:
             "final_shape": [float(r[np.isfinite(r)][-1]) if np.isfinite(r).any() else None for r in shape]}
 
 
+def restore_latest(algo, run_dir: str, num_seeds: int, seed: int):
+    """The seed-batched train state of ``run_dir``'s latest checkpoint (no compilation:
+    the template comes from ``jax.eval_shape``) and its iteration."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+    shapes = jax.eval_shape(lambda k: init_states(algo, k), keys)
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir}")
+        return ckpt.restore(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes), step), int(step)
+    finally:
+        ckpt.close()
+
+
 def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
     env = envs.make(env_name)
     if scale != 1.0:
@@ -120,63 +141,81 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
         algo = qarl.make(env, algos.default_config(name, **preset, **overrides(args)), name=method)
         t0 = time.perf_counter()
         run_dir = os.path.join(out_dir, method)
-        res = train(algo, num_iterations=algo.config.num_updates, num_seeds=args.num_seeds, seed=args.seed,
-                    chunk_iterations=min(args.chunk_iterations, algo.config.num_updates),
-                    run_dir=run_dir, progress=True, resume=args.resume and os.path.isdir(run_dir),
-                    run_info={"config": {k: str(v) for k, v in vars(algo.config).items()}, "method": method,
-                              "adversary_scale": scale})
-        trained[method] = (algo, res)
+        if args.eval_only or args.report_only:
+            state, done = (None, None) if args.report_only else restore_latest(algo, run_dir, args.num_seeds, args.seed)
+        else:
+            res = train(algo, num_iterations=algo.config.num_updates, num_seeds=args.num_seeds, seed=args.seed,
+                        chunk_iterations=min(args.chunk_iterations, algo.config.num_updates),
+                        run_dir=run_dir, progress=True, resume=args.resume and os.path.isdir(run_dir),
+                        run_info={"config": {k: str(v) for k, v in vars(algo.config).items()}, "method": method,
+                                  "adversary_scale": scale})
+            state, done = res.state, algo.config.num_updates
+        trained[method] = (algo, state, done)
         # the whole run from its log, resumed or not
         records = read_metrics(run_dir)
         _, curve, episodes = metric_arrays(records, "return_agent0")
         steps = (np.arange(curve.shape[1]) + 1) * algo.env_steps_per_update
-        results[method] = {"wall_seconds": time.perf_counter() - t0, "compile_seconds": res.compile_seconds,
-                           "steps": steps, "curve": curve, "episodes": episodes,
-                           "shape": metric_arrays(records, "curriculum_shape")[1]
+        results[method] = {"wall_seconds": time.perf_counter() - t0, "steps": steps, "curve": curve,
+                           "episodes": episodes, "shape": metric_arrays(records, "curriculum_shape")[1]
                            if algo.config.curriculum in ("gamma", "linear", "point") else None}
 
     (n1, v1), (n2, v2) = axes = qarl.stress_axes(next(iter(trained.values()))[0], args.grid)
-    key = jax.random.PRNGKey(args.seed + 1)
-    S = args.num_seeds
-    keys = jax.random.split(key, S)
+    keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), args.num_seeds)
+    tag = {"eval_episodes": args.eval_episodes, "grid": args.grid, "num_seeds": args.num_seeds, "seed": args.seed}
     summary = {}
-    for method, (algo, res) in trained.items():
-        params = res.state.params
-        # the adversary's run holds the environment with the adversary on (SAC's has it off)
-        others = {o: (oalgo, (algo.config.inputs[0], oalgo.config.inputs[1]))
-                  for o, (oalgo, _) in trained.items() if oalgo.config.adversary}
-        crossed = {o: qarl.cross_params(params, trained[o][1].state.params, seed_axis=True) for o in others}
-        out = evaluate(algo, others, axes, args.eval_episodes)(params, crossed, keys)
-        out = jax.tree.map(np.asarray, out)
-        against = {o: out[o].tolist() for o in others}
-        without, grid = out["without"].tolist(), out["grid"]
-        qarl.save_grid(grid, axes, os.path.join(out_dir, f"robustness_{method}"),
-                       f"{env_name} x{scale:g} {method}: protagonist return, no adversary")
-        best = best_response(env, algo, params, keys, args, os.path.join(out_dir, method, "best_response.json"))
+    for method, (algo, _, done) in trained.items():
+        cache = os.path.join(out_dir, method, "eval.json")
+        cached = json.load(open(cache)) if os.path.exists(cache) else None
+        if args.report_only or (cached and cached["tag"] == {**tag, "iteration": done}):
+            if cached is None:
+                raise FileNotFoundError(f"--report-only needs {cache}: run --eval-only first")
+            ev = cached["eval"]
+        else:
+            ev = evaluate_method(env, method, trained, axes, keys, args, os.path.join(out_dir, method))
+            with open(cache, "w") as fh:
+                json.dump({"tag": {**tag, "iteration": done}, "eval": ev}, fh)
+            qarl.save_grid(ev["grid"], axes, os.path.join(out_dir, f"robustness_{method}"),
+                           f"{env_name} x{scale:g} {method}: protagonist return, no adversary")
+        grid = np.asarray(ev["grid"])
         curve, eps = results[method]["curve"], results[method]["episodes"]
         late = slice(curve.shape[1] // 2, None)  # second half, iterations where episodes ended
         w = eps[:, late]
         summary[method] = {
+            "env_steps": int(results[method]["steps"][-1]), "budget": algo.config.total_steps,
             "final_training_return": float((curve[:, late] * w).sum() / max(w.sum(), 1)),
-            "return_vs_final_adversary": against, "return_without_adversary": without,
-            "return_vs_best_response": best,
+            "return_vs_final_adversary": ev["against"], "return_without_adversary": ev["without"],
+            "return_vs_best_response": ev["best_response"],
             "grid_axes": [n1, n2], "robustness_grid_mean": grid.mean((1, 2)).tolist(),
             "robustness_grid_min": grid.min((1, 2)).tolist(),
             "robustness_grid_spread": np.asarray(qarl.grid_spread(grid)).tolist(),
-            "wall_seconds": results[method]["wall_seconds"], "compile_seconds": results[method]["compile_seconds"],
         }
         for k in ("return_without_adversary", "return_vs_best_response", "robustness_grid_mean",
                   "robustness_grid_min", "robustness_grid_spread"):
             if summary[method][k] is not None:
                 summary[method][k + "_iqm"] = interval(summary[method][k])
-        if method in against:
-            summary[method]["return_vs_own_adversary_iqm"] = interval(against[method])
+        if method in ev["against"]:
+            summary[method]["return_vs_own_adversary_iqm"] = interval(ev["against"][method])
         if results[method]["shape"] is not None:
             summary[method]["curriculum"] = shape_check(results[method]["steps"], results[method]["shape"],
                                                         algo.config.total_steps)
     plot_curves(results, f"{env_name} (adversary x{scale:g})", os.path.join(out_dir, "returns.png"))
     plot_shapes(results, f"{env_name} (adversary x{scale:g})", os.path.join(out_dir, "curriculum_shape"))
     return summary
+
+
+def evaluate_method(env, method: str, trained: dict, axes, keys, args, run_dir: str) -> dict:
+    """One method's protagonists: against every loaded adversarial run's final adversary
+    (cross play), without adversary, on the stress grid, and against a best response."""
+    algo, state, _ = trained[method]
+    params = state.params
+    # the adversary's run holds the environment with the adversary on (SAC's has it off)
+    others = {o: (oalgo, (algo.config.inputs[0], oalgo.config.inputs[1]))
+              for o, (oalgo, _, _) in trained.items() if oalgo.config.adversary}
+    crossed = {o: qarl.cross_params(params, trained[o][1].params, seed_axis=True) for o in others}
+    out = jax.tree.map(np.asarray, evaluate(algo, others, axes, args.eval_episodes)(params, crossed, keys))
+    best = best_response(env, algo, params, keys, args, os.path.join(run_dir, "best_response.json"))
+    return {"against": {o: out[o].tolist() for o in others}, "without": out["without"].tolist(),
+            "grid": out["grid"].tolist(), "best_response": best}
 
 
 def evaluate(algo, others: dict, axes, episodes: int):
@@ -208,7 +247,8 @@ def best_response(env, algo, params, keys, args, path: str) -> Optional[list]:
             return done["returns"]
     t0 = time.perf_counter()
     br = qarl.best_response_algo(env, algo.config, int(args.br_steps), algo.config.inputs[0])
-    state = qarl.train_best_response(br, params, jax.random.PRNGKey(args.seed + 2), args.chunk_iterations)
+    # one compiled chunk for the whole budget
+    state = qarl.train_best_response(br, params, jax.random.PRNGKey(args.seed + 2), br.config.num_updates)
     ev = jax.jit(jax.vmap(lambda p, k: qarl.evaluate_protagonist(br, p, k, args.eval_episodes, True)))
     returns = np.asarray(ev(state.params, keys)).tolist()
     with open(path, "w") as fh:
