@@ -58,8 +58,9 @@ adversary's force bound, and cart-pole's cart mass (the other tasks ignore it). 
 task names its robustness grid, ``stress_axes`` (``stress_grid(n)`` gives the values):
 mass x0.35-2.8 x friction x0-5 by default, pole x cart mass for cart-pole; and the
 per-step bounds of the protagonist's reward, ``reward_range`` (pendulum: -16.27..0,
-cart-pole: 0..1, point mass: -2.02..0), from which QARL sets its threshold. The parameters belong to the environment object (so auto-reset keeps
-them) and are arrays inside the traced step, so they may be tracers::
+cart-pole: 0..1, point mass: -2.02..0), from which QARL sets its threshold. The
+parameters belong to the environment object (so auto-reset keeps them) and are
+arrays inside the traced step, so they may be tracers::
 
     from envs.adversarial import with_params
     env = envs.make("adv:pendulum")
