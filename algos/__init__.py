@@ -26,7 +26,7 @@ _REGISTRY: dict[str, tuple[str, str, dict]] = {
     "dec_pomfc": ("algos.dec_pomfc", "DecPOMFCConfig", {}),
     "trama": ("algos.trama", "TRAMAConfig", {"mixer": "qplex"}),
     "qarl": ("algos.qarl", "QARLConfig", {"curriculum": "gamma"}),
-    "rarl": ("algos.qarl", "QARLConfig", {"curriculum": "none"}),
+    "rarl": ("algos.qarl", "QARLConfig", {"curriculum": "auto"}),
 }
 
 

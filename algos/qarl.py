@@ -40,16 +40,30 @@ Curriculum: p_k(alpha) = Gamma(shape k, rate theta)
                                          + k2 (log t1 - log t2) + k1 (t2 - t1) / t1
 (psi: digamma; with equal rates the last two terms vanish). Finished episodes push
 (alpha_i, J_i, k_i) into a fixed-size ring buffer in the train state (J_i: the
-protagonist's return, k_i: the shape alpha_i was drawn from). Every ``update_every``
-new pairs, the shape is updated by
+protagonist's *discounted* return sum_t gamma^t r_t with SAC's gamma, as the reference
+code's compute_J; k_i: the shape alpha_i was drawn from). Every ``update_every`` new
+pairs, the shape is updated by
 
-    k_new = argmin_{k in grid} KL(p_k || p_target)
+    k_new = argmin_k KL(p_k || p_target)
             s.t.  KL(p_k || p_k_old) <= eps,
                   J_hat(k) = sum_i w_i(k) J_i / sum_i w_i(k) >= xi,   w_i(k) = p_k(alpha_i) / p_{k_i}(alpha_i)
 
-over a grid of ``grid_size`` shapes log-spaced in [k_target, k_old] (k_old included),
-and only if J_hat(k_old) >= xi; otherwise (nothing feasible) k stays. With equal
-rates KL(p_k || p_target) grows with |k - k_target|, so this is the smallest feasible k.
+only if J_hat(k_old) >= xi (otherwise k stays). The solve is continuous in k
+(``self_paced_update``): with equal rates the objective falls monotonically toward
+k_target, so the answer is the feasible k closest to it. The KL constraint is an
+interval [k_kl, k_old] whose end k_kl is found by bisection; the performance constraint
+is followed from k_old toward k_kl (a local solve, as the reference's trust-region
+solver started at k_old): ``grid_size`` points bracket its first violation and
+bisection on J_hat(k) - xi places the boundary to float precision.
+
+Threshold xi (``threshold``, ``threshold_fraction``, ``THRESHOLD_FRACTIONS``): on the
+discounted return, ``xi = D (lo + f (hi - lo))`` with D = sum_{t<T} gamma^t and the
+task's per-step reward bounds ``reward_range = (lo, hi)`` (``threshold_for``). For a
+reward in [0, 1] that is f times the maximum discounted return. The reference's
+values out of a maximum of about 99 (gamma 0.99): cartpole, cheetah and walker 10
+(f = 0.1), hopper 1 (f = 0.01); the defaults here use the same fractions
+(adv:cartpole xi = 9.93, adv:cheetah 10.0, adv:hopper 1.0) and f = 0.1 for the tasks the
+reference does not have (adv:pendulum, adv:pointmass).
 
 Variants (``curriculum``)
 -------------------------
@@ -60,10 +74,19 @@ Variants (``curriculum``)
 - ``"point"``: a point (Dirac) distribution at the mean, alpha = k / theta; importance
   weights do not exist for a Dirac, so the performance test uses the plain mean of the
   recent returns, and the step is the same KL trust region on the shape.
-- ``"none"``: the shape stays at ``target_shape`` from the start: RARL with a nearly
-  rational adversary (registered as ``"rarl"``).
+- ``"none"``: the shape stays at ``target_shape`` from the start (Gamma(1, theta) draws).
+- ``"fixed"``: alpha = k_target / theta in every episode (the best-response adversary of
+  the evaluation).
+- ``"auto"``: RARL as in the reference code (registered as ``"rarl"``): the adversary is
+  ordinary SAC with its own auto-tuned temperature (target entropy -|A|) and no
+  temperature input; no curriculum.
 - ``adversary=False``: the SAC baseline (the adversary's force is scaled by 0; the
   adversary learns nothing, the protagonist learns in every iteration).
+
+Temperature input (``temperature_inputs``): which players see log alpha. Default: both
+with a temperature curriculum, neither with ``"auto"`` or without adversary. A player
+without it sees 0 in that slot (the observation keeps its size, so players from runs
+with and without the input can meet in cross play).
 
 Alternation
 -----------
@@ -81,25 +104,25 @@ Defaults and deviations
   temperature lr 3e-4, batch 256, replay start 3000, tau 0.005, log-std in [-20, 2],
   one gradient step per 3 environment steps (here 4 envs x 3 steps -> 4 steps), 5
   episodes per phase.
-- Thresholds xi: the paper's (cheetah 10, walker 10, hopper 1, cartpole 10) are for
-  dm_control rewards. The tasks here have other scales, so the defaults
-  (``THRESHOLDS``) are about half of what a good protagonist earns against a weak
-  adversary: adv:cartpole 250 (reward 1 per step, 500 steps), adv:pendulum -400
-  (random play about -1200, solved about -150), adv:pointmass -60 (random about -200,
-  reaching the goal in about 40 steps about -30), adv:cheetah 100 (dm_control-style
-  reward in [0, 1] per step, 1000 steps), adv:hopper 300 (alive bonus 1 per step).
-  Any other task needs ``threshold``.
 - The paper samples 5 temperatures per iteration and plays one episode per temperature
   in each phase; here every episode of every environment draws its own (episodes run
   across phase boundaries in the parallel environments).
 - Every finished episode (both phases) is an (alpha, J) pair; the ring buffer is not
-  emptied after an update, its pairs are reweighted by their own drawing shape k_i
-  (exact importance weights instead of assuming all came from k_old). Weights are
-  self-normalized.
+  emptied after an update (the reference empties it), its pairs are reweighted by their
+  own drawing shape k_i (exact importance weights instead of assuming all came from
+  k_old). Weights are self-normalized (the reference's are not).
 - The temperature enters the observation as log alpha (well scaled: -3 at k = 50,
   -7 at k = 1) rather than alpha.
 - Evaluation (``evaluate_protagonist``, ``robustness_grid``) fixes the adversary's
   temperature to the target mean k_target / theta, the most rational level trained for.
+  The stress grid is the task's (``stress_axes``: cart-pole's pole mass 0.1-20 kg x cart
+  mass 0.5-5 kg, as the reference's 1-20 kg pole grid; mass x friction elsewhere);
+  ``grid_spread`` = (max - min) / mean says whether the grid tells policies apart.
+- Best response (``best_response_algo``, ``train_best_response``): a fresh SAC adversary
+  at the target temperature trains for a fixed budget against each frozen protagonist
+  (which acts with its stochastic policy during that training, greedily in the
+  evaluation); the protagonist's return against it is a worst-case estimate that does
+  not depend on how good the run's own adversary became.
 """
 
 from __future__ import annotations
@@ -119,13 +142,29 @@ from algos import sac
 from envs.adversarial import with_params
 from envs.wrappers import Wrapper
 from marl import config as cfg
-from marl.types import Algorithm
+from marl.types import SEED_AXIS, Algorithm
 
-THRESHOLDS = {"adv:cartpole": 250.0, "adv:pendulum": -400.0, "adv:pointmass": -60.0,
-              "adv:cheetah": 100.0, "adv:hopper": 300.0}
-"""Default performance thresholds xi per environment (see the module docstring)."""
+THRESHOLD_FRACTIONS = {"adv:cartpole": 0.1, "adv:cheetah": 0.1, "adv:hopper": 0.01,
+                       "adv:pendulum": 0.1, "adv:pointmass": 0.1}
+"""Default performance thresholds xi, as a fraction of each task's discounted return range
+(see :func:`threshold_for` and the module docstring)."""
 
-CURRICULA = ["gamma", "linear", "point", "none"]
+
+def max_discounted_return(reward_per_step: float, gamma: float, horizon: int) -> float:
+    """sum_{t < horizon} gamma^t r: the discounted return of a constant per-step reward."""
+    return float(reward_per_step * (1.0 - gamma**horizon) / (1.0 - gamma) if gamma < 1 else reward_per_step * horizon)
+
+
+def threshold_for(env, gamma: float, fraction: float) -> float:
+    """xi = D (lo + fraction (hi - lo)), D = sum_{t < T} gamma^t: ``fraction`` of the way
+    from the lowest to the highest discounted return a full episode can earn, with the
+    task's per-step reward bounds ``env.unwrapped.reward_range = (lo, hi)``. For rewards
+    in [0, 1] this is ``fraction`` times the maximum discounted return (cartpole: 99.3)."""
+    lo, hi = env.unwrapped.reward_range
+    return max_discounted_return(lo + fraction * (hi - lo), gamma, env.spec.max_steps)
+
+
+CURRICULA = ["gamma", "linear", "point", "none", "fixed", "auto"]
 LOG_ALPHA_MIN = float(np.log(1e-8))
 
 
@@ -192,34 +231,65 @@ def importance_weighted_return(cur: Curriculum, shapes, rate):
     return jnp.where(cur.size > 0, (w * cur.ret).sum(-1), -jnp.inf)
 
 
-def candidate_shapes(k_old, k_target, grid_size: int):
-    """``[G]`` shapes log-spaced from k_target to k_old (both included)."""
-    t = jnp.linspace(0.0, 1.0, grid_size)
+def kl_trust_bound(k_old, k_target, rate, kl_bound, iters: int = 40):
+    """The smallest k in [k_target, k_old] with KL(p_k || p_k_old) <= kl_bound (the KL grows
+    as k moves away from k_old, so the trust region toward the target is [bound, k_old]);
+    bisection in log k, ``iters`` halvings of an interval at most log(k_old / k_target) wide."""
     lo, hi = jnp.log(jnp.minimum(k_target, k_old)), jnp.log(k_old)
-    return jnp.exp(lo + t * (hi - lo)).at[-1].set(k_old)
+    inside = lambda lk: gamma_kl(jnp.exp(lk), rate, k_old, rate) <= kl_bound
+
+    def halve(_, b):
+        lo, hi = b  # lo outside, hi inside
+        mid = 0.5 * (lo + hi)
+        return jnp.where(inside(mid), lo, mid), jnp.where(inside(mid), mid, hi)
+
+    _, hi_in = jax.lax.fori_loop(0, iters, halve, (lo, hi))
+    return jnp.exp(jnp.where(inside(lo), lo, hi_in))
 
 
 def self_paced_update(cur: Curriculum, rate: float, target_shape: float, grid_size: int = 64,
-                      importance: bool = True):
-    """The constrained curriculum step; returns (new shape, J_hat(k_old)).
+                      importance: bool = True, iters: int = 40):
+    """The constrained curriculum step, solved over the continuous shape; returns
+    (new shape, J_hat(k_old)).
 
-    ``importance=False`` (the point variant) replaces J_hat by the plain mean return.
-    Nothing feasible (or J_hat(k_old) < xi, or no pairs): the old shape.
+    min_k KL(p_k || p_target) s.t. KL(p_k || p_k_old) <= eps and J_hat(k) >= xi: with
+    equal rates the objective falls monotonically as k approaches k_target, so the solution
+    is the feasible k closest to k_target. The KL constraint gives the interval
+    [k_kl, k_old] (:func:`kl_trust_bound`, bisection). Along it, starting from k_old (a
+    local solve, as the reference's trust-region solver started at the current shape),
+    the performance constraint is followed toward k_kl: ``grid_size`` log-spaced points
+    bracket the first violation, and bisection on J_hat(k) - xi inside the bracket places
+    the boundary to ``iters`` halvings (J_hat is smooth in k). ``importance=False`` (the
+    point variant) replaces J_hat by the plain mean return (then the KL bound alone
+    decides). Nothing feasible (J_hat(k_old) < xi, or no pairs): the old shape.
     """
     k_old = cur.shape
-    cands = candidate_shapes(k_old, target_shape, grid_size)
     if importance:
-        perf = importance_weighted_return(cur, cands, rate)
-        perf_old = perf[-1]
+        perf_of = lambda ks: importance_weighted_return(cur, jnp.atleast_1d(ks), rate).reshape(jnp.shape(ks))
+        perf_old = perf_of(k_old)
     else:
         valid = jnp.arange(cur.ret.shape[0]) < cur.size
         perf_old = jnp.where(cur.size > 0, (cur.ret * valid).sum() / jnp.maximum(cur.size, 1), -jnp.inf)
-        perf = jnp.full(cands.shape, perf_old)
-    feasible = (gamma_kl(cands, rate, k_old, rate) <= cur.kl_bound) & (perf >= cur.threshold)
-    objective = jnp.where(feasible, gamma_kl(cands, rate, target_shape, rate), jnp.inf)
-    best = cands[jnp.argmin(objective)]
-    ok = feasible.any() & (perf_old >= cur.threshold)
-    return jnp.where(ok, best, k_old), perf_old
+        perf_of = lambda ks: jnp.full(jnp.shape(ks), perf_old)
+    k_kl = kl_trust_bound(k_old, target_shape, rate, cur.kl_bound, iters)
+    t = jnp.linspace(0.0, 1.0, grid_size)
+    grid = jnp.exp(jnp.log(k_kl) + t * (jnp.log(k_old) - jnp.log(k_kl))).at[-1].set(k_old)  # [G]
+    ok = perf_of(grid) >= cur.threshold
+    # first index of the feasible run that ends at k_old
+    run_start = grid_size - jnp.argmin(jnp.concatenate([ok[::-1], jnp.zeros((1,), bool)]))
+    first = jnp.clip(run_start, 0, grid_size - 1)
+
+    def halve(_, b):
+        lo, hi = b  # log k: lo infeasible, hi feasible
+        mid = 0.5 * (lo + hi)
+        good = perf_of(jnp.exp(mid)) >= cur.threshold
+        return jnp.where(good, lo, mid), jnp.where(good, mid, hi)
+
+    lo, hi = jnp.log(grid[jnp.maximum(first - 1, 0)]), jnp.log(grid[first])
+    _, boundary = jax.lax.fori_loop(0, iters, halve, (lo, hi))
+    best = jnp.where(first == 0, k_kl, jnp.exp(boundary))
+    feasible = (perf_old >= cur.threshold) & (k_old > target_shape)
+    return jnp.where(feasible, jnp.maximum(best, target_shape), k_old), perf_old
 
 
 def linear_shape(iteration, init_shape: float, target_shape: float, horizon: float):
@@ -244,31 +314,45 @@ class TemperatureState:
     log_alpha: jax.Array  # [] this episode's adversary temperature (log)
     drawn_shape: jax.Array  # [] the shape it was drawn from
     shape: jax.Array  # [] the shape the next episode's temperature is drawn from
+    discounted: jax.Array  # [] the protagonist's discounted return so far in this episode
+    discount: jax.Array  # [] gamma^t for the next reward
 
 
 class TemperatureObs(Wrapper):
     """Draws a temperature per episode from Gamma(shape, rate) (or its mean, with
-    ``deterministic``) and appends its log to every agent's observation.
+    ``deterministic``) and appends its log to the observation of every agent whose
+    ``inputs`` entry is True (0 for the others: the feature carries nothing, so a
+    network reading it is one without a temperature input, and players from runs
+    with and without it can meet in one environment).
 
     Goes outside ``EpisodeStats(AutoReset(env))``. ``info`` gains ``episode_log_alpha``
     and ``episode_shape``: the temperature of the episode that ended at this step and
-    the shape it was drawn from (read where ``done``). ``final_obs`` carries the ended
-    episode's temperature. The shape for new episodes is ``state.shape`` (an
-    algorithm may set it); the initial one is ``self.shape``.
+    the shape it was drawn from, and ``episode_discounted_return``: the protagonist's
+    (agent 0's) return sum_t gamma^t r_t of that episode (read where ``done``).
+    ``final_obs`` carries the ended episode's temperature. The shape for new episodes
+    is ``state.shape`` (an algorithm may set it); the initial one is ``self.shape``.
     """
 
-    def __init__(self, env, shape: float, rate: float, deterministic: bool = False):
+    def __init__(self, env, shape: float, rate: float, deterministic: bool = False, gamma: float = 0.99,
+                 inputs: Sequence[bool] = (True, True)):
         super().__init__(env)
         self.shape, self.rate, self.deterministic = float(shape), float(rate), bool(deterministic)
+        self.gamma = float(gamma)
+        self.inputs = tuple(bool(i) for i in inputs)
+        if len(self.inputs) != env.spec.num_agents:
+            raise cfg.ConfigError("inputs", inputs, f"needs one entry per agent ({env.spec.num_agents})")
         self.spec = dataclasses.replace(env.spec, obs_dim=env.spec.obs_dim + 1)
 
-    def with_temperature(self, shape: Optional[float] = None, deterministic: Optional[bool] = None):
+    def with_temperature(self, shape: Optional[float] = None, deterministic: Optional[bool] = None,
+                         inputs: Optional[Sequence[bool]] = None):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         if shape is not None:
             new.shape = float(shape)
         if deterministic is not None:
             new.deterministic = bool(deterministic)
+        if inputs is not None:
+            new.inputs = tuple(bool(i) for i in inputs)
         return new
 
     def _draw(self, key, shape):
@@ -278,12 +362,13 @@ class TemperatureObs(Wrapper):
             alpha = jax.random.gamma(key, shape) / self.rate
         return jnp.maximum(jnp.log(alpha), LOG_ALPHA_MIN).astype(jnp.float32)
 
-    @staticmethod
-    def _append(obs, log_alpha):
-        return jnp.concatenate([obs, jnp.broadcast_to(log_alpha, obs.shape[:-1] + (1,)).astype(obs.dtype)], -1)
+    def _append(self, obs, log_alpha):
+        feature = jnp.where(jnp.asarray(self.inputs)[:, None], log_alpha, 0.0)  # [A, 1]
+        return jnp.concatenate([obs, jnp.broadcast_to(feature, obs.shape[:-1] + (1,)).astype(obs.dtype)], -1)
 
-    def _ts(self, ts, log_alpha, ended_log_alpha, ended_shape):
-        info = dict(ts.info, episode_log_alpha=ended_log_alpha, episode_shape=ended_shape)
+    def _ts(self, ts, log_alpha, ended_log_alpha, ended_shape, ended_discounted):
+        info = dict(ts.info, episode_log_alpha=ended_log_alpha, episode_shape=ended_shape,
+                    episode_discounted_return=ended_discounted)
         if "final_obs" in info:
             info["final_obs"] = self._append(info["final_obs"], ended_log_alpha)
         return ts._replace(obs=self._append(ts.obs, log_alpha), info=info)
@@ -293,15 +378,18 @@ class TemperatureObs(Wrapper):
         inner, ts = self._env.reset(k_env)
         shape = jnp.asarray(self.shape, jnp.float32)
         la = self._draw(k_alpha, shape)
-        return TemperatureState(inner, la, shape, shape), self._ts(ts, la, la, shape)
+        zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
+        return TemperatureState(inner, la, shape, shape, zero, one), self._ts(ts, la, la, shape, zero)
 
     def step(self, key, state: TemperatureState, action):
         k_env, k_alpha = jax.random.split(key)
         inner, ts = self._env.step(k_env, state.inner, action)
+        discounted = state.discounted + state.discount * ts.reward[0]
         la = jnp.where(ts.done, self._draw(k_alpha, state.shape), state.log_alpha)
         drawn = jnp.where(ts.done, state.shape, state.drawn_shape)
-        out = self._ts(ts, la, state.log_alpha, state.drawn_shape)
-        return TemperatureState(inner, la, drawn, state.shape), out
+        out = self._ts(ts, la, state.log_alpha, state.drawn_shape, discounted)
+        return TemperatureState(inner, la, drawn, state.shape, jnp.where(ts.done, 0.0, discounted),
+                                jnp.where(ts.done, 1.0, state.discount * self.gamma)), out
 
 
 # ----------------------------------------------------------------------------- config
@@ -317,7 +405,8 @@ class QARLConfig(sac.SACConfig):
     actor_lr: float = 1e-4
     learning_starts: int = 3_000
     curriculum: str = "gamma"
-    """gamma (QARL) | linear | point | none (RARL: the target temperature from the start)"""
+    """gamma (QARL) | linear | point | none (Gamma(target) from the start) | fixed (alpha = target
+    mean, every episode) | auto (RARL: the adversary is plain SAC, auto-tuned, no temperature input)"""
     adversary: bool = True
     """False: the SAC baseline (adversary force scaled by 0, only the protagonist learns)"""
     gamma_rate: float = 1000.0
@@ -325,7 +414,12 @@ class QARLConfig(sac.SACConfig):
     target_shape: float = 1.0
     kl_bound: float = 0.5
     threshold: Optional[float] = None
-    """performance threshold xi; None: THRESHOLDS[env name]"""
+    """performance threshold xi on the protagonist's discounted return; None: from threshold_fraction"""
+    threshold_fraction: Optional[float] = None
+    """xi as this fraction of the task's discounted return range (threshold_for); None: THRESHOLD_FRACTIONS"""
+    temperature_inputs: Optional[tuple[bool, bool]] = None
+    """which players see log alpha (protagonist, adversary); None: both, or neither for curriculum
+    'auto' and without adversary"""
     update_every: int = 30
     """new (alpha, return) pairs between curriculum updates"""
     history: int = 30
@@ -356,6 +450,17 @@ class QARLConfig(sac.SACConfig):
             raise cfg.ConfigError("frozen_agents", self.frozen_agents, "must be empty: QARL's phases decide who learns")
         if self.threshold is not None and not np.isfinite(self.threshold):
             raise cfg.ConfigError("threshold", self.threshold, "must be a finite number or None")
+        if self.threshold_fraction is not None:
+            cfg.check_range("threshold_fraction", self.threshold_fraction, 0.0, 1.0)
+        ti = self.temperature_inputs
+        if ti is not None and (not isinstance(ti, tuple) or len(ti) != 2 or not all(isinstance(i, bool) for i in ti)):
+            raise cfg.ConfigError("temperature_inputs", ti, "must be None or a pair of bools (protagonist, adversary)")
+
+    @property
+    def inputs(self) -> tuple[bool, bool]:
+        if self.temperature_inputs is not None:
+            return self.temperature_inputs
+        return (False, False) if self.curriculum == "auto" or not self.adversary else (True, True)
 
 
 @struct.dataclass
@@ -368,22 +473,34 @@ class QARLExt:
 
 def _sac_config(config: QARLConfig) -> sac.SACConfig:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(sac.SACConfig)}
-    return sac.SACConfig(**{**fields, "temperature_from_obs": (1,), "frozen_agents": ()})
+    return sac.SACConfig(**{**fields, "temperature_from_obs": () if config.curriculum == "auto" else (1,),
+                            "frozen_agents": ()})
+
+
+def threshold_of(env, config: QARLConfig) -> float:
+    """The performance threshold xi on the protagonist's discounted return: ``config.threshold``,
+    else ``threshold_for`` with ``config.threshold_fraction`` or the task's default fraction."""
+    if config.threshold is not None:
+        return float(config.threshold)
+    name = env.spec.name
+    fraction = config.threshold_fraction if config.threshold_fraction is not None else THRESHOLD_FRACTIONS.get(name)
+    if fraction is None or not hasattr(env.unwrapped, "reward_range"):
+        raise cfg.ConfigError("threshold", None, f"has no default for env {name!r}; set threshold or threshold_"
+                                                 f"fraction (defaults exist for {sorted(THRESHOLD_FRACTIONS)})")
+    return threshold_for(env, config.gamma, fraction)
 
 
 def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
     spec = env.spec
     if spec.num_agents != 2 or spec.discrete:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a two-player continuous adversarial task (adv:<task>)")
-    threshold = config.threshold if config.threshold is not None else THRESHOLDS.get(spec.name)
-    if threshold is None:
-        raise cfg.ConfigError("threshold", None, f"has no default for env {spec.name!r}; set a number "
-                                                 f"(defaults exist for {sorted(THRESHOLDS)})")
+    threshold = threshold_of(env, config)
     if not config.adversary:
         env = with_params(env, adversary_scale=0.0)
     rate = config.gamma_rate
-    k0 = config.target_shape if config.curriculum == "none" else config.init_shape
-    tenv = TemperatureObs(env, k0, rate, deterministic=config.curriculum == "point")
+    k0 = config.init_shape if config.curriculum in ("gamma", "linear", "point") else config.target_shape
+    tenv = TemperatureObs(env, k0, rate, deterministic=config.curriculum in ("point", "fixed"), gamma=config.gamma,
+                          inputs=config.inputs)
     base = sac.make(tenv, _sac_config(config), name=name, expose_rollout=True)
     E = config.num_envs
     learner_mask = jnp.array([[False, True], [True, False]])  # by phase
@@ -400,7 +517,7 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
             shape = linear_shape(iteration, config.init_shape, config.target_shape,
                                  config.linear_fraction * num_updates)
             return cur.replace(shape=shape), cur.performance
-        if config.curriculum == "none":
+        if config.curriculum in ("none", "fixed", "auto"):
             return cur, cur.performance
         due = cur.fresh >= config.update_every
         new, perf = self_paced_update(cur, rate, config.target_shape, config.grid_size,
@@ -416,7 +533,7 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
         done = ro["done"].reshape(-1)
         info = ro["info"]
         ended_la = info["episode_log_alpha"].reshape(-1)
-        cur = curriculum_push(ext.curriculum, ended_la, ro["return"][..., 0].reshape(-1),
+        cur = curriculum_push(ext.curriculum, ended_la, info["episode_discounted_return"].reshape(-1),
                               info["episode_shape"].reshape(-1), done)
         iteration = ext.iteration + 1
         cur, perf = next_shape(cur, iteration)
@@ -429,7 +546,8 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
         state = state.replace(env_state=env_state, train_mask=mask,
                               ext=QARLExt(cur, phase, count, iteration))
 
-        adv_alpha = jnp.exp(state.env_state.log_alpha).mean()
+        adv_alpha = (jnp.exp(state.params.log_alpha[1]) if config.curriculum == "auto"
+                     else jnp.exp(state.env_state.log_alpha).mean())
         metrics["alpha_agent1"] = adv_alpha
         metrics["alpha"] = (metrics["alpha_agent0"] + adv_alpha) / 2
         metrics["curriculum_shape"] = cur.shape
@@ -448,11 +566,21 @@ DEFAULT_MASSES = tuple(float(x) for x in np.round(2.0 ** np.linspace(-1.5, 1.5, 
 DEFAULT_FRICTIONS = tuple(float(x) for x in np.round(np.linspace(0.0, 5.0, 11), 3))
 
 
-def eval_env(algo: Algorithm, adversary: bool = True, mass=1.0, friction=1.0, deterministic: bool = True):
+def eval_env(algo: Algorithm, adversary: bool = True, mass=None, friction=None, deterministic: bool = True,
+             inputs: Optional[Sequence[bool]] = None, **physics):
     """The training environment with the adversary at its target temperature (its mean
-    with ``deterministic``), physics multipliers set, the adversary on or off (scale 0)."""
-    env = algo.env.with_temperature(shape=algo.config.target_shape, deterministic=deterministic)
-    return with_params(env, mass_scale=mass, friction_scale=friction, adversary_scale=1.0 if adversary else 0.0)
+    with ``deterministic``), the adversary on (at the training force bound) or off (scale
+    0), physics multipliers set (``mass``, ``friction`` or any :class:`PhysicsParams`
+    field), and optionally other temperature ``inputs`` per player (cross play between
+    runs with and without a temperature input)."""
+    env = algo.env.with_temperature(shape=algo.config.target_shape, deterministic=deterministic, inputs=inputs)
+    if mass is not None:
+        physics["mass_scale"] = mass
+    if friction is not None:
+        physics["friction_scale"] = friction
+    if not adversary:
+        physics["adversary_scale"] = 0.0
+    return with_params(env, **physics) if physics else env
 
 
 def protagonist_returns(algo: Algorithm, params, env, key, num_episodes: int, greedy: bool = True):
@@ -476,28 +604,75 @@ def protagonist_returns(algo: Algorithm, params, env, key, num_episodes: int, gr
 
 
 def evaluate_protagonist(algo: Algorithm, params, key, num_episodes: int = 16, adversary: bool = True,
-                         greedy: bool = True):
+                         greedy: bool = True, inputs: Optional[Sequence[bool]] = None):
     """Mean protagonist return against the (final) adversary in ``params``, or without
     adversary (``adversary=False``: its force scaled by 0). Jittable; vmap over seeds."""
-    env = eval_env(algo, adversary=adversary)
+    env = eval_env(algo, adversary=adversary, inputs=inputs)
     return protagonist_returns(algo, params, env, key, num_episodes, greedy).mean()
 
 
-def robustness_grid(algo: Algorithm, params, key, masses: Sequence[float] = DEFAULT_MASSES,
-                    frictions: Sequence[float] = DEFAULT_FRICTIONS, num_episodes: int = 1,
-                    greedy: bool = True):
-    """``[M, F]`` mean protagonist return without adversary on a mass x friction grid,
-    ``num_episodes`` per cell, all cells in one vmapped rollout over the physics
-    parameters (``with_params`` with traced values). Every cell uses the same ``key``
-    (the same initial states): differences between cells come from the physics only.
-    Jittable; vmap over seeds."""
-    m, f = jnp.meshgrid(jnp.asarray(masses, jnp.float32), jnp.asarray(frictions, jnp.float32), indexing="ij")
+def stress_axes(algo: Algorithm, n: int = 11):
+    """The task's robustness grid axes ``((field, values), (field, values))``."""
+    return algo.env.unwrapped.stress_grid(n)
 
-    def cell(mass, friction):
-        env = eval_env(algo, adversary=False, mass=mass, friction=friction)
+
+def robustness_grid(algo: Algorithm, params, key, axes=None, num_episodes: int = 1, greedy: bool = True):
+    """``[M, F]`` mean protagonist return without adversary on the task's stress grid
+    (``axes``: two ``(PhysicsParams field, values)`` pairs, default :func:`stress_axes`:
+    mass x friction, or cart-pole's pole mass x cart mass), ``num_episodes`` per cell,
+    all cells in one vmapped rollout over the physics parameters (``with_params`` with
+    traced values). Every cell uses the same ``key`` (the same initial states):
+    differences between cells come from the physics only. Jittable; vmap over seeds."""
+    (f1, v1), (f2, v2) = stress_axes(algo) if axes is None else axes
+    m, f = jnp.meshgrid(jnp.asarray(v1, jnp.float32), jnp.asarray(v2, jnp.float32), indexing="ij")
+
+    def cell(a, b):
+        env = eval_env(algo, adversary=False, **{f1: a, f2: b})
         return protagonist_returns(algo, params, env, key, num_episodes, greedy).mean()
 
     return jax.vmap(cell)(m.reshape(-1), f.reshape(-1)).reshape(m.shape)
+
+
+def grid_spread(grid):
+    """(max - min) / mean over the last two axes of a robustness grid: how much the
+    physics changes the return (0: not at all)."""
+    grid = jnp.asarray(grid)
+    return (grid.max((-2, -1)) - grid.min((-2, -1))) / jnp.abs(grid.mean((-2, -1)))
+
+
+def best_response_algo(env, config: QARLConfig, total_steps: int, protagonist_input: bool) -> Algorithm:
+    """A fresh adversary to train against a frozen protagonist: ``env``'s adversary at
+    the target temperature (alpha = target_shape / gamma_rate every episode), SAC with
+    ``config``'s networks, only the adversary learning for ``total_steps``.
+    ``protagonist_input``: whether the protagonist reads log alpha (its own run's setting)."""
+    c = dataclasses.replace(config, curriculum="fixed", adversary=True, total_steps=int(total_steps),
+                            buffer_size=min(config.buffer_size, int(total_steps)),
+                            phase_unit="iterations", phase_length=2**30,
+                            temperature_inputs=(bool(protagonist_input), True))
+    return make(env, c, name="best_response")
+
+
+def train_best_response(br: Algorithm, protagonist_params: sac.Params, key, chunk_iterations: int = 500):
+    """Trains ``br``'s fresh adversary against each seed's frozen protagonist
+    (``protagonist_params``: seed-batched ``[S, A, ...]``; agent 0 is used) for
+    ``br.config.num_updates`` iterations, seeds vmapped; returns the final train states."""
+    S = jax.tree.leaves(protagonist_params)[0].shape[0]
+
+    def init(k, prot):
+        state = br.init(k)
+        return state.replace(params=cross_params(prot, state.params))
+
+    state = jax.jit(jax.vmap(init))(jax.random.split(key, S), protagonist_params)
+    run = lambda n: jax.jit(jax.vmap(lambda s: jax.lax.scan(lambda s, _: (br.update(s)[0], None), s, None, n)[0],
+                                     axis_name=SEED_AXIS))
+    total = br.config.num_updates
+    chunk = min(chunk_iterations, total)
+    step = run(chunk)
+    for _ in range(total // chunk):
+        state = step(state)
+    if total % chunk:
+        state = run(total % chunk)(state)
+    return state
 
 
 def cross_params(protagonist_params: sac.Params, adversary_params: sac.Params, seed_axis: bool = False) -> sac.Params:
@@ -510,25 +685,26 @@ def cross_params(protagonist_params: sac.Params, adversary_params: sac.Params, s
     return jax.tree.map(lambda p, a: p.at[1].set(a[1]), protagonist_params, adversary_params)
 
 
-def save_grid(grid, masses, frictions, path_prefix: str, title: str = "") -> tuple[str, str]:
-    """Writes ``<prefix>.json`` (masses, frictions, returns [M][F]) and a heatmap
-    ``<prefix>.png``; returns both paths. ``grid``: ``[M, F]`` (or ``[S, M, F]``: the
-    heatmap shows the mean over seeds, the JSON keeps every seed)."""
+def save_grid(grid, axes, path_prefix: str, title: str = "") -> tuple[str, str]:
+    """Writes ``<prefix>.json`` (the two axes, returns [M][F]) and a heatmap ``<prefix>.png``;
+    returns both paths. ``axes``: ``((field, values), (field, values))`` (:func:`stress_axes`);
+    ``grid``: ``[M, F]`` (or ``[S, M, F]``: the heatmap shows the mean over seeds, the JSON
+    keeps every seed)."""
     import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
 
+    (n1, v1), (n2, v2) = axes
     grid = np.asarray(grid, np.float64)
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
     with open(path_prefix + ".json", "w") as fh:
-        json.dump({"title": title, "masses": list(map(float, masses)), "frictions": list(map(float, frictions)),
-                   "axes": ["seed", "mass", "friction"] if grid.ndim == 3 else ["mass", "friction"],
-                   "returns": grid.tolist()}, fh)
+        json.dump({"title": title, n1: list(map(float, v1)), n2: list(map(float, v2)),
+                   "axes": (["seed"] if grid.ndim == 3 else []) + [n1, n2], "returns": grid.tolist()}, fh)
     mean = grid.mean(0) if grid.ndim == 3 else grid
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(frictions)), [f"{v:g}" for v in frictions], rotation=45)
-    ax.set_yticks(range(len(masses)), [f"{v:g}" for v in masses])
-    ax.set_xlabel("friction scale")
-    ax.set_ylabel("mass scale")
+    ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2], rotation=45)
+    ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
+    ax.set_xlabel(n2)
+    ax.set_ylabel(n1)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="protagonist return")
     fig.tight_layout()

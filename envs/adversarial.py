@@ -18,11 +18,16 @@ Tasks (``envs.make("adv:<task>")``)
     ``<= 10`` N, reward 1 per step, terminated when ``|x| > 2.4`` or
     ``|theta| > 12 deg``, 500 steps. Balance rather than swing-up: cheap to learn,
     and its failure (falling, a termination) is a clear aim for the adversary.
-    Adversary: a horizontal force on the pole tip, ``|F| <= 0.05`` N. The pole is light:
+    Adversary: a horizontal force on the pole tip, ``|F| <= 0.1`` N. The pole is light:
     against a constant tip force ``F`` (countered at the cart) the pole can only rest
-    tilted by ``atan(2 F / (m g))``, so ``F > 0.104`` N would topple it for sure; 0.05 N
-    holds it 5.8 deg off vertical. Viscous friction: cart
-    ``0.5 * friction_scale`` N s/m, hinge ``0.01 * friction_scale`` N m s.
+    tilted by ``atan(2 F / (m g))``, so ``F > 0.104`` N cannot be held inside the 12 deg
+    termination: the bound at scale 1 is at that limit, and scales 1.5-2 are beyond it,
+    like the reference setup (dm_control cart-pole, 2 N at the centre of a 0.1 kg pole:
+    about twice what its 10 N cart can counter; dm_control does not terminate, its
+    smooth upright reward still pays a tilted pole). Viscous friction: cart
+    ``0.5 * friction_scale`` N s/m, hinge ``0.01 * friction_scale`` N m s. Stress grid:
+    pole mass 0.1-20 kg (``mass_scale`` 1-200, the reference's 1-20 kg pole range plus
+    the nominal) x cart mass 0.5-5 kg (``cart_mass_scale``), both log-spaced.
 ``adv:pointmass`` a 2-D point mass (1 kg, viscous friction ``1.0 * friction_scale``)
     in ``[-1, 1]^2`` must pass a wall at ``x = 0`` (half-thickness 0.05) through
     a gap ``|y| < 0.15`` to the goal ``(0.75, 0)`` (radius 0.1). Start
@@ -46,11 +51,16 @@ in physical units.
 
 Physical parameters and robustness grids
 ----------------------------------------
-:class:`PhysicsParams` (``mass_scale``, ``friction_scale``, ``adversary_scale``)
-multiplies the nominal mass of the named body (pendulum: the pole; cart-pole: the
-pole; point mass: the mass), the nominal friction coefficients, and the adversary's
-force bound. The parameters belong to the environment object (so auto-reset keeps
-them) and are arrays inside the traced step, so they may be tracers::
+:class:`PhysicsParams` (``mass_scale``, ``friction_scale``, ``adversary_scale``,
+``cart_mass_scale``) multiplies the nominal mass of the named body (pendulum: the pole;
+cart-pole: the pole; point mass: the mass), the nominal friction coefficients, the
+adversary's force bound, and cart-pole's cart mass (the other tasks ignore it). Each
+task names its robustness grid, ``stress_axes`` (``stress_grid(n)`` gives the values):
+mass x0.35-2.8 x friction x0-5 by default, pole x cart mass for cart-pole; and the
+per-step bounds of the protagonist's reward, ``reward_range`` (pendulum: -16.27..0,
+cart-pole: 0..1, point mass: -2.02..0), from which QARL sets its threshold. The
+parameters belong to the environment object (so auto-reset keeps them) and are
+arrays inside the traced step, so they may be tracers::
 
     from envs.adversarial import with_params
     env = envs.make("adv:pendulum")
@@ -101,10 +111,26 @@ class PhysicsParams:
     mass_scale: jax.Array = 1.0
     friction_scale: jax.Array = 1.0
     adversary_scale: jax.Array = 1.0
+    cart_mass_scale: jax.Array = 1.0
+    """cart-pole's cart; the other tasks have no second body and ignore it"""
 
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(PhysicsParams))
-_PARAM_LOWER = {"mass_scale": (0.0, True), "friction_scale": (0.0, False), "adversary_scale": (0.0, False)}
+_PARAM_LOWER = {"mass_scale": (0.0, True), "friction_scale": (0.0, False), "adversary_scale": (0.0, False),
+                "cart_mass_scale": (0.0, True)}
+
+
+def log_grid(lo: float, hi: float, n: int = 11) -> tuple[float, ...]:
+    """``n`` values log-spaced from ``lo`` to ``hi`` (rounded to 3 decimals)."""
+    return tuple(float(x) for x in np.round(np.exp(np.linspace(np.log(lo), np.log(hi), n)), 3))
+
+
+def lin_grid(lo: float, hi: float, n: int = 11) -> tuple[float, ...]:
+    return tuple(float(x) for x in np.round(np.linspace(lo, hi, n), 3))
+
+
+# the default stress grid: the named body's mass x0.35..x2.8 (log-spaced, 1 in the middle), friction x0..x5
+DEFAULT_STRESS = (("mass_scale", 2.0 ** -1.5, 2.0 ** 1.5, "log"), ("friction_scale", 0.0, 5.0, "lin"))
 
 
 def _check_param(name: str, value) -> None:
@@ -142,6 +168,17 @@ class AdversarialEnv:
     max_steps: int = 200
     control_max: float = 1.0  # protagonist: action 1 -> this many N (or N m)
     force_max: float = 1.0  # adversary bound at adversary_scale = 1
+    reward_range: tuple[float, float] = (0.0, 1.0)
+    """per-step bounds of the protagonist's reward (QARL's threshold is a fraction of the discounted range)"""
+    stress_axes = DEFAULT_STRESS
+    """the robustness grid: two (PhysicsParams field, low, high, "log" | "lin") axes"""
+
+    @classmethod
+    def stress_grid(cls, n: int = 11):
+        """The robustness grid's two axes ``((field, values), (field, values))``, ``n``
+        values each over the task's ``stress_axes`` ranges."""
+        spaced = {"log": log_grid, "lin": lin_grid}
+        return tuple((field, spaced[spacing](lo, hi, n)) for field, lo, hi, spacing in cls.stress_axes)
 
     def __init__(self, adversary: bool = True, params: Optional[PhysicsParams] = None, **param_values):
         if not isinstance(adversary, bool):
@@ -229,6 +266,7 @@ class Pendulum(AdversarialEnv):
     max_steps = 200
     control_max = 2.0
     force_max = 0.5
+    reward_range = (-(math.pi**2 + 0.1 * 8.0**2 + 0.001 * 2.0**2), 0.0)
     g, mass, length, dt, max_speed, damping = 10.0, 1.0, 1.0, 0.05, 8.0, 0.05
 
     def _reset_q(self, key):
@@ -257,7 +295,9 @@ class CartPole(AdversarialEnv):
     obs_dim = 5
     max_steps = 500
     control_max = 10.0
-    force_max = 0.05
+    force_max = 0.1
+    # pole mass 0.1 .. 20 kg (x1 .. x200: nominal up to the official grid's 20 kg), cart mass 0.5 .. 5 kg
+    stress_axes = (("mass_scale", 1.0, 200.0, "log"), ("cart_mass_scale", 0.5, 5.0, "log"))
     g, cart_mass, pole_mass, half_length, dt = 9.8, 1.0, 0.1, 0.5, 0.02
     cart_friction, pole_friction = 0.5, 0.01
     x_limit, theta_limit = 2.4, 12 * 2 * math.pi / 360
@@ -271,7 +311,7 @@ class CartPole(AdversarialEnv):
 
     def _dynamics(self, q, u, f, p):
         x, th, xd, thd = q
-        M, m, h = self.cart_mass, self.pole_mass * p.mass_scale, self.half_length
+        M, m, h = self.cart_mass * p.cart_mass_scale, self.pole_mass * p.mass_scale, self.half_length
         sin, cos = jnp.sin(th), jnp.cos(th)
         # generalized forces; the tip (at 2 h from the hinge) takes the horizontal force f
         qx = u[0] + f[0] - self.cart_friction * p.friction_scale * xd + m * h * sin * thd**2
@@ -299,6 +339,7 @@ class PointMass(AdversarialEnv):
     max_steps = 200
     control_max = 1.0
     force_max = 0.3
+    reward_range = (-math.hypot(1.75, 1.0), 0.0)  # the arena's farthest point from the goal
     mass, friction, dt = 1.0, 1.0, 0.05
     wall_half_width, gap_half_width = 0.05, 0.15
     goal, goal_radius = (0.75, 0.0), 0.1

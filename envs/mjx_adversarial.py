@@ -36,6 +36,12 @@ a CPU.
     0.7 m, tilts more than 0.2 rad, or the state leaves [-100, 100]. Observation: joint
     positions without root x, velocities clipped to [-10, 10] (11). ``won``: survived.
 
+Reward range and stress grid (QARL's threshold and robustness test): ``reward_range``
+is (0, 1) for both, cheetah's exact bounds and hopper's alive bonus (its forward speed
+adds to it), so QARL's default xi (10% of the discounted range for cheetah, 1% for
+hopper) is the reference's 10 and 1. The stress grid is the default torso mass x0.35-2.8
+x friction x0-5 (``stress_axes``).
+
 Compilation of an MJX step takes tens of seconds on a CPU; a GPU runs these tasks
 much faster.
 """

@@ -146,3 +146,26 @@ def test_bad_names_and_parameters():
     # with_params keeps the wrappers (auto-reset, episode statistics)
     env = with_params(envs.make("adv:pendulum"), mass_scale=2.0)
     assert type(env).__name__ == "EpisodeStats" and float(env.unwrapped.params.mass_scale) == 2.0
+
+
+def test_stress_grids_and_reward_ranges():
+    cart = envs.make("adv:cartpole").unwrapped
+    (f1, v1), (f2, v2) = cart.stress_grid()
+    assert (f1, f2) == ("mass_scale", "cart_mass_scale") and len(v1) == len(v2) == 11
+    assert (v1[0], v1[-1], v2[0], v2[-1]) == (1.0, 200.0, 0.5, 5.0)  # pole 0.1 .. 20 kg, cart 0.5 .. 5 kg
+    np.testing.assert_allclose(np.diff(np.log(v1)), np.log(200.0) / 10, rtol=1e-2)  # log-spaced
+    (g1, w1), (g2, w2) = envs.make("adv:pendulum").unwrapped.stress_grid(3)
+    assert (g1, g2) == ("mass_scale", "friction_scale") and w2 == (0.0, 2.5, 5.0)
+    # the cart's mass reaches the dynamics: a heavier cart moves less under the same push
+    push = jnp.zeros((1, 2, 1)).at[:, 0].set(1.0)
+    start = cart.reset(jax.random.PRNGKey(0))[0]
+    moved = [float(cart.with_params(cart_mass_scale=m).step(None, start, push[0])[0].q[2]) for m in (1.0, 4.0)]
+    assert moved[0] > 2.0 * moved[1] > 0
+    with pytest.raises(ConfigError) as e:
+        cart.with_params(cart_mass_scale=0.0)
+    assert e.value.field == "cart_mass_scale"
+    for task in TASKS:  # random play stays within the documented per-step reward range
+        ts = run(f"adv:{task}", [((1.0, 1.0, 1.0), random_actions(f"adv:{task}", key=3))])
+        lo, hi = envs.make(f"adv:{task}").unwrapped.reward_range
+        r = np.asarray(ts.reward[..., 0])
+        assert (r >= lo - 1e-5).all() and (r <= hi + 1e-5).all()

@@ -37,36 +37,68 @@ def _curriculum(returns_of, shape=50.0, n=30, threshold=10.0, seed=0):
                                 jnp.full(n, shape), jnp.ones(n, bool))
 
 
-def test_curriculum_update_picks_smallest_feasible_shape_or_keeps_the_old_one():
-    update = jax.jit(functools.partial(qarl.self_paced_update, rate=RATE, target_shape=1.0, grid_size=64))
-    cands = np.asarray(qarl.candidate_shapes(50.0, 1.0, 64))
-    kl_old = np.asarray(qarl.gamma_kl(jnp.asarray(cands), RATE, 50.0, RATE))
+def _reference_step(cur, k_old, threshold, bound=0.5, n=20001):
+    """float64 reference of the constrained step: the smallest k of the feasible run of a
+    dense log grid that ends at k_old (KL bound and importance-weighted return >= xi)."""
+    ks = np.exp(np.linspace(np.log(1.0), np.log(k_old), n))
+    la, ret, drawn = (np.asarray(x, np.float64) for x in (cur.log_alpha, cur.ret, cur.drawn_shape))
+    a = np.exp(la)
+    logw = stats.gamma.logpdf(a[None], ks[:, None], scale=1 / RATE) - stats.gamma.logpdf(a, drawn, scale=1 / RATE)
+    w = np.exp(logw - logw.max(1, keepdims=True))
+    perf = (w * ret).sum(1) / w.sum(1)
+    kl = np.asarray(qarl.gamma_kl(jnp.asarray(ks), RATE, k_old, RATE))
+    ok = (kl <= bound) & (perf >= threshold)
+    bad = np.flatnonzero(~ok)
+    return ks[0] if bad.size == 0 else ks[bad[-1] + 1]
 
-    # good returns everywhere: only the KL trust region binds -> the smallest shape within it
-    new, perf = update(_curriculum(lambda a: np.full_like(a, 100.0)))
-    expected = cands[kl_old <= 0.5].min()
-    assert float(new) == pytest.approx(expected) and float(new) < 50.0 and float(perf) == pytest.approx(100.0)
-    assert float(qarl.gamma_kl(new, RATE, 50.0, RATE)) <= 0.5
-    assert not (kl_old[cands < float(new) - 1e-4] <= 0.5).any()
+
+def test_curriculum_update_solves_the_constrained_step_continuously_or_keeps_the_old_shape():
+    update = jax.jit(functools.partial(qarl.self_paced_update, rate=RATE, target_shape=1.0, grid_size=64))
+
+    # good returns everywhere: only the KL trust region binds -> exactly on its boundary
+    good = _curriculum(lambda a: np.full_like(a, 100.0))
+    new, perf = update(good)
+    assert float(new) < 50.0 and float(perf) == pytest.approx(100.0)
+    assert float(qarl.gamma_kl(new, RATE, 50.0, RATE)) == pytest.approx(0.5, abs=1e-4)
+    assert float(new) == pytest.approx(_reference_step(good, 50.0, 10.0), rel=1e-3)
 
     # performance below the threshold at k_old, or no pairs at all: nothing feasible, k stays
     assert float(update(_curriculum(lambda a: np.zeros_like(a)))[0]) == 50.0
     assert float(update(qarl.curriculum_init(50.0, 30, 10.0, 0.5))[0]) == 50.0
 
     # returns good only against weak (hot) adversaries: the importance-weighted return
-    # falls as k shrinks, and the performance constraint stops the step earlier
-    hot = lambda a: np.where(a > 0.05, 40.0, 0.0)
-    cur = _curriculum(hot, n=30, seed=2, threshold=15.0)
-    new_hot = float(update(cur)[0])
-    perf = np.asarray(jax.jit(qarl.importance_weighted_return, static_argnums=2)(cur, jnp.asarray(cands), RATE))
-    feasible = (kl_old <= 0.5) & (perf >= 15.0)
-    assert perf[-1] >= 10.0 and new_hot == pytest.approx(cands[feasible].min())
-    assert expected < new_hot < 50.0
+    # falls as k shrinks; the step ends where it meets xi, inside the trust region
+    hot = _curriculum(lambda a: np.where(a > 0.05, 40.0, 0.0), n=30, seed=2, threshold=15.0)
+    new_hot = float(update(hot)[0])
+    assert new_hot == pytest.approx(_reference_step(hot, 50.0, 15.0), rel=1e-3)
+    assert float(new) < new_hot < 50.0
+    perf_at = lambda k: float(qarl.importance_weighted_return(hot, jnp.asarray([k], jnp.float32), RATE)[0])
+    assert perf_at(new_hot * 1.001) >= 15.0 > perf_at(new_hot * 0.99)  # the performance constraint is active
 
     # point variant: plain mean return, the same trust region
-    new_point, _ = qarl.self_paced_update(_curriculum(lambda a: np.full_like(a, 100.0)), RATE, 1.0, 64,
-                                          importance=False)
-    assert float(new_point) == pytest.approx(expected)
+    new_point, _ = qarl.self_paced_update(good, RATE, 1.0, 64, importance=False)
+    assert float(new_point) == pytest.approx(float(new), rel=1e-5)
+
+
+def test_curriculum_reaches_the_target_when_returns_exceed_the_threshold():
+    """A toy task: every episode's return (50) beats xi (10); the shape walks from 50 to
+    the target 1 in KL steps of 0.5, about sqrt(k) per step, then stays there."""
+    step = jax.jit(functools.partial(qarl.self_paced_update, rate=RATE, target_shape=1.0))
+    rng = np.random.default_rng(0)
+    cur, shapes = qarl.curriculum_init(50.0, 30, 10.0, 0.5), [50.0]
+    for _ in range(20):
+        k = float(cur.shape)
+        alpha = rng.gamma(k, 1 / RATE, 30).astype(np.float32)
+        cur = qarl.curriculum_push(cur, jnp.log(alpha), jnp.full(30, 50.0), jnp.full(30, k), jnp.ones(30, bool))
+        new, _ = step(cur)
+        cur = cur.replace(shape=new, fresh=0)
+        shapes.append(float(new))
+    shapes = np.array(shapes)
+    assert shapes[-1] == 1.0 and (np.diff(shapes) <= 0).all()
+    reached = int(np.argmax(shapes == 1.0))
+    assert 8 <= reached <= 16  # KL-limited steps: 2 (sqrt(50) - 1) = 12 in the normal approximation
+    kl = np.asarray(qarl.gamma_kl(jnp.asarray(shapes[1:reached]), RATE, jnp.asarray(shapes[:reached - 1]), RATE))
+    np.testing.assert_allclose(kl, 0.5, atol=1e-3)  # every step but the last uses the whole trust region
 
 
 def test_ring_buffer_keeps_the_latest_pairs():
@@ -96,11 +128,15 @@ def test_temperature_wrapper_draws_per_episode_and_appends_to_obs():
                 s = s.replace(shape=jnp.where(i >= 100, 5.0, s.shape))
                 s, ts = env.step(kk, s, a)
                 return s, (ts.obs, ts.done, ts.info["final_obs"], ts.info["episode_log_alpha"],
-                           ts.info["episode_shape"])
+                           ts.info["episode_shape"], ts.info["episode_discounted_return"])
             return (ts.obs,) + jax.lax.scan(step, state, (jnp.arange(T), jax.random.split(k1, T)))[1]
         return jax.vmap(one)(jax.random.split(key, n))
 
-    obs0, obs, done, final, ended, ended_shape = map(np.asarray, run(jax.random.PRNGKey(0)))
+    obs0, obs, done, final, ended, ended_shape, disc = map(np.asarray, run(jax.random.PRNGKey(0)))
+    for i in range(n):  # cart-pole pays 1 per step: an episode of L steps has discounted return (1 - g^L) / (1 - g)
+        ends = np.where(done[i])[0]
+        lengths = np.diff(np.concatenate([[-1], ends]))
+        np.testing.assert_allclose(disc[i, ends], (1 - 0.99**lengths) / 0.01, rtol=1e-5)
     la = np.concatenate([obs0[:, None, :, -1], obs[..., -1]], 1)  # [n, T + 1, A]
     np.testing.assert_array_equal(la[..., 0], la[..., 1])  # both agents see it
     la = la[..., 0]
@@ -126,6 +162,37 @@ def _tiny(env_name="adv:cartpole", **kw):
                update_every=4, history=8, threshold=5.0)
     cfg.update(kw)
     return algos.make("qarl", envs.make(env_name), **cfg)
+
+
+def test_temperature_inputs_per_player():
+    env = qarl.TemperatureObs(envs.make("adv:cartpole"), 50.0, RATE, inputs=(True, False))
+    _, ts = env.reset(jax.random.PRNGKey(0))
+    assert float(ts.obs[0, -1]) < -1.0 and float(ts.obs[1, -1]) == 0.0  # log(~0.05) for the protagonist only
+    assert env.with_temperature(inputs=(False, True)).inputs == (False, True)
+
+
+def test_qarl_reaches_the_target_shape_and_a_best_response_trains_only_the_adversary():
+    """Random play on cart-pole earns a discounted return above xi = 0.5 in every episode:
+    the curriculum runs from 50 to the target 1 inside the training loop. Then a fresh
+    adversary at the target temperature trains against the frozen protagonists."""
+    algo = _tiny(threshold=0.5, total_steps=4 * 8 * 70, update_every=6, history=12)
+    chunk = make_chunk_fn(algo, 70)
+    state, metrics, finite = chunk(init_states(algo, jax.random.split(jax.random.PRNGKey(0), 2)))
+    shapes = np.asarray(metrics["curriculum_shape"])  # [S, I]
+    assert np.asarray(finite).all() and (shapes[:, -1] == 1.0).all() and (np.diff(shapes, axis=1) <= 0).all()
+    assert (shapes[:, 0] == 50.0).all()
+
+    br = qarl.best_response_algo(envs.make("adv:cartpole"), algo.config, 4 * 8 * 6, protagonist_input=True)
+    assert br.config.curriculum == "fixed" and br.env.deterministic and br.env.shape == 1.0
+    out = qarl.train_best_response(br, state.params, jax.random.PRNGKey(1), chunk_iterations=3)
+    for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.params), strict=True):
+        np.testing.assert_array_equal(after[:, 0], before[:, 0])  # the protagonist is frozen
+    moved = [not np.array_equal(a[:, 1], b[:, 1])
+             for a, b in zip(jax.tree.leaves(state.params.actor), jax.tree.leaves(out.params.actor), strict=True)]
+    assert any(moved) and int(out.ext.phase.max()) == 0  # only the adversary's phase
+    keys = jax.random.split(jax.random.PRNGKey(2), 2)
+    ret = jax.vmap(lambda p, k: qarl.evaluate_protagonist(br, p, k, 4))(out.params, keys)
+    assert np.isfinite(np.asarray(ret)).all()
 
 
 def test_alternation_freezes_the_right_player_under_jit_vmap_two_seeds():
@@ -193,8 +260,11 @@ def test_phases_in_iterations_schedules_and_baselines():
     np.testing.assert_allclose(lin, [50.0, 25.5, 1.0, 1.0])
     env = envs.make("adv:cartpole")
     small = dict(num_envs=4, num_steps=8, hidden=8, num_layers=1, buffer_size=64, learning_starts=0)
-    rarl = algos.make("rarl", env, **small)  # RARL: the target temperature from the start
-    assert rarl.config.curriculum == "none" and rarl.env.shape == 1.0 and not rarl.env.deterministic
+    rarl = algos.make("rarl", env, **small)  # RARL: plain auto-tuned SAC adversary, no temperature input
+    assert rarl.config.curriculum == "auto" and rarl.env.inputs == (False, False)
+    assert bool(jax.jit(rarl.init)(jax.random.PRNGKey(0)).tune_alpha.all())
+    fixed = algos.make("qarl", env, curriculum="fixed", **small).env  # alpha = the target mean
+    assert fixed.shape == 1.0 and float(fixed._draw(jax.random.PRNGKey(0), 1.0)) == pytest.approx(np.log(1e-3))
     point = algos.make("qarl", env, curriculum="point", **small).env  # a point mass at the mean
     assert point.shape == 50.0 and float(point._draw(jax.random.PRNGKey(0), 50.0)) == pytest.approx(np.log(0.05))
     base = algos.make("qarl", env, adversary=False, **small)  # SAC: no adversary force
@@ -208,6 +278,15 @@ def test_phases_in_iterations_schedules_and_baselines():
     with pytest.raises(ConfigError) as e:
         algos.make("qarl", envs.make("adv:cartpole-noadv"))
     assert e.value.field == "env"
+    for field, bad in (("threshold_fraction", 1.5), ("temperature_inputs", (True,)), ("temperature_inputs", "yes")):
+        with pytest.raises(ConfigError) as e:
+            algos.make("qarl", env, **{field: bad})
+        assert e.value.field == field
+    # xi on the discounted return: 10% of cart-pole's 99.3 (reward 1 per step, gamma 0.99, 500 steps)
+    assert qarl.threshold_of(env, algos.default_config("qarl")) == pytest.approx(0.1 * (1 - 0.99**500) / 0.01)
+    half = algos.default_config("qarl", threshold_fraction=0.5)
+    assert qarl.threshold_of(env, half) == pytest.approx(49.67, abs=0.01)
+    assert qarl.threshold_of(env, algos.default_config("qarl", threshold=3.0)) == 3.0
 
 
 def test_robustness_grid_parameters_reach_the_physics(tmp_path):
@@ -227,7 +306,7 @@ def test_robustness_grid_parameters_reach_the_physics(tmp_path):
     # the nominal cell is the plain evaluation without adversary (same key, same start)
     np.testing.assert_allclose(grid[i, j], nominal[0], rtol=1e-4)
     assert not np.allclose(with_adv, nominal)  # the adversary's force matters
-    js, png = qarl.save_grid(grid, qarl.DEFAULT_MASSES, qarl.DEFAULT_FRICTIONS, str(tmp_path / "grid"), "test")
+    js, png = qarl.save_grid(grid, qarl.stress_axes(algo), str(tmp_path / "grid"), "test")
     assert (tmp_path / "grid.png").stat().st_size > 1000 and "returns" in open(js).read()
 
 
