@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
 from typing import Optional
@@ -45,6 +46,7 @@ import algos
 import envs
 from algos import qarl
 from envs.adversarial import with_params
+from experiments.cli import entry
 from experiments.regularizer_study import metric_arrays
 from marl import stats
 from marl.checkpoint import Checkpointer
@@ -87,6 +89,16 @@ def parse(argv=None):
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.br_steps < 0 or any(x <= 0 for x in args.adversary_scales):
         p.error("--br-steps must be >= 0 and every --adversary-scales value > 0")
+    if not 0 <= args.seed <= 2**31 - 1:
+        p.error(f"--seed must be in [0, {2**31 - 1}], got {args.seed}")
+    import envs
+
+    for name in args.envs:
+        if name.split(":", 1)[0] != "adv":
+            p.error(f"--envs: {name!r} is not a two-player task; allowed: adv:<task>")
+        allowed = [n for n in envs.registered() if n.startswith("adv:")]
+        if name not in allowed:
+            p.error(f"--envs: unknown environment {name!r}; allowed: {allowed}")
     return args
 
 
@@ -362,5 +374,11 @@ def main(argv=None):
     return out
 
 
+@entry
+def cli(argv=None) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

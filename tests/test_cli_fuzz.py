@@ -181,6 +181,16 @@ def _cases():
         ("experiments.trama_recovery", ["--episodes", "0"], "episodes"),
         ("experiments.trama_recovery", ["--env-name", "nope"], "env"),
     ]
+    q = "experiments.qarl_compare"
+    c += [
+        (q, ["--num-seeds", "0"], "--num-seeds"),
+        (q, ["--methods", "nope"], "--methods"),
+        (q, ["--adversary-scales", "0"], "--adversary-scales"),
+        (q, ["--seed", "-1"], "--seed"),
+        (q, ["--envs", "smax:3m"], "--envs"),
+        (q, ["--envs", "adv:nope"], "--envs"),
+        (q, ["--total-steps", "0"], "--total-steps"),
+    ]
     return c
 
 
