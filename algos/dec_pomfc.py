@@ -120,7 +120,7 @@ Choices and deviations (ours, the paper body being unavailable)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -157,7 +157,7 @@ class DecPOMFCConfig:
     max_grad_norm: float = 0.5
     hidden: int = 128
     bootstrap_truncation: bool = False
-    representation: str = "kernel"
+    representation: Literal["kernel", "histogram"] = "kernel"
     """mean-field representation: kernel | histogram"""
     mf_bins: int = 6
     """grid centres per dimension of the mean-field points"""
@@ -173,7 +173,7 @@ class DecPOMFCConfig:
     upper_noise_corr: float = 0.0
     """correlation in [0, 1] of the upper-level exploration noise between consecutive steps of
     an episode: 0 redrawn every step, 1 drawn once per episode, between: AR(1)"""
-    rule_log_std: str = "shared"
+    rule_log_std: Literal["shared", "per_centre", "fixed"] = "shared"
     """agent log-std: shared (part of the rule) | per_centre (interpolated) | fixed"""
     agent_log_std_init: float = -1.0
     upper_log_std_init: float = -0.5

@@ -130,7 +130,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -404,7 +404,7 @@ class QARLConfig(sac.SACConfig):
     num_layers: int = 3
     actor_lr: float = 1e-4
     learning_starts: int = 3_000
-    curriculum: str = "gamma"
+    curriculum: Literal["gamma", "linear", "point", "none", "fixed", "auto"] = "gamma"
     """gamma (QARL) | linear | point | none (Gamma(target) from the start) | fixed (alpha = target
     mean, every episode) | auto (RARL: the adversary is plain SAC, auto-tuned, no temperature input)"""
     adversary: bool = True
@@ -428,7 +428,7 @@ class QARLConfig(sac.SACConfig):
     linear_fraction: float = 0.8
     """linear curriculum: the fraction of the iterations over which k reaches its target"""
     phase_length: int = 5
-    phase_unit: str = "episodes"
+    phase_unit: Literal["episodes", "iterations"] = "episodes"
     """episodes (summed over envs) | iterations"""
 
     def __post_init__(self):

@@ -83,7 +83,7 @@ Choices and deviations:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Literal, NamedTuple, Optional, Sequence
 
 import distrax
 import flax.linen as nn
@@ -106,7 +106,7 @@ def _default_regularizer() -> reg.RegularizerConfig:
 class SACConfig:
     """SAC settings. ``agents``: "independent" (per-agent parameters) or "shared"."""
 
-    agents: str = "independent"
+    agents: Literal["independent", "shared"] = "independent"
     total_steps: int = 100_000
     num_envs: int = 4
     num_steps: int = 4
