@@ -149,7 +149,7 @@ def test_dec_pomfc_learns_vicsek_with_the_heading():
     """Vicsek with the own heading in the rule and AR(1) upper-level noise (0.9), the
     study's configuration for 24k steps (60 updates, 3 vmapped seeds): every seed's
     training return passes 25 over the last 10 updates (measured 29-35; random policy
-    about 5, compass reference about 41; with noise redrawn every step about 5 still at 80k)."""
+    about 5, compass reference about 41)."""
     env = envs.make("swarm:vicsek", num_agents=100, max_steps=50)
     algo = algos.make("dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000,
                       upper_noise_corr=0.9)
