@@ -50,9 +50,10 @@ the swarm observation, documented in ``envs/swarms.py``; every feature lies in [
   vicsek       (5, 6): the own heading ``cos phi_i, sin phi_i`` (the default
                ``observe_heading=True``). The upper policy, reading the heading
                distribution, places the rule so that headings turn toward a common
-               direction. Before the heading was observed the rule read the relative
-               headings (now ``swarm:vicsek_hard``) and stayed at the random polarization
-               level (return about 5 of 50 at 80k steps).
+               direction (a compass policy reaches about 41 of 50). Before the heading
+               was observed the rule read the relative headings (now
+               ``swarm:vicsek_hard``) and stayed at the random polarization level
+               (return about 5 of 50 at 80k steps).
   vicsek_hard  (1, 2): neighbours' mean relative heading ``<cos(phi_j - phi_i)>_i,
                <sin(phi_j - phi_i)>_i``: how far and which way to turn to align.
   kuramoto     (3, 4): the own phase ``cos theta_i, sin theta_i``. The rule is then a
@@ -74,7 +75,10 @@ instead of jittering around the mean (:func:`upper_noise`). PPO still scores ``x
 with the marginal Gaussian ``N(m_phi(mu_t), exp(2 l))`` (each ``eps_t`` is marginally
 N(0, I)), as state-dependent-exploration PPO does; the policy's true conditional
 likelihood given ``eps_{t-1}`` is not used. Evaluation's sampled (non-greedy) ``act``
-draws independent noise per step.
+draws independent noise per step. Measured on Vicsek with the own heading (N = 100,
+T = 50, 3 seeds, ``results/swarm_study``): with ``upper_noise_corr = 0.9`` the training
+return passes 30 within 24k steps (greedy 36.7 at 40k). The same run with noise redrawn
+every step has not been measured yet, so the default stays 0 (the paper's PPO).
 
 Upper-level reward: the swarm's shared reward (mean over agents of ``Timestep.reward``).
 PPO on the lifted MDP ("Dec-POMFPPO"): ``algos.ppo``'s GAE, clipped surrogate and

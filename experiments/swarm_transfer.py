@@ -5,7 +5,7 @@
 
 Every run (trained at its own N, as written by ``experiments.train``) is restored from
 its latest checkpoint and evaluated, greedily, at every N of ``--num-agents``; nothing
-is retrained. With ``--references`` (default) the hand-coded reference policies of each
+is retrained. With ``--references`` the hand-coded reference policies of each
 run's environment are evaluated at every N too (rows ``reference:<kind>``). Policies
 whose parameters do not depend on N (Dec-POMFC; IPPO / MAPPO without one-hot agent
 ids) run unchanged; a run whose parameters do depend on N is
@@ -51,7 +51,7 @@ class TransferArgs:
     """JSON object of extra env arguments at N >= large_n, e.g. '{"cell_capacity": 64}' (a
     swarm whose radius holds thousands of neighbours per agent then averages over a subsample)"""
     seed: int = 12345
-    references: bool = True
+    references: bool = False
     """also evaluate the hand-coded reference policies of each run's environment at every N"""
     references_gain: float = 5.0
     out: Optional[str] = None

@@ -146,11 +146,13 @@ def test_dec_pomfc_learns_aggregation_at_100_agents():
 
 @pytest.mark.slow
 def test_dec_pomfc_learns_vicsek_with_the_heading():
-    """Vicsek with the own heading in the rule, the study's configuration at 80k steps
-    (3 vmapped seeds): the training return of every seed passes 25 over the last 10
-    updates (random policy about 5, compass reference about 40)."""
+    """Vicsek with the own heading in the rule and AR(1) upper-level noise (0.9), the
+    study's configuration for 24k steps (60 updates, 3 vmapped seeds): every seed's
+    training return passes 25 over the last 10 updates (measured 29-35; random policy
+    about 5, compass reference about 41)."""
     env = envs.make("swarm:vicsek", num_agents=100, max_steps=50)
-    algo = algos.make("dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000)
-    r = train(algo, num_iterations=200, num_seeds=3, chunk_iterations=50, progress=False)
+    algo = algos.make("dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000,
+                      upper_noise_corr=0.9)
+    r = train(algo, num_iterations=60, num_seeds=3, chunk_iterations=20, progress=False)
     ret = r.metrics["return"]
     assert (ret[:, -10:].mean(1) > 25.0).all(), ret[:, -10:].mean(1)

@@ -64,7 +64,7 @@ for stage in $STAGES; do
       [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S/kuramoto_dec_pomfc" "$S"/ablations/* --group-by run \
         --out "$S/ablations_report" --references "$S/references/references.json"
       $PY -m experiments.swarm_transfer $(ls -d "$S"/*_dec_pomfc) --num-agents 10 100 1000 10000 --episodes 8 \
-        --large-env-kwargs '{"cell_capacity": 64}' --out "$S/transfer" ;;
+        --large-env-kwargs '{"cell_capacity": 64}' --references --out "$S/transfer" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
