@@ -28,6 +28,15 @@ Choices and deviations:
 - Learning-rate annealing is per update (linear to zero), not per minibatch.
 - Minibatches split the parallel environments, keeping whole sequences for the GRU,
   which restarts from the hidden state stored at the start of the rollout.
+- Regularizer reference ``run`` (``regularizer.reference_run``): a trained run's policy,
+  loaded frozen into ``TrainState.ref_params`` by ``make`` (checked against the env and
+  the parameter shapes before compiling; one reference shared by every vmapped row).
+  Its GRU state is carried across rollouts in ``TrainState.ref_h`` (the ``initial``
+  reference restarts from zeros at each rollout instead). ``init_from_reference``
+  starts the policy (actor and critic) from it: fine-tuning. With a ``run`` reference
+  every update logs ``reference_kl`` (KL(pi || ref) on the rollout, for every kind, none
+  included) and, for Wasserstein, ``penalty_logratio_corr`` (correlation of the
+  Wasserstein penalty with the KL log-ratio at the taken actions).
 - Sweepable hyperparameters (lr, clip, entropy and value coefficients, gamma, GAE
   lambda, regularizer coefficient/epsilon) are arrays in ``TrainState.hparams``.
 - One-hot agent ids cost ``A x A`` per step and environment (``jnp.eye(A)`` alone is
@@ -291,7 +300,7 @@ class HParams(NamedTuple):
 @struct.dataclass
 class TrainState:
     params: Any
-    ref_params: Any  # frozen initial policy (regularizer reference "initial")
+    ref_params: Any  # frozen reference policy (regularizer reference "initial" or "run")
     opt_state: Any
     env_state: Any
     last_ts: Timestep  # [E, ...]

@@ -225,6 +225,20 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _save(path: str, arrays: dict) -> dict:
+    """Evaluation results (a dict of arrays) written to ``path``, so that a resumed study
+    reads them back (:func:`_load`) instead of evaluating finished rows again."""
+    out = {k: np.asarray(v) for k, v in arrays.items()}
+    with open(path, "w") as f:
+        json.dump({k: v.tolist() for k, v in out.items()}, f)
+    return out
+
+
+def _load(path: str) -> dict:
+    with open(path) as f:
+        return {k: np.asarray(v) for k, v in json.load(f).items()}
+
+
 def run(args: FinetuneArgs) -> dict:
     import jax
 
@@ -254,7 +268,9 @@ def run(args: FinetuneArgs) -> dict:
                                  env_name=env.spec.name, seed_index=programs[next(iter(programs))][0]
                                  .regularizer.reference_seed)
     ev = jax.jit(jax.vmap(lambda p, k: evaluate(any_algo, p, k, args.eval_episodes, True), in_axes=(None, 0)))
-    ref_eval = jax.device_get(ev(ref_params, eval_keys))
+    ref_path = os.path.join(study_dir, "eval_reference.json")
+    ref_eval = _load(ref_path) if args.resume and os.path.isfile(ref_path) else _save(
+        ref_path, jax.device_get(ev(ref_params, eval_keys)))
     reference = {"eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
                  "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
                  "eval_return_proxy": np.asarray(ref_eval["return"]).tolist()}
@@ -273,10 +289,10 @@ def run(args: FinetuneArgs) -> dict:
                         run_info={"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                                   "env_kwargs": env_kwargs, "study": args.name, "program": p})
         print(f"   compile {res.compile_seconds:.1f}s, train {res.train_seconds:.1f}s", flush=True)
-        params = res.state.params
         keys = np.tile(np.asarray(jax.device_get(eval_keys)), (len(sweep), 1))
-        out = jax.device_get(jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(
-            params, keys))
+        rows_path = os.path.join(study_dir, p, "eval_rows.json")
+        out = _load(rows_path) if args.resume and os.path.isfile(rows_path) else _save(rows_path, jax.device_get(
+            jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(res.state.params, keys)))
         evals[p] = {k: np.asarray(v).reshape(len(sweep), S).tolist() for k, v in out.items()}
         records = read_metrics(os.path.join(study_dir, p))
         for c, hp in enumerate(sweep):

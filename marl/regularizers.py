@@ -54,6 +54,17 @@ the same batched solver call, so ``f_ab`` and ``f_aa`` are the same numbers.
 ``exp(-C / eps)`` is positive definite (uniform cost, Euclidean costs) and the
 solver has converged. The price is three OT solves instead of one.
 
+Raw potential (``centred=False``): the official WPR code's penalty, the dual potential
+``f = eps log u`` of ``pi_theta`` itself (``u`` the Sinkhorn scaling of the policy
+marginal), after a fixed number of iterations. Same gradient direction on the simplex
+as the centred form up to the ``f_aa`` debiasing term, but (i) it is not zero at
+``pi == ref`` (with a near-identity kernel ``f ~ eps/2 log pi``), so the reward
+penalty also acts as an entropy-like bonus even at the reference; (ii) its mean under
+the policy is ``<pi, f>``, not the divergence; (iii) with ``C / eps`` large and few
+iterations it is a rescaled KL log-ratio whose size grows with the iteration count.
+The logged ``value`` is then ``W_eps`` (not 0 at equality). Tested against a float64
+Sinkhorn written from the equations above.
+
 Continuous (diagonal Gaussian) policies use the closed form
 ``W2^2 = ||mu1 - mu2||^2 + ||sigma1 - sigma2||^2`` (:func:`gaussian_w2`).
 
@@ -74,8 +85,14 @@ Choices and deviations
 - No gradient flows through the solver (its inputs are ``stop_gradient``-ed);
   gradients reach the policy only through :func:`surrogate_loss` / the
   policy-gradient of the reward penalty, as in WPR.
-- The ``reference`` (rollout, initial or uniform policy) is chosen by the
-  algorithm, which passes the reference logits; uniform = zero logits.
+- The ``reference`` (rollout, initial, uniform policy, or a trained ``run``) is
+  chosen by the algorithm, which passes the reference logits; uniform = zero logits.
+  ``run`` (WPR's setting: a frozen competent policy, like RLHF's SFT model) is read
+  by :func:`marl.reference.load_run_params` from a run directory and checked
+  against the environment and parameter shapes before anything compiles; one
+  reference (``reference_seed`` of the run) is shared by every vmapped row.
+  Regularizing toward the ``initial`` policy of a fresh network (nearly uniform)
+  makes KL a second entropy bonus: ``KL(pi || U) = log n - H(pi)``.
 
 Shapes: batch dims are arbitrary leading dims, ``logits [..., n]``, cost
 ``[n, n]`` (or broadcastable ``[..., n, n]``), ``epsilon``/``coef`` scalars or

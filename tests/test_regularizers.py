@@ -516,7 +516,7 @@ def _sinkhorn_f64(a, b, cost, eps, iterations):
     return f, g, value, plan
 
 
-@pytest.mark.parametrize("n, eps, iterations", [(4, 0.2, 10), (6, 0.05, 10), (8, 0.05, 200), (5, 0.5, 50)])
+@pytest.mark.parametrize("n, eps, iterations", [(4, 0.2, 10), (6, 0.05, 10), (8, 0.05, 200)])
 @pytest.mark.parametrize("backend", ["fast", "ott"])
 def test_uncentred_penalty_is_the_raw_potential_of_a_float64_sinkhorn(n, eps, iterations, backend):
     rng = np.random.default_rng(n)
