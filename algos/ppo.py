@@ -31,7 +31,8 @@ Choices and deviations:
 - Regularizer reference ``run`` (``regularizer.reference_run``): a trained run's policy,
   loaded frozen into ``TrainState.ref_params`` by ``make`` (checked against the env and
   the parameter shapes before compiling; one reference shared by every vmapped row).
-  Its GRU state is carried across rollouts in ``TrainState.ref_h`` (the ``initial``
+  Its GRU state is carried across rollouts (``TrainState.ref_params`` is then a
+  ``RunReference(params, h)``; the ``initial``
   reference restarts from zeros at each rollout instead). ``init_from_reference``
   starts the policy (actor and critic) from it: fine-tuning. With a ``run`` reference
   every update logs ``reference_kl`` (KL(pi || ref) on the rollout, for every kind, none
@@ -300,7 +301,7 @@ class HParams(NamedTuple):
 @struct.dataclass
 class TrainState:
     params: Any
-    ref_params: Any  # frozen reference policy (regularizer reference "initial" or "run")
+    ref_params: Any  # frozen initial policy (reference "initial"), or a RunReference (reference "run")
     opt_state: Any
     env_state: Any
     last_ts: Timestep  # [E, ...]
@@ -309,9 +310,14 @@ class TrainState:
     key: jax.Array
     update_step: jax.Array
     hparams: HParams
-    # reference "run": the reference network's hidden state [E, A, 2, H] at the start of
-    # the next rollout (carried like ``h``); None otherwise (no leaves, older checkpoints load)
-    ref_h: Any = None
+
+
+class RunReference(NamedTuple):
+    """``TrainState.ref_params`` for regularizer reference "run" (other references keep
+    plain parameters there, so their checkpoints keep their structure)."""
+
+    params: Any  # the trained run's frozen parameters
+    h: jax.Array  # [E, A, 2, H] the reference's hidden state at the start of the next rollout
 
 
 class Transition(NamedTuple):
@@ -444,13 +450,13 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
                 config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon,
             ))
         )
-        ref_params, ref_h = params, None
+        ref_params = params
         if run_params is not None:
-            ref_params, ref_h = run_params, jnp.zeros_like(h)
+            ref_params = RunReference(run_params, jnp.zeros_like(h))
             if rcfg.init_from_reference:
                 params = run_params
         return TrainState(params, ref_params, tx.init(params), env_state, ts, h, first, key,
-                          jnp.zeros((), jnp.int32), hp, ref_h)
+                          jnp.zeros((), jnp.int32), hp)
 
     # ------------------------------------------------------------------ acting
     def act(params, ts: Timestep, carry, key, greedy=False):
@@ -536,12 +542,12 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         rollout: the policy that collected the data (a trust region, loss mode);
         initial: the frozen initial policy replayed with its own hidden state from
         the start of the rollout; run: a trained run's frozen policy, its hidden
-        state carried across rollouts (``state.ref_h``); uniform: uniform over
+        state carried across rollouts (``state.ref_params.h``); uniform: uniform over
         available actions. Returns (logits, the reference's hidden state after the
         rollout, or None).
         """
         if rcfg.reference == "run":
-            return _replay_logits(state.ref_params, state.ref_h, traj, with_carry=True)
+            return _replay_logits(state.ref_params.params, state.ref_params.h, traj, with_carry=True)
         if rcfg.kind == "none":
             return jnp.zeros(traj.avail.shape, jnp.float32), None
         if not discrete and rcfg.kind == "entropy":
@@ -616,8 +622,9 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         metrics.update(reference_metrics)
         metrics.update(episode_metrics(traj.info))
         metrics["lr"] = lr
-        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1,
-                              ref_h=ref_h)
+        if ref_h is not None:
+            state = state.replace(ref_params=state.ref_params._replace(h=ref_h))
+        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
         return state, metrics
 
     def _replay_logits(params, h0, traj: Transition, with_carry=False):
