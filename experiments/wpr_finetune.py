@@ -12,13 +12,16 @@ trained MAPPO run (``--reference-run``), every arm starts from it
 living ally per step, no win bonus, so prolonging a fight pays); the true objective is the
 win rate, which the environment reports whatever the reward.
 
-Two sweep programs (``marl.sweep.run_sweep``, every configuration x seed one vmapped row,
-the same seeds in every row):
+Sweep programs (``marl.sweep.run_sweep``, every configuration x seed one vmapped row,
+the same seeds in every row; the kind is static, so KL and Wasserstein are separate programs):
 
 - ``kl/``: ``reg_coef`` in ``{0} + coefs``; coefficient 0 is the unregularized arm ("none")
   (its reward is exactly the proxy reward; its KL to the reference is still logged);
-- ``wasserstein/``: ``reg_epsilon`` x ``reg_coef`` (debiased centred potential by default;
-  ``--overrides '{"regularizer": {"centred": false}}'`` for WPR's raw potential).
+- ``wasserstein_eps<e>/``, one per epsilon: ``reg_coef`` in ``coefs`` (debiased centred
+  potential by default; ``--overrides '{"regularizer": {"centred": false}}'`` for WPR's raw
+  potential). Epsilon is sweepable too; one program per epsilon lets ``--programs`` /
+  ``--epsilons`` run them as separate processes (``--resume`` with every program then
+  collects the finished ones without training them again).
 
 Every row logs ``reference_kl`` (KL(pi || reference) on its rollouts), and Wasserstein rows
 ``penalty_logratio_corr`` (the rollout correlation of the Wasserstein penalty with the KL
@@ -111,17 +114,18 @@ def program_configs(args: FinetuneArgs):
     reg_values = values.pop("regularizer", {})
     base = apply_overrides(algos.default_config(ALGO), {**values, "total_steps": args.total_steps}, "overrides")
     out = {}
-    for p in args.programs:
-        rc = apply_overrides(reg.RegularizerConfig(), {
-            **reg_values, "kind": p, "coef": float(args.coefs[0]), "epsilon": float(args.epsilons[0]),
-            "mode": "penalty", "reference": "run", "reference_run": args.reference_run, "init_from_reference": True,
-        }, "overrides.regularizer")
-        cfg = dataclasses.replace(base, regularizer=rc)
-        if p == "kl":
-            sweep = [{"reg_coef": c} for c in (0.0, *args.coefs)]
-        else:
-            sweep = [{"reg_epsilon": e, "reg_coef": c} for e in args.epsilons for c in args.coefs]
-        out[p] = (cfg, sweep)
+    for kind in args.programs:
+        for eps in (args.epsilons[:1] if kind == "kl" else args.epsilons):
+            rc = apply_overrides(reg.RegularizerConfig(), {
+                **reg_values, "kind": kind, "coef": float(args.coefs[0]), "epsilon": float(eps),
+                "mode": "penalty", "reference": "run", "reference_run": args.reference_run,
+                "init_from_reference": True,
+            }, "overrides.regularizer")
+            cfg = dataclasses.replace(base, regularizer=rc)
+            if kind == "kl":
+                out["kl"] = (cfg, [{"reg_coef": c} for c in (0.0, *args.coefs)])
+            else:
+                out[f"wasserstein_eps{eps:g}"] = (cfg, [{"reg_epsilon": eps, "reg_coef": c} for c in args.coefs])
     return out
 
 
@@ -306,14 +310,15 @@ def run(args: FinetuneArgs) -> dict:
             win = np.asarray(evals[p]["win_rate"][c])
             lo, hi = bootstrap_ci(win, iqm, args.bootstrap_samples, args.confidence)
             corr = finals["penalty_logratio_corr"]
+            kind = p.split("_")[0]
             arms.append({
-                "program": p, "hparams": hp, "arm": arm_label(p, hp),
+                "program": kind, "hparams": hp, "arm": arm_label(kind, hp),
                 "eval_win_rate": win.tolist(), "eval_iqm": iqm(win), "eval_ci": [lo, hi],
                 "eval_return_proxy": evals[p]["return"][c],
                 "train_win_rate": float(np.nanmean(finals["win_rate"])),
                 "reference_kl_per_seed": finals["reference_kl"].tolist(),
                 "reference_kl": float(np.nanmean(finals["reference_kl"])),
-                "corr": float(np.nanmean(corr)) if p == "wasserstein" and np.isfinite(corr).any() else None,
+                "corr": float(np.nanmean(corr)) if kind == "wasserstein" and np.isfinite(corr).any() else None,
             })
     with open(os.path.join(study_dir, "eval.json"), "w") as f:
         json.dump({"reference": reference, "programs": evals}, f, indent=2)
