@@ -193,3 +193,23 @@ def test_matched_pairs_and_iqm_difference():
     assert p["ci_low"] <= 0.3 <= p["ci_high"] and p["ci_low"] > 0
     d, lo, hi = study.diff_ci([1.0, 1.0], [0.0, 0.0], 100, 0.9)
     assert (d, lo, hi) == (1.0, 1.0, 1.0)
+
+
+def test_study_programs_and_their_validation(run_dir):
+    path, _ = run_dir
+    args = study.FinetuneArgs(reference_run=path, coefs=(0.01, 0.1), epsilons=(0.05, 0.2))
+    progs = study.program_configs(args)
+    assert list(progs) == ["kl", "wasserstein_eps0.05", "wasserstein_eps0.2"]
+    cfg, sweep = progs["kl"]
+    assert sweep == [{"reg_coef": 0.0}, {"reg_coef": 0.01}, {"reg_coef": 0.1}]  # coefficient 0 = "none"
+    r = cfg.regularizer
+    assert (r.kind, r.reference, r.reference_run, r.init_from_reference, r.mode) == ("kl", "run", path, True,
+                                                                                     "penalty")
+    cfg, sweep = progs["wasserstein_eps0.2"]
+    assert cfg.regularizer.epsilon == 0.2 and sweep[-1] == {"reg_epsilon": 0.2, "reg_coef": 0.1}
+    assert study.arm_label("kl", {"reg_coef": 0.0}) == "none"
+    for bad, field in (({"programs": ("kl", "tv")}, "programs"), ({"coefs": (0.0,)}, "coefs"),
+                       ({"reference_run": "/nonexistent"}, "regularizer.reference_run")):
+        with pytest.raises(ConfigError) as e:
+            study.program_configs(study.FinetuneArgs(**{"reference_run": path, **bad}))
+        assert e.value.field == field
