@@ -29,7 +29,8 @@ log-ratio at the taken actions). At the end every row's parameters, and the refe
 evaluated greedily on the true task (``--eval-episodes`` per seed, the same episode keys for
 every arm and for the reference).
 
-Outputs under ``<runs_dir>/<name>/``: the two sweep run directories, ``eval.json`` (per row),
+Outputs under ``<runs_dir>/<name>/``: the sweep run directories (each with ``eval_rows.json``),
+``eval_reference.json``,
 ``summary.json`` / ``summary.md`` (arms, preconditions, matched-KL comparison) and
 ``frontier.png`` (true win rate against KL to the reference).
 
@@ -95,6 +96,8 @@ class FinetuneArgs:
     checkpoint_every: int = 1
     resume: bool = False
     progress: bool = False
+    summarize_only: bool = False
+    """only (re)write the tables from the finished programs' files: no training, no compiling"""
 
 
 def program_configs(args: FinetuneArgs):
@@ -210,10 +213,11 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {a['arm']} | {a['eval_iqm']:.3f} | [{a['eval_ci'][0]:.3f}, {a['eval_ci'][1]:.3f}] | "
                      f"{a['train_win_rate']:.3f} | {a['reference_kl']:.4f} | {corr} |")
     pre = summary["preconditions"]
-    lines += ["", "Preconditions:",
-              f"- drop of the unregularized arm: {pre['drop']:.3f} (reference {ref['eval_iqm']:.3f} -> none "
-              f"{pre['none_iqm']:.3f}); required >= {summary['min_drop']}: "
-              f"**{'met' if pre['drop_ok'] else 'not met'}**"]
+    lines += ["", "Preconditions:"]
+    if "drop" in pre:
+        lines.append(f"- drop of the unregularized arm: {pre['drop']:.3f} (reference {ref['eval_iqm']:.3f} -> none "
+                     f"{pre['none_iqm']:.3f}); required >= {summary['min_drop']}: "
+                     f"**{'met' if pre['drop_ok'] else 'not met'}**")
     for eps, c in pre["corr"].items():
         lines.append(f"- correlation at eps {eps}: mean {c['mean']:.3f}, max over arms {c['max']:.3f}; required < "
                      f"{summary['max_corr']}: **{'met' if c['ok'] else 'not met'}**")
@@ -247,7 +251,6 @@ def run(args: FinetuneArgs) -> dict:
     import jax
 
     from marl.evaluation import evaluate
-    from marl.logging import read_metrics
     from marl.reference import load_run_params
     from marl.sweep import run_sweep, validate
 
@@ -281,7 +284,6 @@ def run(args: FinetuneArgs) -> dict:
     print(f"reference {args.reference_run}: greedy win rate {reference['eval_iqm']:.3f} per seed's episodes "
           f"{np.round(ref_eval['win_rate'], 3).tolist()}", flush=True)
 
-    arms, evals = [], {}
     for p, (cfg, sweep) in programs.items():
         algo = built[p]
         n_iter = max(1, cfg.total_steps // algo.env_steps_per_update)
@@ -295,35 +297,59 @@ def run(args: FinetuneArgs) -> dict:
         print(f"   compile {res.compile_seconds:.1f}s, train {res.train_seconds:.1f}s", flush=True)
         keys = np.tile(np.asarray(jax.device_get(eval_keys)), (len(sweep), 1))
         rows_path = os.path.join(study_dir, p, "eval_rows.json")
-        out = _load(rows_path) if args.resume and os.path.isfile(rows_path) else _save(rows_path, jax.device_get(
-            jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(res.state.params, keys)))
-        evals[p] = {k: np.asarray(v).reshape(len(sweep), S).tolist() for k, v in out.items()}
-        records = read_metrics(os.path.join(study_dir, p))
-        for c, hp in enumerate(sweep):
-            rows = [r for r in records if c * S <= r["seed"] < (c + 1) * S]
-            finals = {}
-            for m in ("reference_kl", "penalty_logratio_corr", "win_rate"):
-                _, vals, eps = metric_arrays(rows, m)
-                if m != "win_rate":
-                    eps = np.ones_like(eps)
-                finals[m] = final_per_seed(vals, eps, args.final_fraction)
-            win = np.asarray(evals[p]["win_rate"][c])
-            lo, hi = bootstrap_ci(win, iqm, args.bootstrap_samples, args.confidence)
-            corr = finals["penalty_logratio_corr"]
-            kind = p.split("_")[0]
-            arms.append({
-                "program": kind, "hparams": hp, "arm": arm_label(kind, hp),
-                "eval_win_rate": win.tolist(), "eval_iqm": iqm(win), "eval_ci": [lo, hi],
-                "eval_return_proxy": evals[p]["return"][c],
-                "train_win_rate": float(np.nanmean(finals["win_rate"])),
-                "reference_kl_per_seed": finals["reference_kl"].tolist(),
-                "reference_kl": float(np.nanmean(finals["reference_kl"])),
-                "corr": float(np.nanmean(corr)) if kind == "wasserstein" and np.isfinite(corr).any() else None,
-            })
-    with open(os.path.join(study_dir, "eval.json"), "w") as f:
-        json.dump({"reference": reference, "programs": evals}, f, indent=2)
+        if not (args.resume and os.path.isfile(rows_path)):
+            _save(rows_path, jax.device_get(jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(
+                res.state.params, keys)))
+    return summarize(args, programs)
 
-    summary = {"reference": reference, "arms": arms, "eval_episodes": args.eval_episodes,
+
+def program_arms(study_dir: str, program: str, sweep: list, args: FinetuneArgs) -> list[dict]:
+    """The arms of one finished sweep program, from its ``eval_rows.json`` and ``metrics.jsonl``."""
+    from marl.logging import read_metrics
+
+    S = args.num_seeds
+    out = _load(os.path.join(study_dir, program, "eval_rows.json"))
+    win_all = np.asarray(out["win_rate"]).reshape(len(sweep), S)
+    ret_all = np.asarray(out["return"]).reshape(len(sweep), S)
+    records = read_metrics(os.path.join(study_dir, program))
+    kind = program.split("_")[0]
+    arms = []
+    for c, hp in enumerate(sweep):
+        rows = [r for r in records if c * S <= r["seed"] < (c + 1) * S]
+        finals = {}
+        for m in ("reference_kl", "penalty_logratio_corr", "win_rate"):
+            _, vals, eps = metric_arrays(rows, m)
+            finals[m] = final_per_seed(vals, eps if m == "win_rate" else np.ones_like(eps), args.final_fraction)
+        win = win_all[c]
+        lo, hi = bootstrap_ci(win, iqm, args.bootstrap_samples, args.confidence)
+        corr = finals["penalty_logratio_corr"]
+        arms.append({
+            "program": kind, "hparams": hp, "arm": arm_label(kind, hp),
+            "eval_win_rate": win.tolist(), "eval_iqm": iqm(win), "eval_ci": [lo, hi],
+            "eval_return_proxy": ret_all[c].tolist(),
+            "train_win_rate": float(np.nanmean(finals["win_rate"])),
+            "reference_kl_per_seed": finals["reference_kl"].tolist(),
+            "reference_kl": float(np.nanmean(finals["reference_kl"])),
+            "corr": float(np.nanmean(corr)) if kind == "wasserstein" and np.isfinite(corr).any() else None,
+        })
+    return arms
+
+
+def summarize(args: FinetuneArgs, programs: Optional[dict] = None) -> dict:
+    """Tables, preconditions, matched-KL differences and the frontier from the files of the
+    finished programs (those with an ``eval_rows.json``); no training, no compilation."""
+    programs = program_configs(args) if programs is None else programs
+    study_dir = os.path.abspath(os.path.join(args.runs_dir, args.name))
+    ref_eval = _load(os.path.join(study_dir, "eval_reference.json"))
+    reference = {"eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
+                 "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
+                 "eval_return_proxy": np.asarray(ref_eval["return"]).tolist()}
+    arms, done = [], []
+    for p, (_, sweep) in programs.items():
+        if os.path.isfile(os.path.join(study_dir, p, "eval_rows.json")):
+            arms += program_arms(study_dir, p, sweep, args)
+            done.append(p)
+    summary = {"reference": reference, "arms": arms, "programs": done, "eval_episodes": args.eval_episodes,
                "confidence": args.confidence, "min_drop": args.min_drop, "max_corr": args.max_corr,
                "match_tolerance": args.match_tolerance, "preconditions": {"corr": {}}}
     none = [a for a in arms if a["arm"] == "none"]
@@ -339,7 +365,7 @@ def run(args: FinetuneArgs) -> dict:
     summary["matched"] = matched_pairs(arms, args.match_tolerance, args.bootstrap_samples, args.confidence)
     with open(os.path.join(study_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    text = markdown(summary) if none else json.dumps(summary["arms"], indent=1)
+    text = markdown(summary)
     with open(os.path.join(study_dir, "summary.md"), "w") as f:
         f.write(text + "\n")
     png = plot_frontier(arms, reference["eval_iqm"], os.path.join(study_dir, "frontier.png"))
@@ -353,7 +379,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(tyro.cli(FinetuneArgs, args=_normalize_argv(argv), description=__doc__.split("\n\n")[0]))
+        args = tyro.cli(FinetuneArgs, args=_normalize_argv(argv), description=__doc__.split("\n\n")[0])
+        summarize(args) if args.summarize_only else run(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
