@@ -58,6 +58,10 @@ def default_config(name: str, **overrides: Any):
     return getattr(mod, cls)(**{**preset, **overrides})
 
 
+# modules whose regularizer accepts a trained run as reference (regularizer.reference "run")
+_RUN_REFERENCE = ("algos.ppo",)
+
+
 def make(name: str, env, config=None, **overrides: Any):
     """Build algorithm ``name`` on ``env``; ``config`` defaults to its preset."""
     mod, cls, preset = _entry(name)
@@ -65,4 +69,10 @@ def make(name: str, env, config=None, **overrides: Any):
         config = default_config(name, **overrides)
     elif overrides:
         config = dataclasses.replace(config, **overrides)
+    reg = getattr(config, "regularizer", None)
+    if getattr(reg, "reference", None) == "run" and mod.__name__ not in _RUN_REFERENCE:
+        allowed = sorted(n for n, (m, _, _) in _REGISTRY.items() if m in _RUN_REFERENCE)
+        raise ConfigError("regularizer.reference", "run",
+                          f"a trained run as reference is supported by {allowed}, not {name!r}; "
+                          "use initial, rollout or uniform")
     return mod.make(env, config, name=name)

@@ -28,6 +28,16 @@ Choices and deviations:
 - Learning-rate annealing is per update (linear to zero), not per minibatch.
 - Minibatches split the parallel environments, keeping whole sequences for the GRU,
   which restarts from the hidden state stored at the start of the rollout.
+- Regularizer reference ``run`` (``regularizer.reference_run``): a trained run's policy,
+  loaded frozen into ``TrainState.ref_params`` by ``make`` (checked against the env and
+  the parameter shapes before compiling; one reference shared by every vmapped row).
+  Its GRU state is carried across rollouts (``TrainState.ref_params`` is then a
+  ``RunReference(params, h)``; the ``initial``
+  reference restarts from zeros at each rollout instead). ``init_from_reference``
+  starts the policy (actor and critic) from it: fine-tuning. With a ``run`` reference
+  every update logs ``reference_kl`` (KL(pi || ref) on the rollout, for every kind, none
+  included) and, for Wasserstein, ``penalty_logratio_corr`` (correlation of the
+  Wasserstein penalty with the KL log-ratio at the taken actions).
 - Sweepable hyperparameters (lr, clip, entropy and value coefficients, gamma, GAE
   lambda, regularizer coefficient/epsilon) are arrays in ``TrainState.hparams``.
 - One-hot agent ids cost ``A x A`` per step and environment (``jnp.eye(A)`` alone is
@@ -291,7 +301,7 @@ class HParams(NamedTuple):
 @struct.dataclass
 class TrainState:
     params: Any
-    ref_params: Any  # frozen initial policy (regularizer reference "initial")
+    ref_params: Any  # frozen initial policy (reference "initial"), or a RunReference (reference "run")
     opt_state: Any
     env_state: Any
     last_ts: Timestep  # [E, ...]
@@ -300,6 +310,14 @@ class TrainState:
     key: jax.Array
     update_step: jax.Array
     hparams: HParams
+
+
+class RunReference(NamedTuple):
+    """``TrainState.ref_params`` for regularizer reference "run" (other references keep
+    plain parameters there, so their checkpoints keep their structure)."""
+
+    params: Any  # the trained run's frozen parameters
+    h: jax.Array  # [E, A, 2, H] the reference's hidden state at the start of the next rollout
 
 
 class Transition(NamedTuple):
@@ -411,6 +429,15 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
     def initial_carry(batch_shape=()):
         return (jnp.zeros(batch_shape + (A, 2, config.hidden)), jnp.ones(batch_shape, bool))
 
+    # reference "run": a trained run's parameters, checked (environment, shapes) and
+    # loaded here, before anything compiles; one reference shared by every vmapped row
+    run_params = None
+    if rcfg.reference == "run":
+        from marl.reference import load_run_params
+
+        run_params = load_run_params(rcfg.reference_run, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
+                                     env_name=spec.name, seed_index=rcfg.reference_seed)
+
     # ------------------------------------------------------------------ init
     def init(key) -> TrainState:
         k_param, k_env, key = jax.random.split(key, 3)
@@ -423,7 +450,12 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
                 config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon,
             ))
         )
-        return TrainState(params, params, tx.init(params), env_state, ts, h, first, key,
+        ref_params = params
+        if run_params is not None:
+            ref_params = RunReference(run_params, jnp.zeros_like(h))
+            if rcfg.init_from_reference:
+                params = run_params
+        return TrainState(params, ref_params, tx.init(params), env_state, ts, h, first, key,
                           jnp.zeros((), jnp.int32), hp)
 
     # ------------------------------------------------------------------ acting
@@ -509,17 +541,22 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
 
         rollout: the policy that collected the data (a trust region, loss mode);
         initial: the frozen initial policy replayed with its own hidden state from
-        the start of the rollout; uniform: uniform over available actions.
+        the start of the rollout; run: a trained run's frozen policy, its hidden
+        state carried across rollouts (``state.ref_params.h``); uniform: uniform over
+        available actions. Returns (logits, the reference's hidden state after the
+        rollout, or None).
         """
+        if rcfg.reference == "run":
+            return _replay_logits(state.ref_params.params, state.ref_params.h, traj, with_carry=True)
         if rcfg.kind == "none":
-            return jnp.zeros(traj.avail.shape, jnp.float32)
+            return jnp.zeros(traj.avail.shape, jnp.float32), None
         if not discrete and rcfg.kind == "entropy":
-            return jnp.zeros(traj.avail.shape[:-1] + (2 * spec.action_dim,), jnp.float32)
+            return jnp.zeros(traj.avail.shape[:-1] + (2 * spec.action_dim,), jnp.float32), None
         if rcfg.reference == "uniform":
-            return jnp.where(traj.avail, 0.0, -1e10)
+            return jnp.where(traj.avail, 0.0, -1e10), None
         if rcfg.reference == "initial":
-            return _replay_logits(state.ref_params, jnp.zeros_like(h0), traj)
-        return _replay_logits(state.params, h0, traj)
+            return _replay_logits(state.ref_params, jnp.zeros_like(h0), traj), None
+        return _replay_logits(state.params, h0, traj), None
 
     def update(state: TrainState):
         hp = state.hparams
@@ -529,14 +566,26 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         x, cx = inputs(state.last_ts)
         firsts = jnp.broadcast_to(state.first[:, None], (E, A))
         _, _, last_value = apply(state.params, state.h, x, cx, firsts, state.last_ts.avail_actions)
-        ref_logits = reference_logits(state, h0, traj)
-        if rcfg.kind != "none" and rcfg.mode == "penalty":
+        ref_logits, ref_h = reference_logits(state, h0, traj)
+        penalized = rcfg.kind != "none" and rcfg.mode == "penalty"
+        watch_run = rcfg.reference == "run" and discrete
+        pol_logits = _replay_logits(state.params, h0, traj) if penalized or watch_run else None
+        reference_metrics = {}
+        if watch_run:
+            # KL to the reference on the rollout, logged for every kind: a common divergence scale
+            reference_metrics["reference_kl"] = reg.kl(pol_logits, ref_logits, traj.avail).mean()
+        if penalized:
             # WPR: the regularizer's gradient (dual potential / log-ratio) at the taken
             # action becomes a per-step reward penalty; PPO then runs unchanged
             if discrete:
-                out = regularizer(_replay_logits(state.params, h0, traj), ref_logits, traj.avail, hp)
-                penalty = jnp.take_along_axis(out.penalty, traj.action[..., None], -1)[..., 0]
+                out = regularizer(pol_logits, ref_logits, traj.avail, hp)
+                taken = lambda v: jnp.take_along_axis(v, traj.action[..., None], -1)[..., 0]
+                penalty = taken(out.penalty)
                 divergence = out.value
+                if watch_run and rcfg.kind == "wasserstein":
+                    # how far the Wasserstein penalty is from a rescaled KL log-ratio
+                    log_ratio = reg.log_probs(pol_logits, traj.avail) - reg.log_probs(ref_logits, traj.avail)
+                    reference_metrics["penalty_logratio_corr"] = reg.correlation(penalty, taken(log_ratio))
             else:
                 _, penalty, divergence = continuous_regularizer(
                     _replay_logits(state.params, h0, traj), ref_logits, traj.action, hp)
@@ -570,20 +619,25 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         )
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(penalty_metrics)
+        metrics.update(reference_metrics)
         metrics.update(episode_metrics(traj.info))
         metrics["lr"] = lr
+        if ref_h is not None:
+            state = state.replace(ref_params=state.ref_params._replace(h=ref_h))
         state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
         return state, metrics
 
-    def _replay_logits(params, h0, traj: Transition):
-        """Logits of ``params`` along the stored trajectory (no gradient)."""
+    def _replay_logits(params, h0, traj: Transition, with_carry=False):
+        """Logits of ``params`` along the stored trajectory (no gradient); with
+        ``with_carry`` also the hidden state after its last step."""
 
         def step(h, xs):
             x, cx, first, avail = xs
             h, logits, _ = apply(params, h, x, cx, first, avail)
             return h, logits
 
-        _, logits = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
-        return jax.lax.stop_gradient(logits)
+        h, logits = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
+        logits = jax.lax.stop_gradient(logits)
+        return (logits, jax.lax.stop_gradient(h)) if with_carry else logits
 
     return Algorithm(name, config, env, init, update, act, initial_carry, E * T)

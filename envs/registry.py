@@ -1,7 +1,8 @@
 """The environment registry: ``envs.make("smax:3m")``.
 
 Names:
-  ``smax:<map>``     JaxMARL SMAX against its heuristic enemy (maps: JaxMARL's scenarios)
+  ``smax:<map>``     JaxMARL SMAX against its heuristic enemy (maps: JaxMARL's scenarios);
+                     ``reward="damage"|"damage_alive"``: misspecified proxy rewards
   ``smax-mt:<set>``  multi-task SMAX (``envs/multitask_smax.py``): ``surComb3``, ``surComb4``,
                      ``surComb3-reflect``, ``surComb4-reflect``, or ``custom`` with ``tasks=[...]``
   ``mpe:<task>``     JaxMARL MPE, e.g. ``mpe:simple_spread`` (-> ``MPE_simple_spread_v3``)
@@ -86,13 +87,61 @@ def _smax_maps() -> list[str]:
     return sorted(MAP_NAME_TO_SCENARIO)
 
 
-def _make_smax(map_name: str, **kwargs):
+SMAX_REWARDS = ("default", "damage", "damage_alive")
+
+
+def _make_smax(map_name: str, reward: str = "default", alive_bonus: float = 0.02, **kwargs):
+    """``reward``: ``default`` (JaxMARL's: enemy health removed + the win bonus),
+    ``damage`` (enemy health removed only: no win bonus), or ``damage_alive`` (damage
+    plus ``alive_bonus`` x the fraction of allies alive, every step). The last two are
+    misspecified proxies of winning, for fine-tuning studies: ``damage_alive`` pays for
+    prolonging the fight, since a win ends the episode. The ``won`` flag (win rate) is
+    the true outcome whatever the reward. Errors name ``reward`` / ``alive_bonus``."""
     import jaxmarl
     from jaxmarl.environments.smax import map_name_to_scenario
 
+    from marl.config import ConfigError, check_choice, check_nonnegative
+
+    check_choice("reward", reward, SMAX_REWARDS)
+    check_nonnegative("alive_bonus", alive_bonus)
+    if reward != "default":
+        if "won_battle_bonus" in kwargs:
+            raise ConfigError("won_battle_bonus", kwargs["won_battle_bonus"],
+                              f"is set by reward={reward!r} (no win bonus); pass only one of them")
+        kwargs["won_battle_bonus"] = 0.0
+    elif alive_bonus != 0.02:
+        raise ConfigError("alive_bonus", alive_bonus, "is only used with reward='damage_alive'")
     scenario = map_name_to_scenario(map_name)
     env = jaxmarl.make("HeuristicEnemySMAX", scenario=scenario, **kwargs)
-    return smax_adapter(env, f"smax:{map_name}")
+    adapter = smax_adapter(env, f"smax:{map_name}")
+    return AliveBonus(adapter, alive_bonus) if reward == "damage_alive" else adapter
+
+
+class AliveBonus:
+    """Adds ``bonus`` x (fraction of allies alive after the step) to every agent's reward
+    of a SMAX adapter (``reward="damage_alive"``); ``spec.max_return`` grows by
+    ``bonus * max_steps``."""
+
+    def __init__(self, env, bonus: float):
+        import dataclasses
+
+        self._env, self._bonus = env, float(bonus)
+        self._allies = env.unwrapped.num_allies
+        self.spec = dataclasses.replace(
+            env.spec, max_return=(env.spec.max_return or 0.0) + self._bonus * env.spec.max_steps)
+
+    def __getattr__(self, name):
+        return getattr(self._env, name)
+
+    def reset(self, key):
+        return self._env.reset(key)
+
+    def step(self, key, state, action):
+        import jax.numpy as jnp
+
+        state, ts = self._env.step(key, state, action)
+        alive = jnp.mean(state.inner.state.unit_alive[: self._allies].astype(jnp.float32))
+        return state, ts._replace(reward=ts.reward + self._bonus * alive)
 
 
 def smax_adapter(env, name: str, info_fn=None):

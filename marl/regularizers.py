@@ -54,6 +54,17 @@ the same batched solver call, so ``f_ab`` and ``f_aa`` are the same numbers.
 ``exp(-C / eps)`` is positive definite (uniform cost, Euclidean costs) and the
 solver has converged. The price is three OT solves instead of one.
 
+Raw potential (``centred=False``): the official WPR code's penalty, the dual potential
+``f = eps log u`` of ``pi_theta`` itself (``u`` the Sinkhorn scaling of the policy
+marginal), after a fixed number of iterations. Same gradient direction on the simplex
+as the centred form up to the ``f_aa`` debiasing term, but (i) it is not zero at
+``pi == ref`` (with a near-identity kernel ``f ~ eps/2 log pi``), so the reward
+penalty also acts as an entropy-like bonus even at the reference; (ii) its mean under
+the policy is ``<pi, f>``, not the divergence; (iii) with ``C / eps`` large and few
+iterations it is a rescaled KL log-ratio whose size grows with the iteration count.
+The logged ``value`` is then ``W_eps`` (not 0 at equality). Tested against a float64
+Sinkhorn written from the equations above.
+
 Continuous (diagonal Gaussian) policies use the closed form
 ``W2^2 = ||mu1 - mu2||^2 + ||sigma1 - sigma2||^2`` (:func:`gaussian_w2`).
 
@@ -74,8 +85,14 @@ Choices and deviations
 - No gradient flows through the solver (its inputs are ``stop_gradient``-ed);
   gradients reach the policy only through :func:`surrogate_loss` / the
   policy-gradient of the reward penalty, as in WPR.
-- The ``reference`` (rollout, initial or uniform policy) is chosen by the
-  algorithm, which passes the reference logits; uniform = zero logits.
+- The ``reference`` (rollout, initial, uniform policy, or a trained ``run``) is
+  chosen by the algorithm, which passes the reference logits; uniform = zero logits.
+  ``run`` (WPR's setting: a frozen competent policy, like RLHF's SFT model) is read
+  by :func:`marl.reference.load_run_params` from a run directory and checked
+  against the environment and parameter shapes before anything compiles; one
+  reference (``reference_seed`` of the run) is shared by every vmapped row.
+  Regularizing toward the ``initial`` policy of a fresh network (nearly uniform)
+  makes KL a second entropy bonus: ``KL(pi || U) = log n - H(pi)``.
 
 Shapes: batch dims are arbitrary leading dims, ``logits [..., n]``, cost
 ``[n, n]`` (or broadcastable ``[..., n, n]``), ``epsilon``/``coef`` scalars or
@@ -86,6 +103,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -114,12 +132,13 @@ __all__ = [
     "wasserstein",
     "wasserstein_penalty",
     "surrogate_loss",
+    "correlation",
     "gaussian_w2",
     "regularize",
 ]
 
 KINDS = ("none", "kl", "wasserstein", "entropy")
-REFERENCES = ("rollout", "initial", "uniform")
+REFERENCES = ("rollout", "initial", "uniform", "run")
 MODES = ("penalty", "loss")
 BACKENDS = ("fast", "ott")
 
@@ -141,7 +160,18 @@ class RegularizerConfig:
       iterations: fixed number of Sinkhorn iterations (static).
       reference: which policy the algorithm passes as reference:
         ``rollout`` (the behaviour / old policy: a trust region),
-        ``initial`` (frozen initial policy, WPR/RLHF style), ``uniform``.
+        ``initial`` (frozen initial policy), ``uniform``, or ``run`` (the frozen
+        policy of a trained run, ``reference_run``: WPR/RLHF style, a competent
+        reference). ``run`` is supported by the PPO family (IPPO, MAPPO).
+      reference_run: ``reference="run"`` only: the run directory (``runs/<name>``,
+        with ``run.json`` and ``checkpoints/``) whose latest parameters are the
+        reference (:func:`marl.reference.load_run_params`). Checked before
+        compiling: same environment, same parameter shapes.
+      reference_seed: which seed of a seed-batched reference run; the one
+        reference is shared by every row of a vmapped run or sweep.
+      init_from_reference: ``reference="run"`` only: also start the policy (actor
+        and critic) from the reference's parameters: fine-tuning, as RLHF starts
+        from the SFT model. The optimizer state starts fresh.
       mode: ``penalty`` (WPR: subtract ``coef * penalty(a_t)`` from the reward)
         or ``loss`` (add ``coef * value`` with the surrogate gradient to the loss).
       centred: Wasserstein only. True: debiased, centred potential (zero at
@@ -156,6 +186,9 @@ class RegularizerConfig:
     reference: str = "rollout"
     mode: str = "penalty"
     centred: bool = True
+    reference_run: Optional[str] = None
+    reference_seed: int = 0
+    init_from_reference: bool = False
 
     def __post_init__(self):
         check_choice("regularizer.kind", self.kind, KINDS)
@@ -170,6 +203,26 @@ class RegularizerConfig:
         check_choice("regularizer.mode", self.mode, MODES)
         if not isinstance(self.centred, bool):
             raise ConfigError("regularizer.centred", self.centred, "must be a bool")
+        if self.reference == "run" and not self.reference_run:
+            raise ConfigError("regularizer.reference_run", self.reference_run,
+                              "reference 'run' needs the directory of a trained run (runs/<name>)")
+        if self.reference_run is not None:
+            if self.reference != "run":
+                raise ConfigError("regularizer.reference_run", self.reference_run,
+                                  f"is only used with reference 'run' (got reference {self.reference!r}); "
+                                  "pass --regularizer.reference run")
+            if not isinstance(self.reference_run, str) or not os.path.isfile(
+                    os.path.join(self.reference_run, "run.json")):
+                raise ConfigError("regularizer.reference_run", self.reference_run,
+                                  "must be a run directory holding run.json and checkpoints/")
+        if isinstance(self.reference_seed, bool) or not isinstance(self.reference_seed, int) \
+                or self.reference_seed < 0:
+            raise ConfigError("regularizer.reference_seed", self.reference_seed, "must be an integer >= 0")
+        if not isinstance(self.init_from_reference, bool):
+            raise ConfigError("regularizer.init_from_reference", self.init_from_reference, "must be a bool")
+        if self.init_from_reference and self.reference != "run":
+            raise ConfigError("regularizer.init_from_reference", True,
+                              f"needs reference 'run' (got {self.reference!r}): the policy starts from that run")
 
 
 def _check_number(field: str, value) -> None:
@@ -504,6 +557,16 @@ def surrogate_loss(logits: jax.Array, f: jax.Array, mask: Optional[jax.Array] = 
     ``beta * surrogate_loss`` to a loss follows the gradient of ``beta * W``.
     """
     return jnp.sum(probs(logits, mask) * jax.lax.stop_gradient(f), axis=-1)
+
+
+def correlation(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Pearson correlation of ``x`` and ``y`` over all their entries, ``[]``; 0 when
+    either is constant (no NaN). Used to check that a Wasserstein penalty is not just a
+    rescaled KL log-ratio (then its correlation with it is ~1)."""
+    x = jnp.ravel(x) - jnp.mean(x)
+    y = jnp.ravel(y) - jnp.mean(y)
+    den = jnp.sqrt(jnp.sum(x * x) * jnp.sum(y * y))
+    return jnp.where(den > 0, jnp.sum(x * y) / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def gaussian_w2(mu1: jax.Array, std1: jax.Array, mu2: jax.Array, std2: jax.Array) -> jax.Array:

@@ -493,3 +493,93 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=f"regularizer.{field}") as info:
         reg.RegularizerConfig(**{field: value})
     assert info.value.field == f"regularizer.{field}"
+
+
+# ------------------------------------------------- WPR's raw (uncentred) potential
+
+
+def _sinkhorn_f64(a, b, cost, eps, iterations):
+    """Reference log-domain Sinkhorn in numpy float64, written from the equations
+    (g first, from f = g = 0): -> (f, g, dual value)."""
+    a, b, cost = (np.asarray(x, np.float64) for x in (a, b, cost))
+    f, g = np.zeros_like(a), np.zeros_like(b)
+
+    def lse(x, axis):
+        mx = x.max(axis=axis, keepdims=True)
+        return (np.log(np.exp(x - mx).sum(axis=axis, keepdims=True)) + mx).squeeze(axis)
+
+    for _ in range(iterations):
+        g = eps * np.log(b) - eps * lse((f[:, None] - cost) / eps, axis=0)
+        f = eps * np.log(a) - eps * lse((g[None, :] - cost) / eps, axis=1)
+    plan = np.exp((f[:, None] + g[None, :] - cost) / eps)
+    value = a @ f + b @ g + eps * (1.0 - plan.sum())
+    return f, g, value, plan
+
+
+@pytest.mark.parametrize("n, eps, iterations", [(4, 0.2, 10), (6, 0.05, 10), (8, 0.05, 200)])
+@pytest.mark.parametrize("backend", ["fast", "ott"])
+def test_uncentred_penalty_is_the_raw_potential_of_a_float64_sinkhorn(n, eps, iterations, backend):
+    rng = np.random.default_rng(n)
+    cost = _random_cost(rng, n)
+    logits_p, logits_q = rng.normal(size=(3, n)), rng.normal(size=(3, n))
+    p, q = np.asarray(jax.nn.softmax(logits_p)), np.asarray(jax.nn.softmax(logits_q))
+    out = _wass(jnp.asarray(logits_p, jnp.float32), jnp.asarray(logits_q, jnp.float32), cost, eps, iterations,
+                backend=backend, debias=False)
+    actions = jnp.asarray(rng.integers(0, n, size=3))
+    taken = reg.wasserstein_penalty(actions, logits_p, logits_q, cost, eps, iterations, centred=False, backend=backend)
+    coef = 0.03
+    reg_out = reg.regularize("wasserstein", logits_p, logits_q, coef, cost=cost, epsilon=eps, iterations=iterations,
+                             centred=False, backend=backend)
+    for i in range(3):
+        f, g, value, plan = _sinkhorn_f64(p[i], q[i], cost, eps, iterations)
+        # the raw potential f = eps log u of the policy, WPR's penalty, to float32 accuracy
+        np.testing.assert_allclose(out.penalty[i], f, atol=2e-4)
+        np.testing.assert_allclose(out.f[i], f, atol=2e-4)
+        np.testing.assert_allclose(out.distance[i], value, atol=2e-4)
+        np.testing.assert_allclose(taken[i], f[int(actions[i])], atol=2e-4)
+        np.testing.assert_allclose(reg_out.penalty[i], coef * f, atol=1e-5)
+        # uncentred: the value is W_eps itself (not the debiased divergence), and the
+        # penalty's mean under the policy is not the distance (it is <p, f>)
+        np.testing.assert_allclose(reg_out.value[i], value, atol=2e-4)
+        if iterations >= 200:
+            # converged: both marginals hold and the dual value equals the primal one
+            np.testing.assert_allclose(plan.sum(1), p[i], atol=1e-8)
+            np.testing.assert_allclose(plan.sum(0), q[i], atol=1e-6)
+            primal = (plan * cost).sum() + eps * (plan * np.log(plan)).sum()
+            np.testing.assert_allclose(value, primal, atol=1e-6)
+
+
+def test_raw_potential_is_not_zero_at_equality_but_the_centred_one_is():
+    rng = np.random.default_rng(3)
+    cost = _random_cost(rng, 5)
+    logits = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+    raw = _wass(logits, logits, cost, 0.05, 10, backend="fast", debias=False)
+    cen = _wass(logits, logits, cost, 0.05, 10, backend="fast", debias=True)
+    assert np.abs(np.asarray(raw.penalty)).max() > 1e-2
+    np.testing.assert_allclose(cen.centred_penalty, 0.0, atol=1e-6)
+
+
+def test_correlation_of_penalties():
+    x = jnp.arange(10.0)
+    assert float(reg.correlation(x, 3 * x + 1)) == pytest.approx(1.0)
+    assert float(reg.correlation(x, -x)) == pytest.approx(-1.0)
+    assert float(reg.correlation(x, jnp.ones(10))) == 0.0  # constant: 0, not NaN
+    y = np.random.default_rng(0).normal(size=(4, 5))
+    z = y + np.random.default_rng(1).normal(size=(4, 5))
+    assert float(reg.correlation(y, z)) == pytest.approx(np.corrcoef(y.ravel(), z.ravel())[0, 1], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"reference": "run"}, "regularizer.reference_run"),
+        ({"reference": "initial", "reference_run": "/nonexistent"}, "regularizer.reference_run"),
+        ({"reference": "run", "reference_run": "/nonexistent"}, "regularizer.reference_run"),
+        ({"reference_seed": -1}, "regularizer.reference_seed"),
+        ({"reference": "initial", "init_from_reference": True}, "regularizer.init_from_reference"),
+    ],
+)
+def test_config_reference_run_fields(changes, field):
+    with pytest.raises(ConfigError) as info:
+        reg.RegularizerConfig(kind="kl", coef=0.1, **changes)
+    assert info.value.field == field
