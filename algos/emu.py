@@ -135,7 +135,7 @@ Deviations and choices (paper / official code)
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -169,13 +169,13 @@ class EMUConfig(ql.QLearningConfig):
     """hit threshold of the writes: a written step within it of an entry counts as a
     revisit of that entry (N_call += 1, N_xi += xi) instead of being inserted; None:
     ``delta`` (the official code uses one threshold for both)"""
-    hit_metric: str = "linf"
+    hit_metric: Literal["linf", "l2"] = "linf"
     """linf (official code, per dimension) | l2 (paper)"""
     key_dim: int = 4
     embed_hidden: int = 64
     lambda_rcon: float = 0.1
     """weight of the state reconstruction in the dCAE loss"""
-    embed_loss_reduction: str = "sum"
+    embed_loss_reduction: Literal["sum", "mean"] = "sum"
     """sum (official: squared errors summed over the minibatch, and over the state
     features in the reconstruction term) | mean (mean over samples and features)"""
     embed_interval: int = 10_000
@@ -195,7 +195,7 @@ class EMUConfig(ql.QLearningConfig):
     incentive: bool = True
     """add the episodic incentive gamma * eta to the TD target"""
     incentive_scale: float = 1.0
-    lookup: str = "index"
+    lookup: Literal["index", "brute"] = "index"
     """index: binary search of the hit candidates in a sorted index rebuilt after every
     iteration's writes (exact for hits, marl.episodic_memory.lookup_hits) | brute: exact
     brute-force nearest neighbour over the whole memory at every gradient step"""

@@ -80,7 +80,7 @@ Reusable pieces (``algos.dec_pomfc`` builds on them): :func:`gae`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import distrax
 import flax.linen as nn
@@ -100,7 +100,7 @@ from marl.types import Algorithm, Timestep
 class PPOConfig:
     """PPO settings. ``critic``: "independent" (IPPO) or "centralized" (MAPPO)."""
 
-    critic: str = "centralized"
+    critic: Literal["independent", "centralized"] = "centralized"
     total_steps: int = 2_000_000
     num_envs: int = 128
     num_steps: int = 128

@@ -67,7 +67,7 @@ in penalty mode, as a reward penalty mean_i penalty_i(a_i) subtracted from r_t.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -91,7 +91,7 @@ NEG = -1e10  # Q value given to unavailable actions before a max / argmax
 class QLearningConfig:
     """Q-learning settings. ``mixer``: vdn | qmix | qplex | none (independent Q-learning)."""
 
-    mixer: str = "qmix"
+    mixer: Literal["vdn", "qmix", "qplex", "none"] = "qmix"
     total_steps: int = 2_000_000
     num_envs: int = 8
     num_steps: int = 64
@@ -101,7 +101,7 @@ class QLearningConfig:
     batch_size: int = 32
     buffer_size: int = 5000
     lr: float = 5e-4
-    optimizer: str = "rmsprop"
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
     rms_alpha: float = 0.99
     opt_eps: float = 1e-5
     max_grad_norm: float = 10.0

@@ -104,7 +104,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -179,12 +179,12 @@ class RegularizerConfig:
         potential ``f``.
     """
 
-    kind: str = "none"
+    kind: Literal["none", "kl", "wasserstein", "entropy"] = "none"
     coef: float = 0.0
     epsilon: float = 0.05
     iterations: int = 10
-    reference: str = "rollout"
-    mode: str = "penalty"
+    reference: Literal["rollout", "initial", "uniform", "run"] = "rollout"
+    mode: Literal["penalty", "loss"] = "penalty"
     centred: bool = True
     reference_run: Optional[str] = None
     reference_seed: int = 0
