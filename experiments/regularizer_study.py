@@ -42,6 +42,7 @@ import tyro
 
 import algos
 import envs
+from experiments.cli import entry
 from marl import regularizers as reg
 from marl.config import ConfigError, apply_overrides, json_dict_arg
 from marl.stats import bootstrap_ci, iqm
@@ -362,18 +363,10 @@ def run_study(args: StudyArgs) -> dict:
     return {"dir": study_dir, "rows": rows, "table": table, "curves": curves}
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from marl.runner import NonFiniteError
-
-    try:
-        run_study(parse(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    run_study(parse(argv))
     return 0
 
 

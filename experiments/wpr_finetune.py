@@ -55,6 +55,7 @@ import numpy as np
 import tyro
 
 import algos
+from experiments.cli import entry
 from experiments.regularizer_study import final_per_seed, metric_arrays
 from experiments.train import make_env, parse_env_kwargs
 from marl import regularizers as reg
@@ -373,20 +374,13 @@ def summarize(args: FinetuneArgs, programs: Optional[dict] = None) -> dict:
     return summary
 
 
+@entry
 def main(argv: Optional[list[str]] = None) -> int:
     from experiments.train import _normalize_argv
-    from marl.runner import NonFiniteError
 
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        args = tyro.cli(FinetuneArgs, args=_normalize_argv(argv), description=__doc__.split("\n\n")[0])
-        summarize(args) if args.summarize_only else run(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    args = tyro.cli(FinetuneArgs, args=_normalize_argv(argv), description=__doc__.split("\n\n")[0])
+    summarize(args) if args.summarize_only else run(args)
     return 0
 
 

@@ -191,6 +191,16 @@ def _cases():
         (q, ["--envs", "adv:nope"], "--envs"),
         (q, ["--total-steps", "0"], "--total-steps"),
     ]
+    w, rs = "experiments.wpr_finetune", "experiments.regularizer_study"
+    c += [
+        (w, ["--reference-run", "/nonexistent"], "regularizer.reference_run"),
+        (w, ["--reference-run", "{RUN_DIR}", "--num-seeds", "0"], "num_seeds"),
+        (w, ["--reference-run", "{RUN_DIR}", "--final-fraction", "2"], "final_fraction"),
+        (w, ["--reference-run", "{RUN_DIR}", "--coefs", "-1"], "coefs"),
+        (rs, ["--kinds", "bogus"], "kinds"),
+        (rs, ["--num-seeds", "0"], "num_seeds"),
+        (rs, ["--coef", "-1"], "regularizer.coef"),
+    ]
     return c
 
 
