@@ -5,7 +5,7 @@ import os
 
 from mkdocs.structure.files import File
 
-KEEP = (".md", ".png", ".svg")
+KEEP = (".md", ".png", ".svg", ".json")
 
 
 def on_files(files, config):
