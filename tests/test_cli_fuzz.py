@@ -157,7 +157,6 @@ def _cases():
         (r, ["/nonexistent"], "dirs"),
         (r, ["{EMPTY}"], "dirs"),
         (r, ["{RUNS}", "--metric", "bogus"], "metric"),
-        (r, ["{RUNS}", "--panels", "bogus"], "panels"),
         (r, ["{RUNS}", "--out", "{FILE}"], "out"),
         (r, ["{RUNS}", "--final-fraction", "0"], "final_fraction"),
         (r, ["{RUNS}", "--confidence", "1"], "confidence"),
