@@ -102,7 +102,7 @@ def test_reference_run_is_frozen_in_the_train_state_and_fine_tuning_starts_from_
     cfg = algos.default_config("mappo", **TINY, regularizer=_rc(path, reference_seed=1, init_from_reference=True))
     algo = algos.make("mappo", envs.make("smax:3m", reward="damage_alive"), cfg)
     s0 = jax.jit(jax.vmap(algo.init))(jax.random.split(jax.random.PRNGKey(0), 3))  # 3 rows share the reference
-    for p, r, ref in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s0.ref_params),
+    for p, r, ref in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s0.ref_params.params),
                          jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(p, np.broadcast_to(ref[1], p.shape))
         np.testing.assert_array_equal(r, p)
@@ -112,11 +112,12 @@ def test_reference_run_is_frozen_in_the_train_state_and_fine_tuning_starts_from_
     np.testing.assert_allclose(m1["reference_kl"], 0.0, atol=1e-6)
     np.testing.assert_allclose(m1["reward_penalty"], 0.0, atol=1e-6)
     # the reference's hidden state is carried across rollouts (equal to the policy's here)
-    np.testing.assert_allclose(s1.ref_h, s1.h, atol=1e-5)
-    assert float(jnp.abs(s1.ref_h).max()) > 0
+    np.testing.assert_allclose(s1.ref_params.h, s1.h, atol=1e-5)
+    assert float(jnp.abs(s1.ref_params.h).max()) > 0
     s2, m2 = update(s1)
     assert (np.asarray(m2["reference_kl"]) > 0).all()  # the policy has moved, the reference has not
-    for r0, r2 in zip(jax.tree.leaves(s0.ref_params), jax.tree.leaves(s2.ref_params), strict=True):
+    for r0, r2 in zip(jax.tree.leaves(s0.ref_params.params), jax.tree.leaves(s2.ref_params.params),
+                      strict=True):
         np.testing.assert_array_equal(r0, r2)
 
 
