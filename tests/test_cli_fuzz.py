@@ -28,7 +28,7 @@ def _cases():
         (t, ["--algo", "nope"], "algo"),
         (t, ["--env", "smax:nope"], "env"),
         (t, ["--env", "nope"], "env"),
-        (t, ["--env", "MPE_simple_tag_v3"], "env"),
+        (t, ["--env", "MPE_simple_tag_v3", "--env-kwargs", '{"bogus": 1}'], "env_kwargs.bogus"),
         (t, ["--num-envs", "0"], "num_envs"),
         (t, ["--num-envs", "-3"], "num_envs"),
         (t, ["--num-envs", "1e9", "--total-steps", "1e13"], "config"),
