@@ -23,7 +23,7 @@ import numpy as np
 import tyro
 
 from experiments.cli import entry
-from marl.config import ConfigError
+from marl.config import ConfigError, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,8 @@ def evaluate_references(args: RefArgs) -> dict:
     from experiments.train import make_env
     from marl.evaluation import evaluate
 
-    if args.seeds < 1 or args.episodes < 1:
-        raise ConfigError("seeds/episodes", (args.seeds, args.episodes), "must be positive integers")
+    check_positive("seeds", args.seeds, integer=True)
+    check_positive("episodes", args.episodes, integer=True)
     rows, lines = [], {}
     for text in args.envs:
         name, kwargs = parse_env(text)
