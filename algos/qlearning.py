@@ -55,6 +55,8 @@ Rollouts and storage (deviations from pymarl's one-episode-per-runner loop):
 - The agents' unroll skips the slots past the longest episode of the batch (taken
   over every seed of the runner's vmap, so the ``lax.cond`` stays a branch); what
   pymarl gets by truncating the batch to its longest episode, with fixed shapes.
+  ``full_unroll=True`` unrolls every slot instead (the same numbers, fixed work: for
+  benchmarks against learners that unroll whole fixed-length segments).
 - Sweepable hyperparameters (lr, gamma, td_lambda, epsilon_finish, regularizer
   coefficient/epsilon) are arrays in ``TrainState.hparams``.
 
@@ -127,6 +129,9 @@ class QLearningConfig:
     """> 0: QMIX's hypernetwork output layers start at this scale (0: flax default)"""
     reg_temperature: float = 1.0
     """temperature of the Boltzmann policy softmax(Q / T) the regularizer acts on"""
+    full_unroll: bool = False
+    """unroll all T+1 slots of every sampled episode, not only up to the batch's longest
+    (identical results; fixed work per update, for equal-work benchmarks)"""
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
 
     def __post_init__(self):
@@ -574,7 +579,8 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         :func:`unroll_chunked`."""
         prev = jnp.concatenate([jnp.full_like(batch["action"][:, :1], -1), batch["action"][:, :-1]], 1)
         x = agent_inputs(params["ext"], batch["obs"], prev, batch["fields"])
-        return unroll_chunked(agent, params["agent"], x, max_over_seeds(batch["filled"].sum(-1).max()))
+        n_slots = x.shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
+        return unroll_chunked(agent, params["agent"], x, n_slots)
 
     def mix(mixer_params, qs, states, actions, max_qs):
         return mx.apply_with_aux(mixer, mixer_params, qs, states / state_scale, jax.nn.one_hot(actions, n), max_qs)

@@ -105,7 +105,10 @@ def _median_time(fn, arg, repeats):
     return statistics.median(times)
 
 
-def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
+def random_rollout(env, num_envs: int, num_steps: int):
+    """A compiled random-policy rollout ``fn(carry) -> carry`` of num_envs x num_steps env
+    steps (``jit(scan(vmap(env.step)))``), and a warmed-up carry to feed it: uniform random
+    valid actions, uniform in the action box for continuous actions."""
     spec = env.spec
 
     def rollout(carry):
@@ -129,7 +132,11 @@ def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
     state, ts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
     fn = jax.jit(rollout).lower((jax.random.PRNGKey(1), state, ts)).compile()
     carry = (jax.random.PRNGKey(1), state, ts)
-    carry = jax.block_until_ready(fn(carry))  # warm
+    return fn, jax.block_until_ready(fn(carry))  # warm
+
+
+def random_policy_sps(env, num_envs, num_steps, repeats) -> float:
+    fn, carry = random_rollout(env, num_envs, num_steps)
     t = _median_time(fn, carry, repeats)
     return num_envs * num_steps / t
 

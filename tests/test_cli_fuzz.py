@@ -163,7 +163,7 @@ def _cases():
         (r, ["{RUNS}", "--bootstrap-samples", "0"], "bootstrap_samples"),
         (r, ["{RUNS}", "--group-by", "bogus"], "group_by"),
     ]
-    b, bs = "experiments.bench", "experiments.bench_swarms"
+    b, bs, sb = "experiments.bench", "experiments.bench_swarms", "experiments.bench_jaxmarl"
     c += [
         (b, ["--env", "nope"], "env"),
         (b, ["--algos", "nope"], "algo"),
@@ -175,6 +175,12 @@ def _cases():
         (bs, ["--tasks", "nope"], "task"),
         (bs, ["--sizes", "0"], "num_agents"),
         ("experiments.swarm_references", ["--episodes", "0"], "episodes"),
+        (sb, ["--baselines", "/nonexistent"], "baselines"),
+        (sb, ["--baselines", "{EMPTY}"], "baselines"),
+        (sb, ["--baselines", "{EMPTY}", "--repeats", "0"], "repeats"),
+        (sb, ["--baselines", "{EMPTY}", "--k1", "3", "--k2", "2"], "k2"),
+        (sb, ["--baselines", "{EMPTY}", "--map", "3m;rm"], "map"),
+        (sb, ["--baselines", "{EMPTY}", "--algos", "vdn"], "--algos"),
         ("experiments.swarm_transfer", ["/nonexistent"], "run_dirs"),
         ("experiments.swarm_transfer", ["{RUN_DIR}", "--num-agents", "0"], "num_agents"),
         ("experiments.trama_recovery", ["--episodes", "0"], "episodes"),

@@ -1,0 +1,379 @@
+"""Throughput side by side with JaxMARL's own baseline scripts, in one process and one window.
+
+    python -m experiments.bench_jaxmarl --baselines PATH/TO/JaxMARL/baselines --algos ippo mappo
+    python -m experiments.bench_jaxmarl --baselines PATH --algos qmix --out results/bench/qmix.json
+
+``--baselines`` is a folder holding JaxMARL's baseline scripts and their yaml configs, as in
+a JaxMARL checkout (``baselines/``) or any flat copy: the files are found by name anywhere
+below it (``ippo_rnn_smax.py`` + ``ippo_rnn_smax.yaml``, ``mappo_rnn_smax.py`` +
+``mappo_homogenous_rnn_smax.yaml``, ``qmix_rnn.py`` + ``config.yaml`` + ``ql_rnn_smax.yaml``).
+They are imported as they are, never copied or edited; wandb, hydra and omegaconf, which
+they import at the top, are replaced by inert modules when not installed (wandb.log does
+nothing, as with ``WANDB_MODE=disabled``). ``qmix_rnn.py`` needs flashbax
+(``pip install --no-deps flashbax==0.1.3``).
+
+What is timed, per algorithm, at the baseline's own default config with ``MAP_NAME`` set
+to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
+
+- JaxMARL: its ``make_train(config)`` returns one program (init + ``NUM_UPDATES``
+  updates). It is compiled for K1 and K2 updates and throughput is
+  ``(K2 - K1) * NUM_ENVS * NUM_STEPS / median(t(K2) - t(K1))``: init and compile cancel.
+  For QMIX, K1 = 32: its buffer samples from the 32nd update on, so every timed update
+  learns (8 gradient steps of 32 x 128-step segments). Its periodic greedy test is off
+  (ours does not evaluate while training either).
+- Ours: ``marl.runner.make_chunk_fn`` (``jit(vmap(scan(update)))``, one seed) for
+  ``--iterations`` updates at the same num_envs, num_steps and network sizes, on an
+  initialized state, first run until every update learns (replay learners).
+  Variants: PPO ``default`` and ``equal`` (``bootstrap_truncation=False``, the work
+  JaxMARL does); QMIX ``default`` (the unroll stops after the batch's longest episode)
+  and ``equal`` (``full_unroll=True``: all ``max_steps + 1`` slots of each sampled
+  episode, against JaxMARL's ``NUM_STEPS`` slots per segment).
+- A random policy (uniform valid actions) through each environment stack at the same
+  num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env.
+
+Every repeat runs each timed program once, in the same order (random-ours,
+random-JaxMARL, JaxMARL K1, ours variant 1, JaxMARL K2, ours variant 2, ...), so drift
+in the machine's speed reaches all of them; medians over ``--repeats``. Compile times
+(JaxMARL: its K1 program, init included; ours: init + chunk) are reported too.
+Writes JSON and a markdown table beside it (same name, ``.md``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import types
+from typing import Literal, Optional
+
+import tyro
+
+from experiments.cli import entry
+from marl.config import ConfigError, check_positive
+from marl.rundir import atomic_write
+
+Algo = Literal["ippo", "mappo", "qmix"]
+SCRIPTS = {"ippo": ("ippo_rnn_smax.py", ["ippo_rnn_smax.yaml"]),
+           "mappo": ("mappo_rnn_smax.py", ["mappo_homogenous_rnn_smax.yaml"]),
+           "qmix": ("qmix_rnn.py", ["config.yaml", "ql_rnn_smax.yaml"])}
+QMIX_FIRST_LEARNING_UPDATE = 32  # JaxMARL's buffer samples once it holds BUFFER_BATCH_SIZE rollouts
+
+
+@dataclasses.dataclass(frozen=True)
+class SideBySideArgs:
+    baselines: str
+    """folder holding JaxMARL's baseline scripts and yaml configs (searched recursively)"""
+    algos: tuple[Algo, ...] = ("ippo", "mappo", "qmix")
+    map: str = "3m"
+    repeats: int = 3
+    iterations: int = 2
+    """our updates per timed call"""
+    k1: Optional[int] = None
+    """JaxMARL's shorter program, in updates (default 1; QMIX 32)"""
+    k2: Optional[int] = None
+    """JaxMARL's longer program, in updates (default K1 + 2; QMIX K1 + 4)"""
+    warmup_updates: int = 0
+    """our updates run before timing (e.g. to time QMIX later in training, episodes longer)"""
+    smoke: bool = False
+    """tiny sizes (4 envs x 16 steps, small networks, 2 updates): checks the code paths only"""
+    out: str = "runs/bench/side_by_side.json"
+
+
+def check_args(args: SideBySideArgs) -> None:
+    if not os.path.isdir(args.baselines):
+        raise ConfigError("baselines", args.baselines, "must be a folder holding JaxMARL's baseline scripts")
+    for field in ("repeats", "iterations"):
+        check_positive(field, getattr(args, field), integer=True)
+    for field in ("k1", "k2"):
+        if getattr(args, field) is not None:
+            check_positive(field, getattr(args, field), integer=True)
+    if args.k1 is not None and args.k2 is not None and args.k2 <= args.k1:
+        raise ConfigError("k2", args.k2, f"must be > k1={args.k1}")
+    if args.warmup_updates < 0:
+        raise ConfigError("warmup_updates", args.warmup_updates, "must be >= 0")
+    if not args.algos:
+        raise ConfigError("algos", args.algos, "name at least one of ippo, mappo, qmix")
+    if not re.fullmatch(r"\w+", args.map):
+        raise ConfigError("map", args.map, "must be a SMAX map name such as 3m or 2s3z")
+    for algo in args.algos:
+        for name in [SCRIPTS[algo][0], *SCRIPTS[algo][1]]:
+            find_file(args.baselines, name)
+    if "qmix" in args.algos and not _importable("flashbax"):
+        raise ConfigError("algos", "qmix", "JaxMARL's qmix_rnn.py needs flashbax: "
+                                           "pip install --no-deps flashbax==0.1.3")
+
+
+def find_file(root: str, name: str) -> str:
+    for folder, _, files in sorted(os.walk(root)):
+        if name in files:
+            return os.path.join(folder, name)
+    raise ConfigError("baselines", root, f"must hold {name} (searched every folder below it)")
+
+
+# --------------------------------------------------------------------------- loading
+def _importable(name: str) -> bool:
+    return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+def _inert_modules() -> None:
+    """wandb, hydra and omegaconf as inert modules, where not installed: the baseline
+    scripts import them at the top but ``make_train`` needs only ``wandb.log``."""
+    if not _importable("wandb"):
+        m = types.ModuleType("wandb")
+        m.log = m.init = m.finish = lambda *a, **k: None
+        sys.modules.setdefault("wandb", m)
+    if not _importable("hydra"):
+        m = types.ModuleType("hydra")
+        m.main = lambda *a, **k: (lambda f: f)
+        sys.modules.setdefault("hydra", m)
+    if not _importable("omegaconf"):
+        m = types.ModuleType("omegaconf")
+        m.OmegaConf = type("OmegaConf", (), {"to_container": staticmethod(lambda c, **k: c),
+                                             "to_yaml": staticmethod(str), "save": staticmethod(lambda *a, **k: None)})
+        sys.modules.setdefault("omegaconf", m)
+
+
+def load_baseline(root: str, algo: str):
+    """(module, config dict) of a baseline script, at its yaml's defaults."""
+    import yaml
+
+    _inert_modules()
+    script, yamls = SCRIPTS[algo]
+    spec = importlib.util.spec_from_file_location(f"jaxmarl_baseline_{algo}", find_file(root, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = {}
+    for name in yamls:
+        with open(find_file(root, name)) as f:
+            text = re.sub(r"\$\{[^}]*\}", "", f.read())  # OmegaConf interpolations (wandb entity)
+        loaded = yaml.safe_load(text)
+        loaded.pop("defaults", None)  # hydra's composition list
+        config.update(loaded)
+    config.pop("alg", None)
+    return module, config
+
+
+def jaxmarl_train_fn(module, algo: str, config: dict, updates: int):
+    cfg = copy.deepcopy(config)
+    cfg["TOTAL_TIMESTEPS"] = updates * cfg["NUM_ENVS"] * cfg["NUM_STEPS"]  # NUM_UPDATES = updates
+    if algo == "qmix":
+        env, _ = module.env_from_config(copy.deepcopy(cfg))
+        return module.make_train(cfg, env)
+    return module.make_train(cfg)
+
+
+def jaxmarl_random_rollout(map_name: str, env_kwargs: dict, num_envs: int, num_steps: int):
+    """Random valid actions through JaxMARL's own stack (HeuristicEnemySMAX + SMAXLogWrapper,
+    with its auto-reset), as its baselines step it: compiled fn(carry) -> carry, warm carry."""
+    import jax
+    import jax.numpy as jnp
+    from jaxmarl.environments.smax import HeuristicEnemySMAX, map_name_to_scenario
+    from jaxmarl.wrappers.baselines import SMAXLogWrapper
+
+    env = SMAXLogWrapper(HeuristicEnemySMAX(scenario=map_name_to_scenario(map_name), **env_kwargs))
+    agents = env.agents
+
+    def rollout(carry):
+        key, obs, state = carry
+
+        def step(c, k):
+            obs, state = c
+            k_act, k_env = jax.random.split(k)
+            avail = jax.vmap(env.get_avail_actions)(state.env_state)
+            keys = jax.random.split(k_act, len(agents))
+            actions = {a: jax.random.categorical(keys[i], jnp.where(avail[a] > 0, 0.0, -1e9))
+                       for i, a in enumerate(agents)}
+            obs, state, reward, _, _ = jax.vmap(env.step)(jax.random.split(k_env, num_envs), state, actions)
+            return (obs, state), reward[agents[0]].sum()
+
+        key, sub = jax.random.split(key)
+        (obs, state), _ = jax.lax.scan(step, (obs, state), jax.random.split(sub, num_steps))
+        return key, obs, state
+
+    obs, state = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    carry = (jax.random.PRNGKey(1), obs, state)
+    fn = jax.jit(rollout).lower(carry).compile()
+    return fn, jax.block_until_ready(fn(carry))
+
+
+def our_variants(algo: str, config: dict) -> dict[str, dict]:
+    """Our config overrides matching the baseline's sizes, per variant."""
+    E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
+    total = max(1, 10_000_000 // (E * T)) * E * T  # only schedules depend on it
+    if algo in ("ippo", "mappo"):
+        base = dict(num_envs=E, num_steps=T, total_steps=total, hidden=int(config["GRU_HIDDEN_DIM"]),
+                    update_epochs=int(config["UPDATE_EPOCHS"]), num_minibatches=int(config["NUM_MINIBATCHES"]))
+        return {"default": base, "equal (bootstrap_truncation=False)": {**base, "bootstrap_truncation": False}}
+    base = dict(num_envs=E, num_steps=T, total_steps=total, hidden=int(config["HIDDEN_SIZE"]),
+                train_steps=int(config["NUM_EPOCHS"]), batch_size=int(config["BUFFER_BATCH_SIZE"]),
+                buffer_size=int(config["BUFFER_SIZE"]), mixing_embed=int(config["MIXER_EMBEDDING_DIM"]),
+                hypernet_embed=int(config["MIXER_HYPERNET_HIDDEN_DIM"]))
+    return {"default": base, "equal (full_unroll=True)": {**base, "full_unroll": True}}
+
+
+def smoke_config(algo: str, config: dict) -> dict:
+    config = {**config, "NUM_ENVS": 4, "NUM_STEPS": 16}
+    if algo == "qmix":
+        config.update(HIDDEN_SIZE=16, BUFFER_SIZE=64, BUFFER_BATCH_SIZE=4, NUM_EPOCHS=1, LEARNING_STARTS=0,
+                      MIXER_EMBEDDING_DIM=8, MIXER_HYPERNET_HIDDEN_DIM=8)
+    else:
+        config.update(GRU_HIDDEN_DIM=16, FC_DIM_SIZE=16, UPDATE_EPOCHS=1, NUM_MINIBATCHES=2)
+    return config
+
+
+# --------------------------------------------------------------------------- timing
+def _call(fn, arg):
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(arg))
+    return out, time.perf_counter() - t0
+
+
+def _compile(jitted, *args):
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    import algos
+    import envs
+    from experiments.bench import random_rollout
+    from marl.runner import init_states, make_chunk_fn
+
+    module, config = load_baseline(args.baselines, algo)
+    config["MAP_NAME"] = args.map
+    config["WANDB_MODE"] = "disabled"
+    if algo == "qmix":
+        config["TEST_DURING_TRAINING"] = False
+    if args.smoke:
+        config = smoke_config(algo, config)
+    E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
+    k1 = args.k1 or (min(QMIX_FIRST_LEARNING_UPDATE, max(1, config["BUFFER_BATCH_SIZE"]))
+                     if algo == "qmix" else 1)
+    k2 = args.k2 or k1 + (4 if algo == "qmix" else 2)
+    if k2 <= k1:
+        raise ConfigError("k2", k2, f"must be > k1={k1}")
+    log(f"[{algo}] smax:{args.map}: {E} envs x {T} steps; JaxMARL programs of {k1} and {k2} updates")
+
+    env = envs.make(f"smax:{args.map}")
+    ours_random, ours_random_carry = random_rollout(env, E, T)
+    jm_random, jm_random_carry = jaxmarl_random_rollout(args.map, config["ENV_KWARGS"], E, T)
+
+    rng = jax.random.PRNGKey(0)
+    jm_programs, result = {}, {"algo": algo, "map": args.map, "num_envs": E, "num_steps": T, "k1": k1, "k2": k2,
+                               "jaxmarl_config": {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")}}
+    for k in (k1, k2):
+        jm_programs[k], result[f"jaxmarl_compile_s_k{k}"] = _compile(jax.jit(jaxmarl_train_fn(module, algo, config, k)),
+                                                                     rng)
+    for k in (k1, k2):  # warm: a program's first call is slower than the next ones
+        _call(jm_programs[k], rng)
+    ours = {}
+    for name, overrides in our_variants(algo, config).items():
+        a = algos.make(algo, env, **overrides)
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(init_states(a, jax.random.split(jax.random.PRNGKey(0), 1)))
+        init_s = time.perf_counter() - t0
+        fn, compile_s = _compile(make_chunk_fn(a, args.iterations), state)
+        calls = 0
+        while True:  # past the warm-up and until every update learns
+            state, metrics, _ = jax.block_until_ready(fn(state))
+            calls += 1
+            learning = float(jnp.min(metrics["learning"])) if "learning" in metrics else 1.0
+            if (learning >= 1.0 and calls * args.iterations >= args.warmup_updates) or calls >= 500:
+                break
+        ours[name] = {"fn": fn, "state": state, "overrides": overrides, "init_and_compile_s": init_s + compile_s,
+                      "warmup_calls": calls, "learning": learning}
+        log(f"  ours {name}: compile {init_s + compile_s:.1f} s, {calls} warm-up calls")
+
+    times = {"random ours": [], "random JaxMARL": [], "jaxmarl k1": [], "jaxmarl k2": [], **{n: [] for n in ours}}
+    names = list(ours)
+    for r in range(args.repeats):
+        ours_random_carry, t = _call(ours_random, ours_random_carry)
+        times["random ours"].append(t)
+        jm_random_carry, t = _call(jm_random, jm_random_carry)
+        times["random JaxMARL"].append(t)
+        for i, name in enumerate(names):
+            if i < 2:
+                _, t = _call(jm_programs[(k1, k2)[i]], rng)
+                times[("jaxmarl k1", "jaxmarl k2")[i]].append(t)
+            (ours[name]["state"], ours[name]["metrics"], _), t = _call(ours[name]["fn"], ours[name]["state"])
+            times[name].append(t)
+        log(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    steps = E * T
+    rand_ours, rand_jm = steps / med["random ours"], steps / med["random JaxMARL"]
+    diffs = [b - a for a, b in zip(times["jaxmarl k1"], times["jaxmarl k2"])]
+    jm_sps = (k2 - k1) * steps / max(statistics.median(diffs), 1e-9)
+    result.update(times=times, random_ours_sps=rand_ours, random_jaxmarl_sps=rand_jm,
+                  wrapped_env_ratio=rand_ours / rand_jm, jaxmarl_sps=jm_sps,
+                  jaxmarl_pct_of_random=100 * jm_sps / rand_jm, ours={})
+    for name in names:
+        sps = args.iterations * steps / med[name]
+        o = ours[name]
+        result["ours"][name] = {
+            "sps": sps, "ratio_to_jaxmarl": sps / jm_sps, "pct_of_random": 100 * sps / rand_ours,
+            "init_and_compile_s": o["init_and_compile_s"], "warmup_calls": o["warmup_calls"],
+            "overrides": o["overrides"],
+            "last_metrics": {k: float(jnp.mean(v)) for k, v in o["metrics"].items()}}
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| algorithm | JaxMARL steps/s (% of its random) | ours | steps/s (% of our random) | x JaxMARL "
+             "| compile s, JaxMARL / ours |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        jm_compile = r[f"jaxmarl_compile_s_k{r['k1']}"]
+        for i, (name, o) in enumerate(r["ours"].items()):
+            jm = (f"{r['jaxmarl_sps']:,.0f} ({r['jaxmarl_pct_of_random']:.1f}%)" if i == 0 else "")
+            lines.append(f"| {r['algo'] if i == 0 else ''} | {jm} | {name} | {o['sps']:,.0f} "
+                         f"({o['pct_of_random']:.1f}%) | x{o['ratio_to_jaxmarl']:.2f} "
+                         f"| {jm_compile:.0f} / {o['init_and_compile_s']:.0f} |")
+    lines += ["", "| algorithm's window | random policy, JaxMARL env | random policy, our wrapped env | x raw |",
+              "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
+                     f"| x{r['wrapped_env_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: SideBySideArgs) -> list[dict]:
+    import jax
+
+    check_args(args)
+    results = []
+    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+               "devices": [str(d) for d in jax.devices()]}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for algo in args.algos:
+        results.append(bench_one(args, algo, log=lambda *a: print(*a, flush=True)))
+        payload = {"command": "python -m experiments.bench_jaxmarl " + " ".join(sys.argv[1:]),
+                   "args": dataclasses.asdict(args), "machine": machine, "results": results}
+        # after each algorithm, atomically: a later failure or kill loses nothing written
+        atomic_write(args.out, json.dumps(payload, indent=2, default=str))
+        atomic_write(os.path.splitext(args.out)[0] + ".md", table(results))
+    print(table(results))
+    return results
+
+
+@entry
+def cli(argv=None) -> int:
+    main(tyro.cli(SideBySideArgs, args=argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
