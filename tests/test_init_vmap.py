@@ -46,11 +46,17 @@ ENV_FOR = {
 }
 
 
+# the heaviest programs; their hooks are also run under jit(vmap) by their own test files
+# (test_trama, test_emu, test_qarl, test_dec_pomfc, test_sac), so here they are -m slow
+SLOW_MODULES = {"algos.trama", "algos.emu", "algos.qarl", "algos.dec_pomfc", "algos.sac"}
+
+
 def _one_algorithm_per_module():
     seen = {}
     for name in algos.registered():
         seen.setdefault(algos.config_class(name).__module__, name)
-    return sorted(seen.items())
+    return [pytest.param(m, n, marks=pytest.mark.slow) if m in SLOW_MODULES else (m, n)
+            for m, n in sorted(seen.items())]
 
 
 @pytest.mark.parametrize("module,name", _one_algorithm_per_module())

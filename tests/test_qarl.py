@@ -171,6 +171,7 @@ def test_temperature_inputs_per_player():
     assert env.with_temperature(inputs=(False, True)).inputs == (False, True)
 
 
+@pytest.mark.slow
 def test_qarl_reaches_the_target_shape_and_a_best_response_trains_only_the_adversary():
     """Random play on cart-pole earns a discounted return above xi = 0.5 in every episode:
     the curriculum runs from 50 to the target 1 inside the training loop. Then a fresh

@@ -144,7 +144,8 @@ def test_hooks_reach_buffer_inputs_targets_and_loss():
     assert a.shape == (2, env.spec.num_agents)
 
 
-@pytest.mark.parametrize("name,env_name", [("qmix", "smax:3m"), ("qplex", "smax:3m"),
+@pytest.mark.parametrize("name,env_name", [("qmix", "smax:3m"),
+                                           pytest.param("qplex", "smax:3m", marks=pytest.mark.slow),
                                            ("vdn", "mpe:simple_spread"), ("iql", "mpe:simple_spread")])
 def test_vmapped_seeds_train_and_stay_finite(name, env_name):
     algo = tiny_algo(name, env_name, num_envs=2, num_steps=32, train_steps=2, batch_size=2, buffer_size=16)
@@ -156,6 +157,7 @@ def test_vmapped_seeds_train_and_stay_finite(name, env_name):
     assert not np.allclose(leaf[0], leaf[1])  # seeds differ
 
 
+@pytest.mark.slow
 def test_regularizer_in_qlearning_penalty_and_loss_modes():
     from marl.regularizers import RegularizerConfig
 
@@ -194,6 +196,7 @@ def test_config_errors_name_the_field():
         algos.make("qmix", envs.make("adv:pendulum"))  # continuous actions
 
 
+@pytest.mark.slow
 def test_vdn_learns_to_reach_the_landmark_on_mpe_simple():
     """A short learning check on a real env: 20k steps (~800 episodes, 16 gradient steps per
     512 env steps) take the greedy return from about -46 (initial network) to above -30."""

@@ -17,6 +17,7 @@ def _params_equal(a, b, atol=0.0):
     return all(np.allclose(x, y, atol=atol, rtol=0) for x, y in pairs)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(mappo_tiny):
     r1 = train(mappo_tiny, num_iterations=3, num_seeds=1, seed=3, progress=False)
     r2 = train(mappo_tiny, num_iterations=3, num_seeds=1, seed=3, progress=False)
@@ -26,6 +27,7 @@ def test_same_seed_gives_identical_metrics(mappo_tiny):
     assert not np.array_equal(r1.metrics["policy_loss"], r3.metrics["policy_loss"])
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_equal_separate_single_seed_runs(mappo_tiny):
     keys = jax.random.split(jax.random.PRNGKey(0), 2)
     both = train(mappo_tiny, num_iterations=3, num_seeds=2, keys=keys, progress=False)

@@ -264,6 +264,7 @@ def test_episode_task_skips_unknown_and_padding_steps():
     np.testing.assert_array_equal(trama.episode_task(task, valid), [1, 2, -1])
 
 
+@pytest.mark.slow
 def test_multitask_env_task_ids_in_the_buffer_and_cluster_ari():
     """A tiny TRAMA run on a two-task SMAX: task ids are stored per step (unknown at an
     auto-reset step), never reach the agents' inputs, and cluster_ari is logged."""
@@ -436,6 +437,7 @@ def test_majority_rate():
     np.testing.assert_allclose(trama.majority_rate(labels, jnp.ones(4), 3), 0.5)
 
 
+@pytest.mark.slow
 def test_vq_embeddings_recover_the_tasks_on_surcomb3():
     """300 random-policy surComb3 episodes (fixed key, limit 50): 640 VQ-VAE steps with
     TRAMA's defaults (random coverage classes, as before a first clustering), then
