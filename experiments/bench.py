@@ -11,6 +11,7 @@
     python -m experiments.bench --env adv:cartpole --algos sac qarl rarl --num-envs 4 --num-steps 3 --iterations 500
     python -m experiments.bench --env smax-mt:surComb3 --algos qplex trama --num-envs 8 --num-steps 64 \
         --iterations 4 --trama-clustered                 # TRAMA before and after its first clustering
+    python -m experiments.bench --algos ippo mappo qmix --num-steps 64 --num-envs-scan 1 16 256 4096 16384
 
 Measures:
 - random-policy environment throughput (env steps/s): uniform random valid actions
@@ -31,6 +32,8 @@ Measures:
   when the backbone is benched in the same run; with ``--trama-clustered`` also TRAMA
   after its first clustering (``trama (clustered)``: class loss on, VQ-VAE every 10
   episodes), which the default timing (the start of training) does not reach;
+- optionally (``--num-envs-scan N1 N2 ...``), throughput and the compiled update's memory
+  against num_envs, to show where an accelerator saturates (:func:`num_envs_scan`);
 - optionally (``--regularizer-share``), MAPPO's update time with each regularizer vs none,
   as the added share ``(t_reg - t_none) / t_none`` (see :func:`regularizer_share`).
 Each timing is the median of ``--repeats`` runs. Prints a table and writes JSON.
@@ -85,6 +88,10 @@ class BenchArgs:
     emu_memory_env: str = "smax:5m_vs_6m"
     trama_clustered: bool = False
     """with trama in --algos: also time TRAMA after its first clustering (see TRAMA_CLUSTERED)"""
+    num_envs_scan: tuple[int, ...] = ()
+    """if given: for each of these num_envs, the random policy's and every --algos learner's
+    throughput and the compiled update's memory (XLA's memory analysis), to show where a device
+    saturates (see :func:`num_envs_scan`); the main table is skipped"""
 
 
 MAX_EXTRA_WARMUP_CALLS = 50
@@ -163,9 +170,56 @@ def algo_bench(algo, iterations, repeats, num_seeds=1, warmup_updates=0):
         state, m, _ = jax.block_until_ready(fn(state))
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"compile_s": compile_s, "seconds_per_call": t,
+    return {"compile_s": compile_s, "seconds_per_call": t, "memory": compiled_memory(fn),
             "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t,
             "last_metrics": {k: float(jnp.mean(v)) for k, v in m.items()}}
+
+
+def compiled_memory(compiled) -> dict:
+    """Bytes of a compiled program's arguments, outputs and temporaries (XLA's memory
+    analysis; empty where the backend does not report it)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return {}
+    if m is None:
+        return {}
+    return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "generated_code")
+            if hasattr(m, f"{k}_size_in_bytes")}
+
+
+def num_envs_scan(env, names, sizes, args, overrides: dict) -> list[dict]:
+    """Throughput (env steps/s and its ratio to the random policy at the same size) and the
+    compiled update's memory, per num_envs: where the device stops gaining from more
+    parallel environments. A size an algorithm refuses (e.g. fewer envs than minibatches)
+    is recorded with the reason."""
+    from marl.config import ConfigError
+
+    rows = []
+    for n in sizes:
+        rand = random_policy_sps(env, n, args.num_steps, args.repeats)
+        row = {"num_envs": n, "random_sps": rand, "algos": {}}
+        for name in names:
+            try:
+                algo = algos.make(name, env, num_envs=n, num_steps=args.num_steps,
+                                  total_steps=n * args.num_steps * args.iterations, **overrides)
+            except ConfigError as e:
+                row["algos"][name] = {"skipped": str(e)}
+                continue
+            r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=args.warmup_updates)
+            r["ratio_to_random"] = r["env_steps_per_s"] / rand
+            row["algos"][name] = r
+        rows.append(row)
+        gib = 1 << 30
+        cells = []
+        for name, r in row["algos"].items():
+            if "skipped" in r:
+                cells.append(f"{name} skipped")
+            else:
+                mem = sum(r["memory"].get(k, 0) for k in ("argument", "output", "temp")) / gib
+                cells.append(f"{name} {r['env_steps_per_s']:,.0f} ({100 * r['ratio_to_random']:.1f}%, {mem:.2f} GiB)")
+        print(f"num_envs {n:>6}: random {rand:,.0f}; " + "; ".join(cells), flush=True)
+    return rows
 
 
 def trama_clustered_bench(env, args: BenchArgs, overrides: dict) -> dict:
@@ -197,6 +251,8 @@ def check_args(args: BenchArgs) -> None:
 
     for field in ("num_envs", "num_steps", "iterations", "repeats"):
         check_positive(field, getattr(args, field), integer=True)
+    for n in args.num_envs_scan:
+        check_positive("num_envs_scan", n, integer=True)
     for field in ("warmup_updates", "seeds_check", "sweep_check", "emu_memory"):
         if getattr(args, field) < 0:
             raise ConfigError(field, getattr(args, field), "must be >= 0")
@@ -210,6 +266,16 @@ def main(args: BenchArgs) -> dict:
     check_args(args)
     env = envs.make(args.env)
     overrides = json_dict_arg("overrides", args.overrides) or {}
+    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+               "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+    if args.num_envs_scan:
+        result = {"env": args.env, "num_steps": args.num_steps, "machine": machine, "command": sys.argv,
+                  "num_envs_scan": num_envs_scan(env, args.algos, args.num_envs_scan, args, overrides)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"JSON: {args.out}")
+        return result
     rand = random_policy_sps(env, args.num_envs, args.num_steps, args.repeats)
     result = {
         "env": args.env, "num_envs": args.num_envs, "num_steps": args.num_steps,

@@ -315,7 +315,7 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     steps = E * T
     rand_ours, rand_jm = steps / med["random ours"], steps / med["random JaxMARL"]
-    diffs = [b - a for a, b in zip(times["jaxmarl k1"], times["jaxmarl k2"])]
+    diffs = [b - a for a, b in zip(times["jaxmarl k1"], times["jaxmarl k2"], strict=True)]
     jm_sps = (k2 - k1) * steps / max(statistics.median(diffs), 1e-9)
     result.update(times=times, random_ours_sps=rand_ours, random_jaxmarl_sps=rand_jm,
                   wrapped_env_ratio=rand_ours / rand_jm, jaxmarl_sps=jm_sps,

@@ -12,8 +12,8 @@ is a row of the runner's vmapped axis, all rows in one program; with several dev
 (or hosts, after ``marl.distributed.initialize``) the rows are sharded over them.
 
 Outputs under ``<runs-dir>/<name>/``: ``run/`` (the runner's directory: ``metrics.jsonl``
-with ``seed`` = row ``config * num_seeds + seed``, ``run.json``, checkpoints on one
-device), ``results.md`` / ``results.json`` (configurations ranked by final win rate, then
+with ``seed`` = row ``config * num_seeds + seed``, ``run.json``, checkpoints),
+``results.md`` / ``results.json`` (configurations ranked by final win rate, then
 return: mean over seeds and over the last ``--final-fraction`` of iterations),
 ``best_config.json`` (the best configuration as config fields), and the command that
 trains it: ``python -m experiments.train --algo A --env E --config-file best_config.json``.
@@ -70,7 +70,7 @@ class SweepArgs:
     chunk_iterations: int = 10
     checkpoint_every: int = 5
     shard: bool = True
-    """shard the rows over all devices when there are several"""
+    """shard the rows over all devices when there are several (--no-shard: one device)"""
     resume: bool = False
     """continue the sweep --name from its checkpoint (one device)"""
     progress: bool = True

@@ -18,6 +18,9 @@ and what is allowed (exit code 2): the run directory (writable, locked against a
 writer, resume compatibility), and the train state's size against available memory.
 ``--resume`` of a run with no checkpoint is refused (``--resume-or-start`` resumes or
 starts). A non-finite metric or a loss above ``--max-loss`` stops the run (exit code 3).
+With several devices the seeds are sharded over them (``--no-shard``: one device); on
+several hosts, set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` and run the same command in every process.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ class RunArgs:
     eval_episodes: int = 32
     """greedy evaluation episodes per seed at the end (0: none)"""
     progress: bool = True
+    shard: bool = True
+    """split the seeds over all visible devices (of every process, after
+    ``marl.distributed.initialize``) when there are several; --no-shard: one device"""
     config_file: Optional[str] = None
     """JSON file of config fields (e.g. a sweep's best config), applied before flags"""
 
@@ -193,9 +199,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = make_env(run.env, env_kwargs)
     algo = algos.make(run.algo, env, config)
 
+    from marl import distributed
     from marl.evaluation import evaluate_seeds
     from marl.plotting import plot_run
     from marl.runner import train
+
+    distributed.initialize()
+    mesh = distributed.make_mesh() if run.shard else None
 
     name = run.run_name or f"{run.algo}_{run.env.replace(':', '-')}_{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(run.runs_dir, name)
@@ -212,12 +222,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             resume_or_start=run.resume_or_start,
             max_loss=run.max_loss,
             progress=run.progress,
+            mesh=mesh,
             run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
                       "env_kwargs": env_kwargs},
         )
 
     import jax
 
+    params = result.state.params
+    if jax.process_count() > 1:  # every process holds a part of the rows: gather them, process 0 reports
+        params = distributed.to_host(params)
+        if jax.process_index() != 0:
+            return 0
     if result.train_seconds > 0:
         sps = result.env_steps * run.num_seeds / result.train_seconds
         print(f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): "
@@ -225,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:  # resumed a finished run: nothing was trained in this call
         print(f"already trained: {result.env_steps:,} env steps x {run.num_seeds} seed(s)")
     if run.eval_episodes:
-        ev = evaluate_seeds(algo, result.state.params, jax.random.PRNGKey(run.seed + 10_000), run.eval_episodes)
+        ev = evaluate_seeds(algo, params, jax.random.PRNGKey(run.seed + 10_000), run.eval_episodes)
         ev = {k: [float(x) for x in v] for k, v in ev.items()}
         with open(os.path.join(result.run_dir, "eval.json"), "w") as f:
             json.dump(ev, f, indent=2)

@@ -23,13 +23,28 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from marl.config import ConfigError
 
 
 def _empty(x) -> bool:
     return getattr(x, "size", 1) == 0
+
+
+def _replicated(x):
+    """The sharding of a placeholder for ``x``: replicated over ``x``'s mesh when it has
+    one (several processes need global arrays), else None (the default device)."""
+    sharding = getattr(x, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    return NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+
+
+def _placeholder(x):
+    s = _replicated(x)
+    return jnp.zeros((1,), x.dtype) if s is None else jax.device_put(np.zeros((1,), x.dtype), s)
 
 
 def _reason(error: Exception) -> str:
@@ -50,7 +65,7 @@ class Checkpointer:
         )
 
     def save(self, step: int, state) -> None:
-        state = jax.tree.map(lambda x: jnp.zeros((1,), x.dtype) if _empty(x) else x, state)
+        state = jax.tree.map(lambda x: _placeholder(x) if _empty(x) else x, state)
         self._mgr.save(step, args=ocp.args.StandardSave(state))
         self._mgr.wait_until_finished()
 
@@ -69,10 +84,13 @@ class Checkpointer:
             raise ConfigError("step", step, f"must be one of the checkpointed steps {self.all_steps()} "
                                              f"in {self.directory}")
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((1,), x.dtype) if _empty(x) else ocp.utils.to_shape_dtype_struct(x),
+            lambda x: jax.ShapeDtypeStruct((1,), x.dtype, sharding=_replicated(x)) if _empty(x)
+            else ocp.utils.to_shape_dtype_struct(x),
             state_like)
         restored = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-        return jax.tree.map(lambda r, x: jnp.zeros(x.shape, x.dtype) if _empty(x) else r, restored, state_like)
+        # an empty leaf is rebuilt as state_like's own (empty, already placed) array
+        return jax.tree.map(lambda r, x: (x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype))
+                            if _empty(x) else r, restored, state_like)
 
     def restore_latest(self, state_like, quarantine: bool = True):
         """-> (state, step) from the newest checkpoint that restores, or (None, 0) when

@@ -1,12 +1,14 @@
-"""Sharding the vmapped axis (seeds x swept configurations) over devices and hosts.
+"""Placement: the vmapped rows (seeds x swept configurations) over devices and hosts.
 
 The runner's program is ``jit(vmap(scan(update)))``: every row of the vmapped axis
 is independent, so spreading the rows over devices needs no change to any algorithm.
-Here the row axis is laid out on a 1-D :class:`jax.sharding.Mesh` over every device
-of every process (``jax.devices()``), with ``NamedSharding(mesh, P(BATCH_AXIS))``
-on the leading axis of each leaf of the train state, and the chunk function is
-compiled with that sharding for its inputs and outputs, so the state never moves
-between devices during training.
+:func:`marl.runner.train` takes a ``mesh`` (a 1-D :class:`jax.sharding.Mesh` over
+every device of every process, :func:`make_mesh`); the row axis of each leaf of the
+train state is laid out with ``NamedSharding(mesh, P(BATCH_AXIS))`` and the chunk
+function is compiled with that sharding for its inputs and outputs, so the state
+never moves between devices during training. Progress, metrics, the NaN and
+divergence checks, checkpoints (orbax saves and restores the sharded arrays) and
+exact resume are the runner's own, on every placement.
 
 Rows that do not divide evenly among the devices are padded: the padded program
 runs ``ceil(n / D) * D`` rows, the extra rows repeat the last real row (same key,
@@ -18,17 +20,19 @@ Several hosts: call :func:`initialize` first in every process (it wraps
 ``jax.distributed.initialize`` and does nothing on a single process); the mesh then
 spans all hosts' devices, inputs are built identically on every host and placed
 with ``jax.make_array_from_callback``, and metrics are gathered to every host
-before they are written (process 0 writes files).
+before they are written (process 0 writes metrics and holds the run lock; every
+process takes part in orbax's checkpoint saves). On CPU, several processes need
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before
+:func:`initialize` (done here; it does not affect GPU or TPU clients).
 
 Numbers: a sharded run computes the same rows with the same keys as an unsharded
-one; ``tests/test_distributed.py`` checks both agree on 4 forced CPU devices.
+one; ``tests/test_distributed.py`` checks both agree on 4 forced CPU devices, killed
+and resumed, and across 2 processes.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Optional
 
 import jax
@@ -36,14 +40,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from marl.config import ConfigError
-from marl.runner import NonFiniteError, TrainResult, _first_nonfinite, init_states, make_chunk_fn
-from marl.types import Algorithm
 
 BATCH_AXIS = "batch"
 """Name of the mesh axis that the vmapped rows are laid out on."""
 
 _INITIALIZED = False
-_COMPILED: dict = {}
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
@@ -65,6 +66,8 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if coordinator_address is None or num_processes in (None, 1):
         return False
+    # CPU devices of several processes talk through gloo (no effect on GPU/TPU clients)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
     _INITIALIZED = True
@@ -85,7 +88,7 @@ def padded_size(n: int, num_devices: int) -> int:
     return -(-n // num_devices) * num_devices
 
 
-def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     """Repeat the last row of ``x`` until it has ``size`` rows."""
     x = np.asarray(x)
     if x.shape[0] == size:
@@ -99,7 +102,7 @@ def shard_rows(tree, mesh: Mesh):
     Every process passes the same full values (multi-host safe); the leading axis must
     already be a multiple of the mesh size.
     """
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    sharding = row_sharding(mesh)
 
     def put(x):
         x = np.asarray(x)
@@ -108,7 +111,8 @@ def shard_rows(tree, mesh: Mesh):
     return jax.tree.map(put, tree)
 
 
-def _to_host(tree):
+def to_host(tree):
+    """Gather row-sharded arrays to every process as host numpy arrays."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -116,118 +120,21 @@ def _to_host(tree):
     return jax.device_get(tree)
 
 
-def _compiled_init(algo: Algorithm, mesh: Mesh, keys, hparams):
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    # init_states under an outer jit: its hparams replacement is traced too, and every
-    # leaf of the resulting state gets the row sharding
-    fn = jax.jit(lambda k, hp: init_states(algo, k, hp), out_shardings=sharding)
-    return fn(keys, hparams)
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (row) axis split over the mesh, everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
 
 
-def _compiled_chunk(algo: Algorithm, length: int, mesh: Mesh, state):
-    key = (algo.update, length, mesh, jax.tree.structure(state),
-           tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
-    if key not in _COMPILED:
-        sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-        fn = jax.jit(make_chunk_fn(algo, length), in_shardings=sharding, out_shardings=sharding,
-                     donate_argnums=0)
-        t0 = time.perf_counter()
-        compiled = fn.lower(state).compile()
-        if len(_COMPILED) >= 16:
-            _COMPILED.pop(next(iter(_COMPILED)))
-        _COMPILED[key] = (compiled, time.perf_counter() - t0)
-        return compiled, _COMPILED[key][1]
-    return _COMPILED[key][0], 0.0
-
-
-def train_sharded(
-    algo: Algorithm,
-    *,
-    num_iterations: int,
-    keys,
-    hparams: Optional[dict] = None,
-    mesh: Optional[Mesh] = None,
-    chunk_iterations: int = 10,
-    run_dir: Optional[str] = None,
-    run_info: Optional[dict] = None,
-    progress: bool = False,
-) -> TrainResult:
-    """:func:`marl.runner.train` with the vmapped rows sharded over ``mesh``.
-
-    ``keys``: [n, 2] PRNG keys, one per row; ``hparams``: name -> [n] values (see
-    :func:`marl.runner.init_states`). Rows are padded to a multiple of the device count
-    (see the module docstring) and the padding is removed from the returned metrics
-    and state. With ``run_dir``, ``metrics.jsonl`` and ``run.json`` are written as the
-    runner writes them (process 0 only); there are no checkpoints on this path.
-    """
-    from marl.logging import MetricsWriter
-    from marl.runner import _prepare_run_dir
-
-    for field, v in (("num_iterations", num_iterations), ("chunk_iterations", chunk_iterations)):
-        if not (isinstance(v, (int, np.integer)) and v > 0):
-            raise ConfigError(field, v, "must be a positive integer")
-    mesh = make_mesh() if mesh is None else mesh
-    keys = np.asarray(jax.device_get(keys))
-    n = keys.shape[0]
-    if n == 0:
-        raise ConfigError("keys", keys.shape, "must hold at least one row")
-    size = padded_size(n, mesh.size)
-    hp = {k: _pad_rows(np.broadcast_to(np.asarray(v, np.float32), (n,)), size)
+def place_rows(init_fn, mesh: Mesh, keys, hparams: Optional[dict], num_rows: int):
+    """Initial states of ``num_rows`` rows padded to a multiple of the mesh size and
+    laid out over it: ``init_fn(keys, hparams)`` runs under one jit whose outputs carry
+    the row sharding, so no state is ever gathered on one device."""
+    size = padded_size(num_rows, mesh.size)
+    keys = pad_rows(np.asarray(jax.device_get(keys)), size)
+    hp = {k: pad_rows(np.broadcast_to(np.asarray(v, np.float32), (num_rows,)), size)
           for k, v in (hparams or {}).items()}
-    state = _compiled_init(algo, mesh, shard_rows(_pad_rows(keys, size), mesh), shard_rows(hp, mesh))
-
-    steps_per_iter = algo.env_steps_per_update
-    writer = None
-    if run_dir is not None and jax.process_index() == 0:
-        description = {"algo": algo.name, "env": algo.env.spec.name, "num_seeds": n, "seed": None,
-                       "num_iterations": num_iterations, "chunk_iterations": chunk_iterations,
-                       "env_steps_per_iteration": steps_per_iter,
-                       "sharding": {"devices": mesh.size, "padded_rows": size, "processes": jax.process_count()},
-                       **(run_info or {})}
-        run_dir = _prepare_run_dir(run_dir, False, json.loads(json.dumps(description, default=str)))
-        writer = MetricsWriter(run_dir)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_iterations * steps_per_iter, unit="step", unit_scale=True,
-                   desc=f"{algo.name} on {algo.env.spec.name} ({mesh.size} devices)", dynamic_ncols=True)
-    chunk_iterations = min(chunk_iterations, num_iterations)
-    history: dict = {}
-    compile_s = train_s = 0.0
-    it = 0
-    try:
-        while it < num_iterations:
-            length = min(chunk_iterations, num_iterations - it)
-            fn, c = _compiled_chunk(algo, length, mesh, state)
-            compile_s += c
-            t0 = time.perf_counter()
-            state, metrics, finite = fn(state)
-            metrics, finite = _to_host((metrics, finite))
-            train_s += time.perf_counter() - t0
-            metrics = {k: np.asarray(v)[:n] for k, v in metrics.items()}
-            finite = np.asarray(finite)[:n]
-            bad = _first_nonfinite(metrics, finite, it)
-            good = bad[1] - it if bad else length
-            if writer is not None:
-                writer.write(metrics, it, steps_per_iter, upto=good)
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(v[:, :good])
-            if bad:
-                raise NonFiniteError(f"{bad[0]} at iteration {bad[1] + 1} "
-                                     f"(env step {(bad[1] + 1) * steps_per_iter}); training stopped")
-            it += length
-            if bar is not None:
-                bar.update(length * steps_per_iter)
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-    if size != n:
-        state = jax.jit(lambda s: jax.tree.map(lambda x: x[:n], s))(state)
-    metrics_np = {k: np.concatenate(v, axis=1) for k, v in history.items()}
-    return TrainResult(state, metrics_np, run_dir, compile_s, train_s, it * steps_per_iter)
+    fn = jax.jit(init_fn, out_shardings=row_sharding(mesh))
+    return fn(shard_rows(keys, mesh), shard_rows(hp, mesh))
 
 
 def device_summary(mesh: Optional[Mesh] = None) -> dict:
@@ -237,5 +144,5 @@ def device_summary(mesh: Optional[Mesh] = None) -> dict:
             "processes": jax.process_count(), "local_devices": jax.local_device_count()}
 
 
-__all__ = ["BATCH_AXIS", "initialize", "make_mesh", "padded_size", "shard_rows", "train_sharded",
-           "device_summary"]
+__all__ = ["BATCH_AXIS", "initialize", "make_mesh", "padded_size", "pad_rows", "shard_rows", "row_sharding",
+           "place_rows", "to_host", "device_summary"]

@@ -150,7 +150,7 @@ class RunLock:
         self.release()
 
 
-def _has_checkpoints(run_dir: str) -> bool:
+def has_checkpoints(run_dir: str) -> bool:
     ck = os.path.join(run_dir, "checkpoints")
     return os.path.isdir(ck) and any(n.isdigit() for n in os.listdir(ck))
 
@@ -171,6 +171,12 @@ def check_resume_compatible(old: dict, new: dict) -> None:
     for k in RESUME_KEYS:
         if k in old and k in new and old[k] != new[k]:
             raise ConfigError(k, new[k], f"must match the run being resumed ({old[k]!r}) for an exact resume")
+    if "checkpoint_rows" in old and "checkpoint_rows" in new and old["checkpoint_rows"] != new["checkpoint_rows"]:
+        raise ConfigError("devices", new.get("placement", {}).get("devices", 1),
+                          f"must give the run's checkpointed rows ({old['checkpoint_rows']}: seeds padded to a "
+                          f"multiple of the device count it ran on, {old.get('placement', {}).get('devices', 1)}); "
+                          f"this placement gives {new['checkpoint_rows']}. Resume on that device count "
+                          "(--no-shard for one device)")
     old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
     for k in sorted(set(old_cfg) | set(new_cfg)):
         if k in new_cfg and k not in old_cfg:
@@ -201,7 +207,7 @@ def prepare(run_dir: str, resume: bool, description: dict, resume_or_start: bool
     ``run.json`` (atomically) once every check passed and the lock is held.
     """
     run_dir = os.path.abspath(run_dir)
-    exists = _has_checkpoints(run_dir)
+    exists = has_checkpoints(run_dir)
     if resume and not exists and not resume_or_start:
         raise ConfigError("resume", True,
                           f"needs a run with a checkpoint, and {run_dir} has none "

@@ -140,9 +140,11 @@ def init_states(algo: Algorithm, keys: jax.Array, hparams: Optional[dict] = None
     return state
 
 
-def make_chunk_fn(algo: Algorithm, length: int) -> Callable:
+def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
     """``jit(vmap(scan(update)))`` for ``length`` iterations; also returns whether
-    every float leaf of the parameters is finite."""
+    every float leaf of the parameters is finite. With a ``mesh`` (of more than one
+    device) its inputs and outputs keep the rows split over the mesh
+    (:func:`marl.distributed.row_sharding`)."""
 
     def one_seed(state):
         state, metrics = jax.lax.scan(lambda s, _: algo.update(s), state, None, length=length)
@@ -151,7 +153,12 @@ def make_chunk_fn(algo: Algorithm, length: int) -> Callable:
                                     if jnp.issubdtype(x.dtype, jnp.floating)]))
         return state, metrics, finite
 
-    return jax.jit(jax.vmap(one_seed, axis_name=SEED_AXIS), donate_argnums=0)
+    fn = jax.vmap(one_seed, axis_name=SEED_AXIS)
+    if mesh is not None and mesh.size > 1:
+        from marl.distributed import row_sharding
+
+        return jax.jit(fn, in_shardings=row_sharding(mesh), out_shardings=row_sharding(mesh), donate_argnums=0)
+    return jax.jit(fn, donate_argnums=0)
 
 
 def train(
@@ -172,6 +179,7 @@ def train(
     keys: Optional[jax.Array] = None,
     max_loss: Optional[float] = None,
     check_memory_fit: bool = True,
+    mesh=None,
 ) -> TrainResult:
     """Train ``num_seeds`` seeds of ``algo`` for ``num_iterations`` updates.
 
@@ -190,6 +198,10 @@ def train(
       max_loss: divergence guard: stop (``DivergenceError``) when a metric whose name
         contains ``loss`` exceeds this magnitude (None: off).
       check_memory_fit: refuse, before compiling, train states that do not fit in memory.
+      mesh: placement: a :func:`marl.distributed.make_mesh` mesh to split the rows
+        (seeds) over, padded to a multiple of its size (see :mod:`marl.distributed`);
+        None or a one-device mesh: one device. Several processes: every process calls
+        ``train`` with the same arguments; process 0 writes metrics and holds the lock.
     """
     for field, v in (("num_iterations", num_iterations), ("num_seeds", num_seeds),
                      ("chunk_iterations", chunk_iterations), ("checkpoint_every", checkpoint_every)):
@@ -206,37 +218,58 @@ def train(
     if keys is not None and keys.shape[0] != num_seeds:
         raise ConfigError("keys", keys.shape, f"must have num_seeds={num_seeds} rows")
 
+    if mesh is not None and mesh.size == 1:
+        mesh = None
+    rows = num_seeds
     description = {
         "algo": algo.name, "env": algo.env.spec.name, "num_seeds": num_seeds, "seed": seed,
         "num_iterations": num_iterations, "chunk_iterations": chunk_iterations,
         "env_steps_per_iteration": steps_per_iter, **(run_info or {}),
     }
+    if mesh is not None:
+        from marl import distributed
+
+        rows = distributed.padded_size(num_seeds, mesh.size)
+        description["placement"] = {"devices": int(mesh.size), "processes": jax.process_count(), "rows": rows}
+    description["checkpoint_rows"] = rows
     description = json.loads(json.dumps(description, default=str))
+    primary = jax.process_index() == 0
     # every check of the run directory, the lock and the memory estimate: before compiling
     lock = None
     resuming = False
     if run_dir is not None:
-        run_dir, lock, resuming = rundir.prepare(run_dir, resume, description, resume_or_start)
+        if primary:
+            run_dir, lock, resuming = rundir.prepare(run_dir, resume, description, resume_or_start)
+        else:  # the other processes of a multi-process run read what process 0 checks and writes
+            run_dir = os.path.abspath(run_dir)
+            resuming = (resume or resume_or_start) and rundir.has_checkpoints(run_dir)
     writer = ckpt = None
     try:
         if check_memory_fit:
-            check_memory(algo, num_seeds)
+            check_memory(algo, rows * jax.local_device_count() // (mesh.size if mesh is not None else 1))
         if keys is None:
             keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
-        state = init_states(algo, keys, hparams)
+        if mesh is None:
+            state = init_states(algo, keys, hparams)
+        else:
+            state = distributed.place_rows(lambda k, hp: init_states(algo, k, hp), mesh, keys, hparams, num_seeds)
         start_iter = 0
         if run_dir is not None:
             ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
             if resuming:
-                restored, start_iter = ckpt.restore_latest(state)
+                restored, start_iter = ckpt.restore_latest(state, quarantine=primary)
                 if restored is not None:
                     state = restored
                 else:
                     print(f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again "
                           "from iteration 0", file=sys.stderr)
-            writer = MetricsWriter(run_dir, truncate_after=start_iter, resume=resuming)
-        return _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
-                          progress, stop_after_chunks, max_loss, writer, ckpt, run_dir)
+            if primary:
+                writer = MetricsWriter(run_dir, truncate_after=start_iter, resume=resuming)
+        result = _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
+                            progress and primary, stop_after_chunks, max_loss, writer, ckpt, run_dir, mesh)
+        if rows != num_seeds:  # drop the padding rows
+            result.state = jax.jit(lambda s: jax.tree.map(lambda x: x[:num_seeds], s))(result.state)
+        return result
     finally:
         if writer is not None:
             writer.close()
@@ -247,19 +280,23 @@ def train(
 
 
 def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
-               progress, stop_after_chunks, max_loss, writer, ckpt, run_dir) -> TrainResult:
+               progress, stop_after_chunks, max_loss, writer, ckpt, run_dir, mesh=None) -> TrainResult:
     steps_per_iter = algo.env_steps_per_update
     compile_s = 0.0
+    if mesh is None:
+        to_host = jax.device_get
+    else:
+        from marl.distributed import to_host
 
     def get_chunk(length):
         nonlocal compile_s
-        key = (algo.update, length, jax.tree.structure(state),
+        key = (algo.update, length, mesh, jax.tree.structure(state),
                tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
         if key not in _COMPILED:
             t0 = time.perf_counter()
             if len(_COMPILED) >= 16:
                 _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = make_chunk_fn(algo, length).lower(state).compile()
+            _COMPILED[key] = make_chunk_fn(algo, length, mesh).lower(state).compile()
             compile_s += time.perf_counter() - t0
         return _COMPILED[key]
 
@@ -275,8 +312,9 @@ def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterati
             fn = get_chunk(length)
             t0 = time.perf_counter()
             new_state, metrics, finite = fn(state)
-            metrics = jax.device_get(metrics)
-            finite = np.asarray(jax.device_get(finite))
+            metrics, finite = to_host((metrics, finite))
+            metrics = {k: np.asarray(v)[:num_seeds] for k, v in metrics.items()}  # padding rows dropped
+            finite = np.asarray(finite)[:num_seeds]
             dt = time.perf_counter() - t0
             train_s += dt
             bad = _first_nonfinite(metrics, finite, it, max_loss)
@@ -298,7 +336,8 @@ def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterati
                 bar.update(length * steps_per_iter)
                 bar.set_postfix(_postfix(metrics, num_seeds * length * steps_per_iter / max(dt, 1e-9)))
             if ckpt is not None and (chunks_done % checkpoint_every == 0 or it >= num_iterations):
-                writer.sync()  # the lines this checkpoint covers are durable before it exists
+                if writer is not None:  # the lines this checkpoint covers are durable before it exists
+                    writer.sync()
                 ckpt.save(it, state)
                 last_saved = it
             if stop_after_chunks is not None and chunks_done >= stop_after_chunks:
@@ -331,11 +370,6 @@ def _first_nonfinite(metrics: dict, params_finite: np.ndarray, it0: int, max_los
         length = next(iter(metrics.values())).shape[1]
         first = ("non-finite parameters", it0 + length - 1)
     return first
-
-
-def _prepare_run_dir(run_dir: str, resume: bool, description: dict) -> str:
-    """Check and describe ``run_dir`` without locking it (the sharded trainer's use)."""
-    return rundir.prepare(run_dir, resume, description, lock=False)[0]
 
 
 def _progress(enabled: bool, total: int, initial: int, algo: Algorithm):

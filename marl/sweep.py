@@ -9,9 +9,9 @@ vmapped axis holds ``C * S`` rows, row ``c * S + s`` = configuration ``c`` with 
 key that seed ``s`` of a plain ``train(..., num_seeds=S, seed=seed)`` run gets, so a
 row reproduces the single run of its configuration (tested).
 
-On one device the sweep is one call of :func:`marl.runner.train` (metrics,
-checkpoints and exact resume come with it); on several devices the rows are sharded
-with :func:`marl.distributed.train_sharded`.
+The sweep is one call of :func:`marl.runner.train` (metrics, checkpoints and exact
+resume come with it), on one device or with its rows sharded over a mesh of several
+devices or hosts (:mod:`marl.distributed`).
 
 Building configurations: :func:`grid` (Cartesian product) and :func:`random_search`
 (``uniform``, ``log_uniform`` or ``choice`` per hyperparameter, fixed seed).
@@ -218,8 +218,8 @@ def run_sweep(
 ) -> SweepResult:
     """Train every configuration x seed as one vmapped program.
 
-    ``mesh``: a :func:`marl.distributed.make_mesh` mesh to shard the rows over; None or
-    a one-device mesh runs :func:`marl.runner.train` (with checkpoints and ``resume``).
+    ``mesh``: a :func:`marl.distributed.make_mesh` mesh to shard the rows over (None: one
+    device); the runner's checkpoints and exact ``resume`` work on every placement.
     """
     from marl.runner import train
 
@@ -231,18 +231,9 @@ def run_sweep(
     info = {**(run_info or {}), "sweep": {"configs": configs, "num_seeds": num_seeds, "seed": seed,
                                           "rows": "row c * num_seeds + s = configuration c, seed s"}}
     devices = 1 if mesh is None else int(mesh.size)
-    if devices == 1:
-        res = train(algo, num_iterations=num_iterations, num_seeds=keys.shape[0], seed=seed, keys=keys,
-                    hparams=hparams, chunk_iterations=chunk_iterations, checkpoint_every=checkpoint_every,
-                    run_dir=run_dir, resume=resume,
-                    progress=progress, run_info=info)
-    else:
-        if resume:
-            raise ConfigError("resume", resume, "is only supported on one device (the runner's checkpoints)")
-        from marl.distributed import train_sharded
-
-        res = train_sharded(algo, num_iterations=num_iterations, keys=keys, hparams=hparams, mesh=mesh,
-                            chunk_iterations=chunk_iterations, run_dir=run_dir, run_info=info, progress=progress)
+    res = train(algo, num_iterations=num_iterations, num_seeds=keys.shape[0], seed=seed, keys=keys,
+                hparams=hparams, chunk_iterations=chunk_iterations, checkpoint_every=checkpoint_every,
+                run_dir=run_dir, resume=resume, progress=progress, run_info=info, mesh=mesh)
     C = len(configs)
     metrics = {k: np.asarray(v).reshape((C, num_seeds) + np.shape(v)[1:]) for k, v in res.metrics.items()}
     return SweepResult(configs, num_seeds, seed, metrics, res.state, res.run_dir, res.compile_seconds,

@@ -1,7 +1,6 @@
 """The side-by-side benchmark against JaxMARL's baseline scripts (experiments/bench_jaxmarl.py)
 reads the scripts where they lie, at their own configs, and sizes ours to match."""
 
-import importlib.util
 import json
 import os
 
@@ -49,7 +48,8 @@ def test_files_are_found_anywhere_below_the_folder(tmp_path):
 def test_table_reports_ratios_from_one_window():
     r = {"algo": "ippo", "k1": 1, "jaxmarl_compile_s_k1": 50.0, "jaxmarl_sps": 1000.0, "jaxmarl_pct_of_random": 10.0,
          "random_jaxmarl_sps": 10000.0, "random_ours_sps": 8000.0, "wrapped_env_ratio": 0.8,
-         "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8, "init_and_compile_s": 40.0}}}
+         "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8,
+                              "init_and_compile_s": 40.0}}}
     text = sb.table([r])
     assert "| ippo | 1,000 (10.0%) | default | 800 (10.0%) | x0.80 | 50 / 40 |" in text
     assert "| ippo | 10,000 | 8,000 | x0.80 |" in text
@@ -73,7 +73,7 @@ def test_full_unroll_gives_the_same_loss():
         state = init_states(a, jax.random.split(jax.random.PRNGKey(0), 1))
         state, m, _ = make_chunk_fn(a, 4)(state)
         out.append((jax.tree.leaves(state.params), m))
-    for x, y in zip(out[0][0], out[1][0]):
+    for x, y in zip(out[0][0], out[1][0], strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     assert float(out[0][1]["learning"].max()) == 1.0  # the comparison covered learning updates
 
