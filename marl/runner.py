@@ -230,7 +230,7 @@ def train(
         from marl import distributed
 
         rows = distributed.padded_size(num_seeds, mesh.size)
-        description["placement"] = {"devices": int(mesh.size), "processes": jax.process_count(), "rows": rows}
+        description["placement"] = {"devices": int(mesh.size), "processes": jax.process_count()}
     description["checkpoint_rows"] = rows
     description = json.loads(json.dumps(description, default=str))
     primary = jax.process_index() == 0
@@ -246,7 +246,8 @@ def train(
     writer = ckpt = None
     try:
         if check_memory_fit:
-            check_memory(algo, rows * jax.local_device_count() // (mesh.size if mesh is not None else 1))
+            # the rows this process holds (all of them on one device)
+            check_memory(algo, num_seeds if mesh is None else rows * jax.local_device_count() // mesh.size)
         if keys is None:
             keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
         if mesh is None:
