@@ -2,11 +2,26 @@
 
 import dataclasses
 import functools
+import os
+import pathlib
 
-import pytest
+# A persistent XLA compilation cache shared by the xdist workers and the subprocesses the
+# tests start (resumed runs, CLIs, the 2-process run): many tests build the same programs
+# again (a resumed run recompiles its chunk), and a hit replaces a compile of several
+# seconds with a file read. Set JAX_COMPILATION_CACHE_DIR to move it, or to "" to turn it off.
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite's programs are tiny, so XLA's compile time dominates most tests: LLVM at -O0
+# halves it (the few tests that train longer run somewhat slower). Applies to the
+# subprocesses too; an optimization level already in XLA_FLAGS is kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-import algos
-import envs
+import pytest  # noqa: E402
+
+import algos  # noqa: E402
+import envs  # noqa: E402
 
 # tiny sizes for every family; each algorithm takes the fields its config has
 TINY = dict(num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2, hidden=32, total_steps=4 * 8 * 4,

@@ -32,7 +32,7 @@ COMMON = """
 # the device count must be set before jax is imported, hence subprocesses
 FOUR_DEVICES = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
 """) + textwrap.dedent(COMMON) + textwrap.dedent("""
     assert jax.device_count() == 4
     out = sys.argv[1]
@@ -108,7 +108,7 @@ def test_one_runner_on_4_cpu_devices_sweeps_trains_and_resumes_exactly(tmp_path)
 
 TWO_PROCESSES = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     from marl import distributed
     assert distributed.initialize()
 """) + textwrap.dedent(COMMON) + textwrap.dedent("""

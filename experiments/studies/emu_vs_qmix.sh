@@ -17,7 +17,7 @@ STEPS=${2:-60000}
 PY=${PYTHON:-.venv/bin/python}
 WRITE_DELTA=${WRITE_DELTA:-0.07}
 common="--env smax:2s3z --num-seeds 3 --total-steps $STEPS --train-steps 4 --buffer-size 1000 --runs-dir $OUT
-  --no-progress --chunk-iterations 5 --checkpoint-every 2 --resume --eval-episodes 0"
+  --no-progress --chunk-iterations 5 --checkpoint-every 2 --resume-or-start --eval-episodes 0"
 $PY -m experiments.train --algo qmix $common --run-name 2s3z_qmix &
 $PY -m experiments.train --algo emu --mixer qmix $common --run-name 2s3z_emu \
   --delta "$WRITE_DELTA" --write-delta "$WRITE_DELTA" --init-desirability --desirable-quantile 0.9 \

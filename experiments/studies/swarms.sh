@@ -22,7 +22,7 @@ shift || true
 STAGES=${*:-vicsek kuramoto hard aggregation ablations baselines report}
 STAGES=${STAGES//ablations/histogram noise_ar noise_episode}
 PY=${PYTHON:-.venv/bin/python}
-COMMON="--num-seeds 3 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume"
+COMMON="--num-seeds 3 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume-or-start"
 N100='{"num_agents": 100, "max_steps": 50}'
 HARD='{"num_agents": 100}'  # swarm:vicsek_hard defaults: T = 200, relative headings only
 AGG='"max_steps": 50, "radius": 0.25, "max_speed": 1.0, "noise": 0.05'

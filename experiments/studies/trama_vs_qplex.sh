@@ -21,7 +21,7 @@ for set in ${SETS:-surComb3 surComb4}; do
     # shellcheck disable=SC2086
     $PY -m experiments.train --algo $algo --env smax-mt:$set --env-kwargs '{"max_steps": 100}' --num-seeds 3 \
       --total-steps $STEPS --train-steps 4 --buffer-size 1000 --runs-dir "$OUT" --run-name ${set}_${algo} \
-      --no-progress --chunk-iterations ${CHUNK:-20} --checkpoint-every 2 --resume $extra
+      --no-progress --chunk-iterations ${CHUNK:-20} --checkpoint-every 2 --resume-or-start $extra
   done
 done
 if [ -z "${NO_REPORT:-}" ]; then
