@@ -57,6 +57,10 @@ Rollouts and storage (deviations from pymarl's one-episode-per-runner loop):
   pymarl gets by truncating the batch to its longest episode, with fixed shapes.
   ``full_unroll=True`` unrolls every slot instead (the same numbers, fixed work: for
   benchmarks against learners that unroll whole fixed-length segments).
+- The GRU's backward pass along time is written out (:func:`gru_recurrence`), which
+  is much faster than autodiff of the scan on a CPU; ``gru_autodiff=True`` selects
+  plain autodiff of the same recurrence (the same gradients to float tolerance), so
+  the faster path can be chosen per backend.
 - Sweepable hyperparameters (lr, gamma, td_lambda, epsilon_finish, regularizer
   coefficient/epsilon) are arrays in ``TrainState.hparams``.
 
@@ -132,6 +136,9 @@ class QLearningConfig:
     full_unroll: bool = False
     """unroll all T+1 slots of every sampled episode, not only up to the batch's longest
     (identical results; fixed work per update, for equal-work benchmarks)"""
+    gru_autodiff: bool = False
+    """differentiate the GRU's time scan with plain autodiff instead of the hand-written
+    backward pass (the same gradients; choose the faster per backend)"""
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
 
     def __post_init__(self):
@@ -270,10 +277,11 @@ class RNNAgent(nn.Module):
         cand = jnp.tanh(xn + r * hn)
         return (1.0 - z) * cand + z * h
 
-    def recur_sequence(self, h0, xi):
-        """:meth:`recur` over xi [K, ..., 3H] from h0 (hand-written backward pass)."""
+    def recur_sequence(self, h0, xi, autodiff: bool = False):
+        """:meth:`recur` over xi [K, ..., 3H] from h0 (hand-written backward pass, or
+        plain autodiff of the scan with ``autodiff=True``)."""
         p = self.gru_h.variables["params"]
-        return gru_recurrence(p["kernel"], p["bias"], xi, h0)
+        return (gru_scan if autodiff else gru_recurrence)(p["kernel"], p["bias"], xi, h0)
 
     def head(self, h):
         return self.out(h)
@@ -292,22 +300,27 @@ def _gru_gates(w, b, h, xi):
     return r, z, cand, hn
 
 
-@jax.custom_vjp
-def gru_recurrence(w, b, xi, h0):
-    """Hidden states [K, ..., H] of :meth:`RNNAgent.recur` run over xi [K, ..., 3H] from h0.
-
-    ``w`` [H, 3H], ``b`` [3H] are the recurrent kernel and bias. The backward pass is
-    written out: the reverse scan carries only dh and emits the gate gradients, and
-    the weight gradient is one contraction over all steps afterwards. (Autodiff of
-    the scan instead adds a full [H, 3H] weight gradient into its carry at every
-    step, which made the backward pass ~10x the forward at hidden 512 on a CPU.)
-    """
+def gru_scan(w, b, xi, h0):
+    """Hidden states [K, ..., H] of :meth:`RNNAgent.recur` run over xi [K, ..., 3H] from
+    h0 (``w`` [H, 3H], ``b`` [3H]: the recurrent kernel and bias); differentiated by
+    plain autodiff of the scan."""
     def step(h, x):
         _, z, cand, _ = _gru_gates(w, b, h, x)
         h = (1.0 - z) * cand + z * h
         return h, h
 
     return jax.lax.scan(step, h0, xi)[1]
+
+
+@jax.custom_vjp
+def gru_recurrence(w, b, xi, h0):
+    """:func:`gru_scan` with a written-out backward pass: the reverse scan carries only
+    dh and emits the gate gradients, and the weight gradient is one contraction over
+    all steps afterwards. (Autodiff of the scan instead adds a full [H, 3H] weight
+    gradient into its carry at every step, which made the backward pass ~10x the
+    forward at hidden 512 on a CPU.)
+    """
+    return gru_scan(w, b, xi, h0)
 
 
 def _gru_fwd(w, b, xi, h0):
@@ -338,7 +351,7 @@ def _gru_bwd(res, d_hs):
 gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
 
 
-def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots):
+def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots, autodiff: bool = False):
     """Outputs [B, S, ..., out] of ``agent`` run along sequences x [B, S, ..., D] from a
     zero hidden state (stored episodes from t = 0).
 
@@ -346,7 +359,8 @@ def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots):
     product, then runs the recurrence (:func:`gru_recurrence`, hand-written backward).
     Chunks that start at or past ``n_slots`` (the longest sequence: pass it maximized
     over the seeds of a vmapped run, :func:`max_over_seeds`, so the branch is uniform)
-    are skipped; their outputs are 0 (callers mask them).
+    are skipped; their outputs are 0 (callers mask them). ``autodiff=True``: plain
+    autodiff of the recurrence (:func:`gru_scan`) instead.
     """
     B, S = x.shape[:2]
     K = UNROLL_CHUNK
@@ -359,7 +373,7 @@ def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots):
 
         def run(h):
             xi = agent.apply(agent_params, x_c, method=RNNAgent.encode)
-            hs = agent.apply(agent_params, h, xi, method=RNNAgent.recur_sequence)
+            hs = agent.apply(agent_params, h, xi, autodiff, method=RNNAgent.recur_sequence)
             return hs[-1], agent.apply(agent_params, hs, method=RNNAgent.head)
 
         def skip(h):
@@ -580,7 +594,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         prev = jnp.concatenate([jnp.full_like(batch["action"][:, :1], -1), batch["action"][:, :-1]], 1)
         x = agent_inputs(params["ext"], batch["obs"], prev, batch["fields"])
         n_slots = x.shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
-        return unroll_chunked(agent, params["agent"], x, n_slots)
+        return unroll_chunked(agent, params["agent"], x, n_slots, config.gru_autodiff)
 
     def mix(mixer_params, qs, states, actions, max_qs):
         return mx.apply_with_aux(mixer, mixer_params, qs, states / state_scale, jax.nn.one_hot(actions, n), max_qs)

@@ -760,7 +760,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
                                     fields["uid"][:, 0])  # [B]
             # the agents' chunked unroll: chunks past the batch's longest episode are skipped
             logits = ql.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
-                                       max_over_seeds(filled.sum(-1).max()))[:, :-1]  # [B, T, A, K]
+                                       max_over_seeds(filled.sum(-1).max()), config.gru_autodiff)[:, :-1]
             ce = optax.softmax_cross_entropy_with_integer_labels(
                 logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
             w = valid.astype(jnp.float32)[..., None]

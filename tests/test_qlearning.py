@@ -50,6 +50,24 @@ def test_gru_recurrence_matches_the_cell_and_its_autodiff_gradient():
         np.testing.assert_allclose(g_seq, g_cell, rtol=1e-4, atol=1e-5)
 
 
+def test_chunked_unroll_gives_the_same_values_and_gradients_with_plain_autodiff():
+    """``gru_autodiff``: the selectable plain-autodiff path of the training unroll."""
+    H, n, A, D, B, S = 16, 5, 3, 7, 4, 2 * ql.UNROLL_CHUNK + 3
+    agent = ql.RNNAgent(n, H)
+    x = jax.random.normal(jax.random.PRNGKey(0), (B, S, A, D))
+    params = agent.init(jax.random.PRNGKey(1), jnp.zeros((B, A, H)), x[:, 0])
+    weights = jax.random.normal(jax.random.PRNGKey(3), (B, S, A, n))
+
+    def loss(p, autodiff):
+        return (ql.unroll_chunked(agent, p, x, S, autodiff) * weights).sum()
+
+    manual, autodiff = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, a) for a in (False, True))
+    np.testing.assert_allclose(manual[0], autodiff[0], rtol=1e-5)
+    for g_manual, g_auto in zip(jax.tree.leaves(manual[1]), jax.tree.leaves(autodiff[1]), strict=True):
+        np.testing.assert_allclose(g_manual, g_auto, rtol=1e-4, atol=1e-5)
+    assert algos.default_config("qmix", gru_autodiff=True).gru_autodiff
+
+
 def test_lambda_returns_hand_computed():
     r = jnp.array([[1.0, 2.0, 3.0, 0.0]])
     term = jnp.array([[False, False, True, False]])
