@@ -221,11 +221,16 @@ def run_sweep(
     ``mesh``: a :func:`marl.distributed.make_mesh` mesh to shard the rows over (None: one
     device); the runner's checkpoints and exact ``resume`` work on every placement.
     """
-    from marl.runner import train
+    import jax
+
+    from marl.runner import check_memory, train
 
     validate(algo, configs)
     if isinstance(num_seeds, bool) or not isinstance(num_seeds, int) or num_seeds <= 0:
         raise ConfigError("num_seeds", num_seeds, "must be a positive integer")
+    # the rows must fit before their keys are made (a huge num_seeds fails here, at once)
+    rows = len(configs) * num_seeds
+    check_memory(algo, rows if mesh is None else -(-rows // int(mesh.size)) * jax.local_device_count())
     configs = [dict(c) for c in configs]
     keys, hparams = row_layout(configs, num_seeds, seed)
     info = {**(run_info or {}), "sweep": {"configs": configs, "num_seeds": num_seeds, "seed": seed,

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from experiments import behaviour_hash as bh
 
 
+@pytest.mark.slow  # a refactoring tool; its digest and input checks stay in the default suite
 def test_hashes_repeat_and_a_change_is_reported(tmp_path, capsys):
     out = tmp_path / "h.json"
     assert bh.main(["--cases", "vdn", "--out", str(out)]) == 0

@@ -55,6 +55,7 @@ def test_table_reports_ratios_from_one_window():
     assert "| ippo | 10,000 | 8,000 | x0.80 |" in text
 
 
+@pytest.mark.slow  # test_qlearning checks the chunked unroll's values and gradients alone
 def test_full_unroll_gives_the_same_loss():
     """QMIX's equal-work variant unrolls every slot; the extra slots are masked, so the
     learning is the same."""

@@ -145,6 +145,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the 4-device test covers the sharded loop and its resume in one process
 def test_two_processes_sweep_checkpoint_and_resume_with_the_single_process_numbers(tmp_path):
     """2 CPU processes on localhost (jax.distributed, gloo), 2 devices each: a sweep killed
     after 2 of 4 chunks and resumed across both gives the numbers of one process."""

@@ -47,8 +47,9 @@ ENV_FOR = {
 
 
 # the heaviest programs; their hooks are also run under jit(vmap) by their own test files
-# (test_trama, test_emu, test_qarl, test_dec_pomfc, test_sac), so here they are -m slow
-SLOW_MODULES = {"algos.trama", "algos.emu", "algos.qarl", "algos.dec_pomfc", "algos.sac"}
+# (test_trama, test_emu, test_qarl, test_dec_pomfc, test_sac, test_qlearning), so here they are
+# -m slow; PPO stays as the default suite's guard
+SLOW_MODULES = {"algos.trama", "algos.emu", "algos.qarl", "algos.dec_pomfc", "algos.sac", "algos.qlearning"}
 
 
 def _one_algorithm_per_module():

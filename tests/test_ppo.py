@@ -14,6 +14,7 @@ def _finite(metrics):
     return all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
 
 
+@pytest.mark.slow  # loss-mode Wasserstein is covered by test_regularizers and the penalty test here
 def test_wasserstein_loss_mode_with_per_agent_params():
     env = envs.make("smax:3m")
     rc = RegularizerConfig(kind="wasserstein", coef=0.1, mode="loss", reference="rollout")
