@@ -26,19 +26,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from experiments.regularizer_study import final_per_seed, metric_arrays
+from experiments.studies.emu_engagement import cut
 from marl import stats
+from marl.logging import read_metrics as read
 
 ENGAGEMENT = ("cluster_ari", "class_accuracy", "class_majority_rate", "codes_in_use", "clusterings")
-
-
-def read(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def cut(records: list[dict], iterations: int) -> list[dict]:
-    keep = set(sorted({r["iteration"] for r in records})[:iterations])
-    return [r for r in records if r["iteration"] in keep]
 
 
 def engagement(records: list[dict]) -> dict:
