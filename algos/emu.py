@@ -115,10 +115,15 @@ Deviations and choices (paper / official code)
   (distinct entries, a random permutation); with ``embed_min_entries`` below
   embed_steps x embed_batch the entries past the memory's size are drawn with
   replacement.
-- Not implemented: the official code's EMC-style curiosity reward (a separate VDN
-  learner, a soft-updated copy of its agent network and a predictor of 10 x its
-  Q-values; the prediction error, scale 1e-3 decaying, is added to the reward; the
-  paper finds it adds little) and its extra memory updates from replayed batches.
+- Curiosity: the official code's EMC-style curiosity reward (a separate VDN learner, a
+  soft-updated copy of its agent network and a predictor of 10 x its Q-values; the
+  prediction error, scale 1e-3 decaying by 0.9 every 100k steps, is added to the
+  reward) is ``curiosity_scale=1e-3`` (:mod:`algos.curiosity`, with its own
+  deviations; its VDN network uses ``config.gamma``, not a swept gamma). Off by default
+  (the official configs turn it on): it adds four GRU unrolls of every sampled batch,
+  about three times the backbone's learner work on this kind of machine, and the
+  paper finds it adds little.
+- Not implemented: the official code's extra memory updates from replayed batches.
 - Lookup: the incentive only uses hits, so by default (``lookup="index"``) each
   gradient step searches a sorted index of the first normalized key coordinate,
   rebuilt at the end of every iteration (one argsort of the memory), for the entries
@@ -143,6 +148,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from algos import curiosity as cur
 from algos import qlearning as ql
 from marl import config as cfg
 from marl import episodic_memory as em
@@ -212,6 +218,20 @@ class EMUConfig(ql.QLearningConfig):
     propagate_desirability: bool = True
     init_desirability: bool = False
     """count the inserting visit in N_xi (official: False; True on the super-hard maps)"""
+    curiosity_scale: float = 0.0
+    """EMC curiosity reward scale beta_0 (:mod:`algos.curiosity`; official: 1e-3; 0: off)"""
+    curiosity_decay_rate: float = 0.9
+    curiosity_decay_interval: int = 100_000
+    """env steps between multiplications of the curiosity scale by ``curiosity_decay_rate``"""
+    curiosity_decay_stop: float = 0.0
+    curiosity_tau: float = 0.005
+    """soft-copy rate of the curiosity's VDN network per gradient step"""
+    curiosity_target_scale: float = 10.0
+
+    @property
+    def curiosity(self) -> cur.CuriositySettings:
+        return cur.CuriositySettings(self.curiosity_scale, self.curiosity_decay_rate, self.curiosity_decay_interval,
+                                     self.curiosity_decay_stop, self.curiosity_tau, self.curiosity_target_scale)
 
     def __post_init__(self):
         super().__post_init__()
@@ -235,6 +255,7 @@ class EMUConfig(ql.QLearningConfig):
             raise cfg.ConfigError("desirable_return", self.desirable_return, "must be a number or None")
         if self.desirable_quantile is not None:
             cfg.check_range("desirable_quantile", self.desirable_quantile, 0.0, 1.0)
+        self.curiosity.validate()
 
 
 class StateEmbedding(nn.Module):
@@ -281,6 +302,7 @@ class EMUState:
     index: em.HitIndex  # sorted first key coordinate of the memory as it is now
     recent_returns: jax.Array  # [desirable_window] returns of the last written episodes (NaN: none yet)
     write_revisits: jax.Array  # share of the last iteration's writes that hit an entry
+    curiosity_soft: Any  # the curiosity's soft copy of its VDN network ({} when off)
 
 
 class EMUParts(NamedTuple):
@@ -338,6 +360,8 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         reward_scale = 20.0 / spec.max_return if spec.max_return else 1.0
     state_scale = jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32)
     net = StateEmbedding(S, config.key_dim, config.embed_hidden)
+    curious = config.curiosity_scale > 0
+    curiosity = cur.make(spec, config, config.curiosity, reward_scale) if curious else None
     tx = optax.chain(optax.clip_by_global_norm(EMBED_GRAD_CLIP), optax.adam(config.embed_lr))
 
     def tau(t):
@@ -356,15 +380,18 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         params = net.init(key, jnp.zeros((1, S)), jnp.zeros((1,)))
         memory = em.init(capacity, config.key_dim, S, config.hit_metric)
         z = jnp.zeros((), jnp.int32)
+        k_cur = jax.random.fold_in(key, 1)
+        ext_params, soft = curiosity.init(k_cur) if curious else ({}, {})
         state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory),
-                         jnp.full((config.desirable_window,), jnp.nan), jnp.zeros(()))
-        return {}, state
+                         jnp.full((config.desirable_window,), jnp.nan), jnp.zeros(()), soft)
+        return ext_params, state
 
     def gamma_of(hp):
         return config.gamma if hp is None else hp.gamma
 
-    def intrinsic_reward(ext: EMUState, batch, target_next, hp=None):
-        """(gamma * scale * eta_t [B, T], lookup metrics) for the transitions of ``batch``."""
+    def intrinsic_reward(params, ext: EMUState, batch, target_next, hp=None):
+        """(gamma * scale * eta_t [B, T] plus the curiosity reward when on, lookup metrics)
+        for the transitions of ``batch``; ``params``: the backbone's full parameters."""
         s_next = batch["state"][:, 1:]
         B, T = s_next.shape[:2]
         live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
@@ -377,14 +404,21 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         eta = jnp.where(live, incentive(rec, target_next.reshape(B * T)).reshape(B, T), 0.0)
         metrics = em.recall_metrics(rec, live.reshape(-1), eta.reshape(-1))
         metrics["incentive"] = (eta * live).sum() / jnp.maximum(live.sum(), 1)
-        if not config.incentive:
-            return jnp.zeros((B, T)), metrics
-        return gamma_of(hp) * config.incentive_scale * eta, metrics
+        bonus = gamma_of(hp) * config.incentive_scale * eta if config.incentive else jnp.zeros((B, T))
+        if curious:
+            r_c, c_metrics = curiosity.reward(params["ext"], ext.curiosity_soft, batch, ext.env_steps)
+            bonus = bonus + r_c
+            metrics.update(c_metrics)
+        return bonus, metrics
 
-    def extra_loss(params, ext: EMUState, batch, key):
-        # no loss term: the hook reports the memory's state with the training metrics
-        return jnp.zeros(()), {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss,
-                               "write_revisits": ext.write_revisits}
+    def extra_loss(params, target_params, ext: EMUState, batch, key):
+        # the hook reports the memory's state with the training metrics; the only loss
+        # term is the curiosity's (its VDN network and predictor), when on
+        metrics = {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss, "write_revisits": ext.write_revisits}
+        if not curious:
+            return jnp.zeros(()), metrics
+        loss, c_metrics = curiosity.loss(params["ext"], target_params["ext"], ext.curiosity_soft, batch, config.gamma)
+        return loss, {**metrics, **c_metrics}
 
     def write_new_episodes(ext: EMUState, buffer, new_episodes, gamma):
         cap = buffer.capacity
@@ -461,6 +495,8 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
 
     def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
+        if curious:
+            ext = ext.replace(curiosity_soft=curiosity.after_iteration(ext.curiosity_soft, params["ext"]))
         ext, cache = write_new_episodes(ext, buffer, new_episodes, gamma_of(hp))
         if config.stats_interval_episodes is None:
             clock, interval = ext.env_steps, config.stats_interval

@@ -196,13 +196,15 @@ class Hooks(NamedTuple):
     agent_inputs(ext_params, fields) -> [..., A, extra_input_dim]: extra agent inputs
         built from the step's fields, for acting and for training (online and
         target networks read the same stored fields).
-    intrinsic_reward(ext_state, batch, target_next, hp) -> [B, T]: added to r_t in the
-        TD target (e.g. EMU's gamma * eta); ``target_next`` is Qbar_{t+1} [B, T];
-        ``hp`` the run's :class:`HParams` (swept values such as gamma reach the hook).
-        May return ``(bonus, metrics dict)`` to log metrics of the computation.
-    extra_loss(params, ext_state, batch, key) -> (loss, metrics dict): added to the
-        TD loss in the same gradient step (``params`` is the full dict, so the hook
-        can read the agents' parameters too).
+    intrinsic_reward(params, ext_state, batch, target_next, hp) -> [B, T]: added to r_t
+        in the TD target (e.g. EMU's gamma * eta); ``params`` is the full parameter dict
+        (gradients stopped), ``target_next`` is Qbar_{t+1} [B, T]; ``hp`` the run's
+        :class:`HParams` (swept values such as gamma reach the hook). May return
+        ``(bonus, metrics dict)`` to log metrics of the computation.
+    extra_loss(params, target_params, ext_state, batch, key) -> (loss, metrics dict):
+        added to the TD loss in the same gradient step (``params`` is the full dict, so
+        the hook can read the agents' parameters too; ``target_params`` the target
+        network's copy of it, ``params["ext"]`` included).
     after_iteration(ext_state, params, buffer, new_episodes, key, hp) -> ext_state: once
         per iteration after training (memory writes, clustering); ``new_episodes``
         [] is how many episodes entered the buffer this iteration (the newest rows
@@ -351,6 +353,35 @@ def _gru_bwd(res, d_hs):
 gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
 
 
+def base_input_dim(spec, config: QLearningConfig) -> int:
+    """Width of :func:`base_agent_inputs` for an env with ``spec``."""
+    return spec.obs_dim + (spec.num_actions if config.last_action else 0) + (spec.num_agents if config.agent_ids else 0)
+
+
+def base_agent_inputs(obs, prev_action, num_actions: int, last_action: bool, agent_ids: bool):
+    """The agent network's standard inputs [..., A, D]: obs [..., A, o], then the one-hot
+    previous action (``prev_action`` [..., A], -1: none, all zeros) and the one-hot
+    agent id, each when enabled."""
+    parts = [obs]
+    if last_action:
+        parts.append(jax.nn.one_hot(prev_action, num_actions))  # -1 -> all zeros
+    if agent_ids:
+        A = obs.shape[-2]
+        parts.append(jnp.broadcast_to(jnp.eye(A), obs.shape[:-2] + (A, A)))
+    return jnp.concatenate(parts, -1)
+
+
+def previous_actions(actions):
+    """Each stored slot's previous action [B, T + 1, A] (-1 at t = 0)."""
+    return jnp.concatenate([jnp.full_like(actions[:, :1], -1), actions[:, :-1]], 1)
+
+
+def unroll_slots(batch, config: QLearningConfig):
+    """How many slots of the sampled episodes to unroll: all of them with
+    ``full_unroll``, else the batch's longest episode (the same over vmapped seeds)."""
+    return batch["obs"].shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
+
+
 def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots, autodiff: bool = False):
     """Outputs [B, S, ..., out] of ``agent`` run along sequences x [B, S, ..., D] from a
     zero hidden state (stored episodes from t = 0).
@@ -445,8 +476,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     mixer = mx.make_mixer(config.mixer, embed_dim=config.mixing_embed, hypernet_embed=config.hypernet_embed,
                           num_heads=config.qplex_heads, num_kernels=config.qplex_kernels,
                           out_init_scale=config.mixer_init_scale or None)
-    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
-    in_dim = spec.obs_dim + (n if config.last_action else 0) + ids.shape[1] + hooks.extra_input_dim
+    in_dim = base_input_dim(spec, config) + hooks.extra_input_dim
     reward_scale = config.reward_scale
     if reward_scale is None:
         reward_scale = 20.0 / spec.max_return if spec.max_return else 1.0
@@ -462,11 +492,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     # ------------------------------------------------------------------ inputs
     def agent_inputs(ext_params, obs, prev_action, fields):
         """[..., A, in_dim] from obs [..., A, o], prev_action [..., A] (-1: none), fields."""
-        lead = obs.shape[:-2]
-        parts = [obs]
-        if config.last_action:
-            parts.append(jax.nn.one_hot(prev_action, n))  # -1 -> all zeros
-        parts.append(jnp.broadcast_to(ids, lead + ids.shape))
+        parts = [base_agent_inputs(obs, prev_action, n, config.last_action, config.agent_ids)]
         if hooks.agent_inputs is not None:
             parts.append(hooks.agent_inputs(ext_params, fields))
         return jnp.concatenate(parts, -1)
@@ -591,10 +617,8 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     def unroll(params, batch):
         """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0); see
         :func:`unroll_chunked`."""
-        prev = jnp.concatenate([jnp.full_like(batch["action"][:, :1], -1), batch["action"][:, :-1]], 1)
-        x = agent_inputs(params["ext"], batch["obs"], prev, batch["fields"])
-        n_slots = x.shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
-        return unroll_chunked(agent, params["agent"], x, n_slots, config.gru_autodiff)
+        x = agent_inputs(params["ext"], batch["obs"], previous_actions(batch["action"]), batch["fields"])
+        return unroll_chunked(agent, params["agent"], x, unroll_slots(batch, config), config.gru_autodiff)
 
     def mix(mixer_params, qs, states, actions, max_qs):
         return mx.apply_with_aux(mixer, mixer_params, qs, states / state_scale, jax.nn.one_hot(actions, n), max_qs)
@@ -620,7 +644,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         reward = reward_scale * batch["reward"][:, :-1]
         metrics = {}
         if hooks.intrinsic_reward is not None:
-            bonus = hooks.intrinsic_reward(ext_state, batch, next_tot, hp)
+            bonus = hooks.intrinsic_reward(jax.lax.stop_gradient(params), ext_state, batch, next_tot, hp)
             if isinstance(bonus, tuple):  # (bonus, metrics dict)
                 bonus, hook_metrics = bonus
                 metrics.update(hook_metrics)
@@ -650,7 +674,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         att = (attention * mask).sum() / jnp.maximum(mask.sum(), 1.0)
         loss = loss + config.attention_reg * att + reg_loss
         if hooks.extra_loss is not None:
-            extra, extra_metrics = hooks.extra_loss(params, ext_state, batch, key)
+            extra, extra_metrics = hooks.extra_loss(params, target_params, ext_state, batch, key)
             loss = loss + extra
             metrics.update(extra_metrics)
         metrics.update(td_error=jnp.abs(td).sum() / count, q_taken=(q_tot * m).sum() / count,

@@ -750,7 +750,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         g = g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], K))
         return jax.lax.stop_gradient(g) if config.detach_class_repr else g
 
-    def extra_loss(params, ext: TRAMAState, batch, key):
+    def extra_loss(params, target_params, ext: TRAMAState, batch, key):
         filled = batch["filled"]
         valid = filled[:, 1:]  # [B, T]: transition t exists
         fields = batch["fields"]

@@ -65,9 +65,9 @@ def test_incentive_in_the_td_target_hand_computed():
 
     @jax.jit
     def variants(ext):
-        return (parts.hooks.intrinsic_reward(ext, batch, target_next), scaled(ext, batch, target_next),
-                off(ext, batch, target_next), parts.hooks.intrinsic_reward(ext, batch_far, target_next),
-                parts.hooks.intrinsic_reward(ext, batch, target_next, swept))
+        return (parts.hooks.intrinsic_reward({}, ext, batch, target_next), scaled({}, ext, batch, target_next),
+                off({}, ext, batch, target_next), parts.hooks.intrinsic_reward({}, ext, batch_far, target_next),
+                parts.hooks.intrinsic_reward({}, ext, batch, target_next, swept))
 
     outs = variants(ext)
     metrics, far_metrics, off_metrics = outs[0][1], outs[3][1], outs[2][1]
@@ -142,7 +142,7 @@ def test_desirability_rises_on_jittered_revisits():
     # 16 live transitions), and those have p > 0 and a positive incentive
     batch = {"state": buf.data["step"]["state"], "filled": buf.filled,
              "terminated": jnp.zeros(buf.filled.shape, bool).at[:, 2].set(True)}
-    bonus, metrics = jax.jit(parts.hooks.intrinsic_reward)(ext, batch, jnp.full((8, L), -1.0))
+    bonus, metrics = jax.jit(parts.hooks.intrinsic_reward)({}, ext, batch, jnp.full((8, L), -1.0))
     assert float(metrics["replay_hit_rate"]) == pytest.approx(1 / 8)
     assert float(metrics["hit_positive_ratio"]) == 1.0
     assert (np.asarray(bonus[0, :2]) > 0).all() and not np.asarray(bonus[1:]).any()

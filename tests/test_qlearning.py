@@ -126,10 +126,10 @@ def _toy_hooks():
     def agent_inputs(ext_params, fields):
         return ext_params["emb"][fields["cls"]]
 
-    def intrinsic_reward(ext_state, batch, target_next, hp):
+    def intrinsic_reward(params, ext_state, batch, target_next, hp):
         return jnp.full(target_next.shape[:2], bonus)
 
-    def extra_loss(params, ext_state, batch, key):
+    def extra_loss(params, target_params, ext_state, batch, key):
         loss = 1e-3 * jnp.sum(params["ext"]["emb"] ** 2)
         return loss, {"emb_norm": loss}
 

@@ -151,7 +151,7 @@ def test_class_predictor_loss_falls(clustered):
 
     @jax.jit
     def step(full, opt):
-        (loss, m), g = jax.value_and_grad(hooks.extra_loss, has_aux=True)(full, ext, batch, None)
+        (loss, m), g = jax.value_and_grad(hooks.extra_loss, has_aux=True)(full, None, ext, batch, None)
         u, opt = tx.update(g, opt)
         return optax.apply_updates(full, u), opt, m
 
@@ -178,7 +178,7 @@ def test_hooks_under_jit_and_vmap_over_two_seeds():
         def seed(ext, params, buf, key):
             ext = hooks.after_iteration(ext, None, buf, jnp.asarray(4), key)
             batch = as_batch(buf, jnp.arange(8))
-            g = jax.grad(lambda p: hooks.extra_loss(p, ext, batch, key)[0])({"ext": params})
+            g = jax.grad(lambda p: hooks.extra_loss(p, None, ext, batch, key)[0])({"ext": params})
             return ext, g
 
         return jax.vmap(seed, axis_name=SEED_AXIS)(ext, params, buf, key)
