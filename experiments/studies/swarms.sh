@@ -13,7 +13,8 @@
 #   ablations    = histogram noise_ar noise_episode: Dec-POMFC with a histogram mean field (Kuramoto,
 #                320k steps, as the kernel run); Vicsek at 80k steps with upper-level noise AR(1) 0.9
 #                and with one noise draw per episode
-#   baselines    IPPO and MAPPO, Vicsek, 80k steps
+#   kuramoto_noise_ar  Dec-POMFC, Kuramoto, 320k steps, upper-level noise AR(1) 0.9
+#   baselines    IPPO and MAPPO on Vicsek, Kuramoto and Aggregation, $BASE_STEPS steps (default 320k)
 #   report       reference policies, curves and tables, N transfer
 set -e
 cd "$(dirname "$0")/../.."
@@ -22,6 +23,7 @@ shift || true
 STAGES=${*:-vicsek kuramoto hard aggregation ablations baselines report}
 STAGES=${STAGES//ablations/histogram noise_ar noise_episode}
 PY=${PYTHON:-.venv/bin/python}
+BASE_STEPS=${BASE_STEPS:-320000}
 COMMON="--num-seeds 3 --num-envs 8 --num-steps 50 --update-epochs 4 --lr 1e-3 --no-progress --chunk-iterations 20 --resume-or-start"
 N100='{"num_agents": 100, "max_steps": 50}'
 HARD='{"num_agents": 100}'  # swarm:vicsek_hard defaults: T = 200, relative headings only
@@ -49,12 +51,18 @@ for stage in $STAGES; do
     noise_ar)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
         --runs-dir "$S/ablations" --run-name vicsek_noise_ar09 --upper-noise-corr 0.9 ;;
+    kuramoto_noise_ar)
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 \
+        --runs-dir "$S/ablations" --run-name kuramoto_noise_ar09 --upper-noise-corr 0.9 ;;
     noise_episode)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
         --runs-dir "$S/ablations" --run-name vicsek_noise_episode --upper-noise-corr 1.0 ;;
     baselines)
       for algo in ippo mappo; do
-        train --algo $algo --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 --run-name vicsek_$algo $PPO_FLAGS
+        train --algo $algo --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps $BASE_STEPS --run-name vicsek_$algo $PPO_FLAGS
+        train --algo $algo --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps $BASE_STEPS --run-name kuramoto_$algo $PPO_FLAGS
+        train --algo $algo --env swarm:aggregation --env-kwargs "$AGG100" $COMMON --total-steps $BASE_STEPS \
+          --run-name aggregation_$algo $PPO_FLAGS
       done ;;
     report)
       $PY -m experiments.swarm_references --out "$S/references" \
