@@ -36,12 +36,12 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
     "ippo": ("ippo", "smax:3m", {}, {}),
     "mappo": ("mappo", "smax:3m", {}, {}),
     "mappo-continuous": ("mappo", "swarm:aggregation", {"num_agents": 4}, {}),
-    "qmix": ("qmix", "smax:3m", {}, {}),
+    "qmix": ("qmix", "smax:3m", {}, {"num_steps": 32}),
     "vdn": ("vdn", "mpe:simple_spread", {}, {}),
-    "qplex": ("qplex", "smax:3m", {}, {}),
+    "qplex": ("qplex", "smax:3m", {}, {"num_steps": 32}),
     "iql": ("iql", "mpe:simple_spread", {}, {}),
     "sac": ("sac", "adv:pendulum", {}, {}),
-    "emu": ("emu", "smax:3m", {}, {}),
+    "emu": ("emu", "smax:3m", {}, {"num_steps": 32}),
     "trama": ("trama", "smax-mt:surComb3", {}, {"cluster_start": 0, "min_cluster_episodes": 4,
                                                  "cluster_interval": 64}),
     "dec_pomfc": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {}),
@@ -88,9 +88,9 @@ def build(case: str):
     name, env_name, env_kwargs, overrides = CASES[case]
     fields = {f.name for f in dataclasses.fields(algos.config_class(name))}
     kw = {k: v for k, v in TINY.items() if k in fields}
-    kw["total_steps"] = ITERATIONS * kw["num_envs"] * kw["num_steps"]
     for k, v in overrides.items():
         kw[k] = RegularizerConfig(**v) if k == "regularizer" else v
+    kw["total_steps"] = ITERATIONS * kw["num_envs"] * kw["num_steps"]
     return algos.make(name, envs.make(env_name, **env_kwargs), **kw)
 
 
@@ -99,6 +99,9 @@ def run_case(case: str) -> dict:
 
     algo = build(case)
     r = train(algo, num_iterations=ITERATIONS, num_seeds=SEEDS, seed=3, progress=False)
+    if "learning" in r.metrics and not np.asarray(r.metrics["learning"])[:, -1].all():
+        raise RuntimeError(f"case {case}: the replay learner never trained within {ITERATIONS} iterations; "
+                           "give it more env steps per iteration so the hash covers its loss")
     metrics = {k: r.metrics[k] for k in sorted(r.metrics)}
     return {"metrics": digest(metrics), "params": digest(r.state.params),
             "metric_names": sorted(r.metrics), "return": float(np.asarray(r.metrics["return"]).mean())}
