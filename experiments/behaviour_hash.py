@@ -37,26 +37,28 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
     "mappo": ("mappo", "smax:3m", {}, {}),
     "mappo-continuous": ("mappo", "swarm:aggregation", {"num_agents": 4}, {}),
     "qmix": ("qmix", "smax:3m", {}, {"num_steps": 32}),
-    "vdn": ("vdn", "mpe:simple_spread", {}, {}),
+    "vdn": ("vdn", "mpe:simple_spread", {}, {"num_steps": 32}),
     "qplex": ("qplex", "smax:3m", {}, {"num_steps": 32}),
-    "iql": ("iql", "mpe:simple_spread", {}, {}),
-    "sac": ("sac", "adv:pendulum", {}, {}),
+    "iql": ("iql", "mpe:simple_spread", {}, {"num_steps": 32}),
+    "sac": ("sac", "adv:pendulum", {}, {"learning_starts": 32}),
     "emu": ("emu", "smax:3m", {}, {"num_steps": 32}),
     "trama": ("trama", "smax-mt:surComb3", {}, {"cluster_start": 0, "min_cluster_episodes": 4,
                                                  "cluster_interval": 64}),
     "dec_pomfc": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {}),
-    "qarl": ("qarl", "adv:pendulum", {}, {}),
-    "rarl": ("rarl", "adv:pendulum", {}, {}),
+    "qarl": ("qarl", "adv:pendulum", {}, {"learning_starts": 32}),
+    "rarl": ("rarl", "adv:pendulum", {}, {"learning_starts": 32}),
     "mappo-wasserstein-penalty": ("mappo", "smax:3m", {}, {"regularizer": {
         "kind": "wasserstein", "coef": 0.1, "mode": "penalty", "reference": "initial", "iterations": 20}}),
     "ippo-kl-loss": ("ippo", "smax:3m", {}, {"regularizer": {
         "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}}),
     "qmix-kl-loss": ("qmix", "mpe:simple_spread", {}, {"regularizer": {
-        "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "initial"}}),
+        "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "initial"}, "num_steps": 32}),
     "qmix-wasserstein-penalty": ("qmix", "mpe:simple_spread", {}, {"regularizer": {
-        "kind": "wasserstein", "coef": 0.1, "mode": "penalty", "reference": "rollout", "iterations": 20}}),
+        "kind": "wasserstein", "coef": 0.1, "mode": "penalty", "reference": "rollout", "iterations": 20},
+        "num_steps": 32}),
     "sac-wasserstein-loss": ("sac", "adv:pendulum", {}, {"regularizer": {
-        "kind": "wasserstein", "coef": 0.1, "mode": "loss", "reference": "initial", "iterations": 20}}),
+        "kind": "wasserstein", "coef": 0.1, "mode": "loss", "reference": "initial", "iterations": 20},
+        "learning_starts": 32}),
     "dec_pomfc-kl-loss": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {"regularizer": {
         "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}}),
 }
@@ -99,7 +101,7 @@ def run_case(case: str) -> dict:
 
     algo = build(case)
     r = train(algo, num_iterations=ITERATIONS, num_seeds=SEEDS, seed=3, progress=False)
-    if "learning" in r.metrics and not np.asarray(r.metrics["learning"])[:, -1].all():
+    if "learning" in r.metrics and not np.asarray(r.metrics["learning"])[:, -1].all():  # replay learners
         raise RuntimeError(f"case {case}: the replay learner never trained within {ITERATIONS} iterations; "
                            "give it more env steps per iteration so the hash covers its loss")
     metrics = {k: r.metrics[k] for k in sorted(r.metrics)}
