@@ -363,7 +363,9 @@ def report(args: ReportArgs) -> dict:
     runs = find_runs(args.dirs)
     if not runs:
         raise ConfigError("dirs", args.dirs, "hold no run (a directory with run.json and metrics.jsonl)")
-    groups = load_groups(runs, args.group_by, root=os.path.abspath(args.dirs[0]))
+    # --group-by run labels each run by its path below the runs' common parent folder
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(r)) for r in runs])
+    groups = load_groups(runs, args.group_by, root=root)
     check_metrics(groups, args)
     out = os.path.abspath(args.out or os.path.join(args.dirs[0], "report"))
     try:

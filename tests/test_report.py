@@ -136,6 +136,13 @@ def test_report_cli_and_bad_input(tmp_path, capsys):
     assert rep.main([str(runs), "--group-by", "run", "--final-fraction", "0.2", "--panels", "episodes", "nope"]) == 0
     md = open(runs / "report" / "report.md").read()
     assert "| x | r1 | return | 1.5000 |" in md and "| x | r2 | return | 5.5000 |" in md
+    # run folders named one by one, at different depths: labelled below their common parent
+    _write_run(tmp_path / "other" / "sub" / "r3", {"algo": "a", "env": "x"}, [7.0, 8.0])
+    r3 = tmp_path / "other" / "sub" / "r3"
+    assert rep.main([str(runs / "r1"), str(r3), "--group-by", "run", "--final-fraction", "0.2",
+                     "--out", str(tmp_path / "o2")]) == 0
+    md = open(tmp_path / "o2" / "report.md").read()
+    assert "| x | runs/r1 | return | 1.5000 |" in md and "| x | other/sub/r3 | return | 7.5000 |" in md
     # grouped by label, the two runs pool their seeds
     assert rep.main([str(runs), "--final-fraction", "0.2", "--out", str(tmp_path / "o")]) == 0
     assert "| x | a | return | 3.5000 |" in open(tmp_path / "o" / "report.md").read()
