@@ -43,7 +43,7 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
     "sac": ("sac", "adv:pendulum", {}, {"learning_starts": 32}),
     "emu": ("emu", "smax:3m", {}, {"num_steps": 32}),
     "trama": ("trama", "smax-mt:surComb3", {}, {"cluster_start": 0, "min_cluster_episodes": 4,
-                                                 "cluster_interval": 64}),
+                                                 "cluster_interval": 64, "num_steps": 32}),
     "dec_pomfc": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {}),
     "qarl": ("qarl", "adv:pendulum", {}, {"learning_starts": 32}),
     "rarl": ("rarl", "adv:pendulum", {}, {"learning_starts": 32}),
