@@ -8,12 +8,13 @@
 # rise on SMAX's jittered states (init_desirability, a write-time neighbourhood WRITE_DELTA
 # measured with experiments/studies/emu_key_spacing.py, the running top-decile rule), lookups
 # at the same radius, the dCAE trains once the memory holds 20,480 entries. Both arms keep 1000
-# episodes (about 60k steps: nothing is dropped within the budget; 5000 x 3 seeds does not fit
+# episodes (full at about 60k steps, then the oldest are dropped; 5000 x 3 seeds does not fit
 # in this machine's memory next to other work), so EMU's default capacity is 100k entries.
+# results/emu_study was made with 200000 steps per seed (the default).
 set -e
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/emu_study}
-STEPS=${2:-60000}
+STEPS=${2:-200000}
 PY=${PYTHON:-.venv/bin/python}
 WRITE_DELTA=${WRITE_DELTA:-0.07}
 common="--env smax:2s3z --num-seeds 3 --total-steps $STEPS --train-steps 4 --buffer-size 1000 --runs-dir $OUT
