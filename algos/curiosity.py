@@ -46,6 +46,7 @@ import jax.numpy as jnp
 
 from algos import qlearning as ql
 from marl import config as cfg
+from marl import losses, rnn
 
 
 class CuriositySettings(NamedTuple):
@@ -105,8 +106,8 @@ def vdn_td_loss(q, tq, batch, reward, gamma, double_q: bool = True):
     """VDN's 1-step double-Q TD loss of agent Q-values q / tq [B, T+1, A, n] on the
     sampled episodes (``reward`` [B, T] already scaled)."""
     mask = batch["filled"][:, 1:].astype(jnp.float32)
-    chosen = ql.take(q[:, :-1], batch["action"][:, :-1]).sum(-1)
-    _, t_chosen, _ = ql.next_actions(jax.lax.stop_gradient(q[:, 1:]), tq[:, 1:], batch["avail"][:, 1:], double_q)
+    chosen = losses.take(q[:, :-1], batch["action"][:, :-1]).sum(-1)
+    _, t_chosen, _ = losses.next_actions(jax.lax.stop_gradient(q[:, 1:]), tq[:, 1:], batch["avail"][:, 1:], double_q)
     term = batch["terminated"][:, :-1].astype(jnp.float32)
     y = jax.lax.stop_gradient(reward + gamma * (1.0 - term) * t_chosen.sum(-1))
     return (((chosen - y) * mask) ** 2).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -124,7 +125,7 @@ class Curiosity(NamedTuple):
 def make(spec, config: ql.QLearningConfig, settings: CuriositySettings, reward_scale: float) -> Curiosity:
     """Curiosity for the backbone ``config`` on an env with ``spec``."""
     n = spec.num_actions
-    agent = ql.RNNAgent(n, config.hidden)
+    agent = rnn.RNNAgent(n, config.hidden)
     in_dim = ql.base_input_dim(spec, config)
 
     def inputs(batch):
@@ -132,7 +133,7 @@ def make(spec, config: ql.QLearningConfig, settings: CuriositySettings, reward_s
                                     config.agent_ids)
 
     def unroll(params, batch):
-        return ql.unroll_chunked(agent, params, inputs(batch), ql.unroll_slots(batch, config), config.gru_autodiff)
+        return rnn.unroll_chunked(agent, params, inputs(batch), ql.unroll_slots(batch, config), config.gru_autodiff)
 
     def init(key):
         k_v, k_p = jax.random.split(key)

@@ -117,7 +117,7 @@ Choices and deviations (ours, the paper body being unavailable)
 - PPO hyperparameters are smaller-batch versions of M3FC's (gamma 0.99, clip 0.2,
   8 epochs) with ``gae_lambda = 0.95`` and ``lr = 3e-4`` instead of 1.0 and 5e-5.
 - Regularizers (``regularizer``) act on the upper Gaussian policy through
-  ``algos.ppo.gaussian_regularizer`` (closed-form KL / entropy / W2); the uniform
+  ``marl.regularizers.gaussian_regularizer`` (closed-form KL / entropy / W2); the uniform
   reference does not exist for a Gaussian and is rejected.
 """
 
@@ -133,12 +133,14 @@ import numpy as np
 from flax import struct
 
 from algos import ppo
-from envs.wrappers import FINAL_KEYS, AutoReset, EpisodeStats, episode_metrics
+from envs.wrappers import AutoReset, EpisodeStats
 from marl import config as cfg
+from marl import losses, returns
 from marl import mean_field as mf
 from marl import regularizers as reg
+from marl.episodes import FINAL_KEYS, episode_metrics
 from marl.networks import MLP, dense
-from marl.types import Algorithm, Timestep
+from marl.types import Algorithm, Timestep, hparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,9 +450,9 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         k_param, k_env, k_noise, key = jax.random.split(key, 4)
         params = pc.net.init(k_param, jnp.zeros((1, spec.state_dim)))
         env_state, ts = jax.vmap(lenv.reset)(jax.random.split(k_env, E))
-        hp = ppo.HParams(*(jnp.asarray(v, jnp.float32) for v in (
-            config.lr, config.clip_eps, config.ent_coef, config.vf_coef,
-            config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon)))
+        hp = hparams(ppo.HParams, lr=config.lr, clip_eps=config.clip_eps, ent_coef=config.ent_coef,
+                     vf_coef=config.vf_coef, gamma=config.gamma, gae_lambda=config.gae_lambda,
+                     reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
         noise = jax.random.normal(k_noise, (E, pc.rule_dim))
         return TrainState(params, params, tx.init(params), env_state, ts, noise, key, jnp.zeros((), jnp.int32), hp)
 
@@ -460,7 +462,7 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         mean, log_std, value = pc.upper(state.params, ts.state)
         noise = upper_noise(state.noise, jax.random.normal(k_up, mean.shape), ts.done, config.upper_noise_corr)
         rule = mean + jnp.exp(log_std) * noise
-        logp = ppo.gaussian_log_prob(mean, log_std, rule)
+        logp = losses.gaussian_log_prob(mean, log_std, rule)
         actions = pc.agent_actions(rule, ts.obs, k_agents)
         env_state, nts = jax.vmap(lenv.step)(jax.random.split(k_env, E), state.env_state, actions)
         if config.bootstrap_truncation:
@@ -475,14 +477,14 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
     def reg_terms(params, ref_params, s, rule, hp):
         mean, log_std, _ = pc.upper(params, s)
         rmean, rlog_std, _ = pc.upper(ref_params, s)
-        return ppo.gaussian_regularizer(rcfg.kind, mean, log_std, rmean, rlog_std, rule, hp.reg_coef)
+        return reg.gaussian_regularizer(rcfg.kind, mean, log_std, rmean, rlog_std, rule, hp.reg_coef)
 
     def loss_fn(params, ref_params, mb: Transition, adv, targets, hp):
         mean, log_std, value = pc.upper(params, mb.s)
-        logp = ppo.gaussian_log_prob(mean, log_std, mb.rule)
-        pg, _, approx_kl, clip_frac = ppo.clipped_policy_loss(logp, mb.logp, adv, hp.clip_eps)
-        vf = ppo.clipped_value_loss(value, mb.value, targets, hp.clip_eps)
-        entropy = ppo.gaussian_entropy(log_std).mean()
+        logp = losses.gaussian_log_prob(mean, log_std, mb.rule)
+        pg, _, approx_kl, clip_frac = losses.clipped_policy_loss(logp, mb.logp, adv, hp.clip_eps)
+        vf = losses.clipped_value_loss(value, mb.value, targets, hp.clip_eps)
+        entropy = losses.gaussian_entropy(log_std).mean()
         loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
         reg_value = jnp.zeros(())
         if rcfg.kind != "none" and rcfg.mode == "loss":
@@ -502,7 +504,7 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
             ref = state.ref_params if rcfg.reference == "initial" else params_old
             penalty = reg_terms(params_old, ref, traj.s, traj.rule, hp)[1]
             traj = traj._replace(reward=traj.reward - penalty)
-        adv, targets = ppo.gae(traj.reward, traj.value, traj.done, traj.terminated, traj.final_value,
+        adv, targets = returns.gae(traj.reward, traj.value, traj.done, traj.terminated, traj.final_value,
                                last_value, hp.gamma, hp.gae_lambda, config.bootstrap_truncation)
         flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
         data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))

@@ -72,9 +72,9 @@ Continuous actions (``spec.action_dim``; e.g. the swarms):
   ``regularizer.epsilon``/``iterations``/``centred`` do not apply (no entropic OT), and
   ``reference="uniform"`` is rejected (no uniform Gaussian): use ``initial`` or ``rollout``.
 
-Reusable pieces (``algos.dec_pomfc`` builds on them): :func:`gae`,
-:func:`clipped_policy_loss`, :func:`clipped_value_loss`, :func:`gaussian_log_prob`,
-:func:`gaussian_entropy`, :func:`gaussian_regularizer`, :func:`make_optimizer`.
+Shared pieces live in marl/ (``algos.dec_pomfc`` uses them too): ``marl.returns.gae``,
+the clipped losses and Gaussian helpers in ``marl.losses``, and
+``marl.regularizers.gaussian_regularizer``; :func:`make_optimizer` is here.
 """
 
 from __future__ import annotations
@@ -82,18 +82,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, NamedTuple
 
-import distrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from envs.wrappers import FINAL_KEYS, episode_metrics
 from marl import config as cfg
 from marl import regularizers as reg
+from marl.episodes import FINAL_KEYS, episode_metrics
+from marl.losses import clipped_policy_loss, clipped_value_loss, gaussian_entropy, gaussian_log_prob, split_gaussian
 from marl.networks import ActorCritic
-from marl.types import Algorithm, Timestep
+from marl.regularizers import gaussian_regularizer
+from marl.returns import gae
+from marl.types import Algorithm, Timestep, hparams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,95 +176,6 @@ def make_optimizer(max_grad_norm: float) -> optax.GradientTransformation:
     """Adam direction with global-norm clipping; the (annealed) learning rate is applied
     by the caller as ``p - lr * update`` so that it can be a traced hyperparameter."""
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(eps=1e-5))
-
-
-def gae(reward, value, done, terminated, final_value, last_value, gamma, gae_lambda,
-        bootstrap_truncation: bool = True):
-    """Generalized advantage estimation along the leading time axis.
-
-    reward, value, final_value: [T, ...]; done, terminated: [T, ...] broadcastable to
-    them; last_value: [...] (the value after the last step). ``final_value`` is the
-    value of the episode's true last observation, used where ``done`` when
-    ``bootstrap_truncation`` (a terminated step is never bootstrapped); otherwise
-    every episode end is treated as a termination. Returns (advantages, targets).
-    """
-    next_values = jnp.concatenate([value[1:], last_value[None]], 0)
-    done = done.astype(jnp.float32)
-    term = terminated.astype(jnp.float32)
-    if bootstrap_truncation:
-        next_values = jnp.where(done > 0, final_value, next_values)
-    else:
-        term = done
-    deltas = reward + gamma * (1 - term) * next_values - value
-
-    def back(adv, xs):
-        delta, d = xs
-        adv = delta + gamma * gae_lambda * (1 - d) * adv
-        return adv, adv
-
-    _, adv = jax.lax.scan(back, jnp.zeros_like(last_value), (deltas, done), reverse=True)
-    return adv, adv + value
-
-
-def clipped_policy_loss(logp, old_logp, adv, clip_eps):
-    """PPO's clipped surrogate with advantages normalized over the batch.
-
-    Returns (loss, ratio, approx_kl, clip_frac)."""
-    ratio = jnp.exp(logp - old_logp)
-    adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
-    pg = -jnp.minimum(ratio * adv_n, jnp.clip(ratio, 1 - clip_eps, 1 + clip_eps) * adv_n).mean()
-    approx_kl = ((ratio - 1) - (logp - old_logp)).mean()
-    clip_frac = (jnp.abs(ratio - 1) > clip_eps).mean()
-    return pg, ratio, approx_kl, clip_frac
-
-
-def clipped_value_loss(value, old_value, targets, clip_eps):
-    """``E[max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)] / 2``."""
-    v_clip = old_value + jnp.clip(value - old_value, -clip_eps, clip_eps)
-    return 0.5 * jnp.maximum((value - targets) ** 2, (v_clip - targets) ** 2).mean()
-
-
-def split_gaussian(pol):
-    """``[..., 2d]`` policy outputs -> (mean [..., d], log_std [..., d])."""
-    d = pol.shape[-1] // 2
-    return pol[..., :d], pol[..., d:]
-
-
-def gaussian_log_prob(mean, log_std, x):
-    """``[...]`` log-density of a diagonal Gaussian at ``x`` [..., d] (summed over d)."""
-    return distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)).log_prob(x)
-
-
-def gaussian_entropy(log_std):
-    """``[...]`` entropy of a diagonal Gaussian (depends only on the log-std)."""
-    return jnp.sum(log_std + 0.5 * (1.0 + jnp.log(2.0 * jnp.pi)), -1)
-
-
-def gaussian_regularizer(kind: str, mean, log_std, ref_mean, ref_log_std, action, coef):
-    """Closed-form regularizers between diagonal Gaussians (module docstring).
-
-    Returns (loss [...], penalty at ``action`` [...], value [...]): ``loss = coef * value``
-    carries the gradient; ``penalty`` (no gradient) is ``coef`` times the per-sample
-    term whose mean under the policy is ``value``.
-    """
-    ref_mean, ref_log_std = jax.lax.stop_gradient(ref_mean), jax.lax.stop_gradient(ref_log_std)
-    std, ref_std = jnp.exp(log_std), jnp.exp(ref_log_std)
-    p = distrax.MultivariateNormalDiag(mean, std)
-    if kind == "entropy":
-        value = -p.entropy()
-        per_sample = p.log_prob(action)
-    elif kind == "kl":
-        q = distrax.MultivariateNormalDiag(ref_mean, ref_std)
-        value = p.kl_divergence(q)
-        per_sample = p.log_prob(action) - q.log_prob(action)
-    elif kind == "wasserstein":
-        value = reg.gaussian_w2(mean, std, ref_mean, ref_std)
-        ratio = ref_std / std
-        per_sample = jnp.sum(action ** 2 - 2 * ref_mean * action - ratio * (action - mean) ** 2
-                             + ref_mean ** 2 + ref_std ** 2 - std * ref_std, -1)
-    else:
-        raise cfg.ConfigError("regularizer.kind", kind, f"must be one of {list(reg.KINDS)}")
-    return coef * value, jax.lax.stop_gradient(coef * per_sample), jax.lax.stop_gradient(value)
 
 
 class GaussianActorCritic(nn.Module):
@@ -444,12 +357,9 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         params = init_params(k_param)
         env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
         h, first = initial_carry((E,))
-        hp = HParams(
-            *(jnp.asarray(v, jnp.float32) for v in (
-                config.lr, config.clip_eps, config.ent_coef, config.vf_coef,
-                config.gamma, config.gae_lambda, rcfg.coef, rcfg.epsilon,
-            ))
-        )
+        hp = hparams(HParams, lr=config.lr, clip_eps=config.clip_eps, ent_coef=config.ent_coef,
+                     vf_coef=config.vf_coef, gamma=config.gamma, gae_lambda=config.gae_lambda,
+                     reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
         ref_params = params
         if run_params is not None:
             ref_params = RunReference(run_params, jnp.zeros_like(h))

@@ -57,7 +57,7 @@ Rollouts and storage (deviations from pymarl's one-episode-per-runner loop):
   pymarl gets by truncating the batch to its longest episode, with fixed shapes.
   ``full_unroll=True`` unrolls every slot instead (the same numbers, fixed work: for
   benchmarks against learners that unroll whole fixed-length segments).
-- The GRU's backward pass along time is written out (:func:`gru_recurrence`), which
+- The GRU's backward pass along time is written out (``marl.rnn.gru_recurrence``), which
   is much faster than autodiff of the scan on a CPU; ``gru_autodiff=True`` selects
   plain autodiff of the same recurrence (the same gradients to float tolerance), so
   the faster path can be chosen per backend.
@@ -75,22 +75,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal, NamedTuple, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from envs.wrappers import FINAL_KEYS, episode_metrics
 from marl import buffers
 from marl import config as cfg
 from marl import mixers as mx
 from marl import regularizers as reg
-from marl.networks import dense, orthogonal
-from marl.types import Algorithm, Timestep, max_over_seeds
-
-UNROLL_CHUNK = 8  # time slots per chunk of the training unroll (see ``unroll``)
-NEG = -1e10  # Q value given to unavailable actions before a max / argmax
+from marl.episodes import FINAL_KEYS, episode_metrics
+from marl.losses import NEG, masked_argmax, masked_max, next_actions, take
+from marl.returns import lambda_returns
+from marl.rnn import RNNAgent, unroll_chunked
+from marl.types import Algorithm, Timestep, hparams, max_over_seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,114 +243,6 @@ class TrainState:
     hparams: HParams
 
 
-class RNNAgent(nn.Module):
-    """Linear -> ReLU -> GRU -> Linear(n): one agent's Q-values, parameters shared.
-
-    The GRU's input-side products do not depend on the hidden state, so
-    :meth:`encode` computes them for a whole sequence at once and only
-    :meth:`recur` (one [H, 3H] product) runs inside the time scan; :meth:`head`
-    maps hidden states to Q-values. Gates as in ``flax.linen.GRUCell``:
-    r = sig(W_ir x + W_hr h + b_r), z = sig(W_iz x + W_hz h + b_z),
-    n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h.
-    """
-
-    num_actions: int
-    hidden: int
-    out_scale: float = 1.0
-    """orthogonal init scale of the output layer"""
-
-    def setup(self):
-        self.fc = dense(self.hidden)
-        self.gru_x = nn.Dense(3 * self.hidden, kernel_init=orthogonal(1.0))
-        self.gru_h = nn.Dense(3 * self.hidden, kernel_init=orthogonal(1.0))
-        self.out = dense(self.num_actions, scale=self.out_scale)
-
-    def encode(self, x):
-        return self.gru_x(nn.relu(self.fc(x)))
-
-    def recur(self, h, xi):
-        hh = self.gru_h(h)
-        xr, xz, xn = jnp.split(xi, 3, -1)
-        hr, hz, hn = jnp.split(hh, 3, -1)
-        r = nn.sigmoid(xr + hr)
-        z = nn.sigmoid(xz + hz)
-        cand = jnp.tanh(xn + r * hn)
-        return (1.0 - z) * cand + z * h
-
-    def recur_sequence(self, h0, xi, autodiff: bool = False):
-        """:meth:`recur` over xi [K, ..., 3H] from h0 (hand-written backward pass, or
-        plain autodiff of the scan with ``autodiff=True``)."""
-        p = self.gru_h.variables["params"]
-        return (gru_scan if autodiff else gru_recurrence)(p["kernel"], p["bias"], xi, h0)
-
-    def head(self, h):
-        return self.out(h)
-
-    def __call__(self, h, x):
-        h = self.recur(h, self.encode(x))
-        return h, self.head(h)
-
-
-def _gru_gates(w, b, h, xi):
-    hr, hz, hn = jnp.split(h @ w + b, 3, -1)
-    xr, xz, xn = jnp.split(xi, 3, -1)
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xz + hz)
-    cand = jnp.tanh(xn + r * hn)
-    return r, z, cand, hn
-
-
-def gru_scan(w, b, xi, h0):
-    """Hidden states [K, ..., H] of :meth:`RNNAgent.recur` run over xi [K, ..., 3H] from
-    h0 (``w`` [H, 3H], ``b`` [3H]: the recurrent kernel and bias); differentiated by
-    plain autodiff of the scan."""
-    def step(h, x):
-        _, z, cand, _ = _gru_gates(w, b, h, x)
-        h = (1.0 - z) * cand + z * h
-        return h, h
-
-    return jax.lax.scan(step, h0, xi)[1]
-
-
-@jax.custom_vjp
-def gru_recurrence(w, b, xi, h0):
-    """:func:`gru_scan` with a written-out backward pass: the reverse scan carries only
-    dh and emits the gate gradients, and the weight gradient is one contraction over
-    all steps afterwards. (Autodiff of the scan instead adds a full [H, 3H] weight
-    gradient into its carry at every step, which made the backward pass ~10x the
-    forward at hidden 512 on a CPU.)
-    """
-    return gru_scan(w, b, xi, h0)
-
-
-def _gru_fwd(w, b, xi, h0):
-    hs = gru_recurrence(w, b, xi, h0)
-    return hs, (w, b, xi, h0, hs)
-
-
-def _gru_bwd(res, d_hs):
-    w, b, xi, h0, hs = res
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], 0)
-
-    def back(dh, inp):
-        x, hp, d_out = inp
-        dh = dh + d_out
-        r, z, cand, hn = _gru_gates(w, b, hp, x)
-        d_pre_n = dh * (1.0 - z) * (1.0 - cand**2)
-        d_pre_r = d_pre_n * hn * r * (1.0 - r)
-        d_pre_z = dh * (hp - cand) * z * (1.0 - z)
-        d_hh = jnp.concatenate([d_pre_r, d_pre_z, d_pre_n * r], -1)
-        d_x = jnp.concatenate([d_pre_r, d_pre_z, d_pre_n], -1)
-        return dh * z + d_hh @ w.T, (d_x, d_hh)
-
-    dh0, (d_xi, d_hh) = jax.lax.scan(back, jnp.zeros_like(h0), (xi, h_prev, d_hs), reverse=True)
-    flat_h, flat_d = h_prev.reshape(-1, w.shape[0]), d_hh.reshape(-1, w.shape[1])
-    return flat_h.T @ flat_d, flat_d.sum(0), d_xi, dh0
-
-
-gru_recurrence.defvjp(_gru_fwd, _gru_bwd)
-
-
 def base_input_dim(spec, config: QLearningConfig) -> int:
     """Width of :func:`base_agent_inputs` for an env with ``spec``."""
     return spec.obs_dim + (spec.num_actions if config.last_action else 0) + (spec.num_agents if config.agent_ids else 0)
@@ -380,88 +270,6 @@ def unroll_slots(batch, config: QLearningConfig):
     """How many slots of the sampled episodes to unroll: all of them with
     ``full_unroll``, else the batch's longest episode (the same over vmapped seeds)."""
     return batch["obs"].shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
-
-
-def unroll_chunked(agent: RNNAgent, agent_params, x, n_slots, autodiff: bool = False):
-    """Outputs [B, S, ..., out] of ``agent`` run along sequences x [B, S, ..., D] from a
-    zero hidden state (stored episodes from t = 0).
-
-    Time runs in chunks of ``UNROLL_CHUNK`` slots: each chunk encodes its inputs in one
-    product, then runs the recurrence (:func:`gru_recurrence`, hand-written backward).
-    Chunks that start at or past ``n_slots`` (the longest sequence: pass it maximized
-    over the seeds of a vmapped run, :func:`max_over_seeds`, so the branch is uniform)
-    are skipped; their outputs are 0 (callers mask them). ``autodiff=True``: plain
-    autodiff of the recurrence (:func:`gru_scan`) instead.
-    """
-    B, S = x.shape[:2]
-    K = UNROLL_CHUNK
-    C = -(-S // K)
-    x = jnp.pad(x, ((0, 0), (0, C * K - S)) + ((0, 0),) * (x.ndim - 2))
-    x = jnp.moveaxis(x.reshape((B, C, K) + x.shape[2:]), 0, 2)  # [C, K, B, ..., D]
-
-    def chunk(h, inp):
-        c, x_c = inp
-
-        def run(h):
-            xi = agent.apply(agent_params, x_c, method=RNNAgent.encode)
-            hs = agent.apply(agent_params, h, xi, autodiff, method=RNNAgent.recur_sequence)
-            return hs[-1], agent.apply(agent_params, hs, method=RNNAgent.head)
-
-        def skip(h):
-            return h, jnp.zeros((K,) + h.shape[:-1] + (agent.num_actions,), h.dtype)
-
-        return jax.lax.cond(c * K < n_slots, run, skip, h)
-
-    h0 = jnp.zeros((B,) + x.shape[3:-1] + (agent.hidden,))
-    _, ys = jax.lax.scan(chunk, h0, (jnp.arange(C), x))
-    return jnp.moveaxis(ys.reshape((C * K, B) + ys.shape[3:]), 1, 0)[:, :S]
-
-
-def masked_argmax(q, avail):
-    return jnp.argmax(jnp.where(avail, q, NEG), -1)
-
-
-def masked_max(q, avail):
-    return jnp.max(jnp.where(avail, q, NEG), -1)
-
-
-def take(q, a):
-    """q[..., a] for integer actions a [...]."""
-    return jnp.take_along_axis(q, a[..., None], -1)[..., 0]
-
-
-def next_actions(q_next, tq_next, avail_next, double_q=True):
-    """Bootstrap actions and their target values at t + 1.
-
-    q_next / tq_next: online / target Q-values [..., A, n]; avail_next [..., A, n].
-    Returns (a* [..., A], Qbar_i(a*) [..., A], max_a Qbar_i [..., A]): with double Q
-    a* is the online network's greedy available action, otherwise the target's.
-    """
-    a_star = masked_argmax(q_next if double_q else tq_next, avail_next)
-    return a_star, take(tq_next, a_star), masked_max(tq_next, avail_next)
-
-
-def lambda_returns(reward, terminated, next_value, valid_next, gamma, lam):
-    """TD(lambda) targets [B, T] (see the module docstring).
-
-    reward, terminated, next_value (Qbar_{t+1}): [B, T, ...]; valid_next [B, T]: the
-    transition t + 1 exists (the recursion only continues through valid steps).
-    """
-    def expand(x):
-        return x.reshape(x.shape + (1,) * (next_value.ndim - x.ndim))
-
-    reward, terminated, valid_next = expand(reward), expand(terminated).astype(jnp.float32), expand(valid_next)
-
-    def back(nxt, xs):
-        r, term, v, ok = xs
-        cont = jnp.where(ok, nxt, v)
-        y = r + gamma * (1.0 - term) * ((1.0 - lam) * v + lam * cont)
-        return y, y
-
-    swap = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
-    xs = tuple(swap(x) for x in (reward, terminated, next_value, valid_next))
-    _, ys = jax.lax.scan(back, xs[2][-1], xs, reverse=True)
-    return swap(ys)
 
 
 def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[Hooks] = None) -> Algorithm:
@@ -541,8 +349,8 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         rows = buffers.accumulator_init({"step": step, "episode": episode}, E, L + 1)
         row = jax.tree.map(lambda x: x[0], rows.data)
         buf = buffers.init(row, config.buffer_size, jnp.zeros((L + 1,), bool))
-        hp = HParams(*(jnp.asarray(v, jnp.float32) for v in (
-            config.lr, config.gamma, config.td_lambda, config.epsilon_finish, rcfg.coef, rcfg.epsilon)))
+        hp = hparams(HParams, lr=config.lr, gamma=config.gamma, td_lambda=config.td_lambda,
+                     epsilon_finish=config.epsilon_finish, reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
         z = jnp.zeros((), jnp.int32)
         return TrainState(params, params, params, tx.init(params), env_state, ts, initial_carry((E,)), rows,
                           buf, ext_state, key, z, z, z, hp)
@@ -616,7 +424,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     # ------------------------------------------------------------------ learning
     def unroll(params, batch):
         """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0); see
-        :func:`unroll_chunked`."""
+        ``marl.rnn.unroll_chunked``."""
         x = agent_inputs(params["ext"], batch["obs"], previous_actions(batch["action"]), batch["fields"])
         return unroll_chunked(agent, params["agent"], x, unroll_slots(batch, config), config.gru_autodiff)
 

@@ -92,10 +92,12 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from envs.wrappers import episode_metrics
+from marl import buffers
 from marl import config as cfg
 from marl import regularizers as reg
-from marl.types import Algorithm, Timestep, max_over_seeds
+from marl.episodes import episode_metrics
+from marl.networks import relu_stack
+from marl.types import Algorithm, Timestep, hparams, max_over_seeds
 
 
 def _default_regularizer() -> reg.RegularizerConfig:
@@ -185,46 +187,18 @@ class Transition(NamedTuple):
     terminated: jax.Array  # [...]
 
 
-@struct.dataclass
-class Replay:
-    """Ring buffer of transitions: ``data`` leaves ``[C, ...]``."""
-
-    data: Transition
-    pos: jax.Array  # [] int32, the slot the next transition goes to
-    size: jax.Array  # [] int32
-
-
-def replay_init(example: Transition, capacity: int) -> Replay:
-    data = jax.tree.map(lambda x: jnp.zeros((capacity,) + x.shape, x.dtype), example)
-    return Replay(data, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-
-
-def replay_add(buf: Replay, batch: Transition) -> Replay:
-    """Insert ``[N, ...]`` transitions in order; with N > C only the last C stay."""
-    capacity = jax.tree.leaves(buf.data)[0].shape[0]
-    n = jax.tree.leaves(batch)[0].shape[0]
-    rank = jnp.arange(n)
-    idx = jnp.where(rank >= n - capacity, (buf.pos + rank) % capacity, capacity)  # capacity: dropped
-    data = jax.tree.map(lambda s, x: s.at[idx].set(x.astype(s.dtype), mode="drop"), buf.data, batch)
-    return Replay(data, ((buf.pos + n) % capacity).astype(jnp.int32),
-                  jnp.minimum(buf.size + n, capacity).astype(jnp.int32))
-
-
-def replay_sample(buf: Replay, key, batch_size: int) -> Transition:
-    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buf.size, 1))
-    return jax.tree.map(lambda x: x[idx], buf.data)
-
-
 # PyTorch's default Linear init, as in the SAC reference code: U(+-1/sqrt(fan_in)) weights.
 # It needs no QR (see marl/networks.py on batched QR) and compiles far faster than the
 # orthogonal initializer's Gram-Schmidt loop.
 _torch_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 
 
+def _torch_dense(features: int) -> nn.Dense:
+    return nn.Dense(features, kernel_init=_torch_init)
+
+
 def _mlp(x, hidden: Sequence[int]):
-    for h in hidden:
-        x = nn.relu(nn.Dense(h, kernel_init=_torch_init)(x))
-    return x
+    return relu_stack(x, hidden, _torch_dense)
 
 
 class Actor(nn.Module):
@@ -265,7 +239,7 @@ class TrainState:
     opt_actor: Any
     opt_critic: Any
     opt_alpha: Any
-    buffer: Replay
+    buffer: buffers.Replay
     env_state: Any
     last_ts: Timestep  # [E, ...]
     episode_return: jax.Array  # [E, A] running per-agent return
@@ -354,14 +328,13 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
                              jnp.zeros((A, spec.obs_dim)), jnp.zeros((), bool))
         train_mask = jnp.ones((A,), bool).at[jnp.asarray(config.frozen_agents, jnp.int32)].set(False)
         target_entropy = -float(d) if config.target_entropy is None else config.target_entropy
-        hp = HParams(*(jnp.asarray(v, jnp.float32) for v in (
-            config.actor_lr, config.critic_lr, config.alpha_lr, config.gamma, config.tau,
-            target_entropy, rcfg.coef)))
+        hp = hparams(HParams, actor_lr=config.actor_lr, critic_lr=config.critic_lr, alpha_lr=config.alpha_lr,
+                     gamma=config.gamma, tau=config.tau, target_entropy=target_entropy, reg_coef=rcfg.coef)
         return TrainState(
             params=params, target_critic=critic_p,
             ref_actor=actor_p if divergence and rcfg.reference == "initial" else None,
             opt_actor=opt_init(actor_p), opt_critic=opt_init(critic_p), opt_alpha=jax.vmap(tx.init)(log_alpha),
-            buffer=replay_init(example, config.buffer_size), env_state=env_state, last_ts=ts,
+            buffer=buffers.replay_init(example, config.buffer_size), env_state=env_state, last_ts=ts,
             episode_return=jnp.zeros((E, A)), train_mask=train_mask,
             tune_alpha=jnp.full((A,), config.autotune and use_entropy) & ~obs_temp,
             env_steps=jnp.zeros((), jnp.int32),
@@ -406,7 +379,7 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         state, ref_actor = carry
         hp, p, mask = state.hparams, state.params, state.train_mask
         k_batch, k_next, k_pi = jax.random.split(key, 3)
-        b = replay_sample(state.buffer, k_batch, config.batch_size)
+        b = buffers.replay_sample(state.buffer, k_batch, config.batch_size)
         x, nx = inputs(b.obs), inputs(b.next_obs)  # [B, A, in]
         alpha = jnp.exp(p.log_alpha) if use_entropy else jnp.zeros((A,))
         next_alpha = alpha
@@ -465,7 +438,7 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         key, k_roll, k_learn = jax.random.split(state.key, 3)
         state, (traj, stats, ret, done, infos) = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
         flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
-        state = state.replace(buffer=replay_add(state.buffer, flat))
+        state = state.replace(buffer=buffers.replay_add(state.buffer, flat))
         ref_actor = None
         if divergence:
             ref_actor = state.ref_actor if rcfg.reference == "initial" else state.params.actor

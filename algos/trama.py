@@ -105,7 +105,7 @@ Logged diagnostics
 ``codes_in_use``: distinct codes among the valid states of the last VQ-VAE batch.
 ``cluster_size_k``: share of the clustered episodes in cluster k (last accepted
 clustering). ``class_majority_rate``: share of the class loss's (step, agent) entries
-whose label is the batch's most common one (:func:`majority_rate`), the accuracy of a
+whose label is the batch's most common one (``marl.clustering.majority_rate``), the accuracy of a
 constant guess, to read ``class_accuracy`` against.
 
 Task-recovery metric (analysis only)
@@ -118,7 +118,7 @@ the finished episode's task, so that step stores -1 (as every step does on
 environments without task ids), and an episode's task is the id of its transition
 steps (:func:`episode_task`; -1 for a one-step episode after an auto-reset, left out).
 Each accepted clustering computes the adjusted Rand index between the k-means labels
-and the true tasks of the stored episodes (:func:`adjusted_rand_index`), logged as
+and the true tasks of the stored episodes (``marl.clustering.adjusted_rand_index``), logged as
 ``cluster_ari``: 1 when the clusters are exactly the tasks (up to renaming), about 0
 for clusters unrelated to the tasks, 0 before the first clustering. Environments
 without task ids do not log it.
@@ -137,8 +137,9 @@ import optax
 from flax import struct
 
 from algos import qlearning as ql
-from marl import buffers
+from marl import buffers, rnn
 from marl import config as cfg
+from marl.clustering import adjusted_rand_index, kmeans, kmeans_pp_init, majority_rate
 from marl.networks import dense
 from marl.types import Algorithm, max_over_seeds
 
@@ -374,11 +375,11 @@ def fit_vq(vq: VQVAE, tx, s, valid, key, num_steps: int, batch_size: int, cover_
     return params, in_use
 
 
-def class_predictor(hidden: int, n_classes: int) -> ql.RNNAgent:
+def class_predictor(hidden: int, n_classes: int) -> rnn.RNNAgent:
     """[o_i, onehot(i)] -> hidden -> ReLU -> GRU hidden -> K logits (parameters shared): the
     backbone's agent network with K outputs (small output init), so its training unroll
     is the backbone's (:func:`algos.qlearning.unroll_chunked`)."""
-    return ql.RNNAgent(n_classes, hidden, out_scale=0.01)
+    return rnn.RNNAgent(n_classes, hidden, out_scale=0.01)
 
 
 class ClassRepr(nn.Module):
@@ -432,77 +433,6 @@ def trajectory_embedding(book, codes, valid):
     return total / jnp.maximum(v.sum(-1, keepdims=True), 1.0)
 
 
-def kmeans_pp_init(key, x, mask, k: int):
-    """k-means++ seeding over the rows of x [N, D] where mask [N]."""
-    keys = jax.random.split(key, k)
-    logits = jnp.where(mask, 0.0, -jnp.inf)
-    first = jax.random.categorical(keys[0], logits)
-    cents = jnp.zeros((k, x.shape[-1]), x.dtype).at[0].set(x[first])
-    d2 = ((x - x[first]) ** 2).sum(-1)
-    for i in range(1, k):
-        p = jnp.where(mask, d2, 0.0)
-        lg = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-30)), -jnp.inf)
-        lg = jnp.where(jnp.any(p > 0), lg, logits)  # every point coincides: pick any
-        j = jax.random.categorical(keys[i], lg)
-        cents = cents.at[i].set(x[j])
-        d2 = jnp.minimum(d2, ((x - x[j]) ** 2).sum(-1))
-    return cents
-
-
-def kmeans(x, mask, init, iterations: int):
-    """Lloyd's algorithm from ``init`` [K, D] over rows x [N, D] where mask [N].
-
-    Returns (centroids [K, D], assignment [N], counts [K]). An empty cluster keeps its
-    previous centroid.
-    """
-    k = init.shape[0]
-    m = mask.astype(x.dtype)
-
-    def assign(c):
-        d = (x**2).sum(-1, keepdims=True) - 2.0 * x @ c.T + (c**2).sum(-1)
-        a = jnp.argmin(d, -1)
-        oh = jax.nn.one_hot(a, k, dtype=x.dtype) * m[:, None]
-        return a, oh
-
-    def body(c, _):
-        _, oh = assign(c)
-        cnt = oh.sum(0)
-        new = (oh.T @ x) / jnp.maximum(cnt, 1.0)[:, None]
-        return jnp.where(cnt[:, None] > 0, new, c), None
-
-    c, _ = jax.lax.scan(body, init, None, length=iterations)
-    a, oh = assign(c)
-    return c, a.astype(jnp.int32), oh.sum(0)
-
-
-def adjusted_rand_index(labels_a, labels_b, mask, num_a: int, num_b: int):
-    """Adjusted Rand index (Hubert and Arabie 1985) of two labelings of the items where
-    ``mask``: labels_a [N] in [0, num_a), labels_b [N] in [0, num_b) (static sizes).
-
-    With the contingency table n_ij, its row sums a_i, column sums b_j and n masked
-    items: index = sum C(n_ij, 2), expected = sum C(a_i, 2) sum C(b_j, 2) / C(n, 2),
-    max = (sum C(a_i, 2) + sum C(b_j, 2)) / 2, ARI = (index - expected) / (max - expected).
-    When max == expected (fewer than 2 items, both labelings a single cluster, or both
-    all singletons) the index is undefined; this returns 0 there (never NaN). Labels
-    outside their range count in no cell. Jittable; float32 [].
-    """
-    w = mask.astype(jnp.float32)
-    oh_a = jax.nn.one_hot(labels_a, num_a, dtype=jnp.float32) * w[:, None]
-    oh_b = jax.nn.one_hot(labels_b, num_b, dtype=jnp.float32)
-    table = oh_a.T @ oh_b  # [num_a, num_b]
-
-    def pairs(x):
-        return (x * (x - 1.0) / 2.0).sum()
-
-    index = pairs(table)
-    sum_a, sum_b = pairs(table.sum(1)), pairs(table.sum(0))
-    total = pairs(table.sum())
-    # sum_b / total is exactly 1 or 0 in the degenerate cases, so max - expected is exactly 0
-    expected = sum_a * (sum_b / jnp.maximum(total, 1.0))
-    denom = 0.5 * (sum_a + sum_b) - expected
-    return jnp.where(denom > 0, (index - expected) / jnp.where(denom > 0, denom, 1.0), 0.0)
-
-
 def vq_schedule(env_steps, episodes, last_vq_episode, can_sample, config: TRAMAConfig):
     """VQ-VAE steps due this iteration and the new ``last_vq_episode``: ``train_steps``
     while env_steps <= ``vq_every_step_until``, afterwards one per
@@ -517,14 +447,6 @@ def vq_schedule(env_steps, episodes, last_vq_episode, can_sample, config: TRAMAC
     return n, jnp.where(early, episodes, later)
 
 
-def majority_rate(labels, weight, num: int):
-    """Share of the total weight [B] (e.g. valid steps per episode) carried by the most
-    common of labels [B] in [0, num): the accuracy of always guessing that label."""
-    w = weight.astype(jnp.float32)
-    per = (jax.nn.one_hot(labels, num) * w[:, None]).sum(0)
-    return per.max() / jnp.maximum(w.sum(), 1.0)
-
-
 def episode_task(task, valid):
     """True task of stored episodes: task [..., T+1] per-step ids (-1: unknown), valid
     [..., T+1] the transition steps -> [...] (-1 when no step knows it)."""
@@ -532,17 +454,9 @@ def episode_task(task, valid):
 
 
 def env_num_tasks(env) -> int:
-    """Number of true tasks of an environment that reports ``info["task_id"]`` at reset
-    (multi-task SMAX), else 0. Static: the reset is only traced (``jax.eval_shape``)."""
-    n, inner = None, env
-    while n is None and inner is not None:  # the wrappers and the adapter keep the wrapped env in _env
-        n = getattr(inner, "num_tasks", None)
-        inner = getattr(inner, "__dict__", {}).get("_env")
-    if not n or not hasattr(env, "reset"):
-        return 0
-    _, ts = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
-    info = getattr(ts, "info", None)
-    return int(n) if isinstance(info, dict) and "task_id" in info else 0
+    """Number of true tasks the environment reports in ``info["task_id"]``
+    (``spec.num_tasks``; multi-task SMAX), else 0."""
+    return int(getattr(env.spec, "num_tasks", 0) or 0)
 
 
 @struct.dataclass
@@ -759,7 +673,7 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             labels = episode_labels(ext, ext.vq_params, batch["state"] / state_scale, transitions(filled),
                                     fields["uid"][:, 0])  # [B]
             # the agents' chunked unroll: chunks past the batch's longest episode are skipped
-            logits = ql.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
+            logits = rnn.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
                                        max_over_seeds(filled.sum(-1).max()), config.gru_autodiff)[:, :-1]
             ce = optax.softmax_cross_entropy_with_integer_labels(
                 logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))

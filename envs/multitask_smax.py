@@ -290,7 +290,7 @@ def make_multitask_smax(name: str = "surComb3", tasks: Any = None, reflect_prob:
     ``shuffle_units`` override the named set; other kwargs go to SMAX (``max_steps``,
     ``map_width``, ``won_battle_bonus``, ...) or the heuristic enemy (``attack_mode``).
     """
-    from envs.registry import smax_adapter
+    from envs.smax import smax_adapter
 
     if name != "custom" and name not in TASK_SETS:
         raise ValueError(f"invalid task set {name!r}: one of {names()}")
@@ -298,7 +298,9 @@ def make_multitask_smax(name: str = "surComb3", tasks: Any = None, reflect_prob:
     task_set = task_set_from(tasks, reflect_prob, shuffle_units, base)
     _, heuristic_cls = _classes()
     env = heuristic_cls(task_set, **kwargs)
-    return smax_adapter(env, f"smax-mt:{name}", info_fn=lambda inner: {"task_id": inner.state.task_id})
+    adapter = smax_adapter(env, f"smax-mt:{name}", info_fn=lambda inner: {"task_id": inner.state.task_id})
+    adapter.spec = dataclasses.replace(adapter.spec, num_tasks=len(task_set.tasks))
+    return adapter
 
 
 def task_weights(env) -> np.ndarray:

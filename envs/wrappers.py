@@ -3,7 +3,7 @@
 ``AutoReset`` resets an environment when its episode ends and keeps the last
 observation, state and available actions of the finished episode in
 ``info["final_obs"]``, ``info["final_state"]`` and ``info["final_avail"]`` (the keys
-in ``FINAL_KEYS``; equal to the step's own when the episode goes on), so learners
+in ``marl.episodes.FINAL_KEYS``; equal to the step's own when the episode goes on), so learners
 can bootstrap a *truncated* episode from its true final state (``terminated``
 stays False there) while a *terminated* one is not bootstrapped.
 
@@ -27,8 +27,6 @@ import numpy as np
 from flax import struct
 
 from marl.types import Timestep
-
-FINAL_KEYS = ("final_obs", "final_state", "final_avail")
 
 
 class Wrapper:
@@ -115,22 +113,3 @@ class EpisodeStats(Wrapper):
         return info
 
 
-def episode_metrics(info: dict) -> dict:
-    """Means of the finished episodes' statistics in a batch of infos (any shape).
-
-    Returns ``return``, ``length``, ``win_rate`` (NaN-free: 0 when no episode ended;
-    listed in :data:`marl.logging.EPISODE_STATS`) and ``episodes`` (how many ended).
-    """
-    d = info["episode_done"].astype(jnp.float32)
-    n = d.sum()
-    denom = jnp.maximum(n, 1.0)
-    out = {
-        "return": (info["episode_return"] * d).sum() / denom,
-        "length": (info["episode_length"] * d).sum() / denom,
-        "win_rate": (info["won"].astype(jnp.float32) * d).sum() / denom,
-        "episodes": n,
-    }
-    for k in sorted(info):  # per-team returns (competitive tasks)
-        if k.startswith("episode_return_"):
-            out["return_" + k[len("episode_return_"):]] = (info[k] * d).sum() / denom
-    return out

@@ -28,6 +28,7 @@ import algos
 import envs
 from algos import trama
 from experiments.cli import entry
+from marl import clustering
 
 
 def random_policy_episodes(env, key, n: int):
@@ -69,9 +70,9 @@ def task_recovery(env, s, valid, task, seeds=(1,), vq_steps: int = 640, config=N
                                       coefs, cfg.dead_code_window, cfg.codebook_from_data)
         codes = trama.state_codes(vq, params, s)
         emb = trama.trajectory_embedding(params["params"]["codebook"], codes, valid)
-        init = trama.kmeans_pp_init(jax.random.PRNGKey(seed + 1), emb, mask, cfg.n_clusters)
-        _, assign, counts = trama.kmeans(emb, mask, init, cfg.kmeans_iterations)
-        ari = trama.adjusted_rand_index(assign, task, mask, cfg.n_clusters, n_tasks)
+        init = clustering.kmeans_pp_init(jax.random.PRNGKey(seed + 1), emb, mask, cfg.n_clusters)
+        _, assign, counts = clustering.kmeans(emb, mask, init, cfg.kmeans_iterations)
+        ari = clustering.adjusted_rand_index(assign, task, mask, cfg.n_clusters, n_tasks)
         used = (jax.nn.one_hot(codes, cfg.n_codes) * valid[..., None]).sum((0, 1)) > 0
         return ari, used.sum(), in_use[-1], counts
 

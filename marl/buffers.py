@@ -273,3 +273,38 @@ def reset_envs(acc: EpisodeAccumulator, mask: jax.Array) -> EpisodeAccumulator:
         filled=clear(acc.filled),
         t=jnp.where(mask, 0, acc.t).astype(jnp.int32),
     )
+
+
+# ------------------------------------------------------------------ transition replay
+
+
+@struct.dataclass
+class Replay:
+    """Ring buffer of single transitions (any pytree): ``data`` leaves ``[C, ...]``."""
+
+    data: Any
+    pos: jax.Array  # [] int32, the slot the next transition goes to
+    size: jax.Array  # [] int32
+
+
+def replay_init(example: Any, capacity: int) -> Replay:
+    """An empty buffer of ``capacity`` transitions shaped like ``example``."""
+    data = jax.tree.map(lambda x: jnp.zeros((capacity,) + x.shape, x.dtype), example)
+    return Replay(data, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def replay_add(buf: Replay, batch: Any) -> Replay:
+    """Insert ``[N, ...]`` transitions in order; with N > C only the last C stay."""
+    capacity = jax.tree.leaves(buf.data)[0].shape[0]
+    n = jax.tree.leaves(batch)[0].shape[0]
+    rank = jnp.arange(n)
+    idx = jnp.where(rank >= n - capacity, (buf.pos + rank) % capacity, capacity)  # capacity: dropped
+    data = jax.tree.map(lambda s, x: s.at[idx].set(x.astype(s.dtype), mode="drop"), buf.data, batch)
+    return Replay(data, ((buf.pos + n) % capacity).astype(jnp.int32),
+                  jnp.minimum(buf.size + n, capacity).astype(jnp.int32))
+
+
+def replay_sample(buf: Replay, key, batch_size: int) -> Any:
+    """``batch_size`` transitions drawn uniformly with replacement from the stored ones."""
+    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(buf.size, 1))
+    return jax.tree.map(lambda x: x[idx], buf.data)

@@ -26,7 +26,7 @@ import numpy as np
 from marl.rundir import atomic_write
 
 EPISODE_STATS = ("return", "length", "win_rate")
-"""metrics averaged over the episodes that ended in an iteration (``envs.wrappers.episode_metrics``)"""
+"""metrics averaged over the episodes that ended in an iteration (``marl.episodes.episode_metrics``)"""
 
 
 def parse_metrics_lines(lines, source: str = "metrics.jsonl", warn: bool = True) -> tuple[list[dict], int]:

@@ -17,7 +17,7 @@ at the first step of each episode.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,14 @@ def dense(features: int, scale: float = 2**0.5, name=None) -> nn.Dense:
     return nn.Dense(features, kernel_init=orthogonal(scale), bias_init=nn.initializers.zeros, name=name)
 
 
+def relu_stack(x, hidden: Sequence[int], layer: Callable[[int], nn.Module] = dense):
+    """``layer(width)`` -> ReLU for each width in ``hidden``, applied to ``x``; call it
+    inside a compact module (the layers are that module's submodules)."""
+    for h in hidden:
+        x = nn.relu(layer(h)(x))
+    return x
+
+
 class MLP(nn.Module):
     """ReLU torso: Dense -> ReLU repeated for each width in ``hidden``."""
 
@@ -72,9 +80,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        for h in self.hidden:
-            x = nn.relu(dense(h)(x))
-        return x
+        return relu_stack(x, self.hidden)
 
 
 class GRUStep(nn.Module):

@@ -106,6 +106,7 @@ import math
 import os
 from typing import Literal, NamedTuple, Optional
 
+import distrax
 import jax
 import jax.numpy as jnp
 from ott.geometry import geometry
@@ -298,17 +299,19 @@ class SinkhornResult(NamedTuple):
     marginal_error: jax.Array
 
 
-def sinkhorn_ott(a, b, cost, epsilon, iterations: int) -> SinkhornResult:
+def sinkhorn_ott(a, b, cost, epsilon, iterations: int, lse_mode: bool = True) -> SinkhornResult:
     """Entropic OT for ONE pair ``a [n]``, ``b [m]``, ``cost [n, m]`` with ott-jax.
 
     ``vmap`` it for batches. ``epsilon`` may be a traced scalar; ``iterations``
     is static (min = max = inner iterations, so exactly ``iterations`` updates).
+    ``lse_mode=False``: ott's kernel (scaling) mode, which underflows for ``C / eps``
+    above about 80 (measured against lse mode in ``experiments.bench_sinkhorn``).
     """
     iterations = int(iterations)
     geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
     prob = linear_problem.LinearProblem(geom, a=a, b=b)
     solver = sinkhorn.Sinkhorn(
-        lse_mode=True,
+        lse_mode=lse_mode,
         min_iterations=iterations,
         max_iterations=iterations,
         inner_iterations=iterations,
@@ -660,3 +663,30 @@ def regularize(
         per_action = jnp.where(mask, per_action, 0.0)
     penalty = jax.lax.stop_gradient(coef[..., None] * per_action)
     return RegularizerOutput(loss, penalty, jax.lax.stop_gradient(value))
+
+
+def gaussian_regularizer(kind: str, mean, log_std, ref_mean, ref_log_std, action, coef):
+    """Closed-form regularizers between diagonal Gaussians (module docstring).
+
+    Returns (loss [...], penalty at ``action`` [...], value [...]): ``loss = coef * value``
+    carries the gradient; ``penalty`` (no gradient) is ``coef`` times the per-sample
+    term whose mean under the policy is ``value``.
+    """
+    ref_mean, ref_log_std = jax.lax.stop_gradient(ref_mean), jax.lax.stop_gradient(ref_log_std)
+    std, ref_std = jnp.exp(log_std), jnp.exp(ref_log_std)
+    p = distrax.MultivariateNormalDiag(mean, std)
+    if kind == "entropy":
+        value = -p.entropy()
+        per_sample = p.log_prob(action)
+    elif kind == "kl":
+        q = distrax.MultivariateNormalDiag(ref_mean, ref_std)
+        value = p.kl_divergence(q)
+        per_sample = p.log_prob(action) - q.log_prob(action)
+    elif kind == "wasserstein":
+        value = gaussian_w2(mean, std, ref_mean, ref_std)
+        ratio = ref_std / std
+        per_sample = jnp.sum(action ** 2 - 2 * ref_mean * action - ratio * (action - mean) ** 2
+                             + ref_mean ** 2 + ref_std ** 2 - std * ref_std, -1)
+    else:
+        raise ConfigError("regularizer.kind", kind, f"must be one of {list(KINDS)}")
+    return coef * value, jax.lax.stop_gradient(coef * per_sample), jax.lax.stop_gradient(value)

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -42,6 +43,8 @@ class EnvSpec:
       rule_features: optional indices of the per-agent observation features (each in
         [-1, 1]) that a mean-field decision rule reads as an agent's input (Dec-POMFC's
         observation point); ``None``: the task defines none.
+      num_tasks: number of true tasks when the env reports each episode's task id in
+        ``info["task_id"]`` (multi-task SMAX); 0 when it reports none.
     """
 
     name: str
@@ -60,6 +63,7 @@ class EnvSpec:
     obs_mask: Optional[np.ndarray] = None
     action_counts: Optional[tuple[int, ...]] = None
     rule_features: Optional[tuple[int, ...]] = None
+    num_tasks: int = 0
 
     @property
     def discrete(self) -> bool:
@@ -112,6 +116,16 @@ class Environment(Protocol):
     def step(self, key: jax.Array, env_state: Any, action: jax.Array) -> tuple[Any, Timestep]: ...
 
 
+InitFn = Callable[[jax.Array], Any]
+"""``init(key) -> train_state``."""
+UpdateFn = Callable[[Any], tuple[Any, dict]]
+"""``update(train_state) -> (train_state, metrics)``."""
+ActFn = Callable[[Any, jax.Array, Any, jax.Array, bool], tuple[jax.Array, Any]]
+"""``act(params, obs, carry, key, greedy) -> (actions, carry)``."""
+CarryFn = Callable[[tuple], Any]
+"""``initial_carry(batch_shape) -> carry``."""
+
+
 class Algorithm(NamedTuple):
     """The algorithm contract, as the runner sees it.
 
@@ -128,11 +142,27 @@ class Algorithm(NamedTuple):
     name: str
     config: Any
     env: Any
-    init: Callable
-    update: Callable
-    act: Callable
-    initial_carry: Callable
+    init: InitFn
+    update: UpdateFn
+    act: ActFn
+    initial_carry: CarryFn
     env_steps_per_update: int
+
+
+def hparams(cls: type, **values: Any) -> Any:
+    """A hyperparameter NamedTuple ``cls`` built by field name, every value a float32
+    array (traced, so sweeps can vmap over them).
+
+    Raises TypeError naming the fields that are missing or unknown, so adding, removing
+    or reordering a field can never silently swap values.
+    """
+    fields = tuple(cls._fields)
+    missing = [f for f in fields if f not in values]
+    unknown = [k for k in values if k not in fields]
+    if missing or unknown:
+        raise TypeError(f"{cls.__name__}: missing fields {missing}, unknown fields {unknown}; "
+                        f"the fields are {list(fields)}")
+    return cls(**{f: jnp.asarray(values[f], jnp.float32) for f in fields})
 
 
 SEED_AXIS = "seed"

@@ -109,7 +109,7 @@ def test_continuous_regularizers_run(kind, mode, reference):
 
 def test_gaussian_w2_potential_is_centred():
     """The W2 penalty's mean under the policy is W2^2, and it is 0 at equality."""
-    from algos.ppo import gaussian_regularizer
+    from marl.regularizers import gaussian_regularizer
 
     m1, ls1 = jnp.array([0.2, -0.5]), jnp.array([-0.3, 0.1])
     m2, ls2 = jnp.array([-0.1, 0.4]), jnp.array([0.2, -0.6])

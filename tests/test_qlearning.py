@@ -8,6 +8,7 @@ import pytest
 import algos
 import envs
 from algos import qlearning as ql
+from marl import losses, returns, rnn
 from marl.config import ConfigError
 from marl.runner import train
 from tests.conftest import tiny_algo
@@ -18,19 +19,19 @@ def test_double_q_target_hand_computed():
     q_next = jnp.array([[1.0, 3.0, 9.0]])  # online: greedy available action is 1
     tq_next = jnp.array([[5.0, 2.0, 7.0]])  # target: its own greedy available action is 0
     avail = jnp.array([[True, True, False]])
-    a, chosen, tmax = ql.next_actions(q_next, tq_next, avail, double_q=True)
+    a, chosen, tmax = losses.next_actions(q_next, tq_next, avail, double_q=True)
     assert int(a[0]) == 1 and float(chosen[0]) == 2.0 and float(tmax[0]) == 5.0
-    a_single, chosen_single, _ = ql.next_actions(q_next, tq_next, avail, double_q=False)
+    a_single, chosen_single, _ = losses.next_actions(q_next, tq_next, avail, double_q=False)
     assert int(a_single[0]) == 0 and float(chosen_single[0]) == 5.0
     # y = r + gamma (1 - term) Qbar: r = 1, gamma = 0.5, VDN over this single agent
-    y = ql.lambda_returns(jnp.array([[1.0]]), jnp.array([[False]]), chosen[None], jnp.array([[False]]), 0.5, 0.0)
+    y = returns.lambda_returns(jnp.array([[1.0]]), jnp.array([[False]]), chosen[None], jnp.array([[False]]), 0.5, 0.0)
     assert float(y[0, 0]) == pytest.approx(1.0 + 0.5 * 2.0)
 
 
 def test_gru_recurrence_matches_the_cell_and_its_autodiff_gradient():
     """The hand-written backward pass of the training unroll equals autodiff of the step cell."""
     H, n, A, D, K, B = 16, 5, 3, 7, 6, 4
-    agent = ql.RNNAgent(n, H)
+    agent = rnn.RNNAgent(n, H)
     x = jax.random.normal(jax.random.PRNGKey(0), (K, B, A, D))
     params = agent.init(jax.random.PRNGKey(1), jnp.zeros((B, A, H)), x[0])
     h0 = jax.random.normal(jax.random.PRNGKey(2), (B, A, H))
@@ -40,9 +41,9 @@ def test_gru_recurrence_matches_the_cell_and_its_autodiff_gradient():
         return jax.lax.scan(lambda h, xt: agent.apply(p, h, xt), h0, x)[1]
 
     def by_sequence(p, x, h0):
-        xi = agent.apply(p, x, method=ql.RNNAgent.encode)
-        hs = agent.apply(p, h0, xi, method=ql.RNNAgent.recur_sequence)
-        return agent.apply(p, hs, method=ql.RNNAgent.head)
+        xi = agent.apply(p, x, method=rnn.RNNAgent.encode)
+        hs = agent.apply(p, h0, xi, method=rnn.RNNAgent.recur_sequence)
+        return agent.apply(p, hs, method=rnn.RNNAgent.head)
 
     np.testing.assert_allclose(by_sequence(params, x, h0), by_cell(params, x, h0), atol=1e-5)
     grad = lambda f: jax.grad(lambda *a: (f(*a) * weights).sum(), argnums=(0, 1, 2))(params, x, h0)
@@ -52,14 +53,14 @@ def test_gru_recurrence_matches_the_cell_and_its_autodiff_gradient():
 
 def test_chunked_unroll_gives_the_same_values_and_gradients_with_plain_autodiff():
     """``gru_autodiff``: the selectable plain-autodiff path of the training unroll."""
-    H, n, A, D, B, S = 16, 5, 3, 7, 4, 2 * ql.UNROLL_CHUNK + 3
-    agent = ql.RNNAgent(n, H)
+    H, n, A, D, B, S = 16, 5, 3, 7, 4, 2 * rnn.UNROLL_CHUNK + 3
+    agent = rnn.RNNAgent(n, H)
     x = jax.random.normal(jax.random.PRNGKey(0), (B, S, A, D))
     params = agent.init(jax.random.PRNGKey(1), jnp.zeros((B, A, H)), x[:, 0])
     weights = jax.random.normal(jax.random.PRNGKey(3), (B, S, A, n))
 
     def loss(p, autodiff):
-        return (ql.unroll_chunked(agent, p, x, S, autodiff) * weights).sum()
+        return (rnn.unroll_chunked(agent, p, x, S, autodiff) * weights).sum()
 
     manual, autodiff = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, a) for a in (False, True))
     np.testing.assert_allclose(manual[0], autodiff[0], rtol=1e-5)
@@ -74,16 +75,16 @@ def test_lambda_returns_hand_computed():
     v = jnp.array([[10.0, 20.0, 30.0, 40.0]])  # Qbar_{t+1}
     valid_next = jnp.array([[True, True, False, False]])  # three transitions, then padding
     g, lam = 0.5, 0.5
-    y = np.asarray(ql.lambda_returns(r, term, v, valid_next, g, lam))[0]
+    y = np.asarray(returns.lambda_returns(r, term, v, valid_next, g, lam))[0]
     y2 = 3.0  # terminal
     y1 = 2.0 + g * ((1 - lam) * 20.0 + lam * y2)
     y0 = 1.0 + g * ((1 - lam) * 10.0 + lam * y1)
     np.testing.assert_allclose(y[:3], [y0, y1, y2], rtol=1e-6)
     # lambda = 0 is the one-step target
-    y = np.asarray(ql.lambda_returns(r, term, v, valid_next, g, 0.0))[0]
+    y = np.asarray(returns.lambda_returns(r, term, v, valid_next, g, 0.0))[0]
     np.testing.assert_allclose(y[:3], [1 + g * 10, 2 + g * 20, 3.0], rtol=1e-6)
     # per-agent targets (independent Q-learning): rewards broadcast over the agent axis
-    y = ql.lambda_returns(r, term, jnp.stack([v, 2 * v], -1), valid_next, g, 0.0)
+    y = returns.lambda_returns(r, term, jnp.stack([v, 2 * v], -1), valid_next, g, 0.0)
     assert y.shape == (1, 4, 2)
 
 

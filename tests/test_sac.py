@@ -9,6 +9,7 @@ import algos
 import envs
 from algos import sac
 from envs.wrappers import AutoReset, EpisodeStats
+from marl import buffers
 from marl.config import ConfigError
 from marl.evaluation import evaluate_seeds
 from marl.runner import train
@@ -92,8 +93,8 @@ def test_sac_shared_temperature_moves_toward_target_entropy():
 
 def test_replay_ring_buffer():
     ex = sac.Transition(jnp.zeros((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1,)), jnp.zeros((1, 1)), jnp.zeros((), bool))
-    buf = sac.replay_init(ex, 8)
-    add = jax.jit(sac.replay_add)
+    buf = buffers.replay_init(ex, 8)
+    add = jax.jit(buffers.replay_add)
 
     def batch(start, n):
         r = jnp.arange(start, start + n, dtype=jnp.float32)
@@ -106,7 +107,7 @@ def test_replay_ring_buffer():
     np.testing.assert_array_equal(buf.data.reward[:, 0], [8, 9, 2, 3, 4, 5, 6, 7])
     big = add(buf, batch(100, 11))  # more than the capacity: the last 8 stay
     assert sorted(np.asarray(big.data.reward[:, 0]).tolist()) == list(range(103, 111))
-    s = sac.replay_sample(buf, jax.random.PRNGKey(0), 64)
+    s = buffers.replay_sample(buf, jax.random.PRNGKey(0), 64)
     assert set(np.asarray(s.reward[:, 0]).tolist()) <= set(range(2, 10))
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import algos
 from algos import trama
-from marl import buffers
+from marl import buffers, clustering
 from marl.config import ConfigError
 from marl.types import SEED_AXIS, EnvSpec
 
@@ -93,8 +93,8 @@ def test_kmeans_recovers_separated_blobs():
     x = centres[truth] + 0.5 * jax.random.normal(key, (200, 2))
     x = jnp.concatenate([x, jnp.full((20, 2), 1e3)])  # masked-out rows must not count
     mask = jnp.arange(220) < 200
-    run = jax.jit(lambda k, init: trama.kmeans(x, mask, init, 10))
-    init = trama.kmeans_pp_init(jax.random.PRNGKey(4), x, mask, 4)
+    run = jax.jit(lambda k, init: clustering.kmeans(x, mask, init, 10))
+    init = clustering.kmeans_pp_init(jax.random.PRNGKey(4), x, mask, 4)
     cents, assign, counts = run(key, init)
     assign = np.asarray(assign[:200])
     # each blob is one cluster, and the clusters differ
@@ -230,7 +230,7 @@ def ari_numpy(a, b, mask):
 
 
 def test_adjusted_rand_index_matches_numpy():
-    ari = jax.jit(trama.adjusted_rand_index, static_argnums=(3, 4))
+    ari = jax.jit(clustering.adjusted_rand_index, static_argnums=(3, 4))
     rng = np.random.default_rng(0)
     n, na, nb = 60, 4, 3
     for trial in range(6):
@@ -433,8 +433,8 @@ def test_vq_cadence_keeps_the_remainder():
 
 def test_majority_rate():
     labels = jnp.array([0, 1, 1, 2])
-    np.testing.assert_allclose(trama.majority_rate(labels, jnp.array([5, 1, 1, 1]), 3), 5 / 8)
-    np.testing.assert_allclose(trama.majority_rate(labels, jnp.ones(4), 3), 0.5)
+    np.testing.assert_allclose(clustering.majority_rate(labels, jnp.array([5, 1, 1, 1]), 3), 5 / 8)
+    np.testing.assert_allclose(clustering.majority_rate(labels, jnp.ones(4), 3), 0.5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,39 @@
+"""Typed contracts in marl.types: hyperparameter tuples built by field name."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from marl.types import hparams
+from tests.conftest import tiny_algo
+
+
+class _HP(NamedTuple):
+    lr: jax.Array
+    gamma: jax.Array
+
+
+def test_hparams_by_field_name_as_float32_arrays():
+    hp = hparams(_HP, gamma=0.9, lr=3)  # keyword order does not matter
+    assert float(hp.lr) == 3.0 and float(hp.gamma) == pytest.approx(0.9)
+    assert hp.lr.dtype == jnp.float32 and hp.gamma.dtype == jnp.float32
+
+
+def test_hparams_names_missing_and_unknown_fields():
+    with pytest.raises(TypeError, match=r"missing fields \['gamma'\]"):
+        hparams(_HP, lr=1.0)
+    with pytest.raises(TypeError, match=r"unknown fields \['lam'\]"):
+        hparams(_HP, lr=1.0, gamma=0.9, lam=0.5)
+
+
+@pytest.mark.parametrize("name, env_name", [("ippo", "smax:3m"), ("qmix", "smax:3m"), ("sac", "adv:cartpole")])
+def test_learners_fill_hparams_from_the_config_fields_of_the_same_name(name, env_name):
+    algo = tiny_algo(name, env_name)
+    hp = jax.eval_shape(algo.init, jax.random.PRNGKey(0)).hparams
+    assert all(leaf.dtype == jnp.float32 and leaf.shape == () for leaf in hp)
+    values = jax.jit(lambda k: algo.init(k).hparams)(jax.random.PRNGKey(0))
+    for field in hp._fields:
+        if getattr(algo.config, field, None) is not None:
+            assert float(getattr(values, field)) == pytest.approx(float(getattr(algo.config, field))), field
