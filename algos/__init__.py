@@ -72,7 +72,9 @@ def make(name: str, env, config=None, **overrides: Any):
     reg = getattr(config, "regularizer", None)
     if getattr(reg, "reference", None) == "run" and mod.__name__ not in _RUN_REFERENCE:
         allowed = sorted(n for n, (m, _, _) in _REGISTRY.items() if m in _RUN_REFERENCE)
-        raise ConfigError("regularizer.reference", "run",
-                          f"a trained run as reference is supported by {allowed}, not {name!r}; "
-                          "use initial, rollout or uniform")
+        raise ConfigError(
+            "regularizer.reference",
+            "run",
+            f"a trained run as reference is supported by {allowed}, not {name!r}; use initial, rollout or uniform",
+        )
     return mod.make(env, config, name=name)

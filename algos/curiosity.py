@@ -129,8 +129,9 @@ def make(spec, config: ql.QLearningConfig, settings: CuriositySettings, reward_s
     in_dim = ql.base_input_dim(spec, config)
 
     def inputs(batch):
-        return ql.base_agent_inputs(batch["obs"], ql.previous_actions(batch["action"]), n, config.last_action,
-                                    config.agent_ids)
+        return ql.base_agent_inputs(
+            batch["obs"], ql.previous_actions(batch["action"]), n, config.last_action, config.agent_ids
+        )
 
     def unroll(params, batch):
         return rnn.unroll_chunked(agent, params, inputs(batch), ql.unroll_slots(batch, config), config.gru_autodiff)

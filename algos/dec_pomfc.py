@@ -209,15 +209,24 @@ class DecPOMFCConfig:
             raise cfg.ConfigError("obs_features", feats, "must be a tuple of non-negative observation indices")
         r = self.regularizer
         if r.kind not in ("none", "entropy") and r.reference == "uniform":
-            raise cfg.ConfigError("regularizer.reference", r.reference,
-                                  "the upper policy is Gaussian (no uniform reference); use initial or rollout")
+            raise cfg.ConfigError(
+                "regularizer.reference",
+                r.reference,
+                "the upper policy is Gaussian (no uniform reference); use initial or rollout",
+            )
         if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
-            raise cfg.ConfigError("regularizer.reference", r.reference,
-                                  "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
-                                  "use reference initial, or mode 'loss'")
+            raise cfg.ConfigError(
+                "regularizer.reference",
+                r.reference,
+                "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
+                "use reference initial, or mode 'loss'",
+            )
         if (self.num_envs * self.num_steps) % self.num_minibatches:
-            raise cfg.ConfigError("num_minibatches", self.num_minibatches,
-                                  f"must divide num_envs * num_steps = {self.num_envs * self.num_steps}")
+            raise cfg.ConfigError(
+                "num_minibatches",
+                self.num_minibatches,
+                f"must divide num_envs * num_steps = {self.num_envs * self.num_steps}",
+            )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
@@ -242,7 +251,7 @@ class MeanFieldState:
         """``dim``: size of the swarm's ``mean_field_points`` (1, 2 or 3)."""
         self._env, self.config, self.dim = swarm, config, dim
         self._bw = config.mf_bandwidth or 1.0 / config.mf_bins
-        self.spec = dataclasses.replace(swarm.spec, state_dim=config.mf_bins ** dim + 1)
+        self.spec = dataclasses.replace(swarm.spec, state_dim=config.mf_bins**dim + 1)
 
     @property
     def unwrapped(self):
@@ -278,8 +287,9 @@ def lifted_env(env, config: DecPOMFCConfig):
     """``EpisodeStats(AutoReset(MeanFieldState(swarm)))`` from a (wrapped) swarm env."""
     swarm = getattr(env, "unwrapped", env)
     if not hasattr(swarm, "mean_field_points"):
-        raise cfg.ConfigError("env", env.spec.name,
-                              "dec_pomfc needs an environment with a mean_field_points accessor (swarm:*)")
+        raise cfg.ConfigError(
+            "env", env.spec.name, "dec_pomfc needs an environment with a mean_field_points accessor (swarm:*)"
+        )
     if env.spec.discrete:
         raise cfg.ConfigError("env", env.spec.name, "dec_pomfc needs continuous actions (swarm action_bins=0)")
     raw, _ = jax.eval_shape(swarm.reset, jax.random.PRNGKey(0))
@@ -360,13 +370,18 @@ def _build(env, config: DecPOMFCConfig) -> _Pieces:
     d, T = spec.action_dim, spec.max_steps
     feats = tuple(config.obs_features) or spec.rule_features
     if not feats:
-        raise cfg.ConfigError("obs_features", config.obs_features,
-                              f"{spec.name} defines no rule_features in its spec; give observation indices")
+        raise cfg.ConfigError(
+            "obs_features",
+            config.obs_features,
+            f"{spec.name} defines no rule_features in its spec; give observation indices",
+        )
     if max(feats) >= spec.obs_dim:
         raise cfg.ConfigError("obs_features", feats, f"indices must be < obs_dim = {spec.obs_dim}")
     k = len(feats)
-    centres = jnp.asarray(np.array(np.meshgrid(*[np.linspace(-1.0, 1.0, config.rule_bins)] * k, indexing="ij"))
-                          .reshape(k, -1).T, jnp.float32)  # [M, k]
+    centres = jnp.asarray(
+        np.array(np.meshgrid(*[np.linspace(-1.0, 1.0, config.rule_bins)] * k, indexing="ij")).reshape(k, -1).T,
+        jnp.float32,
+    )  # [M, k]
     M = centres.shape[0]
     bw = config.rule_bandwidth or 2.0 / (config.rule_bins - 1)
     per_centre = 2 * d if config.rule_log_std == "per_centre" else d
@@ -381,17 +396,17 @@ def _build(env, config: DecPOMFCConfig) -> _Pieces:
         """[..., N, M] normalized RBF weights of each agent's observation point."""
         y = jnp.clip(obs[..., feat_idx], -1.0, 1.0)
         d2 = jnp.sum((y[..., :, None, :] - centres) ** 2, -1)
-        return jax.nn.softmax(-d2 / (2.0 * bw ** 2), axis=-1)
+        return jax.nn.softmax(-d2 / (2.0 * bw**2), axis=-1)
 
     def agent_distribution(rule, obs):
         """Per-agent Gaussian (mean [..., N, d], log_std [..., N, d]) from rule [..., D]."""
         w = rule_weights(obs)
-        per = rule[..., :M * per_centre].reshape(rule.shape[:-1] + (M, per_centre))
+        per = rule[..., : M * per_centre].reshape(rule.shape[:-1] + (M, per_centre))
         mean = jnp.einsum("...nm,...mp->...np", w, jnp.tanh(per[..., :d]))
         if config.rule_log_std == "per_centre":
             ls = jnp.einsum("...nm,...mp->...np", w, per[..., d:])
         elif config.rule_log_std == "shared":
-            ls = jnp.broadcast_to(rule[..., None, M * per_centre:], mean.shape)
+            ls = jnp.broadcast_to(rule[..., None, M * per_centre :], mean.shape)
         else:
             ls = jnp.zeros_like(mean)
         return mean, jnp.clip(config.agent_log_std_init + ls, -5.0, 1.0)
@@ -403,8 +418,11 @@ def _build(env, config: DecPOMFCConfig) -> _Pieces:
         return jnp.clip(a, spec.action_low, spec.action_high)
 
     def initial_carry(batch_shape=()):
-        return Carry(jnp.zeros(batch_shape + (T, rule_dim), jnp.float32), jnp.zeros(batch_shape, jnp.int32),
-                     jnp.zeros(batch_shape, bool))
+        return Carry(
+            jnp.zeros(batch_shape + (T, rule_dim), jnp.float32),
+            jnp.zeros(batch_shape, jnp.int32),
+            jnp.zeros(batch_shape, bool),
+        )
 
     def act(params, ts: Timestep, carry: Carry, key, greedy=False):
         """Closed loop: the rule from the upper policy at the mean field ``ts.state``;
@@ -432,9 +450,8 @@ def upper_noise(prev: jax.Array, fresh: jax.Array, first: jax.Array, corr: float
     N(0, I); ``corr = 0`` is independent noise per step, ``corr = 1`` one draw per episode."""
     if corr == 0.0:
         return fresh
-    carried = corr * prev + float(np.sqrt(1.0 - corr ** 2)) * fresh
+    carried = corr * prev + float(np.sqrt(1.0 - corr**2)) * fresh
     return jnp.where(first[:, None], fresh, carried)
-
 
 
 def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
@@ -450,9 +467,17 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         k_param, k_env, k_noise, key = jax.random.split(key, 4)
         params = pc.net.init(k_param, jnp.zeros((1, spec.state_dim)))
         env_state, ts = jax.vmap(lenv.reset)(jax.random.split(k_env, E))
-        hp = hparams(ppo.HParams, lr=config.lr, clip_eps=config.clip_eps, ent_coef=config.ent_coef,
-                     vf_coef=config.vf_coef, gamma=config.gamma, gae_lambda=config.gae_lambda,
-                     reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
+        hp = hparams(
+            ppo.HParams,
+            lr=config.lr,
+            clip_eps=config.clip_eps,
+            ent_coef=config.ent_coef,
+            vf_coef=config.vf_coef,
+            gamma=config.gamma,
+            gae_lambda=config.gae_lambda,
+            reg_coef=rcfg.coef,
+            reg_epsilon=rcfg.epsilon,
+        )
         noise = jax.random.normal(k_noise, (E, pc.rule_dim))
         return TrainState(params, params, tx.init(params), env_state, ts, noise, key, jnp.zeros((), jnp.int32), hp)
 
@@ -470,8 +495,7 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         else:
             final_value = jnp.zeros_like(value)
         stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
-        tr = Transition(ts.state, rule, logp, value, nts.reward.mean(-1), nts.done, nts.terminated,
-                        final_value, stats)
+        tr = Transition(ts.state, rule, logp, value, nts.reward.mean(-1), nts.done, nts.terminated, final_value, stats)
         return state.replace(env_state=env_state, last_ts=nts, noise=noise), tr
 
     def reg_terms(params, ref_params, s, rule, hp):
@@ -490,9 +514,15 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         if rcfg.kind != "none" and rcfg.mode == "loss":
             reg_loss, _, v = reg_terms(params, ref_params, mb.s, mb.rule, hp)
             loss, reg_value = loss + reg_loss.mean(), v.mean()
-        return loss, dict(policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl,
-                          clip_frac=clip_frac, regularizer=reg_value,
-                          upper_std=jnp.exp(log_std).mean())
+        return loss, dict(
+            policy_loss=pg,
+            value_loss=vf,
+            entropy=entropy,
+            approx_kl=approx_kl,
+            clip_frac=clip_frac,
+            regularizer=reg_value,
+            upper_std=jnp.exp(log_std).mean(),
+        )
 
     def update(state: TrainState):
         hp = state.hparams
@@ -504,8 +534,17 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
             ref = state.ref_params if rcfg.reference == "initial" else params_old
             penalty = reg_terms(params_old, ref, traj.s, traj.rule, hp)[1]
             traj = traj._replace(reward=traj.reward - penalty)
-        adv, targets = returns.gae(traj.reward, traj.value, traj.done, traj.terminated, traj.final_value,
-                               last_value, hp.gamma, hp.gae_lambda, config.bootstrap_truncation)
+        adv, targets = returns.gae(
+            traj.reward,
+            traj.value,
+            traj.done,
+            traj.terminated,
+            traj.final_value,
+            last_value,
+            hp.gamma,
+            hp.gae_lambda,
+            config.bootstrap_truncation,
+        )
         flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
         data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))
         frac = state.update_step / config.num_updates
@@ -526,7 +565,8 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
             return jax.lax.scan(minibatch, carry, perm)
 
         (params, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs))
+            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs)
+        )
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(traj.info))
         metrics["lr"] = lr
@@ -581,5 +621,3 @@ def open_loop(algo: Algorithm, rules: jax.Array) -> Algorithm:
 def rule_dim(algo: Algorithm) -> int:
     """Size ``D`` of a flattened decision rule of ``algo``."""
     return int(algo.initial_carry().rules.shape[-1])
-
-

@@ -230,15 +230,29 @@ class EMUConfig(ql.QLearningConfig):
 
     @property
     def curiosity(self) -> cur.CuriositySettings:
-        return cur.CuriositySettings(self.curiosity_scale, self.curiosity_decay_rate, self.curiosity_decay_interval,
-                                     self.curiosity_decay_stop, self.curiosity_tau, self.curiosity_target_scale)
+        return cur.CuriositySettings(
+            self.curiosity_scale,
+            self.curiosity_decay_rate,
+            self.curiosity_decay_interval,
+            self.curiosity_decay_stop,
+            self.curiosity_tau,
+            self.curiosity_target_scale,
+        )
 
     def __post_init__(self):
         super().__post_init__()
         if self.mixer == "none":
             raise cfg.ConfigError("mixer", self.mixer, "EMU needs a mixer: one of ['vdn', 'qmix', 'qplex']")
-        for f in ("key_dim", "embed_hidden", "embed_interval", "embed_steps", "embed_batch",
-                  "stats_interval", "lookup_chunk", "desirable_window"):
+        for f in (
+            "key_dim",
+            "embed_hidden",
+            "embed_interval",
+            "embed_steps",
+            "embed_batch",
+            "stats_interval",
+            "lookup_chunk",
+            "desirable_window",
+        ):
             cfg.check_positive(f, getattr(self, f), integer=True)
         for f in ("capacity", "embed_min_entries", "stats_interval_episodes"):
             if getattr(self, f) is not None:
@@ -343,14 +357,15 @@ def desirability(won, ret, recent_returns, desirable_return=None, quantile=None)
     return xi | ((known.sum() >= 10) & (ret > threshold))
 
 
-def make_parts(spec, config: EMUConfig) -> EMUParts:
+def make_parts(spec, config: EMUConfig) -> EMUParts:  # noqa: C901
     """EMU's hooks for an env with ``spec`` (reads state_dim, max_steps, state_scale, max_return)."""
     L = spec.max_steps
     S = spec.state_dim
     capacity = memory_capacity(config, L)
     write_delta = config.delta if config.write_delta is None else config.write_delta
-    embed_min = (config.embed_steps * config.embed_batch if config.embed_min_entries is None
-                 else config.embed_min_entries)
+    embed_min = (
+        config.embed_steps * config.embed_batch if config.embed_min_entries is None else config.embed_min_entries
+    )
     steps_per_iteration = config.num_envs * config.num_steps
     # slots re-keyed by one iteration's writes: at most the steps of the episodes that end
     # in it (past that the writes fall back to brute force, still exact)
@@ -382,8 +397,20 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         z = jnp.zeros((), jnp.int32)
         k_cur = jax.random.fold_in(key, 1)
         ext_params, soft = curiosity.init(k_cur) if curious else ({}, {})
-        state = EMUState(memory, params, tx.init(params), z, z, z, z, jnp.zeros(()), em.build_index(memory),
-                         jnp.full((config.desirable_window,), jnp.nan), jnp.zeros(()), soft)
+        state = EMUState(
+            memory,
+            params,
+            tx.init(params),
+            z,
+            z,
+            z,
+            z,
+            jnp.zeros(()),
+            em.build_index(memory),
+            jnp.full((config.desirable_window,), jnp.nan),
+            jnp.zeros(()),
+            soft,
+        )
         return ext_params, state
 
     def gamma_of(hp):
@@ -441,27 +468,33 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         # at every step)
         n_max = max_over_seeds(n)
         _, memory, cache, recent = jax.lax.while_loop(
-            lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns))
+            lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns)
+        )
         writes = (memory.clock - ext.memory.clock).astype(jnp.float32)
         revisits = (memory.write_hits - ext.memory.write_hits).astype(jnp.float32)
-        return ext.replace(memory=memory, written=ext.written + n, recent_returns=recent,
-                           write_revisits=revisits / jnp.maximum(writes, 1.0)), cache
+        return ext.replace(
+            memory=memory,
+            written=ext.written + n,
+            recent_returns=recent,
+            write_revisits=revisits / jnp.maximum(writes, 1.0),
+        ), cache
 
     def write_row(params, memory, cache, row, filled, gamma, recent):
         step = row["step"]
         valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
         last = jnp.maximum(filled.sum() - 1, 0)
         ret = row["episode"]["return"][last]
-        xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return,
-                          config.desirable_quantile)
+        xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return, config.desirable_quantile)
         t = jnp.arange(L + 1)
         returns = em.discounted_returns(reward_scale * step["reward"], valid, gamma)
         keys = encode(params, step["state"], t)
-        kw = dict(chunk=WRITE_CHUNK, propagate=config.propagate_desirability,
-                  init_desirability=config.init_desirability)
+        kw = dict(
+            chunk=WRITE_CHUNK, propagate=config.propagate_desirability, init_desirability=config.init_desirability
+        )
         if config.lookup == "index":
-            memory, cache = em.write_episode_indexed(memory, cache, keys, step["state"], returns, t, xi, valid,
-                                                     write_delta, **kw)
+            memory, cache = em.write_episode_indexed(
+                memory, cache, keys, step["state"], returns, t, xi, valid, write_delta, **kw
+            )
         else:
             memory = em.write_episode(memory, keys, step["state"], returns, t, xi, valid, write_delta, **kw)
         return memory, cache, ret
@@ -486,12 +519,17 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
 
         (params, opt), losses = jax.lax.scan(step, (ext.embed_params, ext.embed_opt), idx)
         ready = mem.size >= embed_min
-        params, opt = jax.tree.map(lambda a, b: jnp.where(ready, a, b), (params, opt),
-                                   (ext.embed_params, ext.embed_opt))
+        params, opt = jax.tree.map(
+            lambda a, b: jnp.where(ready, a, b), (params, opt), (ext.embed_params, ext.embed_opt)
+        )
         memory = em.rekey(mem, lambda s, t: encode(params, s, t), config.lookup_chunk)
-        return ext.replace(memory=memory, embed_params=params, embed_opt=opt,
-                           embed_loss=jnp.where(ready, losses.mean(), ext.embed_loss),
-                           last_embed=ext.env_steps)
+        return ext.replace(
+            memory=memory,
+            embed_params=params,
+            embed_opt=opt,
+            embed_loss=jnp.where(ready, losses.mean(), ext.embed_loss),
+            last_embed=ext.env_steps,
+        )
 
     def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
         ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
@@ -504,14 +542,22 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
             clock, interval = ext.written, config.stats_interval_episodes
         due_stats = clock - ext.last_stats >= interval
         fresh, mem = em.refresh_stats(ext.memory), ext.memory
-        memory = mem.replace(mean=jnp.where(due_stats, fresh.mean, mem.mean),
-                             std=jnp.where(due_stats, fresh.std, mem.std),
-                             keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm))
+        memory = mem.replace(
+            mean=jnp.where(due_stats, fresh.mean, mem.mean),
+            std=jnp.where(due_stats, fresh.std, mem.std),
+            keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm),
+        )
         ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, clock, ext.last_stats))
         # the phase runs once the memory is big enough (in some seed; the others keep their
         # parameters) and the interval has passed
-        due = max_over_seeds(((ext.env_steps - ext.last_embed >= config.embed_interval)
-                              & (ext.memory.size >= embed_min)).astype(jnp.int32)) > 0
+        due = (
+            max_over_seeds(
+                ((ext.env_steps - ext.last_embed >= config.embed_interval) & (ext.memory.size >= embed_min)).astype(
+                    jnp.int32
+                )
+            )
+            > 0
+        )
         ext = jax.lax.cond(due, train_embedding, lambda e, k: e, ext, key)
         if config.lookup != "index":
             return ext
@@ -521,8 +567,9 @@ def make_parts(spec, config: EMUConfig) -> EMUParts:
         index = jax.lax.cond(resort, lambda m, i, c: em.build_index(m), em.update_index, ext.memory, ext.index, cache)
         return ext.replace(index=index)
 
-    hooks = ql.Hooks(init=init, intrinsic_reward=intrinsic_reward, extra_loss=extra_loss,
-                     after_iteration=after_iteration)
+    hooks = ql.Hooks(
+        init=init, intrinsic_reward=intrinsic_reward, extra_loss=extra_loss, after_iteration=after_iteration
+    )
     return EMUParts(hooks, encode, embedding_loss)
 
 

@@ -129,7 +129,8 @@ class PPOConfig:
         r = self.regularizer
         if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
             raise cfg.ConfigError(
-                "regularizer.reference", r.reference,
+                "regularizer.reference",
+                r.reference,
                 "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
                 "use reference initial|uniform, or mode 'loss' for a trust region",
             )
@@ -248,7 +249,7 @@ class Transition(NamedTuple):
     info: dict
 
 
-def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
+def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
     spec = env.spec
     discrete = spec.discrete
     A, E, T = spec.num_agents, config.num_envs, config.num_steps
@@ -258,7 +259,8 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
     rcfg = config.regularizer
     if config.agent_ids and A > MAX_AGENT_IDS:
         raise cfg.ConfigError(
-            "agent_ids", True,
+            "agent_ids",
+            True,
             f"one-hot ids for {A} agents would add {A} inputs per agent ({A}x{A} floats per step and "
             f"environment); allowed up to {MAX_AGENT_IDS} agents: pass agent_ids=False (--no-agent-ids)",
         )
@@ -267,22 +269,37 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
             raise cfg.ConfigError("env", spec.name, f"{name} needs num_actions or action_dim in the env spec")
         if rcfg.kind not in ("none", "entropy") and rcfg.reference == "uniform":
             raise cfg.ConfigError(
-                "regularizer.reference", rcfg.reference,
+                "regularizer.reference",
+                rcfg.reference,
                 "a continuous (Gaussian) policy has no uniform reference; use initial or rollout",
             )
     centralized = config.critic == "centralized"
     if discrete:
         net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
     else:
-        net = GaussianActorCritic(spec.action_dim, config.hidden, config.recurrent, shared_torso=not centralized,
-                                  log_std_init=config.log_std_init)
+        net = GaussianActorCritic(
+            spec.action_dim,
+            config.hidden,
+            config.recurrent,
+            shared_torso=not centralized,
+            log_std_init=config.log_std_init,
+        )
     ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
     cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
     low, high = spec.action_low, spec.action_high
 
     def regularizer(logits, ref_logits, avail, hp: HParams):
-        return reg.regularize(rcfg.kind, logits, ref_logits, hp.reg_coef, mask=avail, cost=cost,
-                              epsilon=hp.reg_epsilon, iterations=rcfg.iterations, centred=rcfg.centred)
+        return reg.regularize(
+            rcfg.kind,
+            logits,
+            ref_logits,
+            hp.reg_coef,
+            mask=avail,
+            cost=cost,
+            epsilon=hp.reg_epsilon,
+            iterations=rcfg.iterations,
+            centred=rcfg.centred,
+        )
 
     def continuous_regularizer(pol, ref_pol, action, hp: HParams):
         mean, log_std = split_gaussian(pol)
@@ -326,8 +343,7 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
     def value_only(params, h, x, cx, first):
         if config.shared_params:
             return net.apply(params, h, x, cx, first, method=value_method)
-        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=value_method),
-                     in_axes=(0, -3, -2, -2, -1), out_axes=-1)
+        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=value_method), in_axes=(0, -3, -2, -2, -1), out_axes=-1)
         return f(params, h, x, cx, first)
 
     def init_params(key):
@@ -348,8 +364,12 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
     if rcfg.reference == "run":
         from marl.reference import load_run_params
 
-        run_params = load_run_params(rcfg.reference_run, jax.eval_shape(init_params, jax.random.PRNGKey(0)),
-                                     env_name=spec.name, seed_index=rcfg.reference_seed)
+        run_params = load_run_params(
+            rcfg.reference_run,
+            jax.eval_shape(init_params, jax.random.PRNGKey(0)),
+            env_name=spec.name,
+            seed_index=rcfg.reference_seed,
+        )
 
     # ------------------------------------------------------------------ init
     def init(key) -> TrainState:
@@ -357,16 +377,25 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         params = init_params(k_param)
         env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
         h, first = initial_carry((E,))
-        hp = hparams(HParams, lr=config.lr, clip_eps=config.clip_eps, ent_coef=config.ent_coef,
-                     vf_coef=config.vf_coef, gamma=config.gamma, gae_lambda=config.gae_lambda,
-                     reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
+        hp = hparams(
+            HParams,
+            lr=config.lr,
+            clip_eps=config.clip_eps,
+            ent_coef=config.ent_coef,
+            vf_coef=config.vf_coef,
+            gamma=config.gamma,
+            gae_lambda=config.gae_lambda,
+            reg_coef=rcfg.coef,
+            reg_epsilon=rcfg.epsilon,
+        )
         ref_params = params
         if run_params is not None:
             ref_params = RunReference(run_params, jnp.zeros_like(h))
             if rcfg.init_from_reference:
                 params = run_params
-        return TrainState(params, ref_params, tx.init(params), env_state, ts, h, first, key,
-                          jnp.zeros((), jnp.int32), hp)
+        return TrainState(
+            params, ref_params, tx.init(params), env_state, ts, h, first, key, jnp.zeros((), jnp.int32), hp
+        )
 
     # ------------------------------------------------------------------ acting
     def act(params, ts: Timestep, carry, key, greedy=False):
@@ -403,14 +432,35 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
         else:
             final_value = jnp.zeros_like(value)
         stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
-        tr = Transition(x, cx, firsts, ts.avail_actions, action, logp, value,
-                        nts.reward, nts.done, nts.terminated, final_value, stats)
+        tr = Transition(
+            x,
+            cx,
+            firsts,
+            ts.avail_actions,
+            action,
+            logp,
+            value,
+            nts.reward,
+            nts.done,
+            nts.terminated,
+            final_value,
+            stats,
+        )
         state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
         return state, tr
 
     def advantages(traj: Transition, last_value, hp: HParams):
-        return gae(traj.reward, traj.value, traj.done[..., None], traj.terminated[..., None], traj.final_value,
-                   last_value, hp.gamma, hp.gae_lambda, config.bootstrap_truncation)
+        return gae(
+            traj.reward,
+            traj.value,
+            traj.done[..., None],
+            traj.terminated[..., None],
+            traj.final_value,
+            last_value,
+            hp.gamma,
+            hp.gae_lambda,
+            config.bootstrap_truncation,
+        )
 
     def loss_fn(params, h0, traj: Transition, ref_logits, adv, targets, hp: HParams):
         def step(h, xs):
@@ -442,8 +492,14 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
                 reg_loss, _, reg_v = continuous_regularizer(logits, ref_logits, traj.action, hp)
             loss = loss + reg_loss.mean()
             reg_value = reg_v.mean()
-        return loss, dict(policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl,
-                          clip_frac=clip_frac, regularizer=reg_value)
+        return loss, dict(
+            policy_loss=pg,
+            value_loss=vf,
+            entropy=entropy,
+            approx_kl=approx_kl,
+            clip_frac=clip_frac,
+            regularizer=reg_value,
+        )
 
     def reference_logits(state: TrainState, h0, traj: Transition):
         """Reference policy logits along the rollout [T, E, A, n] (no gradient); for
@@ -498,7 +554,8 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
                     reference_metrics["penalty_logratio_corr"] = reg.correlation(penalty, taken(log_ratio))
             else:
                 _, penalty, divergence = continuous_regularizer(
-                    _replay_logits(state.params, h0, traj), ref_logits, traj.action, hp)
+                    _replay_logits(state.params, h0, traj), ref_logits, traj.action, hp
+                )
             traj = traj._replace(reward=traj.reward - penalty)
             # logged as "regularizer": the divergence to the reference on the rollout
             penalty_metrics = dict(regularizer=divergence.mean(), reward_penalty=penalty.mean())

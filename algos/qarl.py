@@ -144,8 +144,13 @@ from envs.wrappers import Wrapper
 from marl import config as cfg
 from marl.types import SEED_AXIS, Algorithm
 
-THRESHOLD_FRACTIONS = {"adv:cartpole": 0.1, "adv:cheetah": 0.1, "adv:hopper": 0.01,
-                       "adv:pendulum": 0.1, "adv:pointmass": 0.1}
+THRESHOLD_FRACTIONS = {
+    "adv:cartpole": 0.1,
+    "adv:cheetah": 0.1,
+    "adv:hopper": 0.01,
+    "adv:pendulum": 0.1,
+    "adv:pointmass": 0.1,
+}
 """Default performance thresholds xi, as a fraction of each task's discounted return range
 (see :func:`threshold_for` and the module docstring)."""
 
@@ -171,8 +176,13 @@ LOG_ALPHA_MIN = float(np.log(1e-8))
 # ----------------------------------------------------------------------------- Gamma math
 def gamma_kl(k1, rate1, k2, rate2):
     """KL(Gamma(k1, rate1) || Gamma(k2, rate2)) (shape, rate), closed form; broadcasts."""
-    return ((k1 - k2) * digamma(k1) - gammaln(k1) + gammaln(k2)
-            + k2 * (jnp.log(rate1) - jnp.log(rate2)) + k1 * (rate2 - rate1) / rate1)
+    return (
+        (k1 - k2) * digamma(k1)
+        - gammaln(k1)
+        + gammaln(k2)
+        + k2 * (jnp.log(rate1) - jnp.log(rate2))
+        + k1 * (rate2 - rate1) / rate1
+    )
 
 
 def gamma_log_prob(alpha, k, rate):
@@ -213,11 +223,14 @@ def curriculum_push(cur: Curriculum, log_alpha, ret, drawn_shape, mask) -> Curri
     keep = mask & (rank >= n - capacity)
     idx = jnp.where(keep, (cur.pos + rank) % capacity, capacity)  # capacity: dropped
     put = lambda buf, x: buf.at[idx].set(x.astype(buf.dtype), mode="drop")
-    return cur.replace(log_alpha=put(cur.log_alpha, log_alpha), ret=put(cur.ret, ret),
-                       drawn_shape=put(cur.drawn_shape, drawn_shape),
-                       pos=((cur.pos + n) % capacity).astype(jnp.int32),
-                       size=jnp.minimum(cur.size + n, capacity).astype(jnp.int32),
-                       fresh=(cur.fresh + n).astype(jnp.int32))
+    return cur.replace(
+        log_alpha=put(cur.log_alpha, log_alpha),
+        ret=put(cur.ret, ret),
+        drawn_shape=put(cur.drawn_shape, drawn_shape),
+        pos=((cur.pos + n) % capacity).astype(jnp.int32),
+        size=jnp.minimum(cur.size + n, capacity).astype(jnp.int32),
+        fresh=(cur.fresh + n).astype(jnp.int32),
+    )
 
 
 def importance_weighted_return(cur: Curriculum, shapes, rate):
@@ -247,8 +260,9 @@ def kl_trust_bound(k_old, k_target, rate, kl_bound, iters: int = 40):
     return jnp.exp(jnp.where(inside(lo), lo, hi_in))
 
 
-def self_paced_update(cur: Curriculum, rate: float, target_shape: float, grid_size: int = 64,
-                      importance: bool = True, iters: int = 40):
+def self_paced_update(
+    cur: Curriculum, rate: float, target_shape: float, grid_size: int = 64, importance: bool = True, iters: int = 40
+):
     """The constrained curriculum step, solved over the continuous shape; returns
     (new shape, J_hat(k_old)).
 
@@ -303,8 +317,7 @@ def next_phase(phase, count, increment, phase_length: int):
     phase's ``count``; at ``phase_length`` switch phase (0 <-> 1) and restart the count."""
     count = count + increment
     switch = count >= phase_length
-    return (jnp.where(switch, 1 - phase, phase).astype(jnp.int32),
-            jnp.where(switch, 0, count).astype(jnp.int32))
+    return (jnp.where(switch, 1 - phase, phase).astype(jnp.int32), jnp.where(switch, 0, count).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------- the wrapper
@@ -333,8 +346,15 @@ class TemperatureObs(Wrapper):
     is ``state.shape`` (an algorithm may set it); the initial one is ``self.shape``.
     """
 
-    def __init__(self, env, shape: float, rate: float, deterministic: bool = False, gamma: float = 0.99,
-                 inputs: Sequence[bool] = (True, True)):
+    def __init__(
+        self,
+        env,
+        shape: float,
+        rate: float,
+        deterministic: bool = False,
+        gamma: float = 0.99,
+        inputs: Sequence[bool] = (True, True),
+    ):
         super().__init__(env)
         self.shape, self.rate, self.deterministic = float(shape), float(rate), bool(deterministic)
         self.gamma = float(gamma)
@@ -343,8 +363,12 @@ class TemperatureObs(Wrapper):
             raise cfg.ConfigError("inputs", inputs, f"needs one entry per agent ({env.spec.num_agents})")
         self.spec = dataclasses.replace(env.spec, obs_dim=env.spec.obs_dim + 1)
 
-    def with_temperature(self, shape: Optional[float] = None, deterministic: Optional[bool] = None,
-                         inputs: Optional[Sequence[bool]] = None):
+    def with_temperature(
+        self,
+        shape: Optional[float] = None,
+        deterministic: Optional[bool] = None,
+        inputs: Optional[Sequence[bool]] = None,
+    ):
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         if shape is not None:
@@ -367,8 +391,12 @@ class TemperatureObs(Wrapper):
         return jnp.concatenate([obs, jnp.broadcast_to(feature, obs.shape[:-1] + (1,)).astype(obs.dtype)], -1)
 
     def _ts(self, ts, log_alpha, ended_log_alpha, ended_shape, ended_discounted):
-        info = dict(ts.info, episode_log_alpha=ended_log_alpha, episode_shape=ended_shape,
-                    episode_discounted_return=ended_discounted)
+        info = dict(
+            ts.info,
+            episode_log_alpha=ended_log_alpha,
+            episode_shape=ended_shape,
+            episode_discounted_return=ended_discounted,
+        )
         if "final_obs" in info:
             info["final_obs"] = self._append(info["final_obs"], ended_log_alpha)
         return ts._replace(obs=self._append(ts.obs, log_alpha), info=info)
@@ -388,8 +416,14 @@ class TemperatureObs(Wrapper):
         la = jnp.where(ts.done, self._draw(k_alpha, state.shape), state.log_alpha)
         drawn = jnp.where(ts.done, state.shape, state.drawn_shape)
         out = self._ts(ts, la, state.log_alpha, state.drawn_shape, discounted)
-        return TemperatureState(inner, la, drawn, state.shape, jnp.where(ts.done, 0.0, discounted),
-                                jnp.where(ts.done, 1.0, state.discount * self.gamma)), out
+        return TemperatureState(
+            inner,
+            la,
+            drawn,
+            state.shape,
+            jnp.where(ts.done, 0.0, discounted),
+            jnp.where(ts.done, 1.0, state.discount * self.gamma),
+        ), out
 
 
 # ----------------------------------------------------------------------------- config
@@ -473,8 +507,9 @@ class QARLExt:
 
 def _sac_config(config: QARLConfig) -> sac.SACConfig:
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(sac.SACConfig)}
-    return sac.SACConfig(**{**fields, "temperature_from_obs": () if config.curriculum == "auto" else (1,),
-                            "frozen_agents": ()})
+    return sac.SACConfig(
+        **{**fields, "temperature_from_obs": () if config.curriculum == "auto" else (1,), "frozen_agents": ()}
+    )
 
 
 def threshold_of(env, config: QARLConfig) -> float:
@@ -485,8 +520,12 @@ def threshold_of(env, config: QARLConfig) -> float:
     name = env.spec.name
     fraction = config.threshold_fraction if config.threshold_fraction is not None else THRESHOLD_FRACTIONS.get(name)
     if fraction is None or not hasattr(env.unwrapped, "reward_range"):
-        raise cfg.ConfigError("threshold", None, f"has no default for env {name!r}; set threshold or threshold_"
-                                                 f"fraction (defaults exist for {sorted(THRESHOLD_FRACTIONS)})")
+        raise cfg.ConfigError(
+            "threshold",
+            None,
+            f"has no default for env {name!r}; set threshold or threshold_"
+            f"fraction (defaults exist for {sorted(THRESHOLD_FRACTIONS)})",
+        )
     return threshold_for(env, config.gamma, fraction)
 
 
@@ -499,8 +538,9 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
         env = with_params(env, adversary_scale=0.0)
     rate = config.gamma_rate
     k0 = config.init_shape if config.curriculum in ("gamma", "linear", "point") else config.target_shape
-    tenv = TemperatureObs(env, k0, rate, deterministic=config.curriculum in ("point", "fixed"), gamma=config.gamma,
-                          inputs=config.inputs)
+    tenv = TemperatureObs(
+        env, k0, rate, deterministic=config.curriculum in ("point", "fixed"), gamma=config.gamma, inputs=config.inputs
+    )
     base = sac.make(tenv, _sac_config(config), name=name, expose_rollout=True)
     E = config.num_envs
     learner_mask = jnp.array([[False, True], [True, False]])  # by phase
@@ -508,22 +548,31 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
 
     def init(key) -> sac.TrainState:
         state = base.init(key)
-        ext = QARLExt(curriculum_init(k0, config.history, threshold, config.kl_bound),
-                      jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        ext = QARLExt(
+            curriculum_init(k0, config.history, threshold, config.kl_bound),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
         return state.replace(train_mask=learner_mask[0] if config.adversary else learner_mask[1], ext=ext)
 
     def next_shape(cur: Curriculum, iteration):
         if config.curriculum == "linear":
-            shape = linear_shape(iteration, config.init_shape, config.target_shape,
-                                 config.linear_fraction * num_updates)
+            shape = linear_shape(
+                iteration, config.init_shape, config.target_shape, config.linear_fraction * num_updates
+            )
             return cur.replace(shape=shape), cur.performance
         if config.curriculum in ("none", "fixed", "auto"):
             return cur, cur.performance
         due = cur.fresh >= config.update_every
-        new, perf = self_paced_update(cur, rate, config.target_shape, config.grid_size,
-                                      importance=config.curriculum == "gamma")
-        cur = cur.replace(shape=jnp.where(due, new, cur.shape), fresh=jnp.where(due, 0, cur.fresh),
-                          performance=jnp.where(due, perf, cur.performance))
+        new, perf = self_paced_update(
+            cur, rate, config.target_shape, config.grid_size, importance=config.curriculum == "gamma"
+        )
+        cur = cur.replace(
+            shape=jnp.where(due, new, cur.shape),
+            fresh=jnp.where(due, 0, cur.fresh),
+            performance=jnp.where(due, perf, cur.performance),
+        )
         return cur, cur.performance
 
     def update(state: sac.TrainState):
@@ -533,21 +582,29 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
         done = ro["done"].reshape(-1)
         info = ro["info"]
         ended_la = info["episode_log_alpha"].reshape(-1)
-        cur = curriculum_push(ext.curriculum, ended_la, info["episode_discounted_return"].reshape(-1),
-                              info["episode_shape"].reshape(-1), done)
+        cur = curriculum_push(
+            ext.curriculum,
+            ended_la,
+            info["episode_discounted_return"].reshape(-1),
+            info["episode_shape"].reshape(-1),
+            done,
+        )
         iteration = ext.iteration + 1
         cur, perf = next_shape(cur, iteration)
         env_state = state.env_state.replace(shape=jnp.full((E,), cur.shape, jnp.float32))
 
         n_done = done.sum().astype(jnp.int32)
-        phase, count = next_phase(ext.phase, ext.phase_count, n_done if config.phase_unit == "episodes" else 1,
-                                  config.phase_length)
+        phase, count = next_phase(
+            ext.phase, ext.phase_count, n_done if config.phase_unit == "episodes" else 1, config.phase_length
+        )
         mask = learner_mask[phase] if config.adversary else learner_mask[1]
-        state = state.replace(env_state=env_state, train_mask=mask,
-                              ext=QARLExt(cur, phase, count, iteration))
+        state = state.replace(env_state=env_state, train_mask=mask, ext=QARLExt(cur, phase, count, iteration))
 
-        adv_alpha = (jnp.exp(state.params.log_alpha[1]) if config.curriculum == "auto"
-                     else jnp.exp(state.env_state.log_alpha).mean())
+        adv_alpha = (
+            jnp.exp(state.params.log_alpha[1])
+            if config.curriculum == "auto"
+            else jnp.exp(state.env_state.log_alpha).mean()
+        )
         metrics["alpha_agent1"] = adv_alpha
         metrics["alpha"] = (metrics["alpha_agent0"] + adv_alpha) / 2
         metrics["curriculum_shape"] = cur.shape
@@ -566,8 +623,15 @@ DEFAULT_MASSES = tuple(float(x) for x in np.round(2.0 ** np.linspace(-1.5, 1.5, 
 DEFAULT_FRICTIONS = tuple(float(x) for x in np.round(np.linspace(0.0, 5.0, 11), 3))
 
 
-def eval_env(algo: Algorithm, adversary: bool = True, mass=None, friction=None, deterministic: bool = True,
-             inputs: Optional[Sequence[bool]] = None, **physics):
+def eval_env(
+    algo: Algorithm,
+    adversary: bool = True,
+    mass=None,
+    friction=None,
+    deterministic: bool = True,
+    inputs: Optional[Sequence[bool]] = None,
+    **physics,
+):
     """The training environment with the adversary at its target temperature (its mean
     with ``deterministic``), the adversary on (at the training force bound) or off (scale
     0), physics multipliers set (``mass``, ``friction`` or any :class:`PhysicsParams`
@@ -603,8 +667,15 @@ def protagonist_returns(algo: Algorithm, params, env, key, num_episodes: int, gr
     return ret
 
 
-def evaluate_protagonist(algo: Algorithm, params, key, num_episodes: int = 16, adversary: bool = True,
-                         greedy: bool = True, inputs: Optional[Sequence[bool]] = None):
+def evaluate_protagonist(
+    algo: Algorithm,
+    params,
+    key,
+    num_episodes: int = 16,
+    adversary: bool = True,
+    greedy: bool = True,
+    inputs: Optional[Sequence[bool]] = None,
+):
     """Mean protagonist return against the (final) adversary in ``params``, or without
     adversary (``adversary=False``: its force scaled by 0). Jittable; vmap over seeds."""
     env = eval_env(algo, adversary=adversary, inputs=inputs)
@@ -645,10 +716,16 @@ def best_response_algo(env, config: QARLConfig, total_steps: int, protagonist_in
     the target temperature (alpha = target_shape / gamma_rate every episode), SAC with
     ``config``'s networks, only the adversary learning for ``total_steps``.
     ``protagonist_input``: whether the protagonist reads log alpha (its own run's setting)."""
-    c = dataclasses.replace(config, curriculum="fixed", adversary=True, total_steps=int(total_steps),
-                            buffer_size=min(config.buffer_size, int(total_steps)),
-                            phase_unit="iterations", phase_length=2**30,
-                            temperature_inputs=(bool(protagonist_input), True))
+    c = dataclasses.replace(
+        config,
+        curriculum="fixed",
+        adversary=True,
+        total_steps=int(total_steps),
+        buffer_size=min(config.buffer_size, int(total_steps)),
+        phase_unit="iterations",
+        phase_length=2**30,
+        temperature_inputs=(bool(protagonist_input), True),
+    )
     return make(env, c, name="best_response")
 
 
@@ -663,8 +740,9 @@ def train_best_response(br: Algorithm, protagonist_params: sac.Params, key, chun
         return state.replace(params=cross_params(prot, state.params))
 
     state = jax.jit(jax.vmap(init))(jax.random.split(key, S), protagonist_params)
-    run = lambda n: jax.jit(jax.vmap(lambda s: jax.lax.scan(lambda s, _: (br.update(s)[0], None), s, None, n)[0],
-                                     axis_name=SEED_AXIS))
+    run = lambda n: jax.jit(
+        jax.vmap(lambda s: jax.lax.scan(lambda s, _: (br.update(s)[0], None), s, None, n)[0], axis_name=SEED_AXIS)
+    )
     total = br.config.num_updates
     chunk = min(chunk_iterations, total)
     step = run(chunk)
@@ -696,8 +774,16 @@ def save_grid(grid, axes, path_prefix: str, title: str = "") -> tuple[str, str]:
     grid = np.asarray(grid, np.float64)
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
     with open(path_prefix + ".json", "w") as fh:
-        json.dump({"title": title, n1: list(map(float, v1)), n2: list(map(float, v2)),
-                   "axes": (["seed"] if grid.ndim == 3 else []) + [n1, n2], "returns": grid.tolist()}, fh)
+        json.dump(
+            {
+                "title": title,
+                n1: list(map(float, v1)),
+                n2: list(map(float, v2)),
+                "axes": (["seed"] if grid.ndim == 3 else []) + [n1, n2],
+                "returns": grid.tolist(),
+            },
+            fh,
+        )
     mean = grid.mean(0) if grid.ndim == 3 else grid
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")

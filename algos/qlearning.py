@@ -142,9 +142,21 @@ class QLearningConfig:
     def __post_init__(self):
         cfg.check_choice("mixer", self.mixer, mx.MIXERS)
         cfg.check_choice("optimizer", self.optimizer, ["rmsprop", "adam"])
-        for f in ("total_steps", "num_envs", "num_steps", "train_steps", "batch_size", "buffer_size",
-                  "target_update_episodes", "epsilon_anneal_steps", "hidden", "mixing_embed",
-                  "hypernet_embed", "qplex_heads", "qplex_kernels"):
+        for f in (
+            "total_steps",
+            "num_envs",
+            "num_steps",
+            "train_steps",
+            "batch_size",
+            "buffer_size",
+            "target_update_episodes",
+            "epsilon_anneal_steps",
+            "hidden",
+            "mixing_embed",
+            "hypernet_embed",
+            "qplex_heads",
+            "qplex_kernels",
+        ):
             cfg.check_positive(f, getattr(self, f), integer=True)
         for f in ("lr", "opt_eps", "max_grad_norm", "reg_temperature"):
             cfg.check_positive(f, getattr(self, f))
@@ -158,8 +170,9 @@ class QLearningConfig:
         cfg.check_nonnegative("attention_reg", self.attention_reg)
         cfg.check_nonnegative("mixer_init_scale", self.mixer_init_scale)
         if self.batch_size > self.buffer_size:
-            raise cfg.ConfigError("batch_size", self.batch_size,
-                                  f"must be <= buffer_size={self.buffer_size} (whole episodes are sampled)")
+            raise cfg.ConfigError(
+                "batch_size", self.batch_size, f"must be <= buffer_size={self.buffer_size} (whole episodes are sampled)"
+            )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
@@ -272,7 +285,7 @@ def unroll_slots(batch, config: QLearningConfig):
     return batch["obs"].shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
 
 
-def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[Hooks] = None) -> Algorithm:
+def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[Hooks] = None) -> Algorithm:  # noqa: C901
     spec = env.spec
     if not spec.discrete:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a discrete-action environment")
@@ -281,9 +294,14 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
     L = spec.max_steps  # episode limit; rows hold L + 1 slots
     H = config.hidden
     agent = RNNAgent(n, H)
-    mixer = mx.make_mixer(config.mixer, embed_dim=config.mixing_embed, hypernet_embed=config.hypernet_embed,
-                          num_heads=config.qplex_heads, num_kernels=config.qplex_kernels,
-                          out_init_scale=config.mixer_init_scale or None)
+    mixer = mx.make_mixer(
+        config.mixer,
+        embed_dim=config.mixing_embed,
+        hypernet_embed=config.hypernet_embed,
+        num_heads=config.qplex_heads,
+        num_kernels=config.qplex_kernels,
+        out_init_scale=config.mixer_init_scale or None,
+    )
     in_dim = base_input_dim(spec, config) + hooks.extra_input_dim
     reward_scale = config.reward_scale
     if reward_scale is None:
@@ -314,8 +332,12 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         return None if hooks.initial_field_carry is None else hooks.initial_field_carry(batch_shape)
 
     def initial_carry(batch_shape=()):
-        return (jnp.zeros(batch_shape + (A, H)), jnp.full(batch_shape + (A,), -1, jnp.int32),
-                jnp.ones(batch_shape, bool), initial_field_carry(batch_shape))
+        return (
+            jnp.zeros(batch_shape + (A, H)),
+            jnp.full(batch_shape + (A,), -1, jnp.int32),
+            jnp.ones(batch_shape, bool),
+            initial_field_carry(batch_shape),
+        )
 
     # ------------------------------------------------------------------ init
     def init_params(key):
@@ -341,19 +363,45 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
         ts1 = jax.tree.map(lambda x: x[0], ts)
         step = {
-            "obs": ts1.obs, "state": ts1.state, "avail": ts1.avail_actions,
-            "action": jnp.zeros((A,), jnp.int32), "reward": jnp.zeros((), jnp.float32),
-            "terminated": jnp.zeros((), bool), "fields": example_fields(params, ext_state, ts1),
+            "obs": ts1.obs,
+            "state": ts1.state,
+            "avail": ts1.avail_actions,
+            "action": jnp.zeros((A,), jnp.int32),
+            "reward": jnp.zeros((), jnp.float32),
+            "terminated": jnp.zeros((), bool),
+            "fields": example_fields(params, ext_state, ts1),
         }
         episode = {"won": jnp.zeros((), jnp.float32), "return": jnp.zeros((), jnp.float32)}
         rows = buffers.accumulator_init({"step": step, "episode": episode}, E, L + 1)
         row = jax.tree.map(lambda x: x[0], rows.data)
         buf = buffers.init(row, config.buffer_size, jnp.zeros((L + 1,), bool))
-        hp = hparams(HParams, lr=config.lr, gamma=config.gamma, td_lambda=config.td_lambda,
-                     epsilon_finish=config.epsilon_finish, reg_coef=rcfg.coef, reg_epsilon=rcfg.epsilon)
+        hp = hparams(
+            HParams,
+            lr=config.lr,
+            gamma=config.gamma,
+            td_lambda=config.td_lambda,
+            epsilon_finish=config.epsilon_finish,
+            reg_coef=rcfg.coef,
+            reg_epsilon=rcfg.epsilon,
+        )
         z = jnp.zeros((), jnp.int32)
-        return TrainState(params, params, params, tx.init(params), env_state, ts, initial_carry((E,)), rows,
-                          buf, ext_state, key, z, z, z, hp)
+        return TrainState(
+            params,
+            params,
+            params,
+            tx.init(params),
+            env_state,
+            ts,
+            initial_carry((E,)),
+            rows,
+            buf,
+            ext_state,
+            key,
+            z,
+            z,
+            z,
+            hp,
+        )
 
     # ------------------------------------------------------------------ acting
     def act_q(params, ext_state, ts, carry, key, greedy):
@@ -363,8 +411,11 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         h = jnp.where(first[..., None, None], 0.0, h)
         prev = jnp.where(first[..., None], -1, prev)
         if hooks.step_fields is not None:
-            fcarry = jax.tree.map(lambda a, b: jnp.where(first.reshape(first.shape + (1,) * (a.ndim - first.ndim)),
-                                                         a, b), initial_field_carry(first.shape), fcarry)
+            fcarry = jax.tree.map(
+                lambda a, b: jnp.where(first.reshape(first.shape + (1,) * (a.ndim - first.ndim)), a, b),
+                initial_field_carry(first.shape),
+                fcarry,
+            )
         fields, fcarry = step_fields(params, ext_state, ts, fcarry, key, greedy)
         x = agent_inputs(params["ext"], ts.obs, prev, fields)
         h, q = agent.apply(params["agent"], h, x)
@@ -384,8 +435,9 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         """
         k_f, k_a = jax.random.split(key)
         q, _, (h, prev, _, fcarry) = act_q(params, {}, ts, carry, k_f, greedy)
-        a = jnp.where(greedy, masked_argmax(q, ts.avail_actions),
-                      epsilon_greedy(k_a, q, ts.avail_actions, config.epsilon_finish))
+        a = jnp.where(
+            greedy, masked_argmax(q, ts.avail_actions), epsilon_greedy(k_a, q, ts.avail_actions, config.epsilon_finish)
+        )
         return a, (h, a, jnp.zeros_like(ts.done), fcarry)
 
     def epsilon_at(state: TrainState):
@@ -404,21 +456,42 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         t = jnp.where(first, 0, rows.t)
         rows = rows.replace(filled=jnp.where(first[:, None], False, rows.filled))
         info = nts.info
-        step = {"obs": ts.obs, "state": ts.state, "avail": ts.avail_actions, "action": action,
-                "reward": nts.reward.mean(-1), "terminated": nts.terminated, "fields": fields}
-        episode = {"won": info.get("won", jnp.zeros((E,))).astype(jnp.float32),
-                   "return": info["episode_return"].astype(jnp.float32)}
+        step = {
+            "obs": ts.obs,
+            "state": ts.state,
+            "avail": ts.avail_actions,
+            "action": action,
+            "reward": nts.reward.mean(-1),
+            "terminated": nts.terminated,
+            "fields": fields,
+        }
+        episode = {
+            "won": info.get("won", jnp.zeros((E,))).astype(jnp.float32),
+            "return": info["episode_return"].astype(jnp.float32),
+        }
         rows = buffers.write(rows, {"step": step, "episode": episode}, t)
         # the observation after the transition (the final one when the episode ended)
-        nxt = {"obs": info["final_obs"], "state": info["final_state"], "avail": info["final_avail"],
-               "action": jnp.zeros_like(action), "reward": jnp.zeros((E,)), "terminated": jnp.zeros((E,), bool),
-               "fields": jax.tree.map(jnp.zeros_like, fields)}
+        nxt = {
+            "obs": info["final_obs"],
+            "state": info["final_state"],
+            "avail": info["final_avail"],
+            "action": jnp.zeros_like(action),
+            "reward": jnp.zeros((E,)),
+            "terminated": jnp.zeros((E,), bool),
+            "fields": jax.tree.map(jnp.zeros_like, fields),
+        }
         rows = buffers.write(rows, {"step": nxt, "episode": episode}, t + 1)
         rows = rows.replace(t=t + 1)
         buf = buffers.add(state.buffer, rows.data, rows.filled, valid=nts.done)
         stats = {k: v for k, v in info.items() if k not in FINAL_KEYS}
-        state = state.replace(env_state=env_state, last_ts=nts, carry=(h, action, jnp.zeros_like(first), fcarry),
-                              rows=rows, buffer=buf, episodes=state.episodes + nts.done.sum())
+        state = state.replace(
+            env_state=env_state,
+            last_ts=nts,
+            carry=(h, action, jnp.zeros_like(first), fcarry),
+            rows=rows,
+            buffer=buf,
+            episodes=state.episodes + nts.done.sum(),
+        )
         return (state, eps), stats
 
     # ------------------------------------------------------------------ learning
@@ -433,8 +506,17 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
 
     def policy_regularizer(q, ref_q, avail, hp):
         temp = config.reg_temperature
-        return reg.regularize(rcfg.kind, q / temp, ref_q / temp, hp.reg_coef, mask=avail, cost=cost,
-                              epsilon=hp.reg_epsilon, iterations=rcfg.iterations, centred=rcfg.centred)
+        return reg.regularize(
+            rcfg.kind,
+            q / temp,
+            ref_q / temp,
+            hp.reg_coef,
+            mask=avail,
+            cost=cost,
+            epsilon=hp.reg_epsilon,
+            iterations=rcfg.iterations,
+            centred=rcfg.centred,
+        )
 
     def loss_fn(params, target_params, ref_params, ext_state, batch, hp: HParams, key):
         avail = batch["avail"]
@@ -444,8 +526,9 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         tq = jax.lax.stop_gradient(unroll(target_params, batch))
         q_sg = jax.lax.stop_gradient(q)
         chosen = take(q[:, :-1], actions)
-        q_tot, attention = mix(params["mixer"], chosen, batch["state"][:, :-1], actions,
-                               masked_max(q_sg[:, :-1], avail[:, :-1]))
+        q_tot, attention = mix(
+            params["mixer"], chosen, batch["state"][:, :-1], actions, masked_max(q_sg[:, :-1], avail[:, :-1])
+        )
         a_star, t_chosen, t_max = next_actions(q_sg[:, 1:], tq[:, 1:], avail[:, 1:], config.double_q)
         next_tot, _ = mix(target_params["mixer"], t_chosen, batch["state"][:, 1:], a_star, t_max)
         next_tot = jax.lax.stop_gradient(next_tot)
@@ -485,8 +568,9 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
             extra, extra_metrics = hooks.extra_loss(params, target_params, ext_state, batch, key)
             loss = loss + extra
             metrics.update(extra_metrics)
-        metrics.update(td_error=jnp.abs(td).sum() / count, q_taken=(q_tot * m).sum() / count,
-                       target=(targets * m).sum() / count)
+        metrics.update(
+            td_error=jnp.abs(td).sum() / count, q_taken=(q_tot * m).sum() / count, target=(targets * m).sum() / count
+        )
         return loss, metrics
 
     def sample_batch(buffer, key):
@@ -501,12 +585,14 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         k_sample, k_loss = jax.random.split(key)
         batch = sample_batch(state.buffer, k_sample)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state.target_params, state.ref_params, state.ext, batch, hp, k_loss)
+            params, state.target_params, state.ref_params, state.ext, batch, hp, k_loss
+        )
         updates, new_opt_state = tx.update(grads, opt_state)
         new_params = jax.tree.map(lambda p, u: p - hp.lr * u, params, updates)
         ready = buffers.can_sample(state.buffer, config.batch_size)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ready, new, old),
-                                         (new_params, new_opt_state), (params, opt_state))
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(ready, new, old), (new_params, new_opt_state), (params, opt_state)
+        )
         metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
         return (params, opt_state), metrics
 
@@ -518,19 +604,23 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         (state, _), stats = jax.lax.scan(rollout_step, (state, eps), jax.random.split(k_roll, T))
         ready = buffers.can_sample(state.buffer, config.batch_size)
         (params, opt_state), metrics = jax.lax.scan(
-            lambda c, k: train_step(state, hp, c, k), (state.params, state.opt_state),
-            jax.random.split(k_train, config.train_steps))
+            lambda c, k: train_step(state, hp, c, k),
+            (state.params, state.opt_state),
+            jax.random.split(k_train, config.train_steps),
+        )
         state = state.replace(params=params, opt_state=opt_state)
         # before learning starts the losses of empty batches are reported as 0
         metrics = jax.tree.map(lambda x: jnp.where(ready, x.mean(), 0.0), metrics)
         metrics["learning"] = ready.astype(jnp.float32)
         copy = state.episodes - state.target_episodes >= config.target_update_episodes
         target = jax.tree.map(lambda p, t: jnp.where(copy, p, t), state.params, state.target_params)
-        state = state.replace(target_params=target, target_episodes=jnp.where(copy, state.episodes,
-                                                                               state.target_episodes))
+        state = state.replace(
+            target_params=target, target_episodes=jnp.where(copy, state.episodes, state.target_episodes)
+        )
         if hooks.after_iteration is not None:
-            ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - episodes_before,
-                                        k_hook, hp)
+            ext = hooks.after_iteration(
+                state.ext, state.params, state.buffer, state.episodes - episodes_before, k_hook, hp
+            )
             state = state.replace(ext=ext)
         metrics.update(episode_metrics(stats))
         metrics.update(epsilon=eps, buffer_episodes=state.buffer.size.astype(jnp.float32))

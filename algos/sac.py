@@ -139,8 +139,16 @@ class SACConfig:
 
     def __post_init__(self):
         cfg.check_choice("agents", self.agents, ["independent", "shared"])
-        for f in ("total_steps", "num_envs", "num_steps", "train_steps", "batch_size", "buffer_size",
-                  "hidden", "num_layers"):
+        for f in (
+            "total_steps",
+            "num_envs",
+            "num_steps",
+            "train_steps",
+            "batch_size",
+            "buffer_size",
+            "hidden",
+            "num_layers",
+        ):
             cfg.check_positive(f, getattr(self, f), integer=True)
         cfg.check_nonnegative("learning_starts", self.learning_starts)
         for f in ("actor_lr", "critic_lr", "alpha_lr", "init_alpha"):
@@ -157,11 +165,15 @@ class SACConfig:
         r = self.regularizer
         if r.kind in ("kl", "wasserstein"):
             if r.mode != "loss":
-                raise cfg.ConfigError("regularizer.mode", r.mode,
-                                      "SAC applies kl/wasserstein as a loss term: use 'loss'")
+                raise cfg.ConfigError(
+                    "regularizer.mode", r.mode, "SAC applies kl/wasserstein as a loss term: use 'loss'"
+                )
             if r.reference == "uniform":
-                raise cfg.ConfigError("regularizer.reference", r.reference,
-                                      "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'")
+                raise cfg.ConfigError(
+                    "regularizer.reference",
+                    r.reference,
+                    "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'",
+                )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
     @property
@@ -251,7 +263,7 @@ class TrainState:
     ext: Any = None  # state of an algorithm built on SAC; carried unchanged
 
 
-def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False) -> Algorithm:
+def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False) -> Algorithm:  # noqa: C901
     spec = env.spec
     if spec.discrete or spec.action_dim is None:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
@@ -300,8 +312,10 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         x0, a0 = jnp.zeros((1, in_dim)), jnp.zeros((1, d))
         if shared:
             return actor_net.init(k_a, x0), critic_net.init(k_c, x0, a0)
-        return (jax.vmap(lambda k: actor_net.init(k, x0))(jax.random.split(k_a, A)),
-                jax.vmap(lambda k: critic_net.init(k, x0, a0))(jax.random.split(k_c, A)))
+        return (
+            jax.vmap(lambda k: actor_net.init(k, x0))(jax.random.split(k_a, A)),
+            jax.vmap(lambda k: critic_net.init(k, x0, a0))(jax.random.split(k_c, A)),
+        )
 
     def opt_init(p):
         return jax.vmap(tx.init)(p) if per_agent else tx.init(p)
@@ -324,21 +338,41 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         log_alpha = jnp.full((A,), jnp.log(config.init_alpha), jnp.float32)
         params = Params(actor_p, critic_p, log_alpha)
         env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
-        example = Transition(jnp.zeros((A, spec.obs_dim)), jnp.zeros((A, d)), jnp.zeros((A,)),
-                             jnp.zeros((A, spec.obs_dim)), jnp.zeros((), bool))
+        example = Transition(
+            jnp.zeros((A, spec.obs_dim)),
+            jnp.zeros((A, d)),
+            jnp.zeros((A,)),
+            jnp.zeros((A, spec.obs_dim)),
+            jnp.zeros((), bool),
+        )
         train_mask = jnp.ones((A,), bool).at[jnp.asarray(config.frozen_agents, jnp.int32)].set(False)
         target_entropy = -float(d) if config.target_entropy is None else config.target_entropy
-        hp = hparams(HParams, actor_lr=config.actor_lr, critic_lr=config.critic_lr, alpha_lr=config.alpha_lr,
-                     gamma=config.gamma, tau=config.tau, target_entropy=target_entropy, reg_coef=rcfg.coef)
+        hp = hparams(
+            HParams,
+            actor_lr=config.actor_lr,
+            critic_lr=config.critic_lr,
+            alpha_lr=config.alpha_lr,
+            gamma=config.gamma,
+            tau=config.tau,
+            target_entropy=target_entropy,
+            reg_coef=rcfg.coef,
+        )
         return TrainState(
-            params=params, target_critic=critic_p,
+            params=params,
+            target_critic=critic_p,
             ref_actor=actor_p if divergence and rcfg.reference == "initial" else None,
-            opt_actor=opt_init(actor_p), opt_critic=opt_init(critic_p), opt_alpha=jax.vmap(tx.init)(log_alpha),
-            buffer=buffers.replay_init(example, config.buffer_size), env_state=env_state, last_ts=ts,
-            episode_return=jnp.zeros((E, A)), train_mask=train_mask,
+            opt_actor=opt_init(actor_p),
+            opt_critic=opt_init(critic_p),
+            opt_alpha=jax.vmap(tx.init)(log_alpha),
+            buffer=buffers.replay_init(example, config.buffer_size),
+            env_state=env_state,
+            last_ts=ts,
+            episode_return=jnp.zeros((E, A)),
+            train_mask=train_mask,
             tune_alpha=jnp.full((A,), config.autotune and use_entropy) & ~obs_temp,
             env_steps=jnp.zeros((), jnp.int32),
-            key=key, hparams=hp,
+            key=key,
+            hparams=hp,
         )
 
     # ------------------------------------------------------------------ acting
@@ -361,8 +395,12 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         next_obs = nts.info.get("final_obs", nts.obs)
         tr = Transition(ts.obs, action, nts.reward, next_obs, nts.terminated)
         ret = state.episode_return + nts.reward
-        state = state.replace(env_state=env_state, last_ts=nts, episode_return=jnp.where(nts.done[:, None], 0.0, ret),
-                              env_steps=state.env_steps + E)
+        state = state.replace(
+            env_state=env_state,
+            last_ts=nts,
+            episode_return=jnp.where(nts.done[:, None], 0.0, ret),
+            env_steps=state.env_steps + E,
+        )
         stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
         return state, (tr, stats, ret, nts.done, nts.info if expose_rollout else None)
 
@@ -421,13 +459,18 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         # temperature: raise alpha when the entropy is below the target, lower it above
         entropy = -logp.mean(0)  # [A]
         alpha_grad = jax.lax.stop_gradient(entropy - hp.target_entropy)  # d/dlog_alpha of L_alpha
-        log_alpha, opt_alpha, _ = masked_step(p.log_alpha, alpha_grad, state.opt_alpha, hp.alpha_lr,
-                                              mask & state.tune_alpha, True)
+        log_alpha, opt_alpha, _ = masked_step(
+            p.log_alpha, alpha_grad, state.opt_alpha, hp.alpha_lr, mask & state.tune_alpha, True
+        )
 
-        state = state.replace(params=Params(actor_p, critic_p, log_alpha), target_critic=target,
-                              opt_actor=opt_actor, opt_critic=opt_critic, opt_alpha=opt_alpha)
-        metrics = {"critic_loss": c_loss, "actor_loss": a_loss, "q": q_mean, "entropy": entropy,
-                   "regularizer": div}
+        state = state.replace(
+            params=Params(actor_p, critic_p, log_alpha),
+            target_critic=target,
+            opt_actor=opt_actor,
+            opt_critic=opt_critic,
+            opt_alpha=opt_alpha,
+        )
+        metrics = {"critic_loss": c_loss, "actor_loss": a_loss, "q": q_mean, "entropy": entropy, "regularizer": div}
         return (state, ref_actor), metrics
 
     def learn(state: TrainState, ref_actor, key):

@@ -194,23 +194,45 @@ class TRAMAConfig(ql.QLearningConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for f in ("n_codes", "latent_dim", "vq_hidden", "vq_update_episodes", "n_clusters", "min_clusters",
-                  "cluster_interval", "cluster_interval_episodes", "min_cluster_episodes", "kmeans_iterations",
-                  "classifier_steps", "predictor_hidden", "class_repr_dim"):
+        for f in (
+            "n_codes",
+            "latent_dim",
+            "vq_hidden",
+            "vq_update_episodes",
+            "n_clusters",
+            "min_clusters",
+            "cluster_interval",
+            "cluster_interval_episodes",
+            "min_cluster_episodes",
+            "kmeans_iterations",
+            "classifier_steps",
+            "predictor_hidden",
+            "class_repr_dim",
+        ):
             cfg.check_positive(f, getattr(self, f), integer=True)
         for f in ("vq_lr", "classifier_lr"):
             cfg.check_positive(f, getattr(self, f))
-        for f in ("recon_coef", "vq_coef", "commit_coef", "coverage_coef", "class_loss_coef",
-                  "vq_every_step_until", "cluster_start", "dead_code_window"):
+        for f in (
+            "recon_coef",
+            "vq_coef",
+            "commit_coef",
+            "coverage_coef",
+            "class_loss_coef",
+            "vq_every_step_until",
+            "cluster_start",
+            "dead_code_window",
+        ):
             cfg.check_nonnegative(f, getattr(self, f))
         if self.n_codes % self.n_clusters:
-            raise cfg.ConfigError("n_codes", self.n_codes,
-                                  f"must be a multiple of n_clusters={self.n_clusters} (each class owns a slice)")
+            raise cfg.ConfigError(
+                "n_codes", self.n_codes, f"must be a multiple of n_clusters={self.n_clusters} (each class owns a slice)"
+            )
         if self.min_clusters > self.n_clusters:
             raise cfg.ConfigError("min_clusters", self.min_clusters, f"must be <= n_clusters={self.n_clusters}")
         if self.min_cluster_episodes < self.n_clusters:
-            raise cfg.ConfigError("min_cluster_episodes", self.min_cluster_episodes,
-                                  f"must be >= n_clusters={self.n_clusters}")
+            raise cfg.ConfigError(
+                "min_cluster_episodes", self.min_cluster_episodes, f"must be >= n_clusters={self.n_clusters}"
+            )
 
 
 # ---------------------------------------------------------------------------- networks
@@ -228,8 +250,10 @@ class VQVAE(nn.Module):
         self.enc = [dense(self.hidden), dense(self.hidden), dense(self.latent_dim, scale=1.0)]
         self.dec = [dense(self.hidden), dense(self.hidden), dense(self.state_dim, scale=1.0)]
         self.codebook = self.param(
-            "codebook", lambda key, shape: jax.random.uniform(key, shape, minval=-1.0, maxval=1.0),
-            (self.n_codes, self.latent_dim))
+            "codebook",
+            lambda key, shape: jax.random.uniform(key, shape, minval=-1.0, maxval=1.0),
+            (self.n_codes, self.latent_dim),
+        )
 
     def encode(self, s):
         x = nn.relu(self.enc[0](s))
@@ -335,7 +359,8 @@ def vq_update(vq: VQVAE, tx, params, opt, usage, vq_steps, s, valid, cover, coef
     Returns (params, opt, usage, vq_steps, parts [5], codes in use in this batch).
     """
     (_, (parts, idx, z_e)), grads = jax.value_and_grad(vq_loss, argnums=1, has_aux=True)(
-        vq, params, s, valid, cover, coefs)
+        vq, params, s, valid, cover, coefs
+    )
     updates, opt = tx.update(grads, opt, params)
     params = optax.apply_updates(params, updates)
     count = (jax.nn.one_hot(idx, vq.n_codes) * valid[..., None]).reshape(-1, vq.n_codes).sum(0)
@@ -348,8 +373,19 @@ def vq_update(vq: VQVAE, tx, params, opt, usage, vq_steps, s, valid, cover, coef
     return params, opt, usage, vq_steps, parts, (count > 0).sum().astype(jnp.float32)
 
 
-def fit_vq(vq: VQVAE, tx, s, valid, key, num_steps: int, batch_size: int, cover_table, coefs,
-           dead_code_window: int, from_data: bool = True):
+def fit_vq(
+    vq: VQVAE,
+    tx,
+    s,
+    valid,
+    key,
+    num_steps: int,
+    batch_size: int,
+    cover_table,
+    coefs,
+    dead_code_window: int,
+    from_data: bool = True,
+):
     """A VQ-VAE trained alone on episodes of scaled states s [N, T+1, S] (valid [N, T+1]):
     ``num_steps`` :func:`vq_update` steps on batches of ``batch_size`` episodes drawn
     uniformly, coverage classes uniform at random (TRAMA before its first clustering),
@@ -366,8 +402,17 @@ def fit_vq(vq: VQVAE, tx, s, valid, key, num_steps: int, batch_size: int, cover_
         k_b, k_c, k_r = jax.random.split(k, 3)
         rows = jax.random.choice(k_b, n, (batch_size,))
         classes = jax.random.randint(k_c, (batch_size,), 0, cover_table.shape[1])
-        *carry, _, in_use = vq_update(vq, tx, *carry, s[rows], valid[rows],
-                                      coverage_mask(cover_table, classes, s.shape[1]), coefs, dead_code_window, k_r)
+        *carry, _, in_use = vq_update(
+            vq,
+            tx,
+            *carry,
+            s[rows],
+            valid[rows],
+            coverage_mask(cover_table, classes, s.shape[1]),
+            coefs,
+            dead_code_window,
+            k_r,
+        )
         return tuple(carry), in_use
 
     carry = (params, tx.init(params), jnp.zeros(vq.n_codes), jnp.zeros((), jnp.int32))
@@ -442,8 +487,9 @@ def vq_schedule(env_steps, episodes, last_vq_episode, can_sample, config: TRAMAC
     early = env_steps <= config.vq_every_step_until
     owed = (episodes - last_vq_episode) // config.vq_update_episodes
     n = jnp.where(can_sample, jnp.where(early, config.train_steps, jnp.minimum(owed, config.train_steps)), 0)
-    later = jnp.maximum(last_vq_episode + n * config.vq_update_episodes,
-                        episodes - 2 * config.train_steps * config.vq_update_episodes)
+    later = jnp.maximum(
+        last_vq_episode + n * config.vq_update_episodes, episodes - 2 * config.train_steps * config.vq_update_episodes
+    )
     return n, jnp.where(early, episodes, later)
 
 
@@ -490,7 +536,7 @@ def make(env, config: TRAMAConfig, name: str = "trama") -> Algorithm:
     return ql.make(env, config, name=name, hooks=make_hooks(env, config))
 
 
-def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
+def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:  # noqa: C901
     """The backbone hooks implementing TRAMA on ``env`` (see the module docstring)."""
     spec = env.spec
     A, L, S = spec.num_agents, spec.max_steps, spec.state_dim
@@ -551,8 +597,9 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             labels = episode_labels(ext, params, s, transitions(filled), st["fields"]["uid"][:, 0])
             classes = jnp.where(ext.clustered, labels, jax.random.randint(k_c, labels.shape, 0, K))
             cov = coverage_mask(cover, classes, s.shape[1])
-            *new, parts, in_use = vq_update(vq, vq_tx, params, opt, usage, vq_steps, s, filled, cov, coefs,
-                                            config.dead_code_window, k_r)
+            *new, parts, in_use = vq_update(
+                vq, vq_tx, params, opt, usage, vq_steps, s, filled, cov, coefs, config.dead_code_window, k_r
+            )
             on = i < n_steps
             carry = jax.tree.map(lambda a, b: jnp.where(on, a, b), (*new, in_use), carry)
             return carry, (parts, on)
@@ -562,8 +609,15 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         (params, opt, usage, vq_steps, in_use), (parts, on) = jax.lax.scan(step, carry, steps)
         w = on.astype(jnp.float32)
         loss = jnp.where(w.sum() > 0, (parts * w[:, None]).sum(0) / jnp.maximum(w.sum(), 1.0), ext.vq_loss)
-        return ext.replace(vq_params=params, vq_opt=opt, vq_loss=loss, usage=usage, vq_steps=vq_steps,
-                           codes_in_use=in_use, book_ready=ext.book_ready | (n_steps > 0))
+        return ext.replace(
+            vq_params=params,
+            vq_opt=opt,
+            vq_loss=loss,
+            usage=usage,
+            vq_steps=vq_steps,
+            codes_in_use=in_use,
+            book_ready=ext.book_ready | (n_steps > 0),
+        )
 
     # ------------------------------------------------------------------ clustering
     def cluster_phase(ext: TRAMAState, buffer, due, key):
@@ -598,7 +652,8 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
             return (optax.apply_updates(params, updates), opt), loss
 
         (clf_params, clf_opt), losses = jax.lax.scan(
-            clf_step, (ext.clf_params, ext.clf_opt), jax.random.split(k_clf, config.classifier_steps))
+            clf_step, (ext.clf_params, ext.clf_opt), jax.random.split(k_clf, config.classifier_steps)
+        )
 
         def pick(new, old):
             return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
@@ -631,13 +686,30 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         }
         z = jnp.zeros((), jnp.int32)
         state = TRAMAState(
-            vq_params=vq_params, vq_opt=vq_tx.init(vq_params), clf_params=clf_params, clf_opt=clf_tx.init(clf_params),
-            centroids=jnp.zeros((K, D)), clustered=jnp.zeros((), bool), clusterings=z,
-            label=jnp.full((C,), -1, jnp.int32), label_uid=jnp.full((C,), -1, jnp.int32), env_steps=z, episodes=z,
-            last_vq_episode=z, last_cluster_step=z, last_cluster_episode=z, vq_loss=jnp.zeros((5,)),
-            clf_loss=jnp.zeros(()), nonempty=z, ari=jnp.zeros(()), book_ready=jnp.zeros((), bool),
-            usage=jnp.zeros((config.n_codes,)), vq_steps=z, codes_in_use=jnp.zeros(()),
-            cluster_sizes=jnp.zeros((K,)))
+            vq_params=vq_params,
+            vq_opt=vq_tx.init(vq_params),
+            clf_params=clf_params,
+            clf_opt=clf_tx.init(clf_params),
+            centroids=jnp.zeros((K, D)),
+            clustered=jnp.zeros((), bool),
+            clusterings=z,
+            label=jnp.full((C,), -1, jnp.int32),
+            label_uid=jnp.full((C,), -1, jnp.int32),
+            env_steps=z,
+            episodes=z,
+            last_vq_episode=z,
+            last_cluster_step=z,
+            last_cluster_episode=z,
+            vq_loss=jnp.zeros((5,)),
+            clf_loss=jnp.zeros(()),
+            nonempty=z,
+            ari=jnp.zeros(()),
+            book_ready=jnp.zeros((), bool),
+            usage=jnp.zeros((config.n_codes,)),
+            vq_steps=z,
+            codes_in_use=jnp.zeros(()),
+            cluster_sizes=jnp.zeros((K,)),
+        )
         return ext_params, state
 
     def initial_field_carry(batch_shape):
@@ -670,13 +742,20 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         fields = batch["fields"]
 
         def class_loss(pred_params):
-            labels = episode_labels(ext, ext.vq_params, batch["state"] / state_scale, transitions(filled),
-                                    fields["uid"][:, 0])  # [B]
+            labels = episode_labels(
+                ext, ext.vq_params, batch["state"] / state_scale, transitions(filled), fields["uid"][:, 0]
+            )  # [B]
             # the agents' chunked unroll: chunks past the batch's longest episode are skipped
-            logits = rnn.unroll_chunked(predictor, pred_params, predictor_inputs(batch["obs"]),
-                                       max_over_seeds(filled.sum(-1).max()), config.gru_autodiff)[:, :-1]
+            logits = rnn.unroll_chunked(
+                predictor,
+                pred_params,
+                predictor_inputs(batch["obs"]),
+                max_over_seeds(filled.sum(-1).max()),
+                config.gru_autodiff,
+            )[:, :-1]
             ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1]))
+                logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1])
+            )
             w = valid.astype(jnp.float32)[..., None]
             n = jnp.maximum(w.sum() * A, 1.0)
             acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
@@ -685,15 +764,26 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         # before the first clustering the loss has weight 0: its unroll is skipped (the
         # condition is maximized over vmapped seeds; a seed not yet clustered weighs it 0)
         ce, (acc, majority) = jax.lax.cond(
-            max_over_seeds(ext.clustered.astype(jnp.int32)) > 0, class_loss,
-            lambda p: (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))), params["ext"]["predictor"])
+            max_over_seeds(ext.clustered.astype(jnp.int32)) > 0,
+            class_loss,
+            lambda p: (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))),
+            params["ext"]["predictor"],
+        )
         on = ext.clustered.astype(jnp.float32)
-        metrics = {"class_loss": ce * on, "class_accuracy": acc * on, "class_majority_rate": majority * on,
-                   "codes_in_use": ext.codes_in_use, "clustered": on,
-                   "clusterings": ext.clusterings.astype(jnp.float32), "nonempty_clusters": ext.nonempty.astype(
-                       jnp.float32), "classifier_loss": ext.clf_loss, "vq_loss": ext.vq_loss[0],
-                   "vq_recon": ext.vq_loss[1], "vq_coverage": ext.vq_loss[4],
-                   **{f"cluster_size_{k}": ext.cluster_sizes[k] for k in range(K)}}
+        metrics = {
+            "class_loss": ce * on,
+            "class_accuracy": acc * on,
+            "class_majority_rate": majority * on,
+            "codes_in_use": ext.codes_in_use,
+            "clustered": on,
+            "clusterings": ext.clusterings.astype(jnp.float32),
+            "nonempty_clusters": ext.nonempty.astype(jnp.float32),
+            "classifier_loss": ext.clf_loss,
+            "vq_loss": ext.vq_loss[0],
+            "vq_recon": ext.vq_loss[1],
+            "vq_coverage": ext.vq_loss[4],
+            **{f"cluster_size_{k}": ext.cluster_sizes[k] for k in range(K)},
+        }
         if n_tasks:
             metrics["cluster_ari"] = ext.ari
         return config.class_loss_coef * on * ce, metrics
@@ -705,21 +795,36 @@ def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
         n = jnp.minimum(new_episodes, C)
         age = (buffer.insert_pos - 1 - jnp.arange(C)) % C
         new = age < n
-        ext = ext.replace(label=jnp.where(new, -1, ext.label),
-                          label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid))
+        ext = ext.replace(
+            label=jnp.where(new, -1, ext.label),
+            label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid),
+        )
         # VQ-VAE
-        n_vq, last = vq_schedule(ext.env_steps, ext.episodes, ext.last_vq_episode,
-                                 buffers.can_sample(buffer, config.batch_size), config)
+        n_vq, last = vq_schedule(
+            ext.env_steps, ext.episodes, ext.last_vq_episode, buffers.can_sample(buffer, config.batch_size), config
+        )
         ext = ext.replace(last_vq_episode=last)
         ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(e, buffer, n_vq, k_vq), lambda e: e, ext)
         # clustering
-        due = ((ext.env_steps >= config.cluster_start)
-               & (~ext.clustered | (ext.env_steps - ext.last_cluster_step >= config.cluster_interval)
-                  | (ext.episodes - ext.last_cluster_episode >= config.cluster_interval_episodes))
-               & (buffer.size >= config.min_cluster_episodes))
-        return jax.lax.cond(max_over_seeds(due.astype(jnp.int32)) > 0,
-                            lambda e: cluster_phase(e, buffer, due, k_cl), lambda e: e, ext)
+        due = (
+            (ext.env_steps >= config.cluster_start)
+            & (
+                ~ext.clustered
+                | (ext.env_steps - ext.last_cluster_step >= config.cluster_interval)
+                | (ext.episodes - ext.last_cluster_episode >= config.cluster_interval_episodes)
+            )
+            & (buffer.size >= config.min_cluster_episodes)
+        )
+        return jax.lax.cond(
+            max_over_seeds(due.astype(jnp.int32)) > 0, lambda e: cluster_phase(e, buffer, due, k_cl), lambda e: e, ext
+        )
 
-    return ql.Hooks(init=init, initial_field_carry=initial_field_carry, step_fields=step_fields,
-                    agent_inputs=agent_inputs, extra_input_dim=config.class_repr_dim, extra_loss=extra_loss,
-                    after_iteration=after_iteration)
+    return ql.Hooks(
+        init=init,
+        initial_field_carry=initial_field_carry,
+        step_fields=step_fields,
+        agent_inputs=agent_inputs,
+        extra_input_dim=config.class_repr_dim,
+        extra_loss=extra_loss,
+        after_iteration=after_iteration,
+    )

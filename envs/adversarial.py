@@ -100,8 +100,18 @@ from flax import struct
 from marl.config import ConfigError
 from marl.types import EnvSpec, Timestep
 
-__all__ = ["PhysicsParams", "EnvState", "AdversarialEnv", "Pendulum", "CartPole", "PointMass",
-           "TASKS", "names", "make", "with_params"]
+__all__ = [
+    "PhysicsParams",
+    "EnvState",
+    "AdversarialEnv",
+    "Pendulum",
+    "CartPole",
+    "PointMass",
+    "TASKS",
+    "names",
+    "make",
+    "with_params",
+]
 
 
 @struct.dataclass
@@ -116,8 +126,12 @@ class PhysicsParams:
 
 
 PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(PhysicsParams))
-_PARAM_LOWER = {"mass_scale": (0.0, True), "friction_scale": (0.0, False), "adversary_scale": (0.0, False),
-                "cart_mass_scale": (0.0, True)}
+_PARAM_LOWER = {
+    "mass_scale": (0.0, True),
+    "friction_scale": (0.0, False),
+    "adversary_scale": (0.0, False),
+    "cart_mass_scale": (0.0, True),
+}
 
 
 def log_grid(lo: float, hi: float, n: int = 11) -> tuple[float, ...]:
@@ -130,7 +144,7 @@ def lin_grid(lo: float, hi: float, n: int = 11) -> tuple[float, ...]:
 
 
 # the default stress grid: the named body's mass x0.35..x2.8 (log-spaced, 1 in the middle), friction x0..x5
-DEFAULT_STRESS = (("mass_scale", 2.0 ** -1.5, 2.0 ** 1.5, "log"), ("friction_scale", 0.0, 5.0, "lin"))
+DEFAULT_STRESS = (("mass_scale", 2.0**-1.5, 2.0**1.5, "log"), ("friction_scale", 0.0, 5.0, "lin"))
 
 
 def _check_param(name: str, value) -> None:
@@ -192,8 +206,13 @@ class AdversarialEnv:
         action_dim = max(self.protagonist_dim, self.adversary_dim) if adversary else self.protagonist_dim
         self.spec = EnvSpec(
             name=f"adv:{self.task}" + ("" if adversary else "-noadv"),
-            num_agents=num_agents, obs_dim=self.obs_dim, state_dim=self.obs_dim,
-            max_steps=self.max_steps, action_dim=action_dim, action_low=-1.0, action_high=1.0,
+            num_agents=num_agents,
+            obs_dim=self.obs_dim,
+            state_dim=self.obs_dim,
+            max_steps=self.max_steps,
+            action_dim=action_dim,
+            action_low=-1.0,
+            action_high=1.0,
         )
 
     @property
@@ -238,8 +257,12 @@ class AdversarialEnv:
         A = self.spec.num_agents
         obs = jnp.broadcast_to(obs.astype(jnp.float32), (A, self.obs_dim))
         return Timestep(
-            obs=obs, state=obs[0], reward=reward.astype(jnp.float32), done=jnp.asarray(done, bool),
-            terminated=jnp.asarray(terminated, bool), avail_actions=jnp.ones((A, 1), bool),
+            obs=obs,
+            state=obs[0],
+            reward=reward.astype(jnp.float32),
+            done=jnp.asarray(done, bool),
+            terminated=jnp.asarray(terminated, bool),
+            avail_actions=jnp.ones((A, 1), bool),
             info={"adversary_force": force.astype(jnp.float32), "won": jnp.asarray(won, bool)},
         )
 
@@ -409,8 +432,11 @@ def with_params(env, **values):
     inner = getattr(env, "_env", None)
     if inner is None:
         if not isinstance(env, AdversarialEnv):
-            raise ConfigError("env", getattr(getattr(env, "spec", None), "name", env),
-                              "has no physics parameters; use an adv:<task> environment")
+            raise ConfigError(
+                "env",
+                getattr(getattr(env, "spec", None), "name", env),
+                "has no physics parameters; use an adv:<task> environment",
+            )
         return env.with_params(**values)
     new = object.__new__(type(env))  # copy.copy would probe the wrapper's __getattr__ before _env exists
     new.__dict__.update(env.__dict__, _env=with_params(inner, **values))

@@ -80,9 +80,7 @@ class JaxMARLAdapter:
         # Probe the world state once, on the host, to learn its size.
         obs, _ = jax.eval_shape(env.reset, jax.random.PRNGKey(0))
         self._has_world_state = "world_state" in obs
-        state_dim = (
-            int(np.prod(obs["world_state"].shape)) if self._has_world_state else obs_dim * len(self.agents)
-        )
+        state_dim = int(np.prod(obs["world_state"].shape)) if self._has_world_state else obs_dim * len(self.agents)
         if discrete[0]:
             self._action_counts = [int(sp.n) for sp in spaces]
             num_actions, action_dim, low, high = max(self._action_counts), None, -1.0, 1.0
@@ -110,15 +108,17 @@ class JaxMARLAdapter:
             action_low=low,
             action_high=high,
             action_cost=action_cost,
-            state_scale=None if state_scale is None else np.asarray(
-                state_scale(state_dim) if callable(state_scale) else state_scale, np.float32),
+            state_scale=None
+            if state_scale is None
+            else np.asarray(state_scale(state_dim) if callable(state_scale) else state_scale, np.float32),
             max_return=max_return,
             agent_types=types if len(set(types)) > 1 else None,
             obs_mask=np.arange(obs_dim)[None, :] < np.asarray(obs_sizes)[:, None] if hetero_obs else None,
             action_counts=tuple(self._action_counts) if hetero_act else None,
         )
-        self._action_mask = (np.arange(num_actions)[None, :] < np.asarray(self._action_counts)[:, None]
-                             if hetero_act else None)
+        self._action_mask = (
+            np.arange(num_actions)[None, :] < np.asarray(self._action_counts)[:, None] if hetero_act else None
+        )
 
     @property
     def unwrapped(self):
@@ -126,16 +126,18 @@ class JaxMARLAdapter:
 
     def _stack(self, obs: dict, inner) -> tuple[jax.Array, jax.Array, jax.Array]:
         d = self.spec.obs_dim
-        o = jnp.stack([jnp.pad(obs[a].reshape(-1), (0, d - n)) for a, n in zip(self.agents, self._obs_sizes,
-                                                                                   strict=True)]).astype(jnp.float32)
+        o = jnp.stack(
+            [jnp.pad(obs[a].reshape(-1), (0, d - n)) for a, n in zip(self.agents, self._obs_sizes, strict=True)]
+        ).astype(jnp.float32)
         s = obs["world_state"].reshape(-1) if self._has_world_state else o.reshape(-1)
         if self._state_fn is not None:
             s = self._state_fn(inner, s)
         if self._has_avail:
             av = self._env.get_avail_actions(inner)
             n = self.spec.num_actions
-            avail = jnp.stack([jnp.pad(jnp.asarray(av[a]).reshape(-1), (0, n - jnp.asarray(av[a]).size))
-                               for a in self.agents]).astype(bool)
+            avail = jnp.stack(
+                [jnp.pad(jnp.asarray(av[a]).reshape(-1), (0, n - jnp.asarray(av[a]).size)) for a in self.agents]
+            ).astype(bool)
         else:
             avail = jnp.ones((len(self.agents), self.spec.num_actions or 1), bool)
         if self._action_mask is not None:

@@ -86,10 +86,14 @@ class TaskSet:
         if not tasks:
             raise ValueError("invalid tasks=(): a task set needs at least one composition")
         for t in tasks:
-            if not t["units"] or any(int(c) != c or c < 0 for c in t["units"].values()) or sum(
-                    t["units"].values()) <= 0:
-                raise ValueError(f"invalid tasks units={t['units']!r}: counts must be non-negative integers, "
-                                 "at least one unit")
+            if (
+                not t["units"]
+                or any(int(c) != c or c < 0 for c in t["units"].values())
+                or sum(t["units"].values()) <= 0
+            ):
+                raise ValueError(
+                    f"invalid tasks units={t['units']!r}: counts must be non-negative integers, at least one unit"
+                )
             if not t["weight"] > 0:
                 raise ValueError(f"invalid tasks weight={t['weight']!r}: must be > 0")
         if not 0.0 <= self.reflect_prob <= 1.0:
@@ -115,8 +119,8 @@ class TaskSet:
                 if name not in unit_type_names:
                     raise ValueError(f"invalid unit type {name!r}: SMAX has {list(unit_type_names)}")
                 row += [unit_type_names.index(name)] * int(count)
-            types[i, :len(row)] = row
-            present[i, :len(row)] = True
+            types[i, : len(row)] = row
+            present[i, : len(row)] = True
         return types, present
 
 
@@ -158,8 +162,9 @@ def _classes():
 
         def __init__(self, task_set: TaskSet, **kwargs):
             if kwargs.get("use_self_play_reward"):
-                raise ValueError("invalid use_self_play_reward=True: multi-task SMAX supports the heuristic "
-                                 "enemy's reward only")
+                raise ValueError(
+                    "invalid use_self_play_reward=True: multi-task SMAX supports the heuristic enemy's reward only"
+                )
             for k in ("num_allies", "num_enemies", "scenario"):
                 if k in kwargs:
                     raise ValueError(f"invalid {k}={kwargs[k]!r}: team sizes come from the task set")
@@ -192,7 +197,7 @@ def _classes():
             unit_types = jnp.concatenate([types, types])  # the enemy mirrors the allies
             present = jnp.concatenate([present, present])
             unit_health = jnp.where(present, self.unit_type_health[unit_types], 0.0)
-            teams = jnp.zeros((self.num_agents,)).at[self.num_allies:].set(1)
+            teams = jnp.zeros((self.num_agents,)).at[self.num_allies :].set(1)
             state = MultiTaskState(
                 unit_positions=positions,
                 unit_alive=present,
@@ -210,10 +215,17 @@ def _classes():
             state = self._push_units_away(state)
             if not self.task_set.shuffle_units:  # sort each team on its final start positions
                 n = self.num_allies
-                order = jnp.concatenate([sort_slots(types, present[:n], state.unit_positions[:n]),
-                                         n + sort_slots(types, present[n:], state.unit_positions[n:])])
-                state = state.replace(unit_positions=state.unit_positions[order],
-                                      unit_types=state.unit_types[order], unit_health=state.unit_health[order])
+                order = jnp.concatenate(
+                    [
+                        sort_slots(types, present[:n], state.unit_positions[:n]),
+                        n + sort_slots(types, present[n:], state.unit_positions[n:]),
+                    ]
+                )
+                state = state.replace(
+                    unit_positions=state.unit_positions[order],
+                    unit_types=state.unit_types[order],
+                    unit_health=state.unit_health[order],
+                )
             obs = self.get_obs(state)
             obs["world_state"] = jax.lax.stop_gradient(self.get_world_state(state))
             return obs, state
@@ -253,8 +265,7 @@ def _classes():
             self.action_spaces = {i: self._env.action_spaces[i] for i in self.agents}
             self.enemy_shoots = enemy_shoots
             self.attack_mode = attack_mode
-            self.heuristic_policy = create_heuristic_policy(self._env, 1, shoot=enemy_shoots,
-                                                            attack_mode=attack_mode)
+            self.heuristic_policy = create_heuristic_policy(self._env, 1, shoot=enemy_shoots, attack_mode=attack_mode)
 
     return MultiTaskSMAX, MultiTaskHeuristicEnemySMAX
 
@@ -265,8 +276,12 @@ def sort_slots(types, present, positions):
     return jnp.lexsort((positions[:, 1], positions[:, 0], types, ~present))
 
 
-def task_set_from(tasks: Any = None, reflect_prob: Optional[float] = None,
-                  shuffle_units: Optional[bool] = None, base: Optional[TaskSet] = None) -> TaskSet:
+def task_set_from(
+    tasks: Any = None,
+    reflect_prob: Optional[float] = None,
+    shuffle_units: Optional[bool] = None,
+    base: Optional[TaskSet] = None,
+) -> TaskSet:
     """A :class:`TaskSet` from a list of dicts (or a TaskSet), overriding ``base``'s options."""
     if isinstance(tasks, TaskSet):
         base, tasks = tasks, None
@@ -282,8 +297,13 @@ def task_set_from(tasks: Any = None, reflect_prob: Optional[float] = None,
     return dataclasses.replace(base, **fields) if base is not None else TaskSet(**fields)
 
 
-def make_multitask_smax(name: str = "surComb3", tasks: Any = None, reflect_prob: Optional[float] = None,
-                        shuffle_units: Optional[bool] = None, **kwargs):
+def make_multitask_smax(
+    name: str = "surComb3",
+    tasks: Any = None,
+    reflect_prob: Optional[float] = None,
+    shuffle_units: Optional[bool] = None,
+    **kwargs,
+):
     """The adapted environment ``smax-mt:<name>`` (unwrapped; the registry adds the wrappers).
 
     ``name``: a key of ``TASK_SETS`` or ``custom``; ``tasks`` / ``reflect_prob`` /
@@ -311,5 +331,7 @@ def task_weights(env) -> np.ndarray:
 def describe(task_set: TaskSet) -> list[str]:
     """Human-readable compositions, e.g. ``['3 stalker + 2 zealot (p=0.33)', ...]``."""
     w = task_set.weights
-    return [" + ".join(f"{c} {u}" for u, c in t["units"].items()) + f" (p={p:.2f})"
-            for t, p in zip(task_set.tasks, w, strict=True)]
+    return [
+        " + ".join(f"{c} {u}" for u, c in t["units"].items()) + f" (p={p:.2f})"
+        for t, p in zip(task_set.tasks, w, strict=True)
+    ]

@@ -71,9 +71,7 @@ def _unknown(name: str):
     options = registered()
     close = difflib.get_close_matches(name, options, n=3)
     hint = f" Did you mean {close}?" if close else ""
-    raise UnknownEnvError(
-        f"invalid env={name!r}: unknown environment.{hint} Registered: {', '.join(options)}"
-    )
+    raise UnknownEnvError(f"invalid env={name!r}: unknown environment.{hint} Registered: {', '.join(options)}")
 
 
 # ----------------------------------------------------------------------------- JaxMARL

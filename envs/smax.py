@@ -35,8 +35,11 @@ def make_smax(map_name: str, reward: str = "default", alive_bonus: float = 0.02,
     check_nonnegative("alive_bonus", alive_bonus)
     if reward != "default":
         if "won_battle_bonus" in kwargs:
-            raise ConfigError("won_battle_bonus", kwargs["won_battle_bonus"],
-                              f"is set by reward={reward!r} (no win bonus); pass only one of them")
+            raise ConfigError(
+                "won_battle_bonus",
+                kwargs["won_battle_bonus"],
+                f"is set by reward={reward!r} (no win bonus); pass only one of them",
+            )
         kwargs["won_battle_bonus"] = 0.0
     elif alive_bonus != 0.02:
         raise ConfigError("alive_bonus", alive_bonus, "is only used with reward='damage_alive'")
@@ -57,7 +60,8 @@ class AliveBonus:
         self._env, self._bonus = env, float(bonus)
         self._allies = env.unwrapped.num_allies
         self.spec = dataclasses.replace(
-            env.spec, max_return=(env.spec.max_return or 0.0) + self._bonus * env.spec.max_steps)
+            env.spec, max_return=(env.spec.max_return or 0.0) + self._bonus * env.spec.max_steps
+        )
 
     def __getattr__(self, name):
         return getattr(self._env, name)
@@ -105,7 +109,7 @@ def smax_adapter(env, name: str, info_fn=None):
         cd = jnp.clip(st.unit_weapon_cooldowns / jnp.asarray(type_cooldowns)[st.unit_types], 0.0, 1.0)
         cd = jnp.where(st.unit_alive, cd, 0.0)
         per_unit = s[: units * feats].reshape(units, feats).at[:, 3].set(cd)
-        return jnp.concatenate([per_unit.reshape(-1), s[units * feats:]])
+        return jnp.concatenate([per_unit.reshape(-1), s[units * feats :]])
 
     def state_scale(state_dim):
         # world state: per unit [health, x, y, cooldown, type one-hot...], then teams and types
@@ -115,11 +119,16 @@ def smax_adapter(env, name: str, info_fn=None):
         for u in range(units):
             scale[u * feats + 1] = env.map_width
             scale[u * feats + 2] = env.map_height
-        scale[units * (feats + 1):] = max(1, len(env.unit_type_names) - 1)  # unit type ids
+        scale[units * (feats + 1) :] = max(1, len(env.unit_type_names) - 1)  # unit type ids
         return scale
 
     return JaxMARLAdapter(
-        env, name, won_fn=won, action_cost=smax_cost(env.num_enemies), state_scale=state_scale,
+        env,
+        name,
+        won_fn=won,
+        action_cost=smax_cost(env.num_enemies),
+        state_scale=state_scale,
         max_return=1.0 + float(env.won_battle_bonus),  # all enemy health (normalized to 1) + the win bonus
-        info_fn=info_fn, state_fn=bounded_state,
+        info_fn=info_fn,
+        state_fn=bounded_state,
     )

@@ -250,7 +250,7 @@ def neighbour_sums_dense(pos: jax.Array, feats: jax.Array, radius: float) -> Nei
     """All pairs with masks. pos [N, 2], feats [N, F]; memory O(N^2)."""
     n = pos.shape[0]
     delta = mf.torus_delta(pos[:, None, :], pos[None, :, :])  # [N, N, 2], x_j - x_i
-    m = (jnp.sum(delta ** 2, -1) < radius ** 2) & ~jnp.eye(n, dtype=bool)
+    m = (jnp.sum(delta**2, -1) < radius**2) & ~jnp.eye(n, dtype=bool)
     w = m.astype(pos.dtype)
     return NeighbourSums(w.sum(1), jnp.einsum("ij,ijk->ik", w, delta), w @ feats, jnp.zeros((), jnp.int32))
 
@@ -258,7 +258,7 @@ def neighbour_sums_dense(pos: jax.Array, feats: jax.Array, radius: float) -> Nei
 def cell_grid(num_agents: int, radius: float, capacity: int = 0) -> tuple[int, int]:
     """(cells per side G, capacity per cell) of the cell list for N agents and radius r."""
     g = max(1, min(int(math.floor(1.0 / radius)), int(math.isqrt(num_agents))))
-    cap = capacity or int(math.ceil(2.0 * num_agents / g ** 2)) + 8
+    cap = capacity or int(math.ceil(2.0 * num_agents / g**2)) + 8
     return g, min(cap, num_agents)
 
 
@@ -293,7 +293,7 @@ def neighbour_sums_cells(pos: jax.Array, feats: jax.Array, radius: float, cells:
             nc = ((cxy[:, 0] + da) % g) * g + (cxy[:, 1] + db) % g  # [N]
             dx = mf.torus_delta(x, slots[0][nc])  # [N, cap]
             dy = mf.torus_delta(y, slots[1][nc])
-            near = (dx * dx + dy * dy < radius ** 2) & (table[nc] != me)
+            near = (dx * dx + dy * dy < radius**2) & (table[nc] != me)
             w = jnp.where(near, slot_w[nc], 0.0)
             terms = [w, w * dx, w * dy] + [w * f[nc] for f in slots[2:]]
             sums = [acc + t.sum(1) for acc, t in zip(sums, terms, strict=True)]
@@ -335,7 +335,7 @@ class _Swarm:
         self.num_agents = n
         self.use_cells = c.neighbours == "cells" or (c.neighbours == "auto" and n > c.dense_max_agents)
         self.cells, self.capacity = cell_grid(n, c.radius, c.cell_capacity)
-        self.n_ref = max(1.0, (n - 1) * math.pi * c.radius ** 2)
+        self.n_ref = max(1.0, (n - 1) * math.pi * c.radius**2)
         self.bw_pos = c.state_bandwidth or 1.0 / c.state_bins
         self.bw_phase = c.state_bandwidth or 1.0 / c.phase_bins
         obs_dim = 1 + self.task_obs_dim + (4 if c.observe_position else 0) + 1  # density, task, [position], t / T
@@ -347,9 +347,15 @@ class _Swarm:
             act = dict(num_actions=grid.shape[0], action_cost=cost)
         else:
             act = dict(action_dim=self.action_dim, action_low=-1.0, action_high=1.0)
-        self.spec = EnvSpec(name=f"swarm:{self.task}", num_agents=n, obs_dim=obs_dim,
-                            state_dim=self.state_dim, max_steps=c.max_steps,
-                            rule_features=self.rule_features, **act)
+        self.spec = EnvSpec(
+            name=f"swarm:{self.task}",
+            num_agents=n,
+            obs_dim=obs_dim,
+            state_dim=self.state_dim,
+            max_steps=c.max_steps,
+            rule_features=self.rule_features,
+            **act,
+        )
 
     # --- accessors for mean-field code
     def positions(self, state: SwarmState) -> jax.Array:
@@ -386,8 +392,9 @@ class _Swarm:
         parts = [(s.count / self.n_ref)[:, None], self._task_obs(state, mean(s.disp), mean(s.feats))]
         if self.config.observe_position:
             ang = TWO_PI * state.pos
-            parts.append(jnp.stack([jnp.cos(ang[:, 0]), jnp.sin(ang[:, 0]),
-                                    jnp.cos(ang[:, 1]), jnp.sin(ang[:, 1])], -1))
+            parts.append(
+                jnp.stack([jnp.cos(ang[:, 0]), jnp.sin(ang[:, 0]), jnp.cos(ang[:, 1]), jnp.sin(ang[:, 1])], -1)
+            )
         tt = jnp.full((self.num_agents, 1), state.t / self.config.max_steps, jnp.float32)
         return jnp.concatenate(parts + [tt], -1).astype(jnp.float32), s.overflow
 
@@ -398,9 +405,12 @@ class _Swarm:
         n = self.num_agents
         na = self.spec.num_actions or 1
         return Timestep(
-            obs=state.obs, state=self.world_state(state),
-            reward=jnp.full((n,), reward, jnp.float32), done=jnp.asarray(done, bool),
-            terminated=jnp.zeros((), bool), avail_actions=jnp.ones((n, na), bool),
+            obs=state.obs,
+            state=self.world_state(state),
+            reward=jnp.full((n,), reward, jnp.float32),
+            done=jnp.asarray(done, bool),
+            terminated=jnp.zeros((), bool),
+            avail_actions=jnp.ones((n, na), bool),
             info={"order": self.order(state).astype(jnp.float32), "neighbour_overflow": state.overflow},
         )
 
@@ -415,9 +425,14 @@ class _Swarm:
     def reset(self, key: jax.Array) -> tuple[SwarmState, Timestep]:
         n = self.num_agents
         z = jnp.zeros(n, jnp.float32)
-        state = SwarmState(pos=z[:, None].repeat(2, 1), angle=z, omega=z,
-                           obs=jnp.zeros((n, self.spec.obs_dim), jnp.float32),
-                           t=jnp.zeros((), jnp.int32), overflow=jnp.zeros((), jnp.int32))
+        state = SwarmState(
+            pos=z[:, None].repeat(2, 1),
+            angle=z,
+            omega=z,
+            obs=jnp.zeros((n, self.spec.obs_dim), jnp.float32),
+            t=jnp.zeros((), jnp.int32),
+            overflow=jnp.zeros((), jnp.int32),
+        )
         state = self._init(key, state)
         obs, ovf = self.observe(state)
         state = state.replace(obs=obs, overflow=ovf)
@@ -428,7 +443,7 @@ class _Swarm:
         new = self._move(key, state, a).replace(t=state.t + 1)
         obs, ovf = self.observe(new)
         new = new.replace(obs=obs, overflow=ovf)
-        reward = self.order(new) - self.config.action_cost * jnp.mean(jnp.sum(a ** 2, -1)) / self.action_dim
+        reward = self.order(new) - self.config.action_cost * jnp.mean(jnp.sum(a**2, -1)) / self.action_dim
         return new, self._timestep(new, reward, new.t >= self.config.max_steps)
 
     def _noise(self, key, shape):
@@ -463,9 +478,11 @@ class Kuramoto(_Swarm):
         c = self.config
         kp, ka, kw = jax.random.split(key, 3)
         n = self.num_agents
-        return state.replace(pos=jax.random.uniform(kp, (n, 2)),
-                             angle=jax.random.uniform(ka, (n,), maxval=TWO_PI),
-                             omega=c.omega_mean + c.omega_std * jax.random.normal(kw, (n,)))
+        return state.replace(
+            pos=jax.random.uniform(kp, (n, 2)),
+            angle=jax.random.uniform(ka, (n,), maxval=TWO_PI),
+            omega=c.omega_mean + c.omega_std * jax.random.normal(kw, (n,)),
+        )
 
     def _task_obs(self, state, mean_disp, mean_feats):
         rc, rs = _relative_angle_means(state.angle, mean_feats)
@@ -484,7 +501,7 @@ class Kuramoto(_Swarm):
 
     def order(self, state):
         mc, ms = _order_complex(state.angle)
-        return jnp.sqrt(mc ** 2 + ms ** 2)
+        return jnp.sqrt(mc**2 + ms**2)
 
     def mean_field_points(self, state):
         return (state.angle / TWO_PI)[:, None]
@@ -508,7 +525,7 @@ class Vicsek(_Swarm):
 
     @property
     def state_dim(self):
-        return self.config.state_bins ** 2 + self.config.phase_bins + 3
+        return self.config.state_bins**2 + self.config.phase_bins + 3
 
     def _init(self, key, state):
         kp, ka = jax.random.split(key)
@@ -531,7 +548,7 @@ class Vicsek(_Swarm):
 
     def order(self, state):
         mc, ms = _order_complex(state.angle)
-        return jnp.sqrt(mc ** 2 + ms ** 2)
+        return jnp.sqrt(mc**2 + ms**2)
 
     def mean_field_points(self, state):
         return jnp.concatenate([state.pos, (state.angle / TWO_PI)[:, None]], -1)
@@ -539,9 +556,13 @@ class Vicsek(_Swarm):
     def _summary(self, state):
         c = self.config
         mc, ms = _order_complex(state.angle)
-        return jnp.concatenate([mf.grid_embedding(state.pos, c.state_bins, self.bw_pos),
-                                mf.grid_embedding((state.angle / TWO_PI)[:, None], c.phase_bins, self.bw_phase),
-                                jnp.stack([mc, ms])])
+        return jnp.concatenate(
+            [
+                mf.grid_embedding(state.pos, c.state_bins, self.bw_pos),
+                mf.grid_embedding((state.angle / TWO_PI)[:, None], c.phase_bins, self.bw_phase),
+                jnp.stack([mc, ms]),
+            ]
+        )
 
 
 class VicsekHard(Vicsek):
@@ -560,7 +581,7 @@ class Aggregation(_Swarm):
 
     @property
     def state_dim(self):
-        return self.config.state_bins ** 2 + 2
+        return self.config.state_bins**2 + 2
 
     def _features(self, state):
         return jnp.zeros((self.num_agents, 0), jnp.float32)
@@ -579,7 +600,7 @@ class Aggregation(_Swarm):
     def mean_distance(self, state):
         """[] mean torus distance to the swarm centre."""
         d = mf.torus_delta(swarm_centre(state.pos)[None, :], state.pos)
-        return jnp.mean(jnp.sqrt(jnp.sum(d ** 2, -1)))
+        return jnp.mean(jnp.sqrt(jnp.sum(d**2, -1)))
 
     def order(self, state):
         return -self.mean_distance(state)
@@ -592,8 +613,12 @@ class Aggregation(_Swarm):
         return jnp.concatenate([emb, self.mean_distance(state)[None]])
 
 
-_CLASSES = {"kuramoto": (Kuramoto, KuramotoConfig), "vicsek": (Vicsek, VicsekConfig),
-            "vicsek_hard": (VicsekHard, VicsekHardConfig), "aggregation": (Aggregation, AggregationConfig)}
+_CLASSES = {
+    "kuramoto": (Kuramoto, KuramotoConfig),
+    "vicsek": (Vicsek, VicsekConfig),
+    "vicsek_hard": (VicsekHard, VicsekHardConfig),
+    "aggregation": (Aggregation, AggregationConfig),
+}
 
 
 def make_swarm(task: str, config: Optional[SwarmConfig] = None, **kwargs: Any) -> _Swarm:
@@ -643,8 +668,9 @@ def reference_names(swarm) -> list[str]:
 
 def _check_reference(swarm, kind: str) -> None:
     if kind not in reference_names(swarm):
-        raise ConfigError("kind", kind, f"reference policies of swarm:{swarm.task} (as configured) are "
-                                        f"{reference_names(swarm)}")
+        raise ConfigError(
+            "kind", kind, f"reference policies of swarm:{swarm.task} (as configured) are {reference_names(swarm)}"
+        )
 
 
 def reference_actions(swarm, kind: str, obs: jax.Array, state: jax.Array, gain: float = REFERENCE_GAIN) -> jax.Array:
@@ -699,5 +725,13 @@ def reference_policy(env, kind: str, gain: float = REFERENCE_GAIN) -> Algorithm:
             fn = jax.vmap(fn)
         return fn(ts.obs, ts.state), carry
 
-    return Algorithm(f"reference:{kind}", {"kind": kind, "gain": gain}, env, lambda key: {},
-                     lambda s: (s, {}), act, lambda batch_shape=(): jnp.zeros(batch_shape, jnp.int32), 0)
+    return Algorithm(
+        f"reference:{kind}",
+        {"kind": kind, "gain": gain},
+        env,
+        lambda key: {},
+        lambda s: (s, {}),
+        act,
+        lambda batch_shape=(): jnp.zeros(batch_shape, jnp.int32),
+        0,
+    )

@@ -99,8 +99,7 @@ class EpisodeStats(Wrapper):
         length = state.length + 1
         info = self._info(ts, ret, length, ts.done, team)
         keep = 1 - ts.done.astype(jnp.float32)
-        return (StatsState(inner, ret * keep, (length * keep).astype(jnp.int32), team * keep),
-                ts._replace(info=info))
+        return (StatsState(inner, ret * keep, (length * keep).astype(jnp.int32), team * keep), ts._replace(info=info))
 
     def _info(self, ts: Timestep, ret, length, done, team) -> dict:
         info = dict(ts.info)
@@ -111,5 +110,3 @@ class EpisodeStats(Wrapper):
         for i, name in enumerate(self._teams):
             info[f"episode_return_{name}"] = team[i]
         return info
-
-

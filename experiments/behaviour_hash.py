@@ -26,8 +26,9 @@ from experiments.cli import entry
 from marl.config import ConfigError
 
 # tiny sizes, the same for every family (each config takes the fields it has)
-TINY = dict(num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2, hidden=32, train_steps=2,
-            batch_size=4, buffer_size=16)
+TINY = dict(
+    num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2, hidden=32, train_steps=2, batch_size=4, buffer_size=16
+)
 ITERATIONS = 3
 SEEDS = 2
 
@@ -42,25 +43,77 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
     "iql": ("iql", "mpe:simple_spread", {}, {"num_steps": 32}),
     "sac": ("sac", "adv:pendulum", {}, {"learning_starts": 32}),
     "emu": ("emu", "smax:3m", {}, {"num_steps": 32}),
-    "trama": ("trama", "smax-mt:surComb3", {}, {"cluster_start": 0, "min_cluster_episodes": 4,
-                                                 "cluster_interval": 64, "num_steps": 32}),
+    "trama": (
+        "trama",
+        "smax-mt:surComb3",
+        {},
+        {"cluster_start": 0, "min_cluster_episodes": 4, "cluster_interval": 64, "num_steps": 32},
+    ),
     "dec_pomfc": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {}),
     "qarl": ("qarl", "adv:pendulum", {}, {"learning_starts": 32}),
     "rarl": ("rarl", "adv:pendulum", {}, {"learning_starts": 32}),
-    "mappo-wasserstein-penalty": ("mappo", "smax:3m", {}, {"regularizer": {
-        "kind": "wasserstein", "coef": 0.1, "mode": "penalty", "reference": "initial", "iterations": 20}}),
-    "ippo-kl-loss": ("ippo", "smax:3m", {}, {"regularizer": {
-        "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}}),
-    "qmix-kl-loss": ("qmix", "mpe:simple_spread", {}, {"regularizer": {
-        "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "initial"}, "num_steps": 32}),
-    "qmix-wasserstein-penalty": ("qmix", "mpe:simple_spread", {}, {"regularizer": {
-        "kind": "wasserstein", "coef": 0.1, "mode": "penalty", "reference": "rollout", "iterations": 20},
-        "num_steps": 32}),
-    "sac-wasserstein-loss": ("sac", "adv:pendulum", {}, {"regularizer": {
-        "kind": "wasserstein", "coef": 0.1, "mode": "loss", "reference": "initial", "iterations": 20},
-        "learning_starts": 32}),
-    "dec_pomfc-kl-loss": ("dec_pomfc", "swarm:aggregation", {"num_agents": 4}, {"regularizer": {
-        "kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}}),
+    "mappo-wasserstein-penalty": (
+        "mappo",
+        "smax:3m",
+        {},
+        {
+            "regularizer": {
+                "kind": "wasserstein",
+                "coef": 0.1,
+                "mode": "penalty",
+                "reference": "initial",
+                "iterations": 20,
+            }
+        },
+    ),
+    "ippo-kl-loss": (
+        "ippo",
+        "smax:3m",
+        {},
+        {"regularizer": {"kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}},
+    ),
+    "qmix-kl-loss": (
+        "qmix",
+        "mpe:simple_spread",
+        {},
+        {"regularizer": {"kind": "kl", "coef": 0.1, "mode": "loss", "reference": "initial"}, "num_steps": 32},
+    ),
+    "qmix-wasserstein-penalty": (
+        "qmix",
+        "mpe:simple_spread",
+        {},
+        {
+            "regularizer": {
+                "kind": "wasserstein",
+                "coef": 0.1,
+                "mode": "penalty",
+                "reference": "rollout",
+                "iterations": 20,
+            },
+            "num_steps": 32,
+        },
+    ),
+    "sac-wasserstein-loss": (
+        "sac",
+        "adv:pendulum",
+        {},
+        {
+            "regularizer": {
+                "kind": "wasserstein",
+                "coef": 0.1,
+                "mode": "loss",
+                "reference": "initial",
+                "iterations": 20,
+            },
+            "learning_starts": 32,
+        },
+    ),
+    "dec_pomfc-kl-loss": (
+        "dec_pomfc",
+        "swarm:aggregation",
+        {"num_agents": 4},
+        {"regularizer": {"kind": "kl", "coef": 0.1, "mode": "loss", "reference": "rollout"}},
+    ),
 }
 
 
@@ -102,11 +155,17 @@ def run_case(case: str) -> dict:
     algo = build(case)
     r = train(algo, num_iterations=ITERATIONS, num_seeds=SEEDS, seed=3, progress=False)
     if "learning" in r.metrics and not np.asarray(r.metrics["learning"])[:, -1].all():  # replay learners
-        raise RuntimeError(f"case {case}: the replay learner never trained within {ITERATIONS} iterations; "
-                           "give it more env steps per iteration so the hash covers its loss")
+        raise RuntimeError(
+            f"case {case}: the replay learner never trained within {ITERATIONS} iterations; "
+            "give it more env steps per iteration so the hash covers its loss"
+        )
     metrics = {k: r.metrics[k] for k in sorted(r.metrics)}
-    return {"metrics": digest(metrics), "params": digest(r.state.params),
-            "metric_names": sorted(r.metrics), "return": float(np.asarray(r.metrics["return"]).mean())}
+    return {
+        "metrics": digest(metrics),
+        "params": digest(r.state.params),
+        "metric_names": sorted(r.metrics),
+        "return": float(np.asarray(r.metrics["return"]).mean()),
+    }
 
 
 @dataclasses.dataclass
@@ -159,8 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from marl.rundir import atomic_write
 
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        atomic_write(a.out, json.dumps({"jax": jax.__version__, "iterations": ITERATIONS, "seeds": SEEDS,
-                                        "tiny": TINY, "cases": out}, indent=1) + "\n")
+        atomic_write(
+            a.out,
+            json.dumps(
+                {"jax": jax.__version__, "iterations": ITERATIONS, "seeds": SEEDS, "tiny": TINY, "cases": out}, indent=1
+            )
+            + "\n",
+        )
     if changed:
         print(f"changed: {changed}", file=sys.stderr)
         return 1

@@ -99,8 +99,12 @@ MAX_EXTRA_WARMUP_CALLS = 50
 # TRAMA's schedule reaches the clustered phase after 100k env steps; these settings get
 # there within the warm-up (one accepted clustering, none during the timed calls) while
 # keeping the per-step work of that phase (class loss, VQ-VAE every 10 episodes)
-TRAMA_CLUSTERED = {"cluster_start": 0, "vq_every_step_until": 0, "cluster_interval": 10**9,
-                   "cluster_interval_episodes": 10**9}
+TRAMA_CLUSTERED = {
+    "cluster_start": 0,
+    "vq_every_step_until": 0,
+    "cluster_interval": 10**9,
+    "cluster_interval_episodes": 10**9,
+}
 
 
 def _median_time(fn, arg, repeats):
@@ -125,8 +129,9 @@ def random_rollout(env, num_envs: int, num_steps: int):
             state, ts = c
             k1, k2 = jax.random.split(k)
             if spec.num_actions is None:  # continuous: uniform in the action box
-                a = jax.random.uniform(k1, (num_envs, spec.num_agents, spec.action_dim),
-                                       minval=spec.action_low, maxval=spec.action_high)
+                a = jax.random.uniform(
+                    k1, (num_envs, spec.num_agents, spec.action_dim), minval=spec.action_low, maxval=spec.action_high
+                )
             else:
                 a = jax.random.categorical(k1, jnp.where(ts.avail_actions, 0.0, -1e9))
             state, ts = jax.vmap(env.step)(jax.random.split(k2, num_envs), state, a)
@@ -170,9 +175,13 @@ def algo_bench(algo, iterations, repeats, num_seeds=1, warmup_updates=0):
         state, m, _ = jax.block_until_ready(fn(state))
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"compile_s": compile_s, "seconds_per_call": t, "memory": compiled_memory(fn),
-            "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t,
-            "last_metrics": {k: float(jnp.mean(v)) for k, v in m.items()}}
+    return {
+        "compile_s": compile_s,
+        "seconds_per_call": t,
+        "memory": compiled_memory(fn),
+        "env_steps_per_s": num_seeds * iterations * algo.env_steps_per_update / t,
+        "last_metrics": {k: float(jnp.mean(v)) for k, v in m.items()},
+    }
 
 
 def compiled_memory(compiled) -> dict:
@@ -184,8 +193,11 @@ def compiled_memory(compiled) -> dict:
         return {}
     if m is None:
         return {}
-    return {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "generated_code")
-            if hasattr(m, f"{k}_size_in_bytes")}
+    return {
+        k: int(getattr(m, f"{k}_size_in_bytes"))
+        for k in ("argument", "output", "temp", "generated_code")
+        if hasattr(m, f"{k}_size_in_bytes")
+    }
 
 
 def num_envs_scan(env, names, sizes, args, overrides: dict) -> list[dict]:
@@ -201,8 +213,14 @@ def num_envs_scan(env, names, sizes, args, overrides: dict) -> list[dict]:
         row = {"num_envs": n, "random_sps": rand, "algos": {}}
         for name in names:
             try:
-                algo = algos.make(name, env, num_envs=n, num_steps=args.num_steps,
-                                  total_steps=n * args.num_steps * args.iterations, **overrides)
+                algo = algos.make(
+                    name,
+                    env,
+                    num_envs=n,
+                    num_steps=args.num_steps,
+                    total_steps=n * args.num_steps * args.iterations,
+                    **overrides,
+                )
             except ConfigError as e:
                 row["algos"][name] = {"skipped": str(e)}
                 continue
@@ -229,18 +247,25 @@ def trama_clustered_bench(env, args: BenchArgs, overrides: dict) -> dict:
     from algos.trama import TRAMAConfig
 
     min_episodes = overrides.get("batch_size", TRAMAConfig.batch_size)
-    algo = algos.make("trama", env, num_envs=args.num_envs, num_steps=args.num_steps,
-                      total_steps=args.num_envs * args.num_steps * args.iterations,
-                      **{"min_cluster_episodes": min_episodes, **overrides, **TRAMA_CLUSTERED})
+    algo = algos.make(
+        "trama",
+        env,
+        num_envs=args.num_envs,
+        num_steps=args.num_steps,
+        total_steps=args.num_envs * args.num_steps * args.iterations,
+        **{"min_cluster_episodes": min_episodes, **overrides, **TRAMA_CLUSTERED},
+    )
     # every env finishes an episode at least every max_steps steps
     E = args.num_envs
     steps = (-(-algo.config.min_cluster_episodes // E) + 1) * env.spec.max_steps * E
     warmup = max(args.warmup_updates, -(-steps // algo.env_steps_per_update))
     r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=warmup)
     if r["last_metrics"].get("clustered", 0.0) < 1.0:
-        raise RuntimeError(f"trama_clustered: no accepted clustering after {warmup} warm-up updates "
-                           f"(nonempty clusters: {r['last_metrics'].get('nonempty_clusters')}); "
-                           "the timing would be of the phase before it")
+        raise RuntimeError(
+            f"trama_clustered: no accepted clustering after {warmup} warm-up updates "
+            f"(nonempty clusters: {r['last_metrics'].get('nonempty_clusters')}); "
+            "the timing would be of the phase before it"
+        )
     r["warmup_updates"] = warmup
     r["algo"] = "trama"
     return r
@@ -260,17 +285,26 @@ def check_args(args: BenchArgs) -> None:
         raise ConfigError("trama_clustered", True, f"needs trama in --algos, got {list(args.algos)}")
 
 
-def main(args: BenchArgs) -> dict:
+def main(args: BenchArgs) -> dict:  # noqa: C901
     from marl.config import json_dict_arg
 
     check_args(args)
     env = envs.make(args.env)
     overrides = json_dict_arg("overrides", args.overrides) or {}
-    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-               "devices": [str(d) for d in jax.devices()], "jax": jax.__version__}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
     if args.num_envs_scan:
-        result = {"env": args.env, "num_steps": args.num_steps, "machine": machine, "command": sys.argv,
-                  "num_envs_scan": num_envs_scan(env, args.algos, args.num_envs_scan, args, overrides)}
+        result = {
+            "env": args.env,
+            "num_steps": args.num_steps,
+            "machine": machine,
+            "command": sys.argv,
+            "num_envs_scan": num_envs_scan(env, args.algos, args.num_envs_scan, args, overrides),
+        }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -278,15 +312,28 @@ def main(args: BenchArgs) -> dict:
         return result
     rand = random_policy_sps(env, args.num_envs, args.num_steps, args.repeats)
     result = {
-        "env": args.env, "num_envs": args.num_envs, "num_steps": args.num_steps,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
-        "random_policy_env_steps_per_s": rand, "algos": {},
+        "env": args.env,
+        "num_envs": args.num_envs,
+        "num_steps": args.num_steps,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "devices": [str(d) for d in jax.devices()],
+            "jax": jax.__version__,
+        },
+        "random_policy_env_steps_per_s": rand,
+        "algos": {},
     }
     rows = [("random policy", f"{rand:,.0f}", "100.0%", "-")]
     for name in args.algos:
-        algo = algos.make(name, env, num_envs=args.num_envs, num_steps=args.num_steps,
-                          total_steps=args.num_envs * args.num_steps * args.iterations, **overrides)
+        algo = algos.make(
+            name,
+            env,
+            num_envs=args.num_envs,
+            num_steps=args.num_steps,
+            total_steps=args.num_envs * args.num_steps * args.iterations,
+            **overrides,
+        )
         warmup = args.warmup_updates
         starts = getattr(algo.config, "learning_starts", 0)  # SAC-style learners: time updates that learn
         if starts:
@@ -307,19 +354,24 @@ def main(args: BenchArgs) -> dict:
         if args.sweep_check:
             r["sweep_check"] = sweep_check(algo, args.sweep_check, args.iterations, args.repeats)
         result["algos"][name] = r
-        rows.append((name, f"{r['env_steps_per_s']:,.0f}", f"{100 * r['ratio_to_random']:.2f}%",
-                     f"{r['compile_s']:.1f}"))
-    print(f"\n{args.env}: {args.num_envs} envs x {args.num_steps} steps, median of {args.repeats}, "
-          f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}")
+        rows.append(
+            (name, f"{r['env_steps_per_s']:,.0f}", f"{100 * r['ratio_to_random']:.2f}%", f"{r['compile_s']:.1f}")
+        )
+    print(
+        f"\n{args.env}: {args.num_envs} envs x {args.num_steps} steps, median of {args.repeats}, "
+        f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}"
+    )
     print(f"{'':<16}{'env steps/s':>14}{'vs random':>12}{'compile s':>12}")
     for row in rows:
         print(f"{row[0]:<16}{row[1]:>14}{row[2]:>12}{row[3]:>12}")
     for name, r in result["algos"].items():
         if "seeds_check" in r:
             c = r["seeds_check"]
-            print(f"{name}: {c['num_seeds']} vmapped seeds {c['vmapped_seconds']:.2f}s vs "
-                  f"{c['num_seeds']} sequential {c['sequential_seconds']:.2f}s "
-                  f"(x{c['speedup_vmapped_vs_sequential']:.2f})")
+            print(
+                f"{name}: {c['num_seeds']} vmapped seeds {c['vmapped_seconds']:.2f}s vs "
+                f"{c['num_seeds']} sequential {c['sequential_seconds']:.2f}s "
+                f"(x{c['speedup_vmapped_vs_sequential']:.2f})"
+            )
     for name, r in result["algos"].items():
         if "sweep_check" in r:
             print_sweep_check(name, r["sweep_check"])
@@ -327,13 +379,28 @@ def main(args: BenchArgs) -> dict:
         r = trama_clustered_bench(env, args, overrides)
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
         result["algos"]["trama (clustered)"] = r
-        print(f"{'trama (clustered)':<16}{r['env_steps_per_s']:>14,.0f}{100 * r['ratio_to_random']:>11.2f}%"
-              f"{r['compile_s']:>12.1f}")
+        print(
+            f"{'trama (clustered)':<16}{r['env_steps_per_s']:>14,.0f}{100 * r['ratio_to_random']:>11.2f}%"
+            f"{r['compile_s']:>12.1f}"
+        )
     for name, r in result["algos"].items():
         algo_name = r.get("algo", name)
-        backbone = getattr(algos.make(algo_name, env, num_envs=args.num_envs, num_steps=args.num_steps,
-                                      total_steps=args.num_envs * args.num_steps * args.iterations,
-                                      **overrides).config, "mixer", None) if algo_name in ("emu", "trama") else None
+        backbone = (
+            getattr(
+                algos.make(
+                    algo_name,
+                    env,
+                    num_envs=args.num_envs,
+                    num_steps=args.num_steps,
+                    total_steps=args.num_envs * args.num_steps * args.iterations,
+                    **overrides,
+                ).config,
+                "mixer",
+                None,
+            )
+            if algo_name in ("emu", "trama")
+            else None
+        )
         if backbone in result["algos"]:
             r["ratio_to_backbone"] = r["env_steps_per_s"] / result["algos"][backbone]["env_steps_per_s"]
             print(f"{name}: {100 * r['ratio_to_backbone']:.0f}% of its backbone {backbone}'s throughput")
@@ -352,8 +419,9 @@ def main(args: BenchArgs) -> dict:
 # --------------------------------------------------------------- EMU's memory
 
 
-def emu_memory_bench(capacity: int, env_name: str, repeats: int, batch_episodes: int = 32,
-                     delta: float = 1.3e-5) -> dict:
+def emu_memory_bench(
+    capacity: int, env_name: str, repeats: int, batch_episodes: int = 32, delta: float = 1.3e-5
+) -> dict:
     """A full EMU memory of ``capacity`` entries with ``env_name``'s global state: keys
     standard normal in 4-d (the dCAE's key size), so each query's candidate range is
     realistic; one lookup batch of ``batch_episodes x max_steps`` queries, half of them
@@ -367,8 +435,9 @@ def emu_memory_bench(capacity: int, env_name: str, repeats: int, batch_episodes:
     S, T, k = spec.state_dim, spec.max_steps, 4
     keys = jax.random.normal(jax.random.PRNGKey(0), (capacity, k))
     memory = em.init(capacity, k, S)
-    memory = em.refresh_stats(memory.replace(keys=keys, size=jnp.asarray(capacity, jnp.int32),
-                                             n_call=jnp.ones((capacity,), jnp.int32)))
+    memory = em.refresh_stats(
+        memory.replace(keys=keys, size=jnp.asarray(capacity, jnp.int32), n_call=jnp.ones((capacity,), jnp.int32))
+    )
     Q = batch_episodes * T
     q_hit = keys[: Q // 2] + delta * 0.1 * memory.std
     q_miss = jax.random.normal(jax.random.PRNGKey(1), (Q - Q // 2, k))
@@ -385,15 +454,27 @@ def emu_memory_bench(capacity: int, env_name: str, repeats: int, batch_episodes:
     t_brute = time.perf_counter() - t0
     same = bool(jnp.all(rec.hit == rec_b.hit) & jnp.all(jnp.where(rec.hit, rec.index == rec_b.index, True)))
     nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
-    out = {"env": env_name, "capacity": capacity, "state_dim": S, "queries": Q, "hits": int(rec.hit.sum()),
-           "indexed_lookup_s": t_indexed, "brute_force_lookup_s": t_brute, "index_rebuild_s": t_build,
-           "indexed_equals_brute_force": same, "memory_bytes": nbytes(memory), "index_bytes": nbytes(index),
-           "bytes_per_entry": (nbytes(memory) + nbytes(index)) / capacity}
-    print(f"EMU memory, {capacity:,} entries of {env_name} states (S = {S}): lookup of {Q:,} queries "
-          f"({batch_episodes} episodes x {T} steps, {out['hits']:,} hits): indexed {1e3 * t_indexed:.2f} ms, "
-          f"brute force {1e3 * t_brute:,.0f} ms, index rebuild {1e3 * t_build:.0f} ms; same recall: {same}; "
-          f"footprint {out['memory_bytes'] / 2**20:,.0f} MiB + index {out['index_bytes'] / 2**20:.1f} MiB "
-          f"({out['bytes_per_entry']:.0f} B/entry)")
+    out = {
+        "env": env_name,
+        "capacity": capacity,
+        "state_dim": S,
+        "queries": Q,
+        "hits": int(rec.hit.sum()),
+        "indexed_lookup_s": t_indexed,
+        "brute_force_lookup_s": t_brute,
+        "index_rebuild_s": t_build,
+        "indexed_equals_brute_force": same,
+        "memory_bytes": nbytes(memory),
+        "index_bytes": nbytes(index),
+        "bytes_per_entry": (nbytes(memory) + nbytes(index)) / capacity,
+    }
+    print(
+        f"EMU memory, {capacity:,} entries of {env_name} states (S = {S}): lookup of {Q:,} queries "
+        f"({batch_episodes} episodes x {T} steps, {out['hits']:,} hits): indexed {1e3 * t_indexed:.2f} ms, "
+        f"brute force {1e3 * t_brute:,.0f} ms, index rebuild {1e3 * t_build:.0f} ms; same recall: {same}; "
+        f"footprint {out['memory_bytes'] / 2**20:,.0f} MiB + index {out['index_bytes'] / 2**20:.1f} MiB "
+        f"({out['bytes_per_entry']:.0f} B/entry)"
+    )
     return out
 
 
@@ -441,8 +522,10 @@ def sweep_check(algo, num_seeds: int, iterations: int, repeats: int) -> dict:
     # single runs differ from one another only in their hyperparameter values
     sweep_state = init_states(algo, keys, hparams)
     base_state = init_states(algo, keys[:num_seeds])
-    single_states = [base_state.replace(hparams=base_state.hparams._replace(
-        **{name: jnp.full((num_seeds,), c[name], jnp.float32)})) for c in configs]
+    single_states = [
+        base_state.replace(hparams=base_state.hparams._replace(**{name: jnp.full((num_seeds,), c[name], jnp.float32)}))
+        for c in configs
+    ]
     t0 = time.perf_counter()
     sweep_fn = make_chunk_fn(algo, iterations).lower(sweep_state).compile()
     sweep_compile = time.perf_counter() - t0
@@ -476,24 +559,32 @@ def sweep_check(algo, num_seeds: int, iterations: int, repeats: int) -> dict:
         row_times.append(in_a_row())
     t_sweep, t_row = statistics.median(sweep_times), statistics.median(row_times)
     return {
-        "configs": SWEEP_CONFIGS, "num_seeds": num_seeds, "hyperparameter": name,
-        "values": [c[name] for c in configs], "iterations": iterations,
+        "configs": SWEEP_CONFIGS,
+        "num_seeds": num_seeds,
+        "hyperparameter": name,
+        "values": [c[name] for c in configs],
+        "iterations": iterations,
         "env_steps_per_run": iterations * algo.env_steps_per_update,
-        "one_program_seconds": t_sweep, "in_a_row_seconds": t_row,
-        "one_program_seconds_all": sweep_times, "in_a_row_seconds_all": row_times,
+        "one_program_seconds": t_sweep,
+        "in_a_row_seconds": t_row,
+        "one_program_seconds_all": sweep_times,
+        "in_a_row_seconds_all": row_times,
         "speedup": t_row / t_sweep,
-        "one_program_compile_s": sweep_compile, "single_run_compile_s": single_compile,
+        "one_program_compile_s": sweep_compile,
+        "single_run_compile_s": single_compile,
         "speedup_with_compile": (t_row + SWEEP_CONFIGS * single_compile) / (t_sweep + sweep_compile),
     }
 
 
 def print_sweep_check(name: str, c: dict) -> None:
     n = c["configs"]
-    print(f"{name}: sweep of {n} configs x {c['num_seeds']} seeds ({c['iterations']} updates each), median of "
-          f"{len(c['one_program_seconds_all'])}: one program {c['one_program_seconds']:.2f}s vs {n} runs in a row "
-          f"{c['in_a_row_seconds']:.2f}s (x{c['speedup']:.2f}); compile: one program "
-          f"{c['one_program_compile_s']:.1f}s, one run {c['single_run_compile_s']:.1f}s; "
-          f"with compilation (1 vs {n} compiles) x{c['speedup_with_compile']:.2f}")
+    print(
+        f"{name}: sweep of {n} configs x {c['num_seeds']} seeds ({c['iterations']} updates each), median of "
+        f"{len(c['one_program_seconds_all'])}: one program {c['one_program_seconds']:.2f}s vs {n} runs in a row "
+        f"{c['in_a_row_seconds']:.2f}s (x{c['speedup']:.2f}); compile: one program "
+        f"{c['one_program_compile_s']:.1f}s, one run {c['single_run_compile_s']:.1f}s; "
+        f"with compilation (1 vs {n} compiles) x{c['speedup_with_compile']:.2f}"
+    )
 
 
 # --------------------------------------------------------------- regularizer share
@@ -508,8 +599,7 @@ REGULARIZER_VARIANTS = (
 )
 
 
-def regularizer_share(env, args: BenchArgs, overrides: dict, algo_name: str = "mappo",
-                      coef: float = 0.01) -> dict:
+def regularizer_share(env, args: BenchArgs, overrides: dict, algo_name: str = "mappo", coef: float = 0.01) -> dict:
     """MAPPO's update time with each regularizer variant vs none, same env and settings.
 
     Every variant is compiled and warmed up first; then the repeats are interleaved
@@ -524,10 +614,18 @@ def regularizer_share(env, args: BenchArgs, overrides: dict, algo_name: str = "m
     base_reg = overrides.get("regularizer", {})
     rest = {k: v for k, v in overrides.items() if k != "regularizer"}
     for label, kind, mode, reference in REGULARIZER_VARIANTS:
-        rc = RegularizerConfig(**{**base_reg, "kind": kind, "coef": 0.0 if kind == "none" else coef,
-                                  "mode": mode, "reference": reference})
-        algo = algos.make(algo_name, env, num_envs=args.num_envs, num_steps=args.num_steps,
-                          total_steps=args.num_envs * args.num_steps * args.iterations, **rest, regularizer=rc)
+        rc = RegularizerConfig(
+            **{**base_reg, "kind": kind, "coef": 0.0 if kind == "none" else coef, "mode": mode, "reference": reference}
+        )
+        algo = algos.make(
+            algo_name,
+            env,
+            num_envs=args.num_envs,
+            num_steps=args.num_steps,
+            total_steps=args.num_envs * args.num_steps * args.iterations,
+            **rest,
+            regularizer=rc,
+        )
         state = init_states(algo, jax.random.split(jax.random.PRNGKey(0), 1))
         t0 = time.perf_counter()
         fns[label] = make_chunk_fn(algo, args.iterations).lower(state).compile()
@@ -544,17 +642,29 @@ def regularizer_share(env, args: BenchArgs, overrides: dict, algo_name: str = "m
     for label, kind, mode, reference in REGULARIZER_VARIANTS:
         t = statistics.median(times[label])
         variants[label] = {
-            "kind": kind, "mode": mode, "reference": reference,
-            "seconds_per_update": t, "seconds_per_update_all": times[label],
-            "added_share": (t - base) / base, "compile_s": compile_s[label],
+            "kind": kind,
+            "mode": mode,
+            "reference": reference,
+            "seconds_per_update": t,
+            "seconds_per_update_all": times[label],
+            "added_share": (t - base) / base,
+            "compile_s": compile_s[label],
         }
-    return {"algo": algo_name, "coef": coef, "repeats": args.repeats, "iterations_per_call": args.iterations,
-            "timing": "median over interleaved repeats", "variants": variants}
+    return {
+        "algo": algo_name,
+        "coef": coef,
+        "repeats": args.repeats,
+        "iterations_per_call": args.iterations,
+        "timing": "median over interleaved repeats",
+        "variants": variants,
+    }
 
 
 def print_regularizer_share(r: dict) -> None:
-    print(f"\n{r['algo']} update time by regularizer (median of {r['repeats']} interleaved repeats, "
-          f"{r['iterations_per_call']} updates per call)")
+    print(
+        f"\n{r['algo']} update time by regularizer (median of {r['repeats']} interleaved repeats, "
+        f"{r['iterations_per_call']} updates per call)"
+    )
     print(f"{'':<30}{'s/update':>10}{'min-max s':>16}{'added share':>13}{'compile s':>11}")
     for label, v in r["variants"].items():
         share = "-" if v["kind"] == "none" else f"{100 * v['added_share']:+.1f}%"

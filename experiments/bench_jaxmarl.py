@@ -60,9 +60,11 @@ from marl.config import ConfigError, check_positive
 from marl.rundir import atomic_write
 
 Algo = Literal["ippo", "mappo", "qmix"]
-SCRIPTS = {"ippo": ("ippo_rnn_smax.py", ["ippo_rnn_smax.yaml"]),
-           "mappo": ("mappo_rnn_smax.py", ["mappo_homogenous_rnn_smax.yaml"]),
-           "qmix": ("qmix_rnn.py", ["config.yaml", "ql_rnn_smax.yaml"])}
+SCRIPTS = {
+    "ippo": ("ippo_rnn_smax.py", ["ippo_rnn_smax.yaml"]),
+    "mappo": ("mappo_rnn_smax.py", ["mappo_homogenous_rnn_smax.yaml"]),
+    "qmix": ("qmix_rnn.py", ["config.yaml", "ql_rnn_smax.yaml"]),
+}
 QMIX_FIRST_LEARNING_UPDATE = 32  # JaxMARL's buffer samples once it holds BUFFER_BATCH_SIZE rollouts
 
 
@@ -106,8 +108,9 @@ def check_args(args: SideBySideArgs) -> None:
         for name in [SCRIPTS[algo][0], *SCRIPTS[algo][1]]:
             find_file(args.baselines, name)
     if "qmix" in args.algos and not _importable("flashbax"):
-        raise ConfigError("algos", "qmix", "JaxMARL's qmix_rnn.py needs flashbax: "
-                                           "pip install --no-deps flashbax==0.1.3")
+        raise ConfigError(
+            "algos", "qmix", "JaxMARL's qmix_rnn.py needs flashbax: pip install --no-deps flashbax==0.1.3"
+        )
 
 
 def find_file(root: str, name: str) -> str:
@@ -131,12 +134,19 @@ def _inert_modules() -> None:
         sys.modules.setdefault("wandb", m)
     if not _importable("hydra"):
         m = types.ModuleType("hydra")
-        m.main = lambda *a, **k: (lambda f: f)
+        m.main = lambda *a, **k: lambda f: f
         sys.modules.setdefault("hydra", m)
     if not _importable("omegaconf"):
         m = types.ModuleType("omegaconf")
-        m.OmegaConf = type("OmegaConf", (), {"to_container": staticmethod(lambda c, **k: c),
-                                             "to_yaml": staticmethod(str), "save": staticmethod(lambda *a, **k: None)})
+        m.OmegaConf = type(
+            "OmegaConf",
+            (),
+            {
+                "to_container": staticmethod(lambda c, **k: c),
+                "to_yaml": staticmethod(str),
+                "save": staticmethod(lambda *a, **k: None),
+            },
+        )
         sys.modules.setdefault("omegaconf", m)
 
 
@@ -188,8 +198,9 @@ def jaxmarl_random_rollout(map_name: str, env_kwargs: dict, num_envs: int, num_s
             k_act, k_env = jax.random.split(k)
             avail = jax.vmap(env.get_avail_actions)(state.env_state)
             keys = jax.random.split(k_act, len(agents))
-            actions = {a: jax.random.categorical(keys[i], jnp.where(avail[a] > 0, 0.0, -1e9))
-                       for i, a in enumerate(agents)}
+            actions = {
+                a: jax.random.categorical(keys[i], jnp.where(avail[a] > 0, 0.0, -1e9)) for i, a in enumerate(agents)
+            }
             obs, state, reward, _, _ = jax.vmap(env.step)(jax.random.split(k_env, num_envs), state, actions)
             return (obs, state), reward[agents[0]].sum()
 
@@ -208,21 +219,41 @@ def our_variants(algo: str, config: dict) -> dict[str, dict]:
     E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
     total = max(1, 10_000_000 // (E * T)) * E * T  # only schedules depend on it
     if algo in ("ippo", "mappo"):
-        base = dict(num_envs=E, num_steps=T, total_steps=total, hidden=int(config["GRU_HIDDEN_DIM"]),
-                    update_epochs=int(config["UPDATE_EPOCHS"]), num_minibatches=int(config["NUM_MINIBATCHES"]))
+        base = dict(
+            num_envs=E,
+            num_steps=T,
+            total_steps=total,
+            hidden=int(config["GRU_HIDDEN_DIM"]),
+            update_epochs=int(config["UPDATE_EPOCHS"]),
+            num_minibatches=int(config["NUM_MINIBATCHES"]),
+        )
         return {"default": base, "equal (bootstrap_truncation=False)": {**base, "bootstrap_truncation": False}}
-    base = dict(num_envs=E, num_steps=T, total_steps=total, hidden=int(config["HIDDEN_SIZE"]),
-                train_steps=int(config["NUM_EPOCHS"]), batch_size=int(config["BUFFER_BATCH_SIZE"]),
-                buffer_size=int(config["BUFFER_SIZE"]), mixing_embed=int(config["MIXER_EMBEDDING_DIM"]),
-                hypernet_embed=int(config["MIXER_HYPERNET_HIDDEN_DIM"]))
+    base = dict(
+        num_envs=E,
+        num_steps=T,
+        total_steps=total,
+        hidden=int(config["HIDDEN_SIZE"]),
+        train_steps=int(config["NUM_EPOCHS"]),
+        batch_size=int(config["BUFFER_BATCH_SIZE"]),
+        buffer_size=int(config["BUFFER_SIZE"]),
+        mixing_embed=int(config["MIXER_EMBEDDING_DIM"]),
+        hypernet_embed=int(config["MIXER_HYPERNET_HIDDEN_DIM"]),
+    )
     return {"default": base, "equal (full_unroll=True)": {**base, "full_unroll": True}}
 
 
 def smoke_config(algo: str, config: dict) -> dict:
     config = {**config, "NUM_ENVS": 4, "NUM_STEPS": 16}
     if algo == "qmix":
-        config.update(HIDDEN_SIZE=16, BUFFER_SIZE=64, BUFFER_BATCH_SIZE=4, NUM_EPOCHS=1, LEARNING_STARTS=0,
-                      MIXER_EMBEDDING_DIM=8, MIXER_HYPERNET_HIDDEN_DIM=8)
+        config.update(
+            HIDDEN_SIZE=16,
+            BUFFER_SIZE=64,
+            BUFFER_BATCH_SIZE=4,
+            NUM_EPOCHS=1,
+            LEARNING_STARTS=0,
+            MIXER_EMBEDDING_DIM=8,
+            MIXER_HYPERNET_HIDDEN_DIM=8,
+        )
     else:
         config.update(GRU_HIDDEN_DIM=16, FC_DIM_SIZE=16, UPDATE_EPOCHS=1, NUM_MINIBATCHES=2)
     return config
@@ -260,8 +291,7 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     if args.smoke:
         config = smoke_config(algo, config)
     E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
-    k1 = args.k1 or (min(QMIX_FIRST_LEARNING_UPDATE, max(1, config["BUFFER_BATCH_SIZE"]))
-                     if algo == "qmix" else 1)
+    k1 = args.k1 or (min(QMIX_FIRST_LEARNING_UPDATE, max(1, config["BUFFER_BATCH_SIZE"])) if algo == "qmix" else 1)
     k2 = args.k2 or k1 + (4 if algo == "qmix" else 2)
     if k2 <= k1:
         raise ConfigError("k2", k2, f"must be > k1={k1}")
@@ -272,11 +302,22 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     jm_random, jm_random_carry = jaxmarl_random_rollout(args.map, config["ENV_KWARGS"], E, T)
 
     rng = jax.random.PRNGKey(0)
-    jm_programs, result = {}, {"algo": algo, "map": args.map, "num_envs": E, "num_steps": T, "k1": k1, "k2": k2,
-                               "jaxmarl_config": {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")}}
+    jm_programs, result = (
+        {},
+        {
+            "algo": algo,
+            "map": args.map,
+            "num_envs": E,
+            "num_steps": T,
+            "k1": k1,
+            "k2": k2,
+            "jaxmarl_config": {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")},
+        },
+    )
     for k in (k1, k2):
-        jm_programs[k], result[f"jaxmarl_compile_s_k{k}"] = _compile(jax.jit(jaxmarl_train_fn(module, algo, config, k)),
-                                                                     rng)
+        jm_programs[k], result[f"jaxmarl_compile_s_k{k}"] = _compile(
+            jax.jit(jaxmarl_train_fn(module, algo, config, k)), rng
+        )
     for k in (k1, k2):  # warm: a program's first call is slower than the next ones
         _call(jm_programs[k], rng)
     ours = {}
@@ -293,8 +334,14 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
             learning = float(jnp.min(metrics["learning"])) if "learning" in metrics else 1.0
             if (learning >= 1.0 and calls * args.iterations >= args.warmup_updates) or calls >= 500:
                 break
-        ours[name] = {"fn": fn, "state": state, "overrides": overrides, "init_and_compile_s": init_s + compile_s,
-                      "warmup_calls": calls, "learning": learning}
+        ours[name] = {
+            "fn": fn,
+            "state": state,
+            "overrides": overrides,
+            "init_and_compile_s": init_s + compile_s,
+            "warmup_calls": calls,
+            "learning": learning,
+        }
         log(f"  ours {name}: compile {init_s + compile_s:.1f} s, {calls} warm-up calls")
 
     times = {"random ours": [], "random JaxMARL": [], "jaxmarl k1": [], "jaxmarl k2": [], **{n: [] for n in ours}}
@@ -317,36 +364,55 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     rand_ours, rand_jm = steps / med["random ours"], steps / med["random JaxMARL"]
     diffs = [b - a for a, b in zip(times["jaxmarl k1"], times["jaxmarl k2"], strict=True)]
     jm_sps = (k2 - k1) * steps / max(statistics.median(diffs), 1e-9)
-    result.update(times=times, random_ours_sps=rand_ours, random_jaxmarl_sps=rand_jm,
-                  wrapped_env_ratio=rand_ours / rand_jm, jaxmarl_sps=jm_sps,
-                  jaxmarl_pct_of_random=100 * jm_sps / rand_jm, ours={})
+    result.update(
+        times=times,
+        random_ours_sps=rand_ours,
+        random_jaxmarl_sps=rand_jm,
+        wrapped_env_ratio=rand_ours / rand_jm,
+        jaxmarl_sps=jm_sps,
+        jaxmarl_pct_of_random=100 * jm_sps / rand_jm,
+        ours={},
+    )
     for name in names:
         sps = args.iterations * steps / med[name]
         o = ours[name]
         result["ours"][name] = {
-            "sps": sps, "ratio_to_jaxmarl": sps / jm_sps, "pct_of_random": 100 * sps / rand_ours,
-            "init_and_compile_s": o["init_and_compile_s"], "warmup_calls": o["warmup_calls"],
+            "sps": sps,
+            "ratio_to_jaxmarl": sps / jm_sps,
+            "pct_of_random": 100 * sps / rand_ours,
+            "init_and_compile_s": o["init_and_compile_s"],
+            "warmup_calls": o["warmup_calls"],
             "overrides": o["overrides"],
-            "last_metrics": {k: float(jnp.mean(v)) for k, v in o["metrics"].items()}}
+            "last_metrics": {k: float(jnp.mean(v)) for k, v in o["metrics"].items()},
+        }
     return result
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| algorithm | JaxMARL steps/s (% of its random) | ours | steps/s (% of our random) | x JaxMARL "
-             "| compile s, JaxMARL / ours |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| algorithm | JaxMARL steps/s (% of its random) | ours | steps/s (% of our random) | x JaxMARL "
+        "| compile s, JaxMARL / ours |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         jm_compile = r[f"jaxmarl_compile_s_k{r['k1']}"]
         for i, (name, o) in enumerate(r["ours"].items()):
-            jm = (f"{r['jaxmarl_sps']:,.0f} ({r['jaxmarl_pct_of_random']:.1f}%)" if i == 0 else "")
-            lines.append(f"| {r['algo'] if i == 0 else ''} | {jm} | {name} | {o['sps']:,.0f} "
-                         f"({o['pct_of_random']:.1f}%) | x{o['ratio_to_jaxmarl']:.2f} "
-                         f"| {jm_compile:.0f} / {o['init_and_compile_s']:.0f} |")
-    lines += ["", "| algorithm's window | random policy, JaxMARL env | random policy, our wrapped env | x raw |",
-              "|---|---|---|---|"]
+            jm = f"{r['jaxmarl_sps']:,.0f} ({r['jaxmarl_pct_of_random']:.1f}%)" if i == 0 else ""
+            lines.append(
+                f"| {r['algo'] if i == 0 else ''} | {jm} | {name} | {o['sps']:,.0f} "
+                f"({o['pct_of_random']:.1f}%) | x{o['ratio_to_jaxmarl']:.2f} "
+                f"| {jm_compile:.0f} / {o['init_and_compile_s']:.0f} |"
+            )
+    lines += [
+        "",
+        "| algorithm's window | random policy, JaxMARL env | random policy, our wrapped env | x raw |",
+        "|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
-                     f"| x{r['wrapped_env_ratio']:.2f} |")
+        lines.append(
+            f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
+            f"| x{r['wrapped_env_ratio']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -355,13 +421,21 @@ def main(args: SideBySideArgs) -> list[dict]:
 
     check_args(args)
     results = []
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "devices": [str(d) for d in jax.devices()]}
+    machine = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     for algo in args.algos:
         results.append(bench_one(args, algo, log=lambda *a: print(*a, flush=True)))
-        payload = {"command": "python -m experiments.bench_jaxmarl " + " ".join(sys.argv[1:]),
-                   "args": dataclasses.asdict(args), "machine": machine, "results": results}
+        payload = {
+            "command": "python -m experiments.bench_jaxmarl " + " ".join(sys.argv[1:]),
+            "args": dataclasses.asdict(args),
+            "machine": machine,
+            "results": results,
+        }
         # after each algorithm, atomically: a later failure or kill loses nothing written
         atomic_write(args.out, json.dumps(payload, indent=2, default=str))
         atomic_write(os.path.splitext(args.out)[0] + ".md", table(results))

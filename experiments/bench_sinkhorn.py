@@ -69,8 +69,8 @@ def _ott_kernel_potentials(logits_p, logits_q, mask, cost, args: Args):
     solve = jax.vmap(lambda a, b: reg.sinkhorn_ott(a, b, cost, args.epsilon, args.iterations, lse_mode=False))
     res = solve(jnp.concatenate([p, p, q]), jnp.concatenate([q, p, q]))
     n = p.shape[0]
-    f_pq, f_pp = res.f[:n], res.f[n:2 * n]
-    div = res.distance[:n] - 0.5 * res.distance[n:2 * n] - 0.5 * res.distance[2 * n:]
+    f_pq, f_pp = res.f[:n], res.f[n : 2 * n]
+    div = res.distance[:n] - 0.5 * res.distance[n : 2 * n] - 0.5 * res.distance[2 * n :]
     d = f_pq - f_pp
     centred = d - jnp.sum(p * d, -1, keepdims=True) + div[:, None]
     return jnp.where(p > 0, centred, 0.0)
@@ -83,8 +83,11 @@ def bench_size(batch: int, n: int, args: Args) -> dict:
         if backend == "ott_kernel":
             fn = jax.jit(lambda a, b, m, c: _ott_kernel_potentials(a, b, m, c, args))
         else:
-            fn = jax.jit(lambda a, b, m, c, backend=backend: reg.wasserstein(
-                a, b, c, args.epsilon, args.iterations, m, backend=backend).centred_penalty)
+            fn = jax.jit(
+                lambda a, b, m, c, backend=backend: (
+                    reg.wasserstein(a, b, c, args.epsilon, args.iterations, m, backend=backend).centred_penalty
+                )
+            )
         t0 = time.perf_counter()
         outs[backend] = np.asarray(jax.block_until_ready(fn(lp, lq, mask, cost)))
         compile_s[backend] = time.perf_counter() - t0
@@ -96,30 +99,47 @@ def bench_size(batch: int, n: int, args: Args) -> dict:
             jax.block_until_ready(fn(lp, lq, mask, cost))
             times[backend].append(time.perf_counter() - t0)
     med = {b: statistics.median(t) for b, t in times.items()}
-    return {"batch": batch, "actions": n, "fast_ms": 1e3 * med["fast"], "ott_ms": 1e3 * med["ott"],
-            "ott_kernel_ms": 1e3 * med["ott_kernel"], "ott_over_fast": med["ott"] / med["fast"],
-            "ott_kernel_over_fast": med["ott_kernel"] / med["fast"], "compile_fast_s": compile_s["fast"],
-            "compile_ott_s": compile_s["ott"], "compile_ott_kernel_s": compile_s["ott_kernel"],
-            "max_abs_diff": float(np.max(np.abs(outs["fast"] - outs["ott"]))),
-            "max_abs_diff_kernel": float(np.max(np.abs(outs["fast"] - outs["ott_kernel"])))}
+    return {
+        "batch": batch,
+        "actions": n,
+        "fast_ms": 1e3 * med["fast"],
+        "ott_ms": 1e3 * med["ott"],
+        "ott_kernel_ms": 1e3 * med["ott_kernel"],
+        "ott_over_fast": med["ott"] / med["fast"],
+        "ott_kernel_over_fast": med["ott_kernel"] / med["fast"],
+        "compile_fast_s": compile_s["fast"],
+        "compile_ott_s": compile_s["ott"],
+        "compile_ott_kernel_s": compile_s["ott_kernel"],
+        "max_abs_diff": float(np.max(np.abs(outs["fast"] - outs["ott"]))),
+        "max_abs_diff_kernel": float(np.max(np.abs(outs["fast"] - outs["ott_kernel"]))),
+    }
 
 
 def main(args: Args) -> list[dict]:
     rows = [bench_size(b, n, args) for b in args.batches for n in args.actions]
-    print(f"{'states':>7} {'n':>3} {'fast ms':>9} {'ott ms':>9} {'kernel ms':>10} {'ott/fast':>9} "
-          f"{'kernel/fast':>12} {'compile s (fast/ott/kernel)':>28} {'max |diff| (ott/kernel)':>24}")
+    print(
+        f"{'states':>7} {'n':>3} {'fast ms':>9} {'ott ms':>9} {'kernel ms':>10} {'ott/fast':>9} "
+        f"{'kernel/fast':>12} {'compile s (fast/ott/kernel)':>28} {'max |diff| (ott/kernel)':>24}"
+    )
     for r in rows:
         compile_s = f"{r['compile_fast_s']:.2f}/{r['compile_ott_s']:.2f}/{r['compile_ott_kernel_s']:.2f}"
         diff = f"{r['max_abs_diff']:.1e}/{r['max_abs_diff_kernel']:.1e}"
-        print(f"{r['batch']:>7,} {r['actions']:>3} {r['fast_ms']:>9.2f} {r['ott_ms']:>9.2f} "
-              f"{r['ott_kernel_ms']:>10.2f} {r['ott_over_fast']:>9.2f} {r['ott_kernel_over_fast']:>12.2f} "
-              f"{compile_s:>28} {diff:>24}")
+        print(
+            f"{r['batch']:>7,} {r['actions']:>3} {r['fast_ms']:>9.2f} {r['ott_ms']:>9.2f} "
+            f"{r['ott_kernel_ms']:>10.2f} {r['ott_over_fast']:>9.2f} {r['ott_kernel_over_fast']:>12.2f} "
+            f"{compile_s:>28} {diff:>24}"
+        )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {"args": dataclasses.asdict(args), "backend": jax.default_backend(),
-                "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-                "machine": platform.machine(), "jax": jax.__version__,
-                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+        meta = {
+            "args": dataclasses.asdict(args),
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "jax": jax.__version__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
         print(f"wrote {args.out}")

@@ -42,8 +42,7 @@ class Args:
 
 
 def bench_one(task: str, n: int, args: Args) -> dict:
-    env = make_swarm(task, num_agents=n, max_steps=10 ** 6, neighbours=args.neighbours,
-                     cell_capacity=args.cell_capacity)
+    env = make_swarm(task, num_agents=n, max_steps=10**6, neighbours=args.neighbours, cell_capacity=args.cell_capacity)
     shape = (n, env.action_dim)
 
     def body(state, key):
@@ -65,28 +64,43 @@ def bench_one(task: str, n: int, args: Args) -> dict:
         state, overflow = jax.block_until_ready(rollout(state, jax.random.PRNGKey(2 + r)))
         times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    return {"task": task, "num_agents": n, "neighbours": "cells" if env.use_cells else "dense",
-            "cells_per_side": env.cells if env.use_cells else None,
-            "cell_capacity": env.capacity if env.use_cells else None,
-            "agent_steps_per_s": n * args.steps / t, "env_steps_per_s": args.steps / t,
-            "seconds_per_call": t, "compile_plus_first_call_s": compile_s,
-            "max_overflow": int(overflow.max())}
+    return {
+        "task": task,
+        "num_agents": n,
+        "neighbours": "cells" if env.use_cells else "dense",
+        "cells_per_side": env.cells if env.use_cells else None,
+        "cell_capacity": env.capacity if env.use_cells else None,
+        "agent_steps_per_s": n * args.steps / t,
+        "env_steps_per_s": args.steps / t,
+        "seconds_per_call": t,
+        "compile_plus_first_call_s": compile_s,
+        "max_overflow": int(overflow.max()),
+    }
 
 
 def main(args: Args) -> list[dict]:
     rows = [bench_one(task, n, args) for task in args.tasks for n in args.sizes]
-    print(f"{'task':<12} {'N':>7} {'neighbours':>10} {'cap':>5} {'agent-steps/s':>14} {'env steps/s':>12} "
-          f"{'compile s':>10} {'overflow':>8}")
+    print(
+        f"{'task':<12} {'N':>7} {'neighbours':>10} {'cap':>5} {'agent-steps/s':>14} {'env steps/s':>12} "
+        f"{'compile s':>10} {'overflow':>8}"
+    )
     for r in rows:
-        print(f"{r['task']:<12} {r['num_agents']:>7,} {r['neighbours']:>10} {r['cell_capacity'] or '-':>5} "
-              f"{r['agent_steps_per_s']:>14,.0f} {r['env_steps_per_s']:>12,.1f} "
-              f"{r['compile_plus_first_call_s']:>10.1f} {r['max_overflow']:>8}")
+        print(
+            f"{r['task']:<12} {r['num_agents']:>7,} {r['neighbours']:>10} {r['cell_capacity'] or '-':>5} "
+            f"{r['agent_steps_per_s']:>14,.0f} {r['env_steps_per_s']:>12,.1f} "
+            f"{r['compile_plus_first_call_s']:>10.1f} {r['max_overflow']:>8}"
+        )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {"args": dataclasses.asdict(args), "backend": jax.default_backend(),
-                "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-                "machine": platform.machine(), "jax": jax.__version__,
-                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+        meta = {
+            "args": dataclasses.asdict(args),
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "jax": jax.__version__,
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        }
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
         print(f"wrote {args.out}")

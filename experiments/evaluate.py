@@ -102,14 +102,24 @@ def with_env(algo, desc: dict, params, env_kwargs: dict):
     got = jax.tree.map(lambda x: x.shape[1:], params)
     want = jax.tree.map(lambda x: x.shape, abstract)
     if jax.tree.structure(got) != jax.tree.structure(want) or jax.tree.leaves(got) != jax.tree.leaves(want):
-        raise ConfigError("env_kwargs", env_kwargs,
-                          f"the parameters trained on {desc['env']} {desc.get('env_kwargs', {})} do not fit "
-                          "this environment (their shapes depend on the changed arguments, e.g. one-hot agent ids)")
+        raise ConfigError(
+            "env_kwargs",
+            env_kwargs,
+            f"the parameters trained on {desc['env']} {desc.get('env_kwargs', {})} do not fit "
+            "this environment (their shapes depend on the changed arguments, e.g. one-hot agent ids)",
+        )
     return new
 
 
-def evaluate_run(run_dir: str, episodes: int = 256, greedy: bool = True, step: Optional[int] = None,
-                 seed: int = 12345, env_kwargs: Optional[dict] = None, sequential_seeds: bool = False) -> dict:
+def evaluate_run(
+    run_dir: str,
+    episodes: int = 256,
+    greedy: bool = True,
+    step: Optional[int] = None,
+    seed: int = 12345,
+    env_kwargs: Optional[dict] = None,
+    sequential_seeds: bool = False,
+) -> dict:
     """Evaluate every seed of a run from its checkpoint -> dict of per-seed lists plus
     ``step``, ``env_steps``, ``episodes_per_seed``, ``greedy``, ``env_kwargs``.
     ``sequential_seeds``: one seed after another (a seed's memory; large swarms)."""
@@ -119,10 +129,15 @@ def evaluate_run(run_dir: str, episodes: int = 256, greedy: bool = True, step: O
     algo = with_env(algo, desc, params, env_kwargs or {})
     ev = evaluate_seeds(algo, params, jax.random.PRNGKey(seed), episodes, greedy=greedy, sequential=sequential_seeds)
     out = {k: np.asarray(v).tolist() for k, v in ev.items()}
-    out.update(step=step, episodes_per_seed=episodes, greedy=greedy,
-               env_steps=step * int(desc["env_steps_per_iteration"]),
-               env_kwargs={**parse_env_kwargs(desc.get("env_kwargs", {})), **(env_kwargs or {})},
-               algo=desc["algo"], env=desc["env"])
+    out.update(
+        step=step,
+        episodes_per_seed=episodes,
+        greedy=greedy,
+        env_steps=step * int(desc["env_steps_per_iteration"]),
+        env_kwargs={**parse_env_kwargs(desc.get("env_kwargs", {})), **(env_kwargs or {})},
+        algo=desc["algo"],
+        env=desc["env"],
+    )
     return out
 
 
@@ -148,10 +163,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         json.dump(out, f, indent=2)
     wr = np.asarray(out["win_rate"])
     where = f" with {overrides}" if overrides else ""
-    print(f"{out['algo']} on {out['env']}{where} at {out['env_steps']:,} env steps, "
-          f"{'greedy' if not args.sampled else 'sampled'}, {args.episodes} episodes/seed: "
-          f"win rate {wr.mean():.3f} (per seed: {np.round(wr, 3).tolist()}), "
-          f"return {np.asarray(out['return']).mean():.3f}")
+    print(
+        f"{out['algo']} on {out['env']}{where} at {out['env_steps']:,} env steps, "
+        f"{'greedy' if not args.sampled else 'sampled'}, {args.episodes} episodes/seed: "
+        f"win rate {wr.mean():.3f} (per seed: {np.round(wr, 3).tolist()}), "
+        f"return {np.asarray(out['return']).mean():.3f}"
+    )
     print(f"written: {path}")
     return 0
 

@@ -66,22 +66,44 @@ def parse(argv=None):
     p.add_argument("--num-seeds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--total-steps", type=float, default=150_000)
-    p.add_argument("--br-steps", type=float, default=20_000,
-                   help="env steps of best-response adversary training per protagonist (0: skip)")
+    p.add_argument(
+        "--br-steps",
+        type=float,
+        default=20_000,
+        help="env steps of best-response adversary training per protagonist (0: skip)",
+    )
     p.add_argument("--chunk-iterations", type=int, default=500)
     p.add_argument("--eval-episodes", type=int, default=16)
     p.add_argument("--grid", type=int, default=11, help="robustness grid size per axis (11 in the paper)")
     p.add_argument("--out", default=None)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the runs in --out from their checkpoints (finished runs are only re-evaluated)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="no training: evaluate the latest checkpoints in --out (a stopped run: its budget so far)")
-    p.add_argument("--report-only", action="store_true",
-                   help="no computation: tables and plots from the evaluations saved in --out (eval.json)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the runs in --out from their checkpoints (finished runs are only re-evaluated)",
+    )
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="no training: evaluate the latest checkpoints in --out (a stopped run: its budget so far)",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no computation: tables and plots from the evaluations saved in --out (eval.json)",
+    )
     # a few QARL/SAC fields for quick runs; anything else keeps the config defaults
-    for name, typ in (("learning-starts", int), ("hidden", int), ("num-layers", int), ("batch-size", int),
-                      ("buffer-size", int), ("num-envs", int), ("num-steps", int), ("train-steps", int),
-                      ("threshold", float), ("phase-length", int)):
+    for name, typ in (
+        ("learning-starts", int),
+        ("hidden", int),
+        ("num-layers", int),
+        ("batch-size", int),
+        ("buffer-size", int),
+        ("num-envs", int),
+        ("num-steps", int),
+        ("train-steps", int),
+        ("threshold", float),
+        ("phase-length", int),
+    ):
         p.add_argument(f"--{name}", type=typ, default=None)
     args = p.parse_args(argv)
     for name in ("num_seeds", "total_steps", "chunk_iterations", "eval_episodes", "grid"):
@@ -103,8 +125,18 @@ def parse(argv=None):
 
 
 def overrides(args) -> dict:
-    keys = ("learning_starts", "hidden", "num_layers", "batch_size", "buffer_size", "num_envs", "num_steps",
-            "train_steps", "threshold", "phase_length")
+    keys = (
+        "learning_starts",
+        "hidden",
+        "num_layers",
+        "batch_size",
+        "buffer_size",
+        "num_envs",
+        "num_steps",
+        "train_steps",
+        "threshold",
+        "phase_length",
+    )
     out = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     out["total_steps"] = int(args.total_steps)
     return out
@@ -124,8 +156,13 @@ def shape_check(steps, shape, budget: float) -> dict:
         hit = np.flatnonzero(np.nan_to_num(row, nan=np.inf) <= SHAPE_GOAL + 1e-6)
         reached.append(float(steps[hit[0]]) if hit.size else None)
     ok = all(r is not None and r <= SHAPE_BY * budget for r in reached)
-    return {"goal": SHAPE_GOAL, "by_fraction": SHAPE_BY, "first_step_at_goal": reached, "all_seeds_in_time": ok,
-            "final_shape": [float(r[np.isfinite(r)][-1]) if np.isfinite(r).any() else None for r in shape]}
+    return {
+        "goal": SHAPE_GOAL,
+        "by_fraction": SHAPE_BY,
+        "first_step_at_goal": reached,
+        "all_seeds_in_time": ok,
+        "final_shape": [float(r[np.isfinite(r)][-1]) if np.isfinite(r).any() else None for r in shape],
+    }
 
 
 def restore_latest(algo, run_dir: str, num_seeds: int, seed: int):
@@ -156,20 +193,36 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
         if args.eval_only or args.report_only:
             state, done = (None, None) if args.report_only else restore_latest(algo, run_dir, args.num_seeds, args.seed)
         else:
-            res = train(algo, num_iterations=algo.config.num_updates, num_seeds=args.num_seeds, seed=args.seed,
-                        chunk_iterations=min(args.chunk_iterations, algo.config.num_updates),
-                        run_dir=run_dir, progress=True, resume=args.resume and os.path.isdir(run_dir),
-                        run_info={"config": {k: str(v) for k, v in vars(algo.config).items()}, "method": method,
-                                  "adversary_scale": scale})
+            res = train(
+                algo,
+                num_iterations=algo.config.num_updates,
+                num_seeds=args.num_seeds,
+                seed=args.seed,
+                chunk_iterations=min(args.chunk_iterations, algo.config.num_updates),
+                run_dir=run_dir,
+                progress=True,
+                resume=args.resume and os.path.isdir(run_dir),
+                run_info={
+                    "config": {k: str(v) for k, v in vars(algo.config).items()},
+                    "method": method,
+                    "adversary_scale": scale,
+                },
+            )
             state, done = res.state, algo.config.num_updates
         trained[method] = (algo, state, done)
         # the whole run from its log, resumed or not
         records = read_metrics(run_dir)
         _, curve, episodes = metric_arrays(records, "return_agent0")
         steps = (np.arange(curve.shape[1]) + 1) * algo.env_steps_per_update
-        results[method] = {"wall_seconds": time.perf_counter() - t0, "steps": steps, "curve": curve,
-                           "episodes": episodes, "shape": metric_arrays(records, "curriculum_shape")[1]
-                           if algo.config.curriculum in ("gamma", "linear", "point") else None}
+        results[method] = {
+            "wall_seconds": time.perf_counter() - t0,
+            "steps": steps,
+            "curve": curve,
+            "episodes": episodes,
+            "shape": metric_arrays(records, "curriculum_shape")[1]
+            if algo.config.curriculum in ("gamma", "linear", "point")
+            else None,
+        }
 
     (n1, v1), (n2, v2) = axes = qarl.stress_axes(next(iter(trained.values()))[0], args.grid)
     keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), args.num_seeds)
@@ -186,30 +239,43 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
             ev = evaluate_method(env, method, trained, axes, keys, args, os.path.join(out_dir, method))
             with open(cache, "w") as fh:
                 json.dump({"tag": {**tag, "iteration": done}, "eval": ev}, fh)
-            qarl.save_grid(ev["grid"], axes, os.path.join(out_dir, f"robustness_{method}"),
-                           f"{env_name} x{scale:g} {method}: protagonist return, no adversary")
+            qarl.save_grid(
+                ev["grid"],
+                axes,
+                os.path.join(out_dir, f"robustness_{method}"),
+                f"{env_name} x{scale:g} {method}: protagonist return, no adversary",
+            )
         grid = np.asarray(ev["grid"])
         curve, eps = results[method]["curve"], results[method]["episodes"]
         late = slice(curve.shape[1] // 2, None)  # second half, iterations where episodes ended
         w = eps[:, late]
         summary[method] = {
-            "env_steps": int(results[method]["steps"][-1]), "budget": algo.config.total_steps,
+            "env_steps": int(results[method]["steps"][-1]),
+            "budget": algo.config.total_steps,
             "final_training_return": float((curve[:, late] * w).sum() / max(w.sum(), 1)),
-            "return_vs_final_adversary": ev["against"], "return_without_adversary": ev["without"],
+            "return_vs_final_adversary": ev["against"],
+            "return_without_adversary": ev["without"],
             "return_vs_best_response": ev["best_response"],
-            "grid_axes": [n1, n2], "robustness_grid_mean": grid.mean((1, 2)).tolist(),
+            "grid_axes": [n1, n2],
+            "robustness_grid_mean": grid.mean((1, 2)).tolist(),
             "robustness_grid_min": grid.min((1, 2)).tolist(),
             "robustness_grid_spread": np.asarray(qarl.grid_spread(grid)).tolist(),
         }
-        for k in ("return_without_adversary", "return_vs_best_response", "robustness_grid_mean",
-                  "robustness_grid_min", "robustness_grid_spread"):
+        for k in (
+            "return_without_adversary",
+            "return_vs_best_response",
+            "robustness_grid_mean",
+            "robustness_grid_min",
+            "robustness_grid_spread",
+        ):
             if summary[method][k] is not None:
                 summary[method][k + "_iqm"] = interval(summary[method][k])
         if method in ev["against"]:
             summary[method]["return_vs_own_adversary_iqm"] = interval(ev["against"][method])
         if results[method]["shape"] is not None:
-            summary[method]["curriculum"] = shape_check(results[method]["steps"], results[method]["shape"],
-                                                        algo.config.total_steps)
+            summary[method]["curriculum"] = shape_check(
+                results[method]["steps"], results[method]["shape"], algo.config.total_steps
+            )
     plot_curves(results, f"{env_name} (adversary x{scale:g})", os.path.join(out_dir, "returns.png"))
     plot_shapes(results, f"{env_name} (adversary x{scale:g})", os.path.join(out_dir, "curriculum_shape"))
     return summary
@@ -221,13 +287,20 @@ def evaluate_method(env, method: str, trained: dict, axes, keys, args, run_dir: 
     algo, state, _ = trained[method]
     params = state.params
     # the adversary's run holds the environment with the adversary on (SAC's has it off)
-    others = {o: (oalgo, (algo.config.inputs[0], oalgo.config.inputs[1]))
-              for o, (oalgo, _, _) in trained.items() if oalgo.config.adversary}
+    others = {
+        o: (oalgo, (algo.config.inputs[0], oalgo.config.inputs[1]))
+        for o, (oalgo, _, _) in trained.items()
+        if oalgo.config.adversary
+    }
     crossed = {o: qarl.cross_params(params, trained[o][1].params, seed_axis=True) for o in others}
     out = jax.tree.map(np.asarray, evaluate(algo, others, axes, args.eval_episodes)(params, crossed, keys))
     best = best_response(env, algo, params, keys, args, os.path.join(run_dir, "best_response.json"))
-    return {"against": {o: out[o].tolist() for o in others}, "without": out["without"].tolist(),
-            "grid": out["grid"].tolist(), "best_response": best}
+    return {
+        "against": {o: out[o].tolist() for o in others},
+        "without": out["without"].tolist(),
+        "grid": out["grid"].tolist(),
+        "best_response": best,
+    }
 
 
 def evaluate(algo, others: dict, axes, episodes: int):
@@ -236,8 +309,10 @@ def evaluate(algo, others: dict, axes, episodes: int):
     the (protagonist, adversary) temperature inputs), ``crossed``: method -> crossed params."""
 
     def one(params, crossed, key):
-        out = {"without": qarl.evaluate_protagonist(algo, params, key, episodes, False),
-               "grid": qarl.robustness_grid(algo, params, key, axes)}
+        out = {
+            "without": qarl.evaluate_protagonist(algo, params, key, episodes, False),
+            "grid": qarl.robustness_grid(algo, params, key, axes),
+        }
         for o, (oalgo, inputs) in others.items():
             out[o] = qarl.evaluate_protagonist(oalgo, crossed[o], key, episodes, True, inputs=inputs)
         return out
@@ -250,8 +325,12 @@ def best_response(env, algo, params, keys, args, path: str) -> Optional[list]:
     ``--br-steps`` (kept in ``path``: a later call with the same budget and seeds reads it)."""
     if args.br_steps <= 0:
         return None
-    tag = {"br_steps": int(args.br_steps), "seed": args.seed, "eval_episodes": args.eval_episodes,
-           "num_seeds": args.num_seeds}
+    tag = {
+        "br_steps": int(args.br_steps),
+        "seed": args.seed,
+        "eval_episodes": args.eval_episodes,
+        "num_seeds": args.num_seeds,
+    }
     if os.path.exists(path):
         with open(path) as fh:
             done = json.load(fh)
@@ -277,8 +356,13 @@ def plot_shapes(results: dict, title: str, prefix: str):
     if not runs:
         return
     with open(prefix + ".json", "w") as fh:
-        json.dump({m: {"env_steps": r["steps"].tolist(), "shape": np.nan_to_num(r["shape"], nan=-1).tolist()}
-                   for m, r in runs.items()}, fh)
+        json.dump(
+            {
+                m: {"env_steps": r["steps"].tolist(), "shape": np.nan_to_num(r["shape"], nan=-1).tolist()}
+                for m, r in runs.items()
+            },
+            fh,
+        )
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, r in runs.items():
         for s, row in enumerate(r["shape"]):
@@ -330,14 +414,21 @@ def write_tables(summary: dict, out: str):
     lines = ["# QARL vs RARL vs SAC", "", "IQM over seeds [95% bootstrap interval]; grids without adversary.", ""]
     for run, per in summary.items():
         axes = next(iter(per.values()))["grid_axes"]
-        lines += [f"## {run}", "", f"| method | vs own adversary | vs best response | no adversary | grid mean | "
-                  f"grid min | grid spread | ({axes[0]} x {axes[1]})", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {run}",
+            "",
+            f"| method | vs own adversary | vs best response | no adversary | grid mean | "
+            f"grid min | grid spread | ({axes[0]} x {axes[1]})",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for method, s in per.items():
             sp = s["robustness_grid_spread_iqm"]
-            lines.append(f"| {method} | {_ci(s.get('return_vs_own_adversary_iqm'))} | "
-                         f"{_ci(s.get('return_vs_best_response_iqm'))} | {_ci(s['return_without_adversary_iqm'])} | "
-                         f"{_ci(s['robustness_grid_mean_iqm'])} | {_ci(s['robustness_grid_min_iqm'])} | "
-                         f"{sp['iqm']:.2f} [{sp['ci'][0]:.2f}, {sp['ci'][1]:.2f}] | |")
+            lines.append(
+                f"| {method} | {_ci(s.get('return_vs_own_adversary_iqm'))} | "
+                f"{_ci(s.get('return_vs_best_response_iqm'))} | {_ci(s['return_without_adversary_iqm'])} | "
+                f"{_ci(s['robustness_grid_mean_iqm'])} | {_ci(s['robustness_grid_min_iqm'])} | "
+                f"{sp['iqm']:.2f} [{sp['ci'][0]:.2f}, {sp['ci'][1]:.2f}] | |"
+            )
         lines += ["", "Cross play (mean over seeds): protagonist (row) vs adversary (column)", ""]
         advs = sorted({o for s in per.values() for o in s["return_vs_final_adversary"]})
         lines += ["| protagonist | " + " | ".join(advs) + " |", "|---|" + "---|" * len(advs)]
@@ -347,9 +438,12 @@ def write_tables(summary: dict, out: str):
         for method, s in per.items():
             if "curriculum" in s:
                 c = s["curriculum"]
-                lines += ["", f"{method} curriculum: shape <= {c['goal']:g} first at env steps "
-                          f"{c['first_step_at_goal']} (every seed by {c['by_fraction']:.0%} of the budget: "
-                          f"{c['all_seeds_in_time']}); final shapes {[round(x, 2) for x in c['final_shape']]}"]
+                lines += [
+                    "",
+                    f"{method} curriculum: shape <= {c['goal']:g} first at env steps "
+                    f"{c['first_step_at_goal']} (every seed by {c['by_fraction']:.0%} of the budget: "
+                    f"{c['all_seeds_in_time']}); final shapes {[round(x, 2) for x in c['final_shape']]}",
+                ]
         lines.append("")
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write("\n".join(lines))

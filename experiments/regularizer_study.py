@@ -122,8 +122,12 @@ def study_configs(args: StudyArgs) -> dict:
     out = {}
     for kind in args.kinds:
         rc = dataclasses.replace(
-            base_reg, kind=kind, coef=0.0 if kind == "none" else args.coef, epsilon=args.epsilon,
-            mode=args.mode, reference=args.reference,
+            base_reg,
+            kind=kind,
+            coef=0.0 if kind == "none" else args.coef,
+            epsilon=args.epsilon,
+            mode=args.mode,
+            reference=args.reference,
         )  # validated by RegularizerConfig.__post_init__
         cfg = dataclasses.replace(base, total_steps=args.total_steps, regularizer=rc)  # PPOConfig checks
         for env in args.envs:
@@ -256,13 +260,22 @@ def summarize(args: StudyArgs, records: dict) -> list[dict]:
             lo, hi = bootstrap_ci(ok, iqm, args.bootstrap_samples, args.confidence, args.bootstrap_seed)
         else:
             point = lo = hi = float("nan")
-        rows.append({
-            "env": env, "kind": kind, "metric": metric, "iqm": point, "ci_low": lo, "ci_high": hi,
-            "confidence": args.confidence, "num_seeds": int(finals.size), "num_finite_seeds": int(ok.size),
-            "per_seed": [None if not np.isfinite(v) else float(v) for v in finals],
-            "mean": float(ok.mean()) if ok.size else float("nan"),
-            "iterations": int(vals.shape[1]),
-        })
+        rows.append(
+            {
+                "env": env,
+                "kind": kind,
+                "metric": metric,
+                "iqm": point,
+                "ci_low": lo,
+                "ci_high": hi,
+                "confidence": args.confidence,
+                "num_seeds": int(finals.size),
+                "num_finite_seeds": int(ok.size),
+                "per_seed": [None if not np.isfinite(v) else float(v) for v in finals],
+                "mean": float(ok.mean()) if ok.size else float("nan"),
+                "iterations": int(vals.shape[1]),
+            }
+        )
     return rows
 
 
@@ -276,8 +289,10 @@ def markdown_table(rows: list[dict], args: StudyArgs) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['env']} | {r['kind']} | {r['metric']} | {r['iqm']:.3f} | "
-                     f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['mean']:.3f} | {r['num_finite_seeds']} |")
+        lines.append(
+            f"| {r['env']} | {r['kind']} | {r['metric']} | {r['iqm']:.3f} | "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['mean']:.3f} | {r['num_finite_seeds']} |"
+        )
     return "\n".join(lines)
 
 
@@ -316,9 +331,16 @@ def run_study(args: StudyArgs) -> dict:
             if os.path.isdir(ck) and os.listdir(ck):
                 raise ConfigError("name", name, f"{study_dir} already holds runs: pass --resume or choose a new name")
     with open(os.path.join(study_dir, "study.json"), "w") as f:
-        json.dump({"args": dataclasses.asdict(args), "algo": ALGO,
-                   "configs": {f"{e}/{k}": dataclasses.asdict(c) for (e, k), c in configs.items()}},
-                  f, indent=2, default=str)
+        json.dump(
+            {
+                "args": dataclasses.asdict(args),
+                "algo": ALGO,
+                "configs": {f"{e}/{k}": dataclasses.asdict(c) for (e, k), c in configs.items()},
+            },
+            f,
+            indent=2,
+            default=str,
+        )
 
     from marl.logging import read_metrics
     from marl.runner import train
@@ -328,14 +350,26 @@ def run_study(args: StudyArgs) -> dict:
         cfg = configs[(env, kind)]
         n_iter = cfg.total_steps // algo.env_steps_per_update
         steps = n_iter * algo.env_steps_per_update
-        print(f"== {ALGO} on {env}, regularizer {kind}: {args.num_seeds} seeds x {steps:,} env steps "
-              f"-> {run_dirs[(env, kind)]}", flush=True)
+        print(
+            f"== {ALGO} on {env}, regularizer {kind}: {args.num_seeds} seeds x {steps:,} env steps "
+            f"-> {run_dirs[(env, kind)]}",
+            flush=True,
+        )
         res = train(
-            algo, num_iterations=n_iter, num_seeds=args.num_seeds, seed=args.seed,
-            chunk_iterations=args.chunk_iterations, run_dir=run_dirs[(env, kind)],
-            checkpoint_every=args.checkpoint_every, resume=args.resume, progress=args.progress,
-            run_info={"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                      "study": name, "kind": kind},
+            algo,
+            num_iterations=n_iter,
+            num_seeds=args.num_seeds,
+            seed=args.seed,
+            chunk_iterations=args.chunk_iterations,
+            run_dir=run_dirs[(env, kind)],
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            progress=args.progress,
+            run_info={
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "study": name,
+                "kind": kind,
+            },
         )
         if res.train_seconds:
             print(f"   compile {res.compile_seconds:.1f}s, train {res.train_seconds:.1f}s", flush=True)
@@ -352,14 +386,26 @@ def run_study(args: StudyArgs) -> dict:
     rows = summarize(args, records)
     table = markdown_table(rows, args)
     with open(os.path.join(study_dir, "final.json"), "w") as f:
-        json.dump({"rows": rows, "final_fraction": args.final_fraction, "bootstrap_samples": args.bootstrap_samples,
-                   "bootstrap_seed": args.bootstrap_seed, "confidence": args.confidence,
-                   "statistic": "IQM over seeds (25% trimmed mean)"}, f, indent=2)
+        json.dump(
+            {
+                "rows": rows,
+                "final_fraction": args.final_fraction,
+                "bootstrap_samples": args.bootstrap_samples,
+                "bootstrap_seed": args.bootstrap_seed,
+                "confidence": args.confidence,
+                "statistic": "IQM over seeds (25% trimmed mean)",
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(study_dir, "final.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table + "\n")
-    print(f"study directory: {study_dir}\n  table:  {os.path.join(study_dir, 'final.json')}\n"
-          + "".join(f"  curve:  {c}\n" for c in curves), end="")
+    print(
+        f"study directory: {study_dir}\n  table:  {os.path.join(study_dir, 'final.json')}\n"
+        + "".join(f"  curve:  {c}\n" for c in curves),
+        end="",
+    )
     return {"dir": study_dir, "rows": rows, "table": table, "curves": curves}
 
 

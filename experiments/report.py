@@ -100,8 +100,14 @@ def _arrays(records: list[dict], seed_of, num_seeds: int):
     its = sorted({r["iteration"] for r in records})
     col = {it: i for i, it in enumerate(its)}
     steps = np.zeros(len(its))
-    names = sorted({k for r in records for k, v in r.items()
-                    if k not in ("iteration", "env_steps", "seed") and isinstance(v, (int, float, str))})
+    names = sorted(
+        {
+            k
+            for r in records
+            for k, v in r.items()
+            if k not in ("iteration", "env_steps", "seed") and isinstance(v, (int, float, str))
+        }
+    )
     values = {k: np.full((num_seeds, len(its)), np.nan) for k in names}
     episodes = np.ones((num_seeds, len(its)))
     for r in records:
@@ -210,8 +216,7 @@ def plot_task(task: str, groups: list[Group], metrics: list[str], path: str, arg
             if m not in g.values:
                 continue
             c = curve(g.values[m], iteration_weights(m, g.episodes))
-            mean, lo, hi = bootstrap_band(c, min(args.bootstrap_samples, 1000), args.confidence,
-                                          args.bootstrap_seed)
+            mean, lo, hi = bootstrap_band(c, min(args.bootstrap_samples, 1000), args.confidence, args.bootstrap_seed)
             marker = "o" if g.steps.size < 20 else None
             (line,) = ax.plot(g.steps, mean, marker=marker, label=f"{g.method} (n={c.shape[0]})")
             ax.fill_between(g.steps, lo, hi, alpha=0.2, color=line.get_color())
@@ -259,12 +264,22 @@ def build_tables(groups: list[Group], args: ReportArgs) -> dict:
             ok = finals[np.isfinite(finals)]
             point = iqm(ok) if ok.size else float("nan")
             lo, hi = bootstrap_ci(ok, iqm, **ci) if ok.size else (float("nan"), float("nan"))
-            per_task.append({"task": task, "method": g.method, "metric": metric, "iqm": point, "ci_low": lo,
-                             "ci_high": hi, "mean": float(ok.mean()) if ok.size else float("nan"),
-                             "num_seeds": int(ok.size), "per_seed": [float(v) for v in finals],
-                             "overall_iqm": iqm(overall) if overall.size else float("nan"),
-                             "overall_per_seed": [float(v) for v in overall],
-                             "sources": g.sources})
+            per_task.append(
+                {
+                    "task": task,
+                    "method": g.method,
+                    "metric": metric,
+                    "iqm": point,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "mean": float(ok.mean()) if ok.size else float("nan"),
+                    "num_seeds": int(ok.size),
+                    "per_seed": [float(v) for v in finals],
+                    "overall_iqm": iqm(overall) if overall.size else float("nan"),
+                    "overall_per_seed": [float(v) for v in overall],
+                    "sources": g.sources,
+                }
+            )
             if ok.size:
                 scores.setdefault(g.method, {})[task] = (metric, ok)
     aggregate = []
@@ -273,8 +288,17 @@ def build_tables(groups: list[Group], args: ReportArgs) -> dict:
         strata = {t: v for t, (_, v) in sorted(by_task.items())}
         pooled = np.concatenate(list(strata.values()))
         lo, hi = stratified_bootstrap_ci(strata, iqm, **ci)
-        aggregate.append({"method": method, "tasks": sorted(strata), "metrics": metrics, "iqm": iqm(pooled),
-                          "ci_low": lo, "ci_high": hi, "num_scores": int(pooled.size)})
+        aggregate.append(
+            {
+                "method": method,
+                "tasks": sorted(strata),
+                "metrics": metrics,
+                "iqm": iqm(pooled),
+                "ci_low": lo,
+                "ci_high": hi,
+                "num_scores": int(pooled.size),
+            }
+        )
     return {"per_task": per_task, "aggregate": aggregate}
 
 
@@ -292,9 +316,11 @@ def markdown(tables: dict, args: ReportArgs) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in tables["per_task"]:
-        lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | {r['iqm']:.4f} | "
-                     f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['mean']:.4f} | {r['overall_iqm']:.4f} | "
-                     f"{r['num_seeds']} |")
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['metric']} | {r['iqm']:.4f} | "
+            f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['mean']:.4f} | {r['overall_iqm']:.4f} | "
+            f"{r['num_seeds']} |"
+        )
     if tables["aggregate"]:
         lines += [
             "",
@@ -307,8 +333,10 @@ def markdown(tables: dict, args: ReportArgs) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in tables["aggregate"]:
-            lines.append(f"| {r['method']} | {len(r['tasks'])} | {'/'.join(r['metrics'])} | {r['iqm']:.4f} | "
-                         f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['num_scores']} |")
+            lines.append(
+                f"| {r['method']} | {len(r['tasks'])} | {'/'.join(r['metrics'])} | {r['iqm']:.4f} | "
+                f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['num_scores']} |"
+            )
     refs = reference_lines(args)
     if refs:
         lines += ["", "## Reference values", "", "| task | reference | return |", "|---|---|---|"]
@@ -353,7 +381,6 @@ def check_metrics(groups: list[Group], args: ReportArgs) -> None:
         raise ConfigError("metric", args.metric, f"must be 'auto' or a logged metric: {logged}")
 
 
-
 def report(args: ReportArgs) -> dict:
     """Write the curves and tables; returns {"dir", "curves", "panels" (task -> plotted metrics),
     "markdown", "tables"}."""
@@ -388,8 +415,13 @@ def report(args: ReportArgs) -> dict:
         json.dump({"args": dataclasses.asdict(args), "runs": runs, **tables}, f, indent=2)
     print(text)
     print(f"report: {os.path.join(out, 'report.md')}\n" + "".join(f"curve:  {c}\n" for c in curves), end="")
-    return {"dir": out, "curves": curves, "panels": panels_of, "markdown": os.path.join(out, "report.md"),
-            "tables": tables}
+    return {
+        "dir": out,
+        "curves": curves,
+        "panels": panels_of,
+        "markdown": os.path.join(out, "report.md"),
+        "tables": tables,
+    }
 
 
 @entry

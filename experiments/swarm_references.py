@@ -65,18 +65,33 @@ def evaluate_references(args: RefArgs) -> dict:
             algo = reference_policy(env, kind, args.gain)
             run = jax.jit(jax.vmap(lambda k, a=algo: evaluate(a, {}, k, args.episodes)["return"]))
             ret = np.asarray(run(jax.random.split(jax.random.PRNGKey(args.seed), args.seeds)), np.float64)
-            rows.append({"env": name, "env_kwargs": kwargs, "policy": kind, "gain": args.gain,
-                         "per_seed": ret.tolist(), "mean": float(ret.mean())})
+            rows.append(
+                {
+                    "env": name,
+                    "env_kwargs": kwargs,
+                    "policy": kind,
+                    "gain": args.gain,
+                    "per_seed": ret.tolist(),
+                    "mean": float(ret.mean()),
+                }
+            )
             lines.setdefault(name, {})[f"reference:{kind}"] = float(ret.mean())
             print(f"{name} {kwargs}: {kind}: {ret.mean():.2f} (per seed {np.round(ret, 2).tolist()})", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "references.json"), "w") as f:
         json.dump({"args": dataclasses.asdict(args), "rows": rows, "lines": lines}, f, indent=2)
-    md = [f"Reference policies: greedy return, mean over {args.seeds} seeds x {args.episodes} episodes "
-          f"(per-seed means in brackets), gain {args.gain:g}.", "",
-          "| env | env arguments | policy | return | per seed |", "|---|---|---|---|---|"]
-    md += [f"| {r['env']} | `{json.dumps(r['env_kwargs'])}` | {r['policy']} | {r['mean']:.2f} | "
-           f"{', '.join(f'{v:.2f}' for v in r['per_seed'])} |" for r in rows]
+    md = [
+        f"Reference policies: greedy return, mean over {args.seeds} seeds x {args.episodes} episodes "
+        f"(per-seed means in brackets), gain {args.gain:g}.",
+        "",
+        "| env | env arguments | policy | return | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['env']} | `{json.dumps(r['env_kwargs'])}` | {r['policy']} | {r['mean']:.2f} | "
+        f"{', '.join(f'{v:.2f}' for v in r['per_seed'])} |"
+        for r in rows
+    ]
     with open(os.path.join(args.out, "references.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     return {"rows": rows, "lines": lines}

@@ -101,19 +101,39 @@ def transfer(args: TransferArgs) -> dict:
                 if e.field != "env_kwargs":
                     raise
                 print(f"  {d} at N={n}: skipped ({e})", flush=True)
-                rows.append({"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n,
-                             "n": n, "skipped": str(e)})
+                rows.append(
+                    {
+                        "run": d,
+                        "algo": desc["algo"],
+                        "env": desc["env"],
+                        "trained_n": trained_n,
+                        "n": n,
+                        "skipped": str(e),
+                    }
+                )
                 continue
             ret = np.asarray(ev["return"], np.float64)
-            row = {"run": d, "algo": desc["algo"], "env": desc["env"], "trained_n": trained_n, "n": n,
-                   "env_kwargs": ev["env_kwargs"], "episodes_per_seed": episodes, "returns": ret.tolist(),
-                   "mean": float(ret.mean()),
-                   "min": float(ret.min()), "max": float(ret.max()), "seconds": time.perf_counter() - t0,
-                   "env_steps": ev["env_steps"]}
+            row = {
+                "run": d,
+                "algo": desc["algo"],
+                "env": desc["env"],
+                "trained_n": trained_n,
+                "n": n,
+                "env_kwargs": ev["env_kwargs"],
+                "episodes_per_seed": episodes,
+                "returns": ret.tolist(),
+                "mean": float(ret.mean()),
+                "min": float(ret.min()),
+                "max": float(ret.max()),
+                "seconds": time.perf_counter() - t0,
+                "env_steps": ev["env_steps"],
+            }
             rows.append(row)
-            print(f"  {desc['algo']} on {desc['env']} (trained at N={trained_n}) at N={n}: "
-                  f"return {row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}] ({row['seconds']:.0f}s)",
-                  flush=True)
+            print(
+                f"  {desc['algo']} on {desc['env']} (trained at N={trained_n}) at N={n}: "
+                f"return {row['mean']:.3f} [{row['min']:.3f}, {row['max']:.3f}] ({row['seconds']:.0f}s)",
+                flush=True,
+            )
 
     if args.references:
         rows += reference_rows(args, large_kwargs)
@@ -124,8 +144,10 @@ def transfer(args: TransferArgs) -> dict:
         json.dump({"args": dataclasses.asdict(args), "rows": rows}, f, indent=2)
     with open(os.path.join(out, "transfer.md"), "w") as f:
         f.write(table + "\n")
-    plots = [plot(env, [r for r in rows if r["env"] == env], os.path.join(out, f"transfer_{slug(env)}.png"))
-             for env in dict.fromkeys(r["env"] for r in rows)]
+    plots = [
+        plot(env, [r for r in rows if r["env"] == env], os.path.join(out, f"transfer_{slug(env)}.png"))
+        for env in dict.fromkeys(r["env"] for r in rows)
+    ]
     print("\n" + table + f"\n\nwritten: {out}")
     return {"rows": rows, "out": out, "table": table, "plots": plots}
 
@@ -155,14 +177,26 @@ def reference_rows(args: TransferArgs, large_kwargs: dict) -> list[dict]:
             for kind in reference_names(env):
                 t0 = time.perf_counter()
                 algo = reference_policy(env, kind, args.references_gain)
-                ev = evaluate_seeds(algo, {"_": jax.numpy.zeros((seeds,))}, jax.random.PRNGKey(args.seed), episodes,
-                                    sequential=large)
+                ev = evaluate_seeds(
+                    algo, {"_": jax.numpy.zeros((seeds,))}, jax.random.PRNGKey(args.seed), episodes, sequential=large
+                )
                 ret = np.asarray(ev["return"], np.float64)
-                rows.append({"run": f"reference:{kind}:{name}:{kw_text}", "algo": f"reference:{kind}", "env": name,
-                             "trained_n": None, "n": n, "env_kwargs": {**kw, "num_agents": n},
-                             "episodes_per_seed": episodes, "returns": ret.tolist(), "mean": float(ret.mean()),
-                             "min": float(ret.min()), "max": float(ret.max()),
-                             "seconds": time.perf_counter() - t0})
+                rows.append(
+                    {
+                        "run": f"reference:{kind}:{name}:{kw_text}",
+                        "algo": f"reference:{kind}",
+                        "env": name,
+                        "trained_n": None,
+                        "n": n,
+                        "env_kwargs": {**kw, "num_agents": n},
+                        "episodes_per_seed": episodes,
+                        "returns": ret.tolist(),
+                        "mean": float(ret.mean()),
+                        "min": float(ret.min()),
+                        "max": float(ret.max()),
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
                 print(f"  reference {kind} on {name} at N={n}: return {ret.mean():.3f}", flush=True)
     return rows
 
@@ -174,16 +208,27 @@ def _label(r: dict) -> str:
 
 
 def markdown(rows: list[dict], ns) -> str:
-    lines = ["Greedy return (mean over seeds, [min, max] over seeds) at each N; "
-             "each policy trained at one N only.", ""]
+    lines = ["Greedy return (mean over seeds, [min, max] over seeds) at each N; each policy trained at one N only.", ""]
     for env in dict.fromkeys(r["env"] for r in rows):
-        lines += [f"**{env}**", "", "| policy | " + " | ".join(f"N={n:,}" for n in ns) + " |",
-                  "|---|" + "---|" * len(ns)]
+        lines += [
+            f"**{env}**",
+            "",
+            "| policy | " + " | ".join(f"N={n:,}" for n in ns) + " |",
+            "|---|" + "---|" * len(ns),
+        ]
         for run in dict.fromkeys(r["run"] for r in rows if r["env"] == env):
             cells = {r["n"]: r for r in rows if r["run"] == run}
             first = next(iter(cells.values()))
-            txt = [("n/a" if "skipped" in cells[n] else f"{cells[n]['mean']:.2f} [{cells[n]['min']:.2f}, "
-                    f"{cells[n]['max']:.2f}]") if n in cells else "" for n in ns]
+            txt = [
+                (
+                    "n/a"
+                    if "skipped" in cells[n]
+                    else f"{cells[n]['mean']:.2f} [{cells[n]['min']:.2f}, {cells[n]['max']:.2f}]"
+                )
+                if n in cells
+                else ""
+                for n in ns
+            ]
             lines.append(f"| {_label(first)} | " + " | ".join(txt) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()

@@ -139,39 +139,82 @@ def run(args: SweepArgs) -> dict:
         mesh = None
     num_iterations = base.total_steps // algo.env_steps_per_update
     rows = len(configs) * args.num_seeds
-    print(f"== sweep {args.algo} on {args.env}: {len(configs)} configurations x {args.num_seeds} seeds = {rows} rows "
-          f"in one program, {num_iterations} iterations ({num_iterations * algo.env_steps_per_update:,} env steps "
-          f"per row), {1 if mesh is None else mesh.size} device(s) -> {out}", flush=True)
+    print(
+        f"== sweep {args.algo} on {args.env}: {len(configs)} configurations x {args.num_seeds} seeds = {rows} rows "
+        f"in one program, {num_iterations} iterations ({num_iterations * algo.env_steps_per_update:,} env steps "
+        f"per row), {1 if mesh is None else mesh.size} device(s) -> {out}",
+        flush=True,
+    )
     config_json = json.loads(json.dumps(dataclasses.asdict(base), default=str))
-    res = sweep.run_sweep(algo, configs, num_iterations=num_iterations, num_seeds=args.num_seeds, seed=args.seed,
-                          chunk_iterations=args.chunk_iterations, checkpoint_every=args.checkpoint_every,
-                          run_dir=os.path.join(out, "run"),
-                          resume=args.resume, progress=args.progress, mesh=mesh,
-                          run_info={"config": config_json, "env_kwargs": json.loads(args.env_kwargs)})
+    res = sweep.run_sweep(
+        algo,
+        configs,
+        num_iterations=num_iterations,
+        num_seeds=args.num_seeds,
+        seed=args.seed,
+        chunk_iterations=args.chunk_iterations,
+        checkpoint_every=args.checkpoint_every,
+        run_dir=os.path.join(out, "run"),
+        resume=args.resume,
+        progress=args.progress,
+        mesh=mesh,
+        run_info={"config": config_json, "env_kwargs": json.loads(args.env_kwargs)},
+    )
     summary = sweep.summarize(res, args.final_fraction, args.metric)
     table = sweep.markdown_table(summary, args.final_fraction, args.num_seeds)
     best = summary[0]
     best_path = os.path.join(out, "best_config.json")
     with open(best_path, "w") as f:
         json.dump(sweep.best_config_dict(base, best["hparams"]), f, indent=2)
-    command = (f"python -m experiments.train --algo {args.algo} --env {args.env} --num-seeds {args.num_seeds} "
-               f"--seed {args.seed} --config-file {best_path}")
+    command = (
+        f"python -m experiments.train --algo {args.algo} --env {args.env} --num-seeds {args.num_seeds} "
+        f"--seed {args.seed} --config-file {best_path}"
+    )
     if json.loads(args.env_kwargs):
         command += f" --env-kwargs '{json.dumps(json.loads(args.env_kwargs))}'"
-    timings = {"compile_s": res.compile_seconds, "train_s": res.train_seconds, "devices": res.devices,
-               "num_rows": rows, "env_steps_per_row": res.env_steps}
+    timings = {
+        "compile_s": res.compile_seconds,
+        "train_s": res.train_seconds,
+        "devices": res.devices,
+        "num_rows": rows,
+        "env_steps_per_row": res.env_steps,
+    }
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"algo": args.algo, "env": args.env, "args": dataclasses.asdict(args), "base_config": config_json,
-                   "rows": summary, "best": best, "best_config_file": best_path, "train_command": command,
-                   "timings": timings, "final_fraction": args.final_fraction}, f, indent=2)
+        json.dump(
+            {
+                "algo": args.algo,
+                "env": args.env,
+                "args": dataclasses.asdict(args),
+                "base_config": config_json,
+                "rows": summary,
+                "best": best,
+                "best_config_file": best_path,
+                "train_command": command,
+                "timings": timings,
+                "final_fraction": args.final_fraction,
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"# Sweep: {args.algo} on {args.env}\n\n{table}\n\nBest configuration: `{best_path}`\n\n"
-                f"```bash\n{command}\n```\n")
+        f.write(
+            f"# Sweep: {args.algo} on {args.env}\n\n{table}\n\nBest configuration: `{best_path}`\n\n"
+            f"```bash\n{command}\n```\n"
+        )
     print(f"   compile {res.compile_seconds:.1f}s, train {res.train_seconds:.1f}s\n\n{table}\n")
-    print(f"sweep directory: {out}\n  table: {os.path.join(out, 'results.md')}\n  best:  {best_path}\n"
-          f"train the best configuration:\n  {command}")
-    return {"dir": out, "rows": summary, "table": table, "best_config": best_path, "command": command,
-            "result": res, **timings}
+    print(
+        f"sweep directory: {out}\n  table: {os.path.join(out, 'results.md')}\n  best:  {best_path}\n"
+        f"train the best configuration:\n  {command}"
+    )
+    return {
+        "dir": out,
+        "rows": summary,
+        "table": table,
+        "best_config": best_path,
+        "command": command,
+        "result": res,
+        **timings,
+    }
 
 
 def parse(argv: list[str]) -> SweepArgs:

@@ -113,8 +113,9 @@ def parse(argv: list[str]):
         frozen=True,
     )
 
-    args = tyro.cli(Args, args=argv, default=Args(RunArgs(algo=algo_name), defaults),
-                    description=__doc__.split("\n\n")[0])
+    args = tyro.cli(
+        Args, args=argv, default=Args(RunArgs(algo=algo_name), defaults), description=__doc__.split("\n\n")[0]
+    )
     run = args.run
     check_run_args(run)
     return run, args.config
@@ -178,8 +179,9 @@ def make_env(name: str, kwargs: dict):
     except TypeError as e:
         bad = re.search(r"keyword argument '(\w+)'", str(e))
         key = bad.group(1) if bad else ",".join(sorted(kwargs))
-        raise ConfigError(f"env_kwargs.{key}", kwargs.get(key, kwargs),
-                          f"not accepted by environment {name!r} ({e})") from None
+        raise ConfigError(
+            f"env_kwargs.{key}", kwargs.get(key, kwargs), f"not accepted by environment {name!r} ({e})"
+        ) from None
 
 
 def load_config_file(path: str, defaults):
@@ -211,21 +213,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     run_dir = os.path.join(run.runs_dir, name)
     num_iterations = config.total_steps // algo.env_steps_per_update
     result = train(
-            algo,
-            num_iterations=num_iterations,
-            num_seeds=run.num_seeds,
-            seed=run.seed,
-            chunk_iterations=run.chunk_iterations,
-            run_dir=run_dir,
-            checkpoint_every=run.checkpoint_every,
-            resume=run.resume,
-            resume_or_start=run.resume_or_start,
-            max_loss=run.max_loss,
-            progress=run.progress,
-            mesh=mesh,
-            run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)),
-                      "env_kwargs": env_kwargs},
-        )
+        algo,
+        num_iterations=num_iterations,
+        num_seeds=run.num_seeds,
+        seed=run.seed,
+        chunk_iterations=run.chunk_iterations,
+        run_dir=run_dir,
+        checkpoint_every=run.checkpoint_every,
+        resume=run.resume,
+        resume_or_start=run.resume_or_start,
+        max_loss=run.max_loss,
+        progress=run.progress,
+        mesh=mesh,
+        run_info={"config": json.loads(json.dumps(dataclasses.asdict(config), default=str)), "env_kwargs": env_kwargs},
+    )
 
     import jax
 
@@ -236,8 +237,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
     if result.train_seconds > 0:
         sps = result.env_steps * run.num_seeds / result.train_seconds
-        print(f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): "
-              f"compile {result.compile_seconds:.1f}s, train {result.train_seconds:.1f}s ({sps:,.0f} env steps/s)")
+        print(
+            f"trained {result.env_steps:,} env steps x {run.num_seeds} seed(s): "
+            f"compile {result.compile_seconds:.1f}s, train {result.train_seconds:.1f}s ({sps:,.0f} env steps/s)"
+        )
     else:  # resumed a finished run: nothing was trained in this call
         print(f"already trained: {result.env_steps:,} env steps x {run.num_seeds} seed(s)")
     if run.eval_episodes:
@@ -245,13 +248,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         ev = {k: [float(x) for x in v] for k, v in ev.items()}
         with open(os.path.join(result.run_dir, "eval.json"), "w") as f:
             json.dump(ev, f, indent=2)
-        print(f"greedy evaluation ({run.eval_episodes} episodes/seed): return "
-              f"{sum(ev['return']) / len(ev['return']):.3f}, "
-              f"win rate {sum(ev['win_rate']) / len(ev['win_rate']):.3f} "
-              f"(per seed: {[round(x, 3) for x in ev['win_rate']]})")
+        print(
+            f"greedy evaluation ({run.eval_episodes} episodes/seed): return "
+            f"{sum(ev['return']) / len(ev['return']):.3f}, "
+            f"win rate {sum(ev['win_rate']) / len(ev['win_rate']):.3f} "
+            f"(per seed: {[round(x, 3) for x in ev['win_rate']]})"
+        )
     png = plot_run(result.run_dir)
-    print(f"run directory: {result.run_dir}\n  metrics:    {os.path.join(result.run_dir, 'metrics.jsonl')}\n"
-          f"  checkpoint: {os.path.join(result.run_dir, 'checkpoints')}\n  curve:      {png}")
+    print(
+        f"run directory: {result.run_dir}\n  metrics:    {os.path.join(result.run_dir, 'metrics.jsonl')}\n"
+        f"  checkpoint: {os.path.join(result.run_dir, 'checkpoints')}\n  curve:      {png}"
+    )
     return 0
 
 

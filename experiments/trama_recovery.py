@@ -66,8 +66,19 @@ def task_recovery(env, s, valid, task, seeds=(1,), vq_steps: int = 640, config=N
     @jax.jit
     @jax.vmap
     def run(seed):
-        params, in_use = trama.fit_vq(vq, tx, s, valid, jax.random.PRNGKey(seed), vq_steps, cfg.batch_size, table,
-                                      coefs, cfg.dead_code_window, cfg.codebook_from_data)
+        params, in_use = trama.fit_vq(
+            vq,
+            tx,
+            s,
+            valid,
+            jax.random.PRNGKey(seed),
+            vq_steps,
+            cfg.batch_size,
+            table,
+            coefs,
+            cfg.dead_code_window,
+            cfg.codebook_from_data,
+        )
         codes = trama.state_codes(vq, params, s)
         emb = trama.trajectory_embedding(params["params"]["codebook"], codes, valid)
         init = clustering.kmeans_pp_init(jax.random.PRNGKey(seed + 1), emb, mask, cfg.n_clusters)
@@ -77,13 +88,26 @@ def task_recovery(env, s, valid, task, seeds=(1,), vq_steps: int = 640, config=N
         return ari, used.sum(), in_use[-1], counts
 
     ari, used, last, counts = map(np.asarray, run(jnp.asarray(seeds)))
-    return [{"seed": int(sd), "ari": float(a), "codes_used": int(u), "codes_in_use_last_batch": float(b),
-             "cluster_sizes": [int(c) for c in cs]} for sd, a, u, b, cs in zip(seeds, ari, used, last, counts,
-                                                                               strict=True)]
+    return [
+        {
+            "seed": int(sd),
+            "ari": float(a),
+            "codes_used": int(u),
+            "codes_in_use_last_batch": float(b),
+            "cluster_sizes": [int(c) for c in cs],
+        }
+        for sd, a, u, b, cs in zip(seeds, ari, used, last, counts, strict=True)
+    ]
 
 
-def main(env_name: str = "smax-mt:surComb3", episodes: int = 300, max_steps: int = 50, vq_steps: int = 640,
-         seeds: tuple = (1, 2, 3), out: Optional[str] = None) -> dict:
+def main(
+    env_name: str = "smax-mt:surComb3",
+    episodes: int = 300,
+    max_steps: int = 50,
+    vq_steps: int = 640,
+    seeds: tuple = (1, 2, 3),
+    out: Optional[str] = None,
+) -> dict:
     """Every variant x seed; the rollout key is fixed (PRNGKey(0)), seeds vary the VQ-VAE."""
     from marl.config import ConfigError, check_positive
 
@@ -95,24 +119,37 @@ def main(env_name: str = "smax-mt:surComb3", episodes: int = 300, max_steps: int
     variants = {
         "sorted slots, codebook from data, restarts": (False, base),
         "sorted slots, codebook from data, no restarts": (False, dataclasses.replace(base, dead_code_window=0)),
-        "sorted slots, uniform codebook, no restarts": (False, dataclasses.replace(
-            base, codebook_from_data=False, dead_code_window=0)),
+        "sorted slots, uniform codebook, no restarts": (
+            False,
+            dataclasses.replace(base, codebook_from_data=False, dead_code_window=0),
+        ),
         "shuffled slots, codebook from data, restarts": (True, base),
     }
     data = {}
-    result = {"env": env_name, "episodes": episodes, "max_steps": max_steps, "vq_steps": vq_steps,
-              "seeds": list(seeds), "variants": {}}
+    result = {
+        "env": env_name,
+        "episodes": episodes,
+        "max_steps": max_steps,
+        "vq_steps": vq_steps,
+        "seeds": list(seeds),
+        "variants": {},
+    }
     for name, (shuffle, cfg) in variants.items():
         if shuffle not in data:
             env = envs.make(env_name, max_steps=max_steps, shuffle_units=shuffle)
-            data[shuffle] = (env, *jax.jit(random_policy_episodes, static_argnums=(0, 2))(
-                env, jax.random.PRNGKey(0), episodes))
+            data[shuffle] = (
+                env,
+                *jax.jit(random_policy_episodes, static_argnums=(0, 2))(env, jax.random.PRNGKey(0), episodes),
+            )
         env, s, valid, task = data[shuffle]
         t0 = time.perf_counter()
         rows = task_recovery(env, s, valid, task, seeds, vq_steps, cfg)
         result["variants"][name] = rows
-        print(f"{name:<48} ARI {[round(r['ari'], 3) for r in rows]}  codes used "
-              f"{[r['codes_used'] for r in rows]}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{name:<48} ARI {[round(r['ari'], 3) for r in rows]}  codes used "
+            f"{[r['codes_used'] for r in rows]}  ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1))

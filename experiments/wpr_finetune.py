@@ -119,12 +119,21 @@ def program_configs(args: FinetuneArgs):
     base = apply_overrides(algos.default_config(ALGO), {**values, "total_steps": args.total_steps}, "overrides")
     out = {}
     for kind in args.programs:
-        for eps in (args.epsilons[:1] if kind == "kl" else args.epsilons):
-            rc = apply_overrides(reg.RegularizerConfig(), {
-                **reg_values, "kind": kind, "coef": float(args.coefs[0]), "epsilon": float(eps),
-                "mode": "penalty", "reference": "run", "reference_run": args.reference_run,
-                "init_from_reference": True,
-            }, "overrides.regularizer")
+        for eps in args.epsilons[:1] if kind == "kl" else args.epsilons:
+            rc = apply_overrides(
+                reg.RegularizerConfig(),
+                {
+                    **reg_values,
+                    "kind": kind,
+                    "coef": float(args.coefs[0]),
+                    "epsilon": float(eps),
+                    "mode": "penalty",
+                    "reference": "run",
+                    "reference_run": args.reference_run,
+                    "init_from_reference": True,
+                },
+                "overrides.regularizer",
+            )
             cfg = dataclasses.replace(base, regularizer=rc)
             if kind == "kl":
                 out["kl"] = (cfg, [{"reg_coef": c} for c in (0.0, *args.coefs)])
@@ -160,8 +169,17 @@ def matched_pairs(arms: list[dict], tolerance: float, num_samples: int, confiden
         for k in kls:
             if abs(k["reference_kl"] - w["reference_kl"]) <= tolerance * w["reference_kl"]:
                 d, lo, hi = diff_ci(w["eval_win_rate"], k["eval_win_rate"], num_samples, confidence)
-                out.append({"wasserstein": w["arm"], "kl": k["arm"], "kl_w": w["reference_kl"],
-                            "kl_kl": k["reference_kl"], "iqm_diff": d, "ci_low": lo, "ci_high": hi})
+                out.append(
+                    {
+                        "wasserstein": w["arm"],
+                        "kl": k["arm"],
+                        "kl_w": w["reference_kl"],
+                        "kl_kl": k["reference_kl"],
+                        "iqm_diff": d,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
     return out
 
 
@@ -174,14 +192,20 @@ def plot_frontier(arms: list[dict], reference_win: float, path: str) -> str:
         key = "none" if a["arm"] == "none" else a["program"]
         color, marker = styles[key]
         if key == "wasserstein" and a["hparams"]["reg_epsilon"] != max(
-                b["hparams"]["reg_epsilon"] for b in arms if b["program"] == "wasserstein"):
+            b["hparams"]["reg_epsilon"] for b in arms if b["program"] == "wasserstein"
+        ):
             color = "tab:orange"
         x = np.asarray(a["reference_kl_per_seed"])
         y = np.asarray(a["eval_win_rate"])
         ax.scatter(x, y, color=color, marker=marker, alpha=0.25, s=12)
         ax.scatter([a["reference_kl"]], [a["eval_iqm"]], color=color, marker=marker, s=50)
-        ax.annotate(a["arm"].replace("W ", "").replace("KL ", ""), (a["reference_kl"], a["eval_iqm"]),
-                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            a["arm"].replace("W ", "").replace("KL ", ""),
+            (a["reference_kl"], a["eval_iqm"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.axhline(reference_win, color="gray", ls="--", lw=1, label="reference")
     for key, (color, marker) in styles.items():
         ax.scatter([], [], color=color, marker=marker, label=key)
@@ -211,24 +235,35 @@ def markdown(summary: dict) -> str:
     ]
     for a in summary["arms"]:
         corr = "" if a["corr"] is None else f"{a['corr']:.3f}"
-        lines.append(f"| {a['arm']} | {a['eval_iqm']:.3f} | [{a['eval_ci'][0]:.3f}, {a['eval_ci'][1]:.3f}] | "
-                     f"{a['train_win_rate']:.3f} | {a['reference_kl']:.4f} | {corr} |")
+        lines.append(
+            f"| {a['arm']} | {a['eval_iqm']:.3f} | [{a['eval_ci'][0]:.3f}, {a['eval_ci'][1]:.3f}] | "
+            f"{a['train_win_rate']:.3f} | {a['reference_kl']:.4f} | {corr} |"
+        )
     pre = summary["preconditions"]
     lines += ["", "Preconditions:"]
     if "drop" in pre:
-        lines.append(f"- drop of the unregularized arm: {pre['drop']:.3f} (reference {ref['eval_iqm']:.3f} -> none "
-                     f"{pre['none_iqm']:.3f}); required >= {summary['min_drop']}: "
-                     f"**{'met' if pre['drop_ok'] else 'not met'}**")
+        lines.append(
+            f"- drop of the unregularized arm: {pre['drop']:.3f} (reference {ref['eval_iqm']:.3f} -> none "
+            f"{pre['none_iqm']:.3f}); required >= {summary['min_drop']}: "
+            f"**{'met' if pre['drop_ok'] else 'not met'}**"
+        )
     for eps, c in pre["corr"].items():
-        lines.append(f"- correlation at eps {eps}: mean {c['mean']:.3f}, max over arms {c['max']:.3f}; required < "
-                     f"{summary['max_corr']}: **{'met' if c['ok'] else 'not met'}**")
-    lines += ["", f"Matched KL (within ±{100 * summary['match_tolerance']:g}%): IQM difference of the true win rate, "
-              f"Wasserstein - KL, {pct} bootstrap CI"]
+        lines.append(
+            f"- correlation at eps {eps}: mean {c['mean']:.3f}, max over arms {c['max']:.3f}; required < "
+            f"{summary['max_corr']}: **{'met' if c['ok'] else 'not met'}**"
+        )
+    lines += [
+        "",
+        f"Matched KL (within ±{100 * summary['match_tolerance']:g}%): IQM difference of the true win rate, "
+        f"Wasserstein - KL, {pct} bootstrap CI",
+    ]
     if summary["matched"]:
         lines += ["", "| Wasserstein arm | KL arm | KL (W) | KL (KL) | IQM diff | CI |", "|---|---|---|---|---|---|"]
         for m in summary["matched"]:
-            lines.append(f"| {m['wasserstein']} | {m['kl']} | {m['kl_w']:.4f} | {m['kl_kl']:.4f} | "
-                         f"{m['iqm_diff']:+.3f} | [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}] |")
+            lines.append(
+                f"| {m['wasserstein']} | {m['kl']} | {m['kl_w']:.4f} | {m['kl_kl']:.4f} | "
+                f"{m['iqm_diff']:+.3f} | [{m['ci_low']:+.3f}, {m['ci_high']:+.3f}] |"
+            )
     else:
         lines.append("\nNo Wasserstein arm has a KL arm within the tolerance.")
     return "\n".join(lines)
@@ -266,41 +301,79 @@ def run(args: FinetuneArgs) -> dict:
     study_dir = os.path.abspath(os.path.join(args.runs_dir, args.name))
     os.makedirs(study_dir, exist_ok=True)
     with open(os.path.join(study_dir, "study.json"), "w") as f:
-        json.dump({"args": dataclasses.asdict(args), "algo": ALGO,
-                   "configs": {p: dataclasses.asdict(c) for p, (c, _) in programs.items()}}, f, indent=2, default=str)
+        json.dump(
+            {
+                "args": dataclasses.asdict(args),
+                "algo": ALGO,
+                "configs": {p: dataclasses.asdict(c) for p, (c, _) in programs.items()},
+            },
+            f,
+            indent=2,
+            default=str,
+        )
 
     S = args.num_seeds
     eval_keys = jax.random.split(jax.random.PRNGKey(args.eval_seed), S)
     any_algo = next(iter(built.values()))
-    ref_params = load_run_params(args.reference_run, jax.eval_shape(any_algo.init, jax.random.PRNGKey(0)).params,
-                                 env_name=env.spec.name, seed_index=programs[next(iter(programs))][0]
-                                 .regularizer.reference_seed)
+    ref_params = load_run_params(
+        args.reference_run,
+        jax.eval_shape(any_algo.init, jax.random.PRNGKey(0)).params,
+        env_name=env.spec.name,
+        seed_index=programs[next(iter(programs))][0].regularizer.reference_seed,
+    )
     ev = jax.jit(jax.vmap(lambda p, k: evaluate(any_algo, p, k, args.eval_episodes, True), in_axes=(None, 0)))
     ref_path = os.path.join(study_dir, "eval_reference.json")
-    ref_eval = _load(ref_path) if args.resume and os.path.isfile(ref_path) else _save(
-        ref_path, jax.device_get(ev(ref_params, eval_keys)))
-    reference = {"eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
-                 "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
-                 "eval_return_proxy": np.asarray(ref_eval["return"]).tolist()}
-    print(f"reference {args.reference_run}: greedy win rate {reference['eval_iqm']:.3f} per seed's episodes "
-          f"{np.round(ref_eval['win_rate'], 3).tolist()}", flush=True)
+    ref_eval = (
+        _load(ref_path)
+        if args.resume and os.path.isfile(ref_path)
+        else _save(ref_path, jax.device_get(ev(ref_params, eval_keys)))
+    )
+    reference = {
+        "eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
+        "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
+        "eval_return_proxy": np.asarray(ref_eval["return"]).tolist(),
+    }
+    print(
+        f"reference {args.reference_run}: greedy win rate {reference['eval_iqm']:.3f} per seed's episodes "
+        f"{np.round(ref_eval['win_rate'], 3).tolist()}",
+        flush=True,
+    )
 
     for p, (cfg, sweep) in programs.items():
         algo = built[p]
         n_iter = max(1, cfg.total_steps // algo.env_steps_per_update)
-        print(f"== {p}: {len(sweep)} configurations x {S} seeds x {n_iter * algo.env_steps_per_update:,} env steps",
-              flush=True)
-        res = run_sweep(algo, sweep, num_iterations=n_iter, num_seeds=S, seed=args.seed,
-                        chunk_iterations=args.chunk_iterations, checkpoint_every=args.checkpoint_every,
-                        run_dir=os.path.join(study_dir, p), resume=args.resume, progress=args.progress,
-                        run_info={"config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                                  "env_kwargs": env_kwargs, "study": args.name, "program": p})
+        print(
+            f"== {p}: {len(sweep)} configurations x {S} seeds x {n_iter * algo.env_steps_per_update:,} env steps",
+            flush=True,
+        )
+        res = run_sweep(
+            algo,
+            sweep,
+            num_iterations=n_iter,
+            num_seeds=S,
+            seed=args.seed,
+            chunk_iterations=args.chunk_iterations,
+            checkpoint_every=args.checkpoint_every,
+            run_dir=os.path.join(study_dir, p),
+            resume=args.resume,
+            progress=args.progress,
+            run_info={
+                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                "env_kwargs": env_kwargs,
+                "study": args.name,
+                "program": p,
+            },
+        )
         print(f"   compile {res.compile_seconds:.1f}s, train {res.train_seconds:.1f}s", flush=True)
         keys = np.tile(np.asarray(jax.device_get(eval_keys)), (len(sweep), 1))
         rows_path = os.path.join(study_dir, p, "eval_rows.json")
         if not (args.resume and os.path.isfile(rows_path)):
-            _save(rows_path, jax.device_get(jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(
-                res.state.params, keys)))
+            _save(
+                rows_path,
+                jax.device_get(
+                    jax.jit(jax.vmap(partial(evaluate, algo, num_episodes=args.eval_episodes)))(res.state.params, keys)
+                ),
+            )
     return summarize(args, programs)
 
 
@@ -324,15 +397,21 @@ def program_arms(study_dir: str, program: str, sweep: list, args: FinetuneArgs) 
         win = win_all[c]
         lo, hi = bootstrap_ci(win, iqm, args.bootstrap_samples, args.confidence)
         corr = finals["penalty_logratio_corr"]
-        arms.append({
-            "program": kind, "hparams": hp, "arm": arm_label(kind, hp),
-            "eval_win_rate": win.tolist(), "eval_iqm": iqm(win), "eval_ci": [lo, hi],
-            "eval_return_proxy": ret_all[c].tolist(),
-            "train_win_rate": float(np.nanmean(finals["win_rate"])),
-            "reference_kl_per_seed": finals["reference_kl"].tolist(),
-            "reference_kl": float(np.nanmean(finals["reference_kl"])),
-            "corr": float(np.nanmean(corr)) if kind == "wasserstein" and np.isfinite(corr).any() else None,
-        })
+        arms.append(
+            {
+                "program": kind,
+                "hparams": hp,
+                "arm": arm_label(kind, hp),
+                "eval_win_rate": win.tolist(),
+                "eval_iqm": iqm(win),
+                "eval_ci": [lo, hi],
+                "eval_return_proxy": ret_all[c].tolist(),
+                "train_win_rate": float(np.nanmean(finals["win_rate"])),
+                "reference_kl_per_seed": finals["reference_kl"].tolist(),
+                "reference_kl": float(np.nanmean(finals["reference_kl"])),
+                "corr": float(np.nanmean(corr)) if kind == "wasserstein" and np.isfinite(corr).any() else None,
+            }
+        )
     return arms
 
 
@@ -342,27 +421,43 @@ def summarize(args: FinetuneArgs, programs: Optional[dict] = None) -> dict:
     programs = program_configs(args) if programs is None else programs
     study_dir = os.path.abspath(os.path.join(args.runs_dir, args.name))
     ref_eval = _load(os.path.join(study_dir, "eval_reference.json"))
-    reference = {"eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
-                 "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
-                 "eval_return_proxy": np.asarray(ref_eval["return"]).tolist()}
+    reference = {
+        "eval_win_rate": np.asarray(ref_eval["win_rate"]).tolist(),
+        "eval_iqm": iqm(np.asarray(ref_eval["win_rate"])),
+        "eval_return_proxy": np.asarray(ref_eval["return"]).tolist(),
+    }
     arms, done = [], []
     for p, (_, sweep) in programs.items():
         if os.path.isfile(os.path.join(study_dir, p, "eval_rows.json")):
             arms += program_arms(study_dir, p, sweep, args)
             done.append(p)
-    summary = {"reference": reference, "arms": arms, "programs": done, "eval_episodes": args.eval_episodes,
-               "confidence": args.confidence, "min_drop": args.min_drop, "max_corr": args.max_corr,
-               "match_tolerance": args.match_tolerance, "preconditions": {"corr": {}}}
+    summary = {
+        "reference": reference,
+        "arms": arms,
+        "programs": done,
+        "eval_episodes": args.eval_episodes,
+        "confidence": args.confidence,
+        "min_drop": args.min_drop,
+        "max_corr": args.max_corr,
+        "match_tolerance": args.match_tolerance,
+        "preconditions": {"corr": {}},
+    }
     none = [a for a in arms if a["arm"] == "none"]
     if none:
         d = reference["eval_iqm"] - none[0]["eval_iqm"]
         summary["preconditions"].update(drop=d, none_iqm=none[0]["eval_iqm"], drop_ok=bool(d >= args.min_drop))
     for eps in args.epsilons:
-        cs = [a["corr"] for a in arms if a["program"] == "wasserstein" and a["hparams"]["reg_epsilon"] == eps
-              and a["corr"] is not None]
+        cs = [
+            a["corr"]
+            for a in arms
+            if a["program"] == "wasserstein" and a["hparams"]["reg_epsilon"] == eps and a["corr"] is not None
+        ]
         if cs:
-            summary["preconditions"]["corr"][str(eps)] = {"mean": float(np.mean(cs)), "max": float(np.max(cs)),
-                                                          "ok": bool(np.max(cs) < args.max_corr)}
+            summary["preconditions"]["corr"][str(eps)] = {
+                "mean": float(np.mean(cs)),
+                "max": float(np.max(cs)),
+                "ok": bool(np.max(cs) < args.max_corr),
+            }
     summary["matched"] = matched_pairs(arms, args.match_tolerance, args.bootstrap_samples, args.confidence)
     with open(os.path.join(study_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -93,9 +93,7 @@ def _zeros_like_leaf(leaf, lead: tuple) -> jax.Array:
     return jnp.zeros(lead + tuple(leaf.shape), jax.dtypes.canonicalize_dtype(leaf.dtype))
 
 
-def init(
-    example_episode: Any, capacity: int, example_filled: Union[jax.Array, int, None] = None
-) -> EpisodeBuffer:
+def init(example_episode: Any, capacity: int, example_filled: Union[jax.Array, int, None] = None) -> EpisodeBuffer:
     """An empty buffer for ``capacity`` episodes shaped like ``example_episode``.
 
     Args:
@@ -130,9 +128,7 @@ def init(
     )
 
 
-def add(
-    buffer: EpisodeBuffer, episodes: Any, filled: jax.Array, valid: Optional[jax.Array] = None
-) -> EpisodeBuffer:
+def add(buffer: EpisodeBuffer, episodes: Any, filled: jax.Array, valid: Optional[jax.Array] = None) -> EpisodeBuffer:
     """Insert a batch of episodes at the ring position, wrapping around.
 
     Args:
@@ -248,9 +244,7 @@ def write(acc: EpisodeAccumulator, step_data: Any, t: Optional[jax.Array] = None
     num_envs, num_slots = acc.filled.shape
     t = jnp.clip(t, 0, num_slots - 1)
     rows = jnp.arange(num_envs)
-    data = jax.tree.map(
-        lambda store, new: store.at[rows, t].set(new.astype(store.dtype)), acc.data, step_data
-    )
+    data = jax.tree.map(lambda store, new: store.at[rows, t].set(new.astype(store.dtype)), acc.data, step_data)
     return acc.replace(
         data=data,
         filled=acc.filled.at[rows, t].set(True),
@@ -300,8 +294,9 @@ def replay_add(buf: Replay, batch: Any) -> Replay:
     rank = jnp.arange(n)
     idx = jnp.where(rank >= n - capacity, (buf.pos + rank) % capacity, capacity)  # capacity: dropped
     data = jax.tree.map(lambda s, x: s.at[idx].set(x.astype(s.dtype), mode="drop"), buf.data, batch)
-    return Replay(data, ((buf.pos + n) % capacity).astype(jnp.int32),
-                  jnp.minimum(buf.size + n, capacity).astype(jnp.int32))
+    return Replay(
+        data, ((buf.pos + n) % capacity).astype(jnp.int32), jnp.minimum(buf.size + n, capacity).astype(jnp.int32)
+    )
 
 
 def replay_sample(buf: Replay, key, batch_size: int) -> Any:

@@ -81,16 +81,24 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step not in self.all_steps():
-            raise ConfigError("step", step, f"must be one of the checkpointed steps {self.all_steps()} "
-                                             f"in {self.directory}")
+            raise ConfigError(
+                "step", step, f"must be one of the checkpointed steps {self.all_steps()} in {self.directory}"
+            )
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((1,), x.dtype, sharding=_replicated(x)) if _empty(x)
-            else ocp.utils.to_shape_dtype_struct(x),
-            state_like)
+            lambda x: (
+                jax.ShapeDtypeStruct((1,), x.dtype, sharding=_replicated(x))
+                if _empty(x)
+                else ocp.utils.to_shape_dtype_struct(x)
+            ),
+            state_like,
+        )
         restored = self._mgr.restore(step, args=ocp.args.StandardRestore(abstract))
         # an empty leaf is rebuilt as state_like's own (empty, already placed) array
-        return jax.tree.map(lambda r, x: (x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype))
-                            if _empty(x) else r, restored, state_like)
+        return jax.tree.map(
+            lambda r, x: (x if isinstance(x, jax.Array) else jnp.zeros(x.shape, x.dtype)) if _empty(x) else r,
+            restored,
+            state_like,
+        )
 
     def restore_latest(self, state_like, quarantine: bool = True):
         """-> (state, step) from the newest checkpoint that restores, or (None, 0) when
@@ -104,8 +112,10 @@ class Checkpointer:
                 if quarantine:
                     self._quarantine(step, e)
                 else:
-                    print(f"warning: skipped damaged checkpoint {step} in {self.directory} ({_reason(e)})",
-                          file=sys.stderr)
+                    print(
+                        f"warning: skipped damaged checkpoint {step} in {self.directory} ({_reason(e)})",
+                        file=sys.stderr,
+                    )
         return None, 0
 
     def _quarantine(self, step: int, error: Exception) -> None:
@@ -116,8 +126,11 @@ class Checkpointer:
         self._mgr.close()
         shutil.move(src, dst)
         self._open()
-        print(f"warning: checkpoint {step} in {self.directory} is damaged ({_reason(error)}); moved it to {dst} "
-              "and fell back to the previous checkpoint", file=sys.stderr)
+        print(
+            f"warning: checkpoint {step} in {self.directory} is damaged ({_reason(error)}); moved it to {dst} "
+            "and fell back to the previous checkpoint",
+            file=sys.stderr,
+        )
 
     def close(self):
         self._mgr.close()

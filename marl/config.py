@@ -52,8 +52,11 @@ def check_choice(field: str, value, choices: Iterable) -> None:
 def check_total_steps(total_steps: int, num_envs: int, num_steps: int) -> None:
     """A run must hold at least one iteration of ``num_envs * num_steps`` env steps."""
     if total_steps < num_envs * num_steps:
-        raise ConfigError("total_steps", total_steps,
-                          f"must be at least one iteration = num_envs * num_steps = {num_envs * num_steps}")
+        raise ConfigError(
+            "total_steps",
+            total_steps,
+            f"must be at least one iteration = num_envs * num_steps = {num_envs * num_steps}",
+        )
 
 
 def replace(config, **changes):

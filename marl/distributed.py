@@ -47,8 +47,12 @@ BATCH_AXIS = "batch"
 _INITIALIZED = False
 
 
-def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None, **kwargs) -> bool:
+def initialize(
+    coordinator_address: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+    **kwargs,
+) -> bool:
     """Join a multi-process (multi-host) JAX job; a no-op for a single process.
 
     With no arguments it reads ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
@@ -68,8 +72,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         return False
     # CPU devices of several processes talk through gloo (no effect on GPU/TPU clients)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, **kwargs)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **kwargs
+    )
     _INITIALIZED = True
     return True
 
@@ -131,8 +136,9 @@ def place_rows(init_fn, mesh: Mesh, keys, hparams: Optional[dict], num_rows: int
     the row sharding, so no state is ever gathered on one device."""
     size = padded_size(num_rows, mesh.size)
     keys = pad_rows(np.asarray(jax.device_get(keys)), size)
-    hp = {k: pad_rows(np.broadcast_to(np.asarray(v, np.float32), (num_rows,)), size)
-          for k, v in (hparams or {}).items()}
+    hp = {
+        k: pad_rows(np.broadcast_to(np.asarray(v, np.float32), (num_rows,)), size) for k, v in (hparams or {}).items()
+    }
     fn = jax.jit(init_fn, out_shardings=row_sharding(mesh))
     return fn(shard_rows(keys, mesh), shard_rows(hp, mesh))
 
@@ -140,9 +146,23 @@ def place_rows(init_fn, mesh: Mesh, keys, hparams: Optional[dict], num_rows: int
 def device_summary(mesh: Optional[Mesh] = None) -> dict:
     """What the rows are spread over: device count, kinds and processes."""
     mesh = make_mesh() if mesh is None else mesh
-    return {"devices": int(mesh.size), "platform": jax.devices()[0].platform,
-            "processes": jax.process_count(), "local_devices": jax.local_device_count()}
+    return {
+        "devices": int(mesh.size),
+        "platform": jax.devices()[0].platform,
+        "processes": jax.process_count(),
+        "local_devices": jax.local_device_count(),
+    }
 
 
-__all__ = ["BATCH_AXIS", "initialize", "make_mesh", "padded_size", "pad_rows", "shard_rows", "row_sharding",
-           "place_rows", "to_host", "device_summary"]
+__all__ = [
+    "BATCH_AXIS",
+    "initialize",
+    "make_mesh",
+    "padded_size",
+    "pad_rows",
+    "shard_rows",
+    "row_sharding",
+    "place_rows",
+    "to_host",
+    "device_summary",
+]

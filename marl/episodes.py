@@ -29,5 +29,5 @@ def episode_metrics(info: dict) -> dict:
     }
     for k in sorted(info):  # per-team returns (competitive tasks)
         if k.startswith("episode_return_"):
-            out["return_" + k[len("episode_return_"):]] = (info[k] * d).sum() / denom
+            out["return_" + k[len("episode_return_") :]] = (info[k] * d).sum() / denom
     return out

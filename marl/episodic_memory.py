@@ -159,11 +159,22 @@ def init(capacity: int, key_dim: int, state_dim: int, metric: str = "linf") -> E
     C = capacity
     zi = jnp.zeros((C,), jnp.int32)
     return EpisodicMemory(
-        keys=jnp.zeros((C, key_dim)), keys_norm=jnp.zeros((C, key_dim)), states=jnp.zeros((C, state_dim)),
-        H=jnp.zeros((C,)), timestep=zi, desirable=jnp.zeros((C,), bool), n_call=zi, n_xi=zi,
-        last_used=jnp.arange(C, dtype=jnp.int32) - C, mean=jnp.zeros((key_dim,)), std=jnp.ones((key_dim,)),
-        size=jnp.zeros((), jnp.int32), clock=jnp.zeros((), jnp.int32), write_hits=jnp.zeros((), jnp.int32),
-        metric=metric)
+        keys=jnp.zeros((C, key_dim)),
+        keys_norm=jnp.zeros((C, key_dim)),
+        states=jnp.zeros((C, state_dim)),
+        H=jnp.zeros((C,)),
+        timestep=zi,
+        desirable=jnp.zeros((C,), bool),
+        n_call=zi,
+        n_xi=zi,
+        last_used=jnp.arange(C, dtype=jnp.int32) - C,
+        mean=jnp.zeros((key_dim,)),
+        std=jnp.ones((key_dim,)),
+        size=jnp.zeros((), jnp.int32),
+        clock=jnp.zeros((), jnp.int32),
+        write_hits=jnp.zeros((), jnp.int32),
+        metric=metric,
+    )
 
 
 def normalize(memory: EpisodicMemory, keys: jax.Array) -> jax.Array:
@@ -191,7 +202,7 @@ def _distances(metric: str, q: jax.Array, m: jax.Array) -> jax.Array:
     """[Q, M] distances between q [Q, k] and m [M, k], one dimension at a time."""
     d = jnp.zeros((q.shape[0], m.shape[0]), q.dtype)
     for i in range(q.shape[1]):
-        diff = q[:, i:i + 1] - m[None, :, i]
+        diff = q[:, i : i + 1] - m[None, :, i]
         d = jnp.maximum(d, jnp.abs(diff)) if metric == "linf" else d + diff * diff
     return d if metric == "linf" else jnp.sqrt(d)
 
@@ -230,8 +241,9 @@ def lookup(memory: EpisodicMemory, queries: jax.Array, chunk: int = 2048, delta:
     idx, dist = nearest(memory, normalize(memory, queries), chunk)
     n_call = memory.n_call[idx].astype(jnp.float32)
     ratio = memory.n_xi[idx].astype(jnp.float32) / (n_call + RATIO_EPS)
-    return Recall(index=idx, distance=dist, hit=dist <= delta, H=memory.H[idx],
-                  desirable=memory.desirable[idx], ratio=ratio)
+    return Recall(
+        index=idx, distance=dist, hit=dist <= delta, H=memory.H[idx], desirable=memory.desirable[idx], ratio=ratio
+    )
 
 
 def _insert_slot(memory: EpisodicMemory) -> jax.Array:
@@ -239,8 +251,12 @@ def _insert_slot(memory: EpisodicMemory) -> jax.Array:
     memory is full (empty slots hold negative, increasing ``last_used``); the O(C)
     argmin only runs once some vmapped seed's memory is full."""
     C = memory.capacity
-    return jax.lax.cond(max_over_seeds(memory.size) < C, lambda m: m.size.astype(jnp.int32),
-                        lambda m: jnp.argmin(m.last_used).astype(jnp.int32), memory)
+    return jax.lax.cond(
+        max_over_seeds(memory.size) < C,
+        lambda m: m.size.astype(jnp.int32),
+        lambda m: jnp.argmin(m.last_used).astype(jnp.int32),
+        memory,
+    )
 
 
 def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, valid, delta, init_desirability):
@@ -284,8 +300,21 @@ def _write_step(memory: EpisodicMemory, find: Callable, key, state, ret, t, xi, 
     return memory, valid & hit & new_xi, slot, valid & take_new
 
 
-def _write_loop(memory, find, on_new_key, extra, keys, states, returns_to_go, timesteps, desirable, valid_mask,
-                delta, propagate, init_desirability):
+def _write_loop(
+    memory,
+    find,
+    on_new_key,
+    extra,
+    keys,
+    states,
+    returns_to_go,
+    timesteps,
+    desirable,
+    valid_mask,
+    delta,
+    propagate,
+    init_desirability,
+):
     valid_mask = valid_mask.astype(bool)
     L = valid_mask.shape[0]
     # one trip count for every vmapped seed: a per-seed count would make the loop select
@@ -294,21 +323,42 @@ def _write_loop(memory, find, on_new_key, extra, keys, states, returns_to_go, ti
 
     def body(carry):
         t, mem, xi, ext = carry
-        mem, reached, slot, new_key = _write_step(mem, lambda m, q: find(m, q, ext), keys[t], states[t],
-                                                  returns_to_go[t], timesteps[t].astype(jnp.int32), xi,
-                                                  valid_mask[t], delta, init_desirability)
+        mem, reached, slot, new_key = _write_step(
+            mem,
+            lambda m, q: find(m, q, ext),
+            keys[t],
+            states[t],
+            returns_to_go[t],
+            timesteps[t].astype(jnp.int32),
+            xi,
+            valid_mask[t],
+            delta,
+            init_desirability,
+        )
         if propagate:
             xi = xi | reached
         return t - 1, mem, xi, on_new_key(ext, slot, new_key)
 
     _, memory, _, extra = jax.lax.while_loop(
-        lambda c: c[0] >= 0, body, (last.astype(jnp.int32), memory, jnp.asarray(desirable, bool), extra))
+        lambda c: c[0] >= 0, body, (last.astype(jnp.int32), memory, jnp.asarray(desirable, bool), extra)
+    )
     return memory, extra
 
 
-def write_episode(memory: EpisodicMemory, keys: jax.Array, states: jax.Array, returns_to_go: jax.Array,
-                  timesteps: jax.Array, desirable: jax.Array, valid_mask: jax.Array, delta: float, *,
-                  chunk: int = 16384, propagate: bool = True, init_desirability: bool = False) -> EpisodicMemory:
+def write_episode(
+    memory: EpisodicMemory,
+    keys: jax.Array,
+    states: jax.Array,
+    returns_to_go: jax.Array,
+    timesteps: jax.Array,
+    desirable: jax.Array,
+    valid_mask: jax.Array,
+    delta: float,
+    *,
+    chunk: int = 16384,
+    propagate: bool = True,
+    init_desirability: bool = False,
+) -> EpisodicMemory:
     """Write one episode's steps, scanning t backwards (see the module docstring).
 
     keys [L, k], states [L, S], returns_to_go [L], timesteps [L], desirable [] (xi of
@@ -317,12 +367,26 @@ def write_episode(memory: EpisodicMemory, keys: jax.Array, states: jax.Array, re
     search is brute force over the filled entries; :func:`write_episode_indexed` gives
     the same result faster on a large memory.
     """
+
     def find(mem, qn, _):
         idx, dist = nearest(mem, qn[None], chunk)
         return idx[0], dist[0]
 
-    memory, _ = _write_loop(memory, find, lambda e, slot, new: e, (), keys, states, returns_to_go, timesteps,
-                            desirable, valid_mask, delta, propagate, init_desirability)
+    memory, _ = _write_loop(
+        memory,
+        find,
+        lambda e, slot, new: e,
+        (),
+        keys,
+        states,
+        returns_to_go,
+        timesteps,
+        desirable,
+        valid_mask,
+        delta,
+        propagate,
+        init_desirability,
+    )
     return memory
 
 
@@ -339,8 +403,7 @@ class WriteCache(NamedTuple):
 
 def write_cache(memory: EpisodicMemory, recent_size: int) -> WriteCache:
     """An empty :class:`WriteCache` for a phase of writes into ``memory``."""
-    return WriteCache(build_index(memory), jnp.zeros((max(1, int(recent_size)),), jnp.int32),
-                      jnp.zeros((), jnp.int32))
+    return WriteCache(build_index(memory), jnp.zeros((max(1, int(recent_size)),), jnp.int32), jnp.zeros((), jnp.int32))
 
 
 def _hit_search(memory: EpisodicMemory, index: HitIndex, qn: jax.Array, delta, window: int = 8):
@@ -387,10 +450,21 @@ def _merge_best(best_d, best_i, d, idx, C):
     return jnp.where(better, d_min, best_d), jnp.where(better, i_min, best_i)
 
 
-def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.Array, states: jax.Array,
-                          returns_to_go: jax.Array, timesteps: jax.Array, desirable: jax.Array,
-                          valid_mask: jax.Array, delta: float, *, chunk: int = 16384, propagate: bool = True,
-                          init_desirability: bool = False) -> tuple[EpisodicMemory, WriteCache]:
+def write_episode_indexed(
+    memory: EpisodicMemory,
+    cache: WriteCache,
+    keys: jax.Array,
+    states: jax.Array,
+    returns_to_go: jax.Array,
+    timesteps: jax.Array,
+    desirable: jax.Array,
+    valid_mask: jax.Array,
+    delta: float,
+    *,
+    chunk: int = 16384,
+    propagate: bool = True,
+    init_desirability: bool = False,
+) -> tuple[EpisodicMemory, WriteCache]:
     """:func:`write_episode` with the search of each step restricted to the entries
     within delta: the cache's index (built before the phase) plus the slots re-keyed
     since, so a write costs O(log C + candidates + recent) instead of O(size). The
@@ -418,8 +492,21 @@ def write_episode_indexed(memory: EpisodicMemory, cache: WriteCache, keys: jax.A
         recent = jnp.where(new & (c.count < R), c.recent.at[jnp.minimum(c.count, R - 1)].set(slot), c.recent)
         return c._replace(recent=recent, count=c.count + new.astype(jnp.int32))
 
-    return _write_loop(memory, find, on_new_key, cache, keys, states, returns_to_go, timesteps, desirable,
-                       valid_mask, delta, propagate, init_desirability)
+    return _write_loop(
+        memory,
+        find,
+        on_new_key,
+        cache,
+        keys,
+        states,
+        returns_to_go,
+        timesteps,
+        desirable,
+        valid_mask,
+        delta,
+        propagate,
+        init_desirability,
+    )
 
 
 def memory_metrics(memory: EpisodicMemory) -> dict:
@@ -432,8 +519,12 @@ def memory_metrics(memory: EpisodicMemory) -> dict:
     def share(x):
         return (x & filled).sum() / n
 
-    return {"memory_size": memory.size.astype(jnp.float32), "memory_desirable": share(memory.desirable),
-            "memory_revisited": share(memory.n_call > 1), "memory_positive_ratio": share(memory.n_xi > 0)}
+    return {
+        "memory_size": memory.size.astype(jnp.float32),
+        "memory_desirable": share(memory.desirable),
+        "memory_revisited": share(memory.n_call > 1),
+        "memory_positive_ratio": share(memory.n_xi > 0),
+    }
 
 
 def recall_metrics(recall: Recall, live: jax.Array, eta: jax.Array) -> dict:
@@ -445,14 +536,17 @@ def recall_metrics(recall: Recall, live: jax.Array, eta: jax.Array) -> dict:
     hits = recall.hit & live
     n_live = jnp.maximum(live.sum(), 1).astype(jnp.float32)
     positive = (eta > 0) & live
-    return {"replay_hit_rate": hits.sum() / n_live,
-            "hit_positive_ratio": (hits & (recall.ratio > 0)).sum() / jnp.maximum(hits.sum(), 1).astype(jnp.float32),
-            "incentive_positive": positive.sum() / n_live,
-            "incentive_active": positive.any().astype(jnp.float32)}
+    return {
+        "replay_hit_rate": hits.sum() / n_live,
+        "hit_positive_ratio": (hits & (recall.ratio > 0)).sum() / jnp.maximum(hits.sum(), 1).astype(jnp.float32),
+        "incentive_positive": positive.sum() / n_live,
+        "incentive_active": positive.any().astype(jnp.float32),
+    }
 
 
 def discounted_returns(rewards: jax.Array, valid_mask: jax.Array, gamma) -> jax.Array:
     """R_t = r_t + gamma R_{t+1} over the valid steps of one episode [L] (0 elsewhere)."""
+
     def back(nxt, x):
         r, ok = x
         R = jnp.where(ok, r + gamma * nxt, 0.0)
@@ -462,8 +556,9 @@ def discounted_returns(rewards: jax.Array, valid_mask: jax.Array, gamma) -> jax.
     return R
 
 
-def rekey(memory: EpisodicMemory, embed_fn: Callable[[jax.Array, jax.Array], jax.Array],
-          chunk: Optional[int] = 4096) -> EpisodicMemory:
+def rekey(
+    memory: EpisodicMemory, embed_fn: Callable[[jax.Array, jax.Array], jax.Array], chunk: Optional[int] = 4096
+) -> EpisodicMemory:
     """Recompute every filled key as ``embed_fn(states [N, S], timesteps [N]) -> [N, k]``,
     then refresh the normalization statistics. Runs over the filled chunks only."""
     C = memory.capacity
@@ -498,8 +593,7 @@ def build_index(memory: EpisodicMemory) -> HitIndex:
     return HitIndex(order=order, first=first[order])
 
 
-def lookup_hits(memory: EpisodicMemory, index: HitIndex, queries: jax.Array, delta: float,
-                window: int = 8) -> Recall:
+def lookup_hits(memory: EpisodicMemory, index: HitIndex, queries: jax.Array, delta: float, window: int = 8) -> Recall:
     """Recall of raw query keys [Q, k] for the hits only (module docstring): equals
     :func:`lookup` on every query with an entry within ``delta``; the others get
     ``hit = False``, ``distance = inf`` and zero H, ratio and desirability."""
@@ -508,9 +602,14 @@ def lookup_hits(memory: EpisodicMemory, index: HitIndex, queries: jax.Array, del
     idx = jnp.where(hit, idx, 0)
     n_call = memory.n_call[idx].astype(jnp.float32)
     ratio = memory.n_xi[idx].astype(jnp.float32) / (n_call + RATIO_EPS)
-    return Recall(index=idx, distance=jnp.where(hit, dist, jnp.inf), hit=hit,
-                  H=jnp.where(hit, memory.H[idx], 0.0), desirable=hit & memory.desirable[idx],
-                  ratio=jnp.where(hit, ratio, 0.0))
+    return Recall(
+        index=idx,
+        distance=jnp.where(hit, dist, jnp.inf),
+        hit=hit,
+        H=jnp.where(hit, memory.H[idx], 0.0),
+        desirable=hit & memory.desirable[idx],
+        ratio=jnp.where(hit, ratio, 0.0),
+    )
 
 
 def update_index(memory: EpisodicMemory, index: HitIndex, cache: WriteCache) -> HitIndex:

@@ -35,15 +35,18 @@ def evaluate(algo: Algorithm, params, key: jax.Array, num_episodes: int = 32, gr
         return (env_state, ts, carry, finished | new, ret, won, length), None
 
     init = (env_state, ts, carry, jnp.zeros((n,), bool), zeros, zeros, zeros)
-    (_, _, _, finished, ret, won, length), _ = jax.lax.scan(
-        step, init, jax.random.split(k_run, env.spec.max_steps)
-    )
-    return {"return": ret.mean(), "win_rate": won.mean(), "length": length.mean(),
-            "finished": finished.mean()}
+    (_, _, _, finished, ret, won, length), _ = jax.lax.scan(step, init, jax.random.split(k_run, env.spec.max_steps))
+    return {"return": ret.mean(), "win_rate": won.mean(), "length": length.mean(), "finished": finished.mean()}
 
 
-def evaluate_seeds(algo: Algorithm, batched_params, key: jax.Array, num_episodes: int = 32,
-                   greedy: bool = True, sequential: bool = False) -> dict:
+def evaluate_seeds(
+    algo: Algorithm,
+    batched_params,
+    key: jax.Array,
+    num_episodes: int = 32,
+    greedy: bool = True,
+    sequential: bool = False,
+) -> dict:
     """:func:`evaluate` for seed-batched parameters [S, ...]; returns arrays [S].
 
     ``sequential=True`` evaluates the seeds one after another (``lax.map``) instead of

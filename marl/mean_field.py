@@ -73,19 +73,19 @@ def _weights(points: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
     return weights
 
 
-def kernel_embedding(points: jax.Array, centres: jax.Array, bandwidth: float,
-                     weights: Optional[jax.Array] = None) -> jax.Array:
+def kernel_embedding(
+    points: jax.Array, centres: jax.Array, bandwidth: float, weights: Optional[jax.Array] = None
+) -> jax.Array:
     """``[M]`` kernel mean embedding ``sum_i w_i k(x_i, c_b)`` at arbitrary centres.
 
     points [N, d], centres [M, d]; builds an ``[N, M]`` array.
     """
     w = _weights(points, weights)
     d2 = torus_sq_dist(points[:, None, :], jnp.asarray(centres)[None, :, :])  # [N, M]
-    return w @ jnp.exp(-d2 / (2.0 * bandwidth ** 2))
+    return w @ jnp.exp(-d2 / (2.0 * bandwidth**2))
 
 
-def grid_embedding(points: jax.Array, bins: int, bandwidth: float,
-                   weights: Optional[jax.Array] = None) -> jax.Array:
+def grid_embedding(points: jax.Array, bins: int, bandwidth: float, weights: Optional[jax.Array] = None) -> jax.Array:
     """``[bins^d]`` kernel embedding at :func:`grid_centres` ``(bins, d)``.
 
     Equal to ``kernel_embedding(points, grid_centres(bins, d), bandwidth)`` but uses
@@ -94,8 +94,10 @@ def grid_embedding(points: jax.Array, bins: int, bandwidth: float,
     w = _weights(points, weights)
     axis = (jnp.arange(bins, dtype=points.dtype) + 0.5) / bins
     # per-dimension factors [N, bins]
-    factors = [jnp.exp(-torus_delta(points[:, k:k + 1], axis[None, :]) ** 2 / (2.0 * bandwidth ** 2))
-               for k in range(points.shape[1])]
+    factors = [
+        jnp.exp(-(torus_delta(points[:, k : k + 1], axis[None, :]) ** 2) / (2.0 * bandwidth**2))
+        for k in range(points.shape[1])
+    ]
     out = w[:, None] * factors[0]  # [N, bins]
     for f in factors[1:]:
         if f is factors[-1]:
@@ -118,7 +120,7 @@ def histogram(points: jax.Array, bins: int, weights: Optional[jax.Array] = None)
 def kernel_weights(points: jax.Array, centres: jax.Array, bandwidth: float) -> jax.Array:
     """``[N, M]`` normalized kernel weights ``k(x_i, c_b) / sum_b' k(x_i, c_b')`` (rows sum to 1)."""
     d2 = torus_sq_dist(points[:, None, :], jnp.asarray(centres)[None, :, :])
-    return jax.nn.softmax(-d2 / (2.0 * bandwidth ** 2), axis=-1)
+    return jax.nn.softmax(-d2 / (2.0 * bandwidth**2), axis=-1)
 
 
 def interpolate(points: jax.Array, centres: jax.Array, values: jax.Array, bandwidth: float) -> jax.Array:

@@ -115,11 +115,17 @@ class QMIX(nn.Module):
     @nn.compact
     def __call__(self, qs, states, actions_onehot=None, max_qs=None):
         num_agents = qs.shape[-1]
-        out_init = (nn.linear.default_kernel_init if self.out_init_scale is None
-                    else nn.initializers.variance_scaling(self.out_init_scale**2, "fan_in", "normal"))
+        out_init = (
+            nn.linear.default_kernel_init
+            if self.out_init_scale is None
+            else nn.initializers.variance_scaling(self.out_init_scale**2, "fan_in", "normal")
+        )
         hyper = lambda out, name: nn.Sequential(  # noqa: E731
-            [nn.Dense(self.hypernet_embed, name=f"{name}_0"), nn.relu,
-             nn.Dense(out, kernel_init=out_init, name=f"{name}_1")]
+            [
+                nn.Dense(self.hypernet_embed, name=f"{name}_0"),
+                nn.relu,
+                nn.Dense(out, kernel_init=out_init, name=f"{name}_1"),
+            ]
         )
         w1 = jnp.abs(hyper(num_agents * self.embed_dim, "hyper_w1")(states))
         w1 = w1.reshape(w1.shape[:-1] + (num_agents, self.embed_dim))

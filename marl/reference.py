@@ -73,8 +73,11 @@ def load_run_params(
         raise ConfigError(field, run_dir, f"was trained on {desc.get('env')!r}; allowed: a run of {env_name!r}")
     num_seeds = int(desc.get("num_seeds", 1))
     if not (isinstance(seed_index, int) and 0 <= seed_index < num_seeds):
-        raise ConfigError("regularizer.reference_seed", seed_index,
-                          f"must be in [0, {num_seeds - 1}] (the run {run_dir} has {num_seeds} seed(s))")
+        raise ConfigError(
+            "regularizer.reference_seed",
+            seed_index,
+            f"must be in [0, {num_seeds - 1}] (the run {run_dir} has {num_seeds} seed(s))",
+        )
     ckpt_dir = os.path.abspath(os.path.join(run_dir, "checkpoints"))
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(field, run_dir, "must hold a checkpoints/ directory (a run trained with a run_dir)")
@@ -95,16 +98,18 @@ def load_run_params(
         extra = sorted(set(got_one) - set(want))[:3]
         cfg = desc.get("config", {})
         net = {k: cfg[k] for k in ("critic", "hidden", "recurrent", "agent_ids", "shared_params") if k in cfg}
-        differ = [f"{k}: {got_one[k]} vs {want[k]}" for k in sorted(set(want) & set(got_one))
-                  if got_one[k] != want[k]][:3]
+        differ = [f"{k}: {got_one[k]} vs {want[k]}" for k in sorted(set(want) & set(got_one)) if got_one[k] != want[k]][
+            :3
+        ]
         raise ConfigError(
-            field, run_dir,
+            field,
+            run_dir,
             f"its policy parameters (algo {desc.get('algo')!r}, network {net}) do not fit this "
             f"algorithm's: missing {missing}, unexpected {extra}, shape (run vs here) {differ}; allowed: a run of "
             "the same algorithm family with the same network settings (hidden, recurrent, critic, agent_ids, "
-            "shared_params) on the same environment")
+            "shared_params) on the same environment",
+        )
     flat_raw = dict((jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(raw["params"])[0])
     paths, treedef = jax.tree_util.tree_flatten_with_path(params_like)
-    leaves = [jnp.asarray(np.asarray(flat_raw[jax.tree_util.keystr(p)])[seed_index], like.dtype)
-              for p, like in paths]
+    leaves = [jnp.asarray(np.asarray(flat_raw[jax.tree_util.keystr(p)])[seed_index], like.dtype) for p, like in paths]
     return jax.tree_util.tree_unflatten(treedef, leaves)

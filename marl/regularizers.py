@@ -205,25 +205,37 @@ class RegularizerConfig:
         if not isinstance(self.centred, bool):
             raise ConfigError("regularizer.centred", self.centred, "must be a bool")
         if self.reference == "run" and not self.reference_run:
-            raise ConfigError("regularizer.reference_run", self.reference_run,
-                              "reference 'run' needs the directory of a trained run (runs/<name>)")
+            raise ConfigError(
+                "regularizer.reference_run",
+                self.reference_run,
+                "reference 'run' needs the directory of a trained run (runs/<name>)",
+            )
         if self.reference_run is not None:
             if self.reference != "run":
-                raise ConfigError("regularizer.reference_run", self.reference_run,
-                                  f"is only used with reference 'run' (got reference {self.reference!r}); "
-                                  "pass --regularizer.reference run")
+                raise ConfigError(
+                    "regularizer.reference_run",
+                    self.reference_run,
+                    f"is only used with reference 'run' (got reference {self.reference!r}); "
+                    "pass --regularizer.reference run",
+                )
             if not isinstance(self.reference_run, str) or not os.path.isfile(
-                    os.path.join(self.reference_run, "run.json")):
-                raise ConfigError("regularizer.reference_run", self.reference_run,
-                                  "must be a run directory holding run.json and checkpoints/")
-        if isinstance(self.reference_seed, bool) or not isinstance(self.reference_seed, int) \
-                or self.reference_seed < 0:
+                os.path.join(self.reference_run, "run.json")
+            ):
+                raise ConfigError(
+                    "regularizer.reference_run",
+                    self.reference_run,
+                    "must be a run directory holding run.json and checkpoints/",
+                )
+        if isinstance(self.reference_seed, bool) or not isinstance(self.reference_seed, int) or self.reference_seed < 0:
             raise ConfigError("regularizer.reference_seed", self.reference_seed, "must be an integer >= 0")
         if not isinstance(self.init_from_reference, bool):
             raise ConfigError("regularizer.init_from_reference", self.init_from_reference, "must be a bool")
         if self.init_from_reference and self.reference != "run":
-            raise ConfigError("regularizer.init_from_reference", True,
-                              f"needs reference 'run' (got {self.reference!r}): the policy starts from that run")
+            raise ConfigError(
+                "regularizer.init_from_reference",
+                True,
+                f"needs reference 'run' (got {self.reference!r}): the policy starts from that run",
+            )
 
 
 def _check_number(field: str, value) -> None:
@@ -685,8 +697,10 @@ def gaussian_regularizer(kind: str, mean, log_std, ref_mean, ref_log_std, action
     elif kind == "wasserstein":
         value = gaussian_w2(mean, std, ref_mean, ref_std)
         ratio = ref_std / std
-        per_sample = jnp.sum(action ** 2 - 2 * ref_mean * action - ratio * (action - mean) ** 2
-                             + ref_mean ** 2 + ref_std ** 2 - std * ref_std, -1)
+        per_sample = jnp.sum(
+            action**2 - 2 * ref_mean * action - ratio * (action - mean) ** 2 + ref_mean**2 + ref_std**2 - std * ref_std,
+            -1,
+        )
     else:
         raise ConfigError("regularizer.kind", kind, f"must be one of {list(KINDS)}")
     return coef * value, jax.lax.stop_gradient(coef * per_sample), jax.lax.stop_gradient(value)

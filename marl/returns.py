@@ -12,8 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-def gae(reward, value, done, terminated, final_value, last_value, gamma, gae_lambda,
-        bootstrap_truncation: bool = True):
+def gae(reward, value, done, terminated, final_value, last_value, gamma, gae_lambda, bootstrap_truncation: bool = True):
     """Generalized advantage estimation along the leading time axis.
 
     reward, value, final_value: [T, ...]; done, terminated: [T, ...] broadcastable to
@@ -46,6 +45,7 @@ def lambda_returns(reward, terminated, next_value, valid_next, gamma, lam):
     reward, terminated, next_value (Qbar_{t+1}): [B, T, ...]; valid_next [B, T]: the
     transition t + 1 exists (the recursion only continues through valid steps).
     """
+
     def expand(x):
         return x.reshape(x.shape + (1,) * (next_value.ndim - x.ndim))
 

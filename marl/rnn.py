@@ -78,6 +78,7 @@ def gru_scan(w, b, xi, h0):
     """Hidden states [K, ..., H] of :meth:`RNNAgent.recur` run over xi [K, ..., 3H] from
     h0 (``w`` [H, 3H], ``b`` [3H]: the recurrent kernel and bias); differentiated by
     plain autodiff of the scan."""
+
     def step(h, x):
         _, z, cand, _ = _gru_gates(w, b, h, x)
         h = (1.0 - z) * cand + z * h

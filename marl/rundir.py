@@ -98,12 +98,17 @@ class RunLock:
                     self._take_over(other)
                     continue
                 run_dir = os.path.dirname(self.path)
-                who = (f"process {other.get('pid')} on host {other.get('host')} (since {other.get('started')})"
-                       if other else "another process (unreadable lock)")
+                who = (
+                    f"process {other.get('pid')} on host {other.get('host')} (since {other.get('started')})"
+                    if other
+                    else "another process (unreadable lock)"
+                )
                 raise RunLockedError(
-                    "run_dir", run_dir,
+                    "run_dir",
+                    run_dir,
                     f"is being written by {who}; wait for it to finish, or choose another run name. "
-                    f"If that process is gone, delete {self.path}") from None
+                    f"If that process is gone, delete {self.path}",
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
                 f.flush()
@@ -129,8 +134,11 @@ class RunLock:
         except FileNotFoundError:
             return
         os.remove(grave)
-        print(f"notice: took over the lock of {os.path.dirname(self.path)} left by process {other.get('pid')} "
-              f"(no longer running, started {other.get('started')})", file=sys.stderr)
+        print(
+            f"notice: took over the lock of {os.path.dirname(self.path)} left by process {other.get('pid')} "
+            f"(no longer running, started {other.get('started')})",
+            file=sys.stderr,
+        )
 
     def release(self) -> None:
         if not self.held:
@@ -172,18 +180,24 @@ def check_resume_compatible(old: dict, new: dict) -> None:
         if k in old and k in new and old[k] != new[k]:
             raise ConfigError(k, new[k], f"must match the run being resumed ({old[k]!r}) for an exact resume")
     if "checkpoint_rows" in old and "checkpoint_rows" in new and old["checkpoint_rows"] != new["checkpoint_rows"]:
-        raise ConfigError("devices", new.get("placement", {}).get("devices", 1),
-                          f"must give the run's checkpointed rows ({old['checkpoint_rows']}: seeds padded to a "
-                          f"multiple of the device count it ran on, {old.get('placement', {}).get('devices', 1)}); "
-                          f"this placement gives {new['checkpoint_rows']}. Resume on that device count "
-                          "(--no-shard for one device)")
+        raise ConfigError(
+            "devices",
+            new.get("placement", {}).get("devices", 1),
+            f"must give the run's checkpointed rows ({old['checkpoint_rows']}: seeds padded to a "
+            f"multiple of the device count it ran on, {old.get('placement', {}).get('devices', 1)}); "
+            f"this placement gives {new['checkpoint_rows']}. Resume on that device count "
+            "(--no-shard for one device)",
+        )
     old_cfg, new_cfg = old.get("config", {}), new.get("config", {})
     for k in sorted(set(old_cfg) | set(new_cfg)):
         if k in new_cfg and k not in old_cfg:
             continue  # a field added to the config class after the run was written is not a change
         if old_cfg.get(k) != new_cfg.get(k):
-            raise ConfigError(f"config.{k}", new_cfg.get(k),
-                              f"must match the run being resumed ({old_cfg.get(k)!r}) for an exact resume")
+            raise ConfigError(
+                f"config.{k}",
+                new_cfg.get(k),
+                f"must match the run being resumed ({old_cfg.get(k)!r}) for an exact resume",
+            )
 
 
 def read_description(run_dir: str) -> Optional[dict]:
@@ -197,8 +211,9 @@ def read_description(run_dir: str) -> Optional[dict]:
         raise ConfigError("run_dir", run_dir, f"holds an unreadable run.json ({e}); it cannot be resumed") from None
 
 
-def prepare(run_dir: str, resume: bool, description: dict, resume_or_start: bool = False,
-            lock: bool = True) -> tuple[str, Optional[RunLock], bool]:
+def prepare(
+    run_dir: str, resume: bool, description: dict, resume_or_start: bool = False, lock: bool = True
+) -> tuple[str, Optional[RunLock], bool]:
     """Check ``run_dir`` and take its lock, before anything compiles.
 
     Returns ``(absolute run_dir, lock or None, resuming)``. ``resume`` of a directory
@@ -209,12 +224,16 @@ def prepare(run_dir: str, resume: bool, description: dict, resume_or_start: bool
     run_dir = os.path.abspath(run_dir)
     exists = has_checkpoints(run_dir)
     if resume and not exists and not resume_or_start:
-        raise ConfigError("resume", True,
-                          f"needs a run with a checkpoint, and {run_dir} has none "
-                          "(start it without --resume, or pass --resume-or-start)")
+        raise ConfigError(
+            "resume",
+            True,
+            f"needs a run with a checkpoint, and {run_dir} has none "
+            "(start it without --resume, or pass --resume-or-start)",
+        )
     if not resume and not resume_or_start and exists:
-        raise ConfigError("run_dir", run_dir,
-                          "already holds checkpoints: pass --resume to continue it, or choose a new name")
+        raise ConfigError(
+            "run_dir", run_dir, "already holds checkpoints: pass --resume to continue it, or choose a new name"
+        )
     _check_writable(run_dir)
     held = RunLock(run_dir).acquire() if lock else None
     try:

@@ -101,13 +101,19 @@ def check_memory(algo: Algorithm, num_rows: int, available: Optional[int] = None
         gib = 1 << 30
         fits = free // max(MEMORY_FACTOR * per, 1)
         if fits >= 1:
-            raise ConfigError("num_seeds", num_rows,
-                              f"must be at most {fits}: each seed's train state takes {per / gib:.3g} GiB "
-                              f"(x{MEMORY_FACTOR} while training), {need / gib:.3g} GiB in all, and "
-                              f"{free / gib:.3g} GiB are available")
-        raise ConfigError("config", f"{per / gib:.3g} GiB train state per seed",
-                          f"must fit in the {free / gib:.3g} GiB available (x{MEMORY_FACTOR} while training): "
-                          "lower num_envs, buffer_size, capacity or the network sizes")
+            raise ConfigError(
+                "num_seeds",
+                num_rows,
+                f"must be at most {fits}: each seed's train state takes {per / gib:.3g} GiB "
+                f"(x{MEMORY_FACTOR} while training), {need / gib:.3g} GiB in all, and "
+                f"{free / gib:.3g} GiB are available",
+            )
+        raise ConfigError(
+            "config",
+            f"{per / gib:.3g} GiB train state per seed",
+            f"must fit in the {free / gib:.3g} GiB available (x{MEMORY_FACTOR} while training): "
+            "lower num_envs, buffer_size, capacity or the network sizes",
+        )
     return need
 
 
@@ -149,8 +155,11 @@ def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
     def one_seed(state):
         state, metrics = jax.lax.scan(lambda s, _: algo.update(s), state, None, length=length)
         params = getattr(state, "params", state)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)
-                                    if jnp.issubdtype(x.dtype, jnp.floating)]))
+        finite = jnp.all(
+            jnp.stack(
+                [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+            )
+        )
         return state, metrics, finite
 
     fn = jax.vmap(one_seed, axis_name=SEED_AXIS)
@@ -161,7 +170,7 @@ def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
     return jax.jit(fn, donate_argnums=0)
 
 
-def train(
+def train(  # noqa: C901
     algo: Algorithm,
     *,
     num_iterations: int,
@@ -203,8 +212,12 @@ def train(
         None or a one-device mesh: one device. Several processes: every process calls
         ``train`` with the same arguments; process 0 writes metrics and holds the lock.
     """
-    for field, v in (("num_iterations", num_iterations), ("num_seeds", num_seeds),
-                     ("chunk_iterations", chunk_iterations), ("checkpoint_every", checkpoint_every)):
+    for field, v in (
+        ("num_iterations", num_iterations),
+        ("num_seeds", num_seeds),
+        ("chunk_iterations", chunk_iterations),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0):
             raise ConfigError(field, v, "must be a positive integer")
     if (resume or resume_or_start) and run_dir is None:
@@ -222,9 +235,14 @@ def train(
         mesh = None
     rows = num_seeds
     description = {
-        "algo": algo.name, "env": algo.env.spec.name, "num_seeds": num_seeds, "seed": seed,
-        "num_iterations": num_iterations, "chunk_iterations": chunk_iterations,
-        "env_steps_per_iteration": steps_per_iter, **(run_info or {}),
+        "algo": algo.name,
+        "env": algo.env.spec.name,
+        "num_seeds": num_seeds,
+        "seed": seed,
+        "num_iterations": num_iterations,
+        "chunk_iterations": chunk_iterations,
+        "env_steps_per_iteration": steps_per_iter,
+        **(run_info or {}),
     }
     if mesh is not None:
         from marl import distributed
@@ -262,12 +280,28 @@ def train(
                 if restored is not None:
                     state = restored
                 else:
-                    print(f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again "
-                          "from iteration 0", file=sys.stderr)
+                    print(
+                        f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again from iteration 0",
+                        file=sys.stderr,
+                    )
             if primary:
                 writer = MetricsWriter(run_dir, truncate_after=start_iter, resume=resuming)
-        result = _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
-                            progress and primary, stop_after_chunks, max_loss, writer, ckpt, run_dir, mesh)
+        result = _host_loop(
+            algo,
+            state,
+            start_iter,
+            num_iterations,
+            num_seeds,
+            chunk_iterations,
+            checkpoint_every,
+            progress and primary,
+            stop_after_chunks,
+            max_loss,
+            writer,
+            ckpt,
+            run_dir,
+            mesh,
+        )
         if rows != num_seeds:  # drop the padding rows
             result.state = jax.jit(lambda s: jax.tree.map(lambda x: x[:num_seeds], s))(result.state)
         return result
@@ -280,8 +314,22 @@ def train(
             lock.release()
 
 
-def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterations, checkpoint_every,
-               progress, stop_after_chunks, max_loss, writer, ckpt, run_dir, mesh=None) -> TrainResult:
+def _host_loop(
+    algo,
+    state,
+    start_iter,
+    num_iterations,
+    num_seeds,
+    chunk_iterations,
+    checkpoint_every,
+    progress,
+    stop_after_chunks,
+    max_loss,
+    writer,
+    ckpt,
+    run_dir,
+    mesh=None,
+) -> TrainResult:
     steps_per_iter = algo.env_steps_per_update
     compile_s = 0.0
     if mesh is None:
@@ -291,8 +339,13 @@ def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterati
 
     def get_chunk(length):
         nonlocal compile_s
-        key = (algo.update, length, mesh, jax.tree.structure(state),
-               tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)))
+        key = (
+            algo.update,
+            length,
+            mesh,
+            jax.tree.structure(state),
+            tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)),
+        )
         if key not in _COMPILED:
             t0 = time.perf_counter()
             if len(_COMPILED) >= 16:
@@ -327,9 +380,11 @@ def _host_loop(algo, state, start_iter, num_iterations, num_seeds, chunk_iterati
             if bad:
                 name, at = bad
                 cls = DivergenceError if name.startswith("diverging") else NonFiniteError
-                last = (f"iteration {last_saved} in {ckpt.directory}" if ckpt and last_saved else "none")
-                raise cls(f"{name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
-                          f"training stopped. Last good checkpoint: {last}")
+                last = f"iteration {last_saved} in {ckpt.directory}" if ckpt and last_saved else "none"
+                raise cls(
+                    f"{name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
+                    f"training stopped. Last good checkpoint: {last}"
+                )
             state = new_state
             it += length
             chunks_done += 1
@@ -378,8 +433,14 @@ def _progress(enabled: bool, total: int, initial: int, algo: Algorithm):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", unit_scale=True,
-                desc=f"{algo.name} on {algo.env.spec.name}", dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        unit_scale=True,
+        desc=f"{algo.name} on {algo.env.spec.name}",
+        dynamic_ncols=True,
+    )
 
 
 def _postfix(metrics: dict, sps: float) -> dict:
@@ -388,7 +449,7 @@ def _postfix(metrics: dict, sps: float) -> dict:
     # zero-sum games log a team return of 0; show the first player's return there
     ret = "return_agent0" if "return_agent0" in metrics else "return"
     teams = [k for k in metrics if k.startswith("return_") and not k.startswith("return_agent")][:3]
-    for k, label in ((ret, "return"), ("win_rate", "win"), *((t, t[len("return_"):]) for t in teams)):
+    for k, label in ((ret, "return"), ("win_rate", "win"), *((t, t[len("return_") :]) for t in teams)):
         if k in metrics:
             v = np.asarray(metrics[k])
             w = eps if np.ndim(eps) else np.ones_like(v)

@@ -53,8 +53,9 @@ def _percentiles(stats: np.ndarray, confidence: float) -> tuple:
     return lo, hi
 
 
-def bootstrap_ci(x, stat: Callable = iqm, num_samples: int = 2000, confidence: float = 0.95,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    x, stat: Callable = iqm, num_samples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile-bootstrap interval of ``stat`` for the 1-D sample ``x``.
 
     ``num_samples`` resamples of ``len(x)`` values drawn with replacement
@@ -98,8 +99,9 @@ def aggregate(scores: Scores, stat: Callable = iqm) -> float:
     return float(stat(np.concatenate(_strata(scores)), axis=-1))
 
 
-def stratified_bootstrap_ci(scores: Scores, stat: Callable = iqm, num_samples: int = 2000,
-                            confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def stratified_bootstrap_ci(
+    scores: Scores, stat: Callable = iqm, num_samples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of ``stat`` over the pooled scores of several tasks, with
     runs resampled with replacement *within* each task (stratified bootstrap).
 
@@ -128,8 +130,7 @@ def nanmean(x, axis: int = -1):
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def bootstrap_band(curves, num_samples: int = 1000, confidence: float = 0.95, seed: int = 0,
-                   stat: Callable = nanmean):
+def bootstrap_band(curves, num_samples: int = 1000, confidence: float = 0.95, seed: int = 0, stat: Callable = nanmean):
     """Mean curve over seeds and its pointwise percentile-bootstrap band.
 
     ``curves``: [seeds, points]. Each resample draws whole seed curves with

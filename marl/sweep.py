@@ -165,9 +165,12 @@ def validate(algo: Algorithm, configs: Sequence[dict], names: Optional[Sequence[
     if reg is not None and getattr(reg, "kind", None) == "none":
         for k in keys:
             if k.startswith("reg_"):
-                raise ConfigError(f"sweep.{k}", [c[k] for c in configs],
-                                  "has no effect with regularizer.kind='none'; set the kind first "
-                                  "(e.g. overrides {\"regularizer\": {\"kind\": \"wasserstein\"}})")
+                raise ConfigError(
+                    f"sweep.{k}",
+                    [c[k] for c in configs],
+                    "has no effect with regularizer.kind='none'; set the kind first "
+                    '(e.g. overrides {"regularizer": {"kind": "wasserstein"}})',
+                )
     full = []
     for c in configs:
         values = {k: _as_number(f"sweep.{k}", v) for k, v in c.items()}
@@ -233,16 +236,45 @@ def run_sweep(
     check_memory(algo, rows if mesh is None else -(-rows // int(mesh.size)) * jax.local_device_count())
     configs = [dict(c) for c in configs]
     keys, hparams = row_layout(configs, num_seeds, seed)
-    info = {**(run_info or {}), "sweep": {"configs": configs, "num_seeds": num_seeds, "seed": seed,
-                                          "rows": "row c * num_seeds + s = configuration c, seed s"}}
+    info = {
+        **(run_info or {}),
+        "sweep": {
+            "configs": configs,
+            "num_seeds": num_seeds,
+            "seed": seed,
+            "rows": "row c * num_seeds + s = configuration c, seed s",
+        },
+    }
     devices = 1 if mesh is None else int(mesh.size)
-    res = train(algo, num_iterations=num_iterations, num_seeds=keys.shape[0], seed=seed, keys=keys,
-                hparams=hparams, chunk_iterations=chunk_iterations, checkpoint_every=checkpoint_every,
-                run_dir=run_dir, resume=resume, progress=progress, run_info=info, mesh=mesh)
+    res = train(
+        algo,
+        num_iterations=num_iterations,
+        num_seeds=keys.shape[0],
+        seed=seed,
+        keys=keys,
+        hparams=hparams,
+        chunk_iterations=chunk_iterations,
+        checkpoint_every=checkpoint_every,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        run_info=info,
+        mesh=mesh,
+    )
     C = len(configs)
     metrics = {k: np.asarray(v).reshape((C, num_seeds) + np.shape(v)[1:]) for k, v in res.metrics.items()}
-    return SweepResult(configs, num_seeds, seed, metrics, res.state, res.run_dir, res.compile_seconds,
-                       res.train_seconds, res.env_steps, devices)
+    return SweepResult(
+        configs,
+        num_seeds,
+        seed,
+        metrics,
+        res.state,
+        res.run_dir,
+        res.compile_seconds,
+        res.train_seconds,
+        res.env_steps,
+        devices,
+    )
 
 
 # ------------------------------------------------------------------ results
@@ -277,7 +309,7 @@ def summarize(result: SweepResult, final_fraction: float = 0.1, metric: str = "a
                 "per_seed": [None if not np.isfinite(v) else float(v) for v in per_seed],
             }
         rows.append(row)
-    order = (["win_rate", "return"] if metric == "auto" else [metric])
+    order = ["win_rate", "return"] if metric == "auto" else [metric]
     order = [k for k in order if k in reported or k == metric]
 
     def sort_key(row):
@@ -298,8 +330,11 @@ def best_config_dict(config, hparams: dict) -> dict:
 def markdown_table(rows: list[dict], final_fraction: float, num_seeds: int) -> str:
     names = list(rows[0]["hparams"]) if rows else []
     metrics = [k for k in ("win_rate", "return") if rows and k in rows[0]]
-    extra = [k for k in (rows[0] if rows else {}) if isinstance(rows[0][k], dict) and "mean" in rows[0][k]
-             and k not in metrics]
+    extra = [
+        k
+        for k in (rows[0] if rows else {})
+        if isinstance(rows[0][k], dict) and "mean" in rows[0][k] and k not in metrics
+    ]
     metrics += extra
     head = ["rank", "config", *names, *[f"{k} mean ± std" for k in metrics], *[f"{k} IQM" for k in metrics]]
     lines = [
@@ -310,8 +345,12 @@ def markdown_table(rows: list[dict], final_fraction: float, num_seeds: int) -> s
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [str(r["rank"]), str(r["config"]), *[f"{r['hparams'][n]:.4g}" for n in names],
-                 *[f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in metrics],
-                 *[f"{r[k]['iqm']:.4f}" for k in metrics]]
+        cells = [
+            str(r["rank"]),
+            str(r["config"]),
+            *[f"{r['hparams'][n]:.4g}" for n in names],
+            *[f"{r[k]['mean']:.4f} ± {r[k]['std']:.4f}" for k in metrics],
+            *[f"{r[k]['iqm']:.4f}" for k in metrics],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

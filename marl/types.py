@@ -160,8 +160,9 @@ def hparams(cls: type, **values: Any) -> Any:
     missing = [f for f in fields if f not in values]
     unknown = [k for k in values if k not in fields]
     if missing or unknown:
-        raise TypeError(f"{cls.__name__}: missing fields {missing}, unknown fields {unknown}; "
-                        f"the fields are {list(fields)}")
+        raise TypeError(
+            f"{cls.__name__}: missing fields {missing}, unknown fields {unknown}; the fields are {list(fields)}"
+        )
     return cls(**{f: jnp.asarray(values[f], jnp.float32) for f in fields})
 
 

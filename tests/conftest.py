@@ -24,8 +24,17 @@ import algos  # noqa: E402
 import envs  # noqa: E402
 
 # tiny sizes for every family; each algorithm takes the fields its config has
-TINY = dict(num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2, hidden=32, total_steps=4 * 8 * 4,
-            train_steps=2, batch_size=4, buffer_size=16)
+TINY = dict(
+    num_envs=4,
+    num_steps=8,
+    num_minibatches=2,
+    update_epochs=2,
+    hidden=32,
+    total_steps=4 * 8 * 4,
+    train_steps=2,
+    batch_size=4,
+    buffer_size=16,
+)
 
 
 def tiny_overrides(name: str, **overrides) -> dict:

@@ -60,8 +60,19 @@ def test_zero_sum_bounds_grid_and_protagonist_alone(task):
 
     # 1) zero-sum rewards, adversary force within its bound even for huge actions,
     #    clipping (an action beyond the box acts like its edge), the adversary switched off
-    ts = run(name, [(NOMINAL, big), ((1.0, 1.0, 0.4), big), (NOMINAL, 7.0 * ones), (NOMINAL, ones),
-                    ((1.0, 1.0, 0.0), acts), ((1.0, 1.0, 0.0), other), (NOMINAL, acts), (NOMINAL, other)])
+    ts = run(
+        name,
+        [
+            (NOMINAL, big),
+            ((1.0, 1.0, 0.4), big),
+            (NOMINAL, 7.0 * ones),
+            (NOMINAL, ones),
+            ((1.0, 1.0, 0.0), acts),
+            ((1.0, 1.0, 0.0), other),
+            (NOMINAL, acts),
+            (NOMINAL, other),
+        ],
+    )
     r = np.asarray(ts.reward)
     assert r.shape == (N, T, 2) and np.abs(r).sum() > 0
     np.testing.assert_allclose(r[..., 0], -r[..., 1])
@@ -93,8 +104,16 @@ def test_heavier_pendulum_and_episode_ends():
     name = "adv:pendulum"
     acts = random_actions(name, key=2)
     zero = jnp.zeros_like(acts)
-    ts = run(name, [(NOMINAL, acts), ((3.0, 1.0, 1.0), acts), ((1.0, 5.0, 1.0), acts),
-                    ((1.0, 0.0, 1.0), zero), ((3.0, 0.0, 1.0), zero)])
+    ts = run(
+        name,
+        [
+            (NOMINAL, acts),
+            ((3.0, 1.0, 1.0), acts),
+            ((1.0, 5.0, 1.0), acts),
+            ((1.0, 0.0, 1.0), zero),
+            ((3.0, 0.0, 1.0), zero),
+        ],
+    )
     obs = np.asarray(ts.obs)
     assert np.abs(obs[0] - obs[1]).max() > 0.1  # heavier pole: the same torques move it less
     assert np.abs(obs[0] - obs[2]).max() > 0.1  # more friction
@@ -103,8 +122,9 @@ def test_heavier_pendulum_and_episode_ends():
     done = np.asarray(ts.done[0])
     assert list(np.where(done)[0]) == [199] and not np.asarray(ts.terminated).any()
     solo = run("adv:pendulum-noadv", [(NOMINAL, acts[:, :1])])
-    np.testing.assert_allclose(solo.info["episode_return"][0, 199], np.asarray(solo.reward)[0, :200, 0].sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        solo.info["episode_return"][0, 199], np.asarray(solo.reward)[0, :200, 0].sum(), rtol=1e-5
+    )
     # cart-pole falls under random pushes: terminated
     cart = run("adv:cartpole", [(NOMINAL, random_actions("adv:cartpole"))])
     term = np.asarray(cart.terminated[0])

@@ -46,10 +46,17 @@ def test_files_are_found_anywhere_below_the_folder(tmp_path):
 
 
 def test_table_reports_ratios_from_one_window():
-    r = {"algo": "ippo", "k1": 1, "jaxmarl_compile_s_k1": 50.0, "jaxmarl_sps": 1000.0, "jaxmarl_pct_of_random": 10.0,
-         "random_jaxmarl_sps": 10000.0, "random_ours_sps": 8000.0, "wrapped_env_ratio": 0.8,
-         "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8,
-                              "init_and_compile_s": 40.0}}}
+    r = {
+        "algo": "ippo",
+        "k1": 1,
+        "jaxmarl_compile_s_k1": 50.0,
+        "jaxmarl_sps": 1000.0,
+        "jaxmarl_pct_of_random": 10.0,
+        "random_jaxmarl_sps": 10000.0,
+        "random_ours_sps": 8000.0,
+        "wrapped_env_ratio": 0.8,
+        "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8, "init_and_compile_s": 40.0}},
+    }
     text = sb.table([r])
     assert "| ippo | 1,000 (10.0%) | default | 800 (10.0%) | x0.80 | 50 / 40 |" in text
     assert "| ippo | 10,000 | 8,000 | x0.80 |" in text
@@ -69,8 +76,20 @@ def test_full_unroll_gives_the_same_loss():
     env = envs.make("mpe:simple_spread")
     out = []
     for full in (False, True):
-        a = algos.make("qmix", env, num_envs=2, num_steps=8, total_steps=64, batch_size=2, buffer_size=8,
-                       hidden=8, mixing_embed=4, hypernet_embed=4, train_steps=1, full_unroll=full)
+        a = algos.make(
+            "qmix",
+            env,
+            num_envs=2,
+            num_steps=8,
+            total_steps=64,
+            batch_size=2,
+            buffer_size=8,
+            hidden=8,
+            mixing_embed=4,
+            hypernet_embed=4,
+            train_steps=1,
+            full_unroll=full,
+        )
         state = init_states(a, jax.random.split(jax.random.PRNGKey(0), 1))
         state, m, _ = make_chunk_fn(a, 4)(state)
         out.append((jax.tree.leaves(state.params), m))

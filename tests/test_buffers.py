@@ -35,10 +35,7 @@ def empty_buffer():
 
 def expected_ring(num_inserted):
     """Slot s holds the last inserted episode j (0-based) with j % C == s."""
-    return {
-        s: max(j for j in range(num_inserted) if j % CAPACITY == s)
-        for s in range(min(num_inserted, CAPACITY))
-    }
+    return {s: max(j for j in range(num_inserted) if j % CAPACITY == s) for s in range(min(num_inserted, CAPACITY))}
 
 
 def episode_filled(j):
@@ -208,7 +205,5 @@ def test_accumulator_writes_per_env_episodes_and_hands_them_to_the_buffer():
     np.testing.assert_array_equal(np.asarray(acc.data["r"][0]), [2, 0, 0, 0])
     np.testing.assert_array_equal(np.asarray(acc.data["r"][2]), [20, 21, 22, 0])
     # explicit time indices
-    acc = buffers.write(
-        acc, {"obs": jnp.ones((num_envs, 2)), "r": jnp.full(num_envs, 7.0)}, jnp.array([3, 3, 3])
-    )
+    acc = buffers.write(acc, {"obs": jnp.ones((num_envs, 2)), "r": jnp.full(num_envs, 7.0)}, jnp.array([3, 3, 3]))
     np.testing.assert_array_equal(np.asarray(acc.filled[:, 3]), [1, 1, 1])

@@ -8,13 +8,40 @@ import pytest
 from experiments import train as cli
 from marl.config import ConfigError
 
-TINY = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-        "--hidden", "16", "--no-progress"]
+TINY = [
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--hidden",
+    "16",
+    "--no-progress",
+]
 
 
 def test_cli_end_to_end_and_resume(tmp_path, capsys):
-    args = ["--algo", "ippo", "--env", "mpe:simple_spread", "--total-steps", "64", "--runs-dir", str(tmp_path),
-            "--run-name", "tiny", "--eval-episodes", "2", "--chunk-iterations", "1", "--checkpoint-every", "1"] + TINY
+    args = [
+        "--algo",
+        "ippo",
+        "--env",
+        "mpe:simple_spread",
+        "--total-steps",
+        "64",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "tiny",
+        "--eval-episodes",
+        "2",
+        "--chunk-iterations",
+        "1",
+        "--checkpoint-every",
+        "1",
+    ] + TINY
     assert cli.main(args) == 0
     run = tmp_path / "tiny"
     lines = (run / "metrics.jsonl").read_text().splitlines()
@@ -81,9 +108,24 @@ def test_cli_rejects_unwritable_output(tmp_path, capsys):
 
 
 def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
-    args = ["--algo", "ippo", "--env", "swarm:aggregation", "--env-kwargs", '{"num_agents": 5, "max_steps": 8}',
-            "--total-steps", "32", "--runs-dir", str(tmp_path), "--run-name", "swarm", "--eval-episodes", "0",
-            "--no-recurrent", "--no-agent-ids"] + TINY
+    args = [
+        "--algo",
+        "ippo",
+        "--env",
+        "swarm:aggregation",
+        "--env-kwargs",
+        '{"num_agents": 5, "max_steps": 8}',
+        "--total-steps",
+        "32",
+        "--runs-dir",
+        str(tmp_path),
+        "--run-name",
+        "swarm",
+        "--eval-episodes",
+        "0",
+        "--no-recurrent",
+        "--no-agent-ids",
+    ] + TINY
     assert cli.main(args) == 0
     desc = json.loads((tmp_path / "swarm" / "run.json").read_text())
     assert desc["env_kwargs"] == {"num_agents": 5, "max_steps": 8}
@@ -104,9 +146,16 @@ def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
     # the transfer table: one row per N, returns finite, table and plot written
     from experiments import swarm_transfer
 
-    res = swarm_transfer.transfer(swarm_transfer.TransferArgs(
-        run_dirs=(str(tmp_path / "swarm"),), num_agents=(3, 9), episodes=2, large_n=9,
-        large_env_kwargs='{"cell_capacity": 4}', out=str(tmp_path / "tr")))
+    res = swarm_transfer.transfer(
+        swarm_transfer.TransferArgs(
+            run_dirs=(str(tmp_path / "swarm"),),
+            num_agents=(3, 9),
+            episodes=2,
+            large_n=9,
+            large_env_kwargs='{"cell_capacity": 4}',
+            out=str(tmp_path / "tr"),
+        )
+    )
     assert [r["n"] for r in res["rows"]] == [3, 9] and all(np.isfinite(r["mean"]) for r in res["rows"])
     assert [r["episodes_per_seed"] for r in res["rows"]] == [2, 1]  # N >= large_n: 1 episode, seeds in sequence
     assert "cell_capacity" not in res["rows"][0]["env_kwargs"] and res["rows"][1]["env_kwargs"]["cell_capacity"] == 4
@@ -125,9 +174,15 @@ def test_env_kwargs_are_used_recorded_and_restored(tmp_path, capsys):
     assert "env_kwargs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kwargs,field", [("{num_agents: 5}", "env_kwargs"), ("[5]", "env_kwargs"),
-                                          ('{"num_agentz": 5}', "env_kwargs.num_agentz"),
-                                          ('{"num_agents": 1}', "env_kwargs.num_agents")])
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ("{num_agents: 5}", "env_kwargs"),
+        ("[5]", "env_kwargs"),
+        ('{"num_agentz": 5}', "env_kwargs.num_agentz"),
+        ('{"num_agents": 1}', "env_kwargs.num_agents"),
+    ],
+)
 def test_env_kwargs_errors_name_the_field(kwargs, field, capsys):
     rc = cli.main(["--algo", "ippo", "--env", "swarm:aggregation", "--env-kwargs", kwargs, "--no-progress"])
     assert rc == 2

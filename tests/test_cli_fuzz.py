@@ -17,8 +17,20 @@ import marl.runner
 from experiments.cli import entry
 
 TRAIN = ["--no-progress", "--eval-episodes", "0"]
-PPO_TINY = ["--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-            "--hidden", "16", "--total-steps", "64"]
+PPO_TINY = [
+    "--num-envs",
+    "4",
+    "--num-steps",
+    "8",
+    "--num-minibatches",
+    "2",
+    "--update-epochs",
+    "1",
+    "--hidden",
+    "16",
+    "--total-steps",
+    "64",
+]
 
 
 def _cases():
@@ -223,15 +235,39 @@ def places(tmp_path_factory):
     from experiments import train
 
     root = tmp_path_factory.mktemp("fuzz")
-    assert entry(train.main)(["--algo", "ippo", "--env", "mpe:simple_spread", "--runs-dir", str(root / "runs"),
-                              "--run-name", "done", "--chunk-iterations", "1", *TRAIN, *PPO_TINY]) == 0
+    assert (
+        entry(train.main)(
+            [
+                "--algo",
+                "ippo",
+                "--env",
+                "mpe:simple_spread",
+                "--runs-dir",
+                str(root / "runs"),
+                "--run-name",
+                "done",
+                "--chunk-iterations",
+                "1",
+                *TRAIN,
+                *PPO_TINY,
+            ]
+        )
+        == 0
+    )
     (root / "empty").mkdir()
     (root / "file").write_text("x")
     (root / "corrupt.json").write_text("{not json")
     (root / "unknown.json").write_text(json.dumps({"nope": 1}))
-    return {"{RUN}": "done", "{RUN_DIR}": str(root / "runs" / "done"), "{RUNS}": str(root / "runs"),
-            "{EMPTY}": str(root / "empty"), "{FILE}": str(root / "file"), "{CORRUPT}": str(root / "corrupt.json"),
-            "{UNKNOWN}": str(root / "unknown.json"), "root": root}
+    return {
+        "{RUN}": "done",
+        "{RUN_DIR}": str(root / "runs" / "done"),
+        "{RUNS}": str(root / "runs"),
+        "{EMPTY}": str(root / "empty"),
+        "{FILE}": str(root / "file"),
+        "{CORRUPT}": str(root / "corrupt.json"),
+        "{UNKNOWN}": str(root / "unknown.json"),
+        "root": root,
+    }
 
 
 @pytest.fixture
@@ -263,8 +299,7 @@ def _run(module: str, argv: list[str]) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("module,argv,field", CASES, ids=[f"{m.split('.')[-1]}:{' '.join(a)}" for m, a, _ in CASES])
-def test_invalid_input_exits_2_naming_the_field(module, argv, field, places, nothing_compiles, tmp_path,
-                                                monkeypatch):
+def test_invalid_input_exits_2_naming_the_field(module, argv, field, places, nothing_compiles, tmp_path, monkeypatch):
     if module in ("experiments.train", "experiments.sweep"):  # evaluation traces init for shapes only
         monkeypatch.setattr(marl.runner, "init_states", nothing_compiles)
     uses_run = "{RUN}" in argv
@@ -274,8 +309,11 @@ def test_invalid_input_exits_2_naming_the_field(module, argv, field, places, not
         runs_dir = places["{RUNS}"] if uses_run else str(tmp_path / "runs")
         argv = ["--runs-dir", runs_dir, *TRAIN, *argv] if "--runs-dir" not in argv else [*TRAIN, *argv]
         if "--algo" not in argv:
-            argv = ["--algo", "ippo", "--env", "mpe:simple_spread", *PPO_TINY, *argv] if "--env" not in argv \
+            argv = (
+                ["--algo", "ippo", "--env", "mpe:simple_spread", *PPO_TINY, *argv]
+                if "--env" not in argv
                 else ["--algo", "ippo", *argv]
+            )
     elif module == "experiments.sweep":
         argv = ["--runs-dir", str(tmp_path / "sweeps"), "--no-progress", *argv]
         if "--algo" not in argv:
@@ -283,8 +321,19 @@ def test_invalid_input_exits_2_naming_the_field(module, argv, field, places, not
         if "--env" not in argv:
             argv = ["--env", "mpe:simple_spread", *argv]
         if "--total-steps" not in argv and "--overrides" not in argv:
-            argv += ["--overrides", json.dumps({"num_envs": 4, "num_steps": 8, "num_minibatches": 2,
-                                                "update_epochs": 1, "hidden": 16, "total_steps": 64})]
+            argv += [
+                "--overrides",
+                json.dumps(
+                    {
+                        "num_envs": 4,
+                        "num_steps": 8,
+                        "num_minibatches": 2,
+                        "update_epochs": 1,
+                        "hidden": 16,
+                        "total_steps": 64,
+                    }
+                ),
+            ]
     code, err = _run(module, argv)
     assert code == 2, (argv, code, err[-2000:])
     assert "Traceback" not in err
@@ -302,8 +351,23 @@ def test_cli_errors_from_a_subprocess_have_no_traceback(places):
     import sys
 
     root = places["root"]
-    out = subprocess.run([sys.executable, "-m", "experiments.train", "--algo", "ippo", "--env", "mpe:simple_spread",
-                          "--seed", "-1", "--runs-dir", str(root / "sub")],
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--algo",
+            "ippo",
+            "--env",
+            "mpe:simple_spread",
+            "--seed",
+            "-1",
+            "--runs-dir",
+            str(root / "sub"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.returncode == 2 and "invalid seed=-1" in out.stderr and "Traceback" not in out.stderr
     shutil.rmtree(root / "sub", ignore_errors=True)

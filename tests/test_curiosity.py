@@ -46,8 +46,12 @@ def test_vdn_td_loss_hand_computed():
     # one episode, 2 transitions, 2 agents, 2 actions
     q = jnp.asarray([[[[1.0, 2.0], [0.5, 0.0]], [[3.0, 1.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]])
     tq = q * 2.0
-    batch = {"filled": jnp.asarray([[True, True, True]]), "action": jnp.asarray([[[1, 0], [0, 1], [0, 0]]]),
-             "avail": jnp.ones((1, 3, 2, 2), bool), "terminated": jnp.asarray([[False, True, False]])}
+    batch = {
+        "filled": jnp.asarray([[True, True, True]]),
+        "action": jnp.asarray([[[1, 0], [0, 1], [0, 0]]]),
+        "avail": jnp.ones((1, 3, 2, 2), bool),
+        "terminated": jnp.asarray([[False, True, False]]),
+    }
     reward = jnp.asarray([[1.0, 5.0]])
     # t = 0: chosen 2 + 0.5; a* = (0, 1) at t = 1, target values 6 + 2 -> y = 1 + 0.5 * 8 = 5
     # t = 1: chosen 3 + 1 = 4, terminal -> y = 5
@@ -56,8 +60,13 @@ def test_vdn_td_loss_hand_computed():
 
 
 def test_config_errors_name_the_field():
-    for field, value in [("curiosity_scale", -1.0), ("curiosity_decay_rate", 1.5), ("curiosity_decay_interval", 0),
-                         ("curiosity_tau", 2.0), ("curiosity_target_scale", 0.0)]:
+    for field, value in [
+        ("curiosity_scale", -1.0),
+        ("curiosity_decay_rate", 1.5),
+        ("curiosity_decay_interval", 0),
+        ("curiosity_tau", 2.0),
+        ("curiosity_target_scale", 0.0),
+    ]:
         with pytest.raises(ConfigError) as e:
             algos.default_config("emu", **{field: value})
         assert e.value.field == field

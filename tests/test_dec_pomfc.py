@@ -29,7 +29,7 @@ def test_upper_observation_is_permutation_invariant_and_rule_shapes():
     lifted = algo.env  # EpisodeStats(AutoReset(MeanFieldState(swarm)))
     state, ts = jax.jit(lifted.reset)(jax.random.PRNGKey(0))
     cfg = algo.config
-    assert ts.state.shape == (cfg.mf_bins ** 2 + 1,)  # aggregation: 2-D positions, then t / T
+    assert ts.state.shape == (cfg.mf_bins**2 + 1,)  # aggregation: 2-D positions, then t / T
     raw = state.inner
     perm = jax.random.permutation(jax.random.PRNGKey(1), 12)
     mfs = lifted._env._env  # the MeanFieldState layer
@@ -42,7 +42,7 @@ def test_upper_observation_is_permutation_invariant_and_rule_shapes():
 
     # decision rule: [M, d] means (+ d shared log-stds); rule_bins^2 centres in obs-point space
     D = dp.rule_dim(algo)
-    M = cfg.rule_bins ** 2
+    M = cfg.rule_bins**2
     assert D == M * 2 + 2
     params = algo.init(jax.random.PRNGKey(2)).params
     carry = algo.initial_carry()
@@ -97,11 +97,17 @@ def test_rule_reads_the_features_the_task_declares():
         a, _ = act(params, ts, algo.initial_carry(), jax.random.PRNGKey(2), True)
         # changing every observation entry but the rule features leaves the greedy actions alone
         other = np.setdiff1d(np.arange(ts.obs.shape[-1]), feats)
-        b, _ = act(params, ts._replace(obs=ts.obs.at[:, other].add(0.37)), algo.initial_carry(),
-                   jax.random.PRNGKey(2), True)
+        b, _ = act(
+            params, ts._replace(obs=ts.obs.at[:, other].add(0.37)), algo.initial_carry(), jax.random.PRNGKey(2), True
+        )
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-        c, _ = act(params, ts._replace(obs=ts.obs.at[:, feats].multiply(-1.0)), algo.initial_carry(),
-                   jax.random.PRNGKey(2), True)
+        c, _ = act(
+            params,
+            ts._replace(obs=ts.obs.at[:, feats].multiply(-1.0)),
+            algo.initial_carry(),
+            jax.random.PRNGKey(2),
+            True,
+        )
         assert not np.allclose(a, c)
 
 
@@ -151,8 +157,9 @@ def test_dec_pomfc_learns_vicsek_with_the_heading():
     training return passes 25 over the last 10 updates (measured 29-35; random policy
     about 5, compass reference about 41)."""
     env = envs.make("swarm:vicsek", num_agents=100, max_steps=50)
-    algo = algos.make("dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000,
-                      upper_noise_corr=0.9)
+    algo = algos.make(
+        "dec_pomfc", env, num_envs=8, num_steps=50, update_epochs=4, lr=1e-3, total_steps=80_000, upper_noise_corr=0.9
+    )
     r = train(algo, num_iterations=60, num_seeds=3, chunk_iterations=20, progress=False)
     ret = r.metrics["return"]
     assert (ret[:, -10:].mean(1) > 25.0).all(), ret[:, -10:].mean(1)

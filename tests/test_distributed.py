@@ -30,10 +30,13 @@ COMMON = """
 """
 
 # the device count must be set before jax is imported, hence subprocesses
-FOUR_DEVICES = textwrap.dedent("""
+FOUR_DEVICES = (
+    textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
-""") + textwrap.dedent(COMMON) + textwrap.dedent("""
+""")
+    + textwrap.dedent(COMMON)
+    + textwrap.dedent("""
     assert jax.device_count() == 4
     out = sys.argv[1]
     mesh = distributed.make_mesh()
@@ -72,6 +75,7 @@ FOUR_DEVICES = textwrap.dedent("""
         "checkpoint_rows": json.load(open(os.path.join(run_dir, "run.json")))["checkpoint_rows"],
     }))
 """)
+)
 
 
 def _env():
@@ -83,12 +87,18 @@ def _env():
 
 def _result(stdout: str) -> dict:
     line = next(x for x in stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_one_runner_on_4_cpu_devices_sweeps_trains_and_resumes_exactly(tmp_path):
-    out = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tmp_path)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES, str(tmp_path)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = _result(out.stdout)
     assert r["devices"] == 4 and r["padded"] == 8
@@ -106,12 +116,15 @@ def test_one_runner_on_4_cpu_devices_sweeps_trains_and_resumes_exactly(tmp_path)
     assert "ConfigError" in r["refused"] and "devices" in r["refused"], r["refused"]
 
 
-TWO_PROCESSES = textwrap.dedent("""
+TWO_PROCESSES = (
+    textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
     from marl import distributed
     assert distributed.initialize()
-""") + textwrap.dedent(COMMON) + textwrap.dedent("""
+""")
+    + textwrap.dedent(COMMON)
+    + textwrap.dedent("""
     assert jax.device_count() == 4 and jax.local_device_count() == 2 and jax.process_count() == 2
     out = sys.argv[1]
     mesh = distributed.make_mesh()
@@ -129,6 +142,7 @@ TWO_PROCESSES = textwrap.dedent("""
                  **{"metric_" + k: v for k, v in res.metrics.items()})
         print("RESULT " + json.dumps({"processes": jax.process_count(), "devices": res.devices}))
 """)
+)
 
 ONE_PROCESS = textwrap.dedent(COMMON) + textwrap.dedent("""
     out = sys.argv[1]
@@ -152,20 +166,38 @@ def test_two_processes_sweep_checkpoint_and_resume_with_the_single_process_numbe
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = {**_env(), "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-               "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(tmp_path)], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **_env(),
+            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(pid),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", TWO_PROCESSES, str(tmp_path)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n\n".join(se[-2500:] for _, se in outs)
     assert _result(outs[0][0]) == {"processes": 2, "devices": 4}
-    single = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(tmp_path)], cwd=ROOT, env=_env(),
-                            capture_output=True, text=True, timeout=900)
+    single = subprocess.run(
+        [sys.executable, "-c", ONE_PROCESS, str(tmp_path)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = np.load(tmp_path / "two_processes.npz"), np.load(tmp_path / "one_process.npz")
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:  # the resumed call reports the iterations it ran (the last 2 of 4)
-        want = b[name][:, :, -a[name].shape[2]:] if name.startswith("metric_") else b[name]
+        want = b[name][:, :, -a[name].shape[2] :] if name.startswith("metric_") else b[name]
         np.testing.assert_allclose(a[name], want, rtol=0, atol=1e-5, err_msg=name)
     lines = (tmp_path / "sweep" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 * 6  # every iteration of every row, once (process 0 writes)

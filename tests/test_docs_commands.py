@@ -20,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def documented_commands() -> list[tuple[str, int, str, list[str]]]:
     """(file, line, module, argv) for each command in a fenced bash/sh block."""
-    files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"),
-                                                                 recursive=True))
+    files = [os.path.join(ROOT, "README.md")] + sorted(
+        glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    )
     out = []
     for path in files:
         text = open(path).read()
@@ -54,8 +55,11 @@ def documented_commands() -> list[tuple[str, int, str, list[str]]]:
 def _parser(module):
     if hasattr(module, "parse"):
         return module.parse
-    classes = [v for k, v in vars(module).items() if k.endswith("Args") and dataclasses.is_dataclass(v)
-               and v.__module__ == module.__name__]
+    classes = [
+        v
+        for k, v in vars(module).items()
+        if k.endswith("Args") and dataclasses.is_dataclass(v) and v.__module__ == module.__name__
+    ]
     assert len(classes) == 1, f"{module.__name__}: no parse() and no single *Args dataclass"
     return lambda argv: tyro.cli(classes[0], args=argv)
 
@@ -65,12 +69,15 @@ COMMANDS = documented_commands()
 
 def test_the_docs_document_commands():
     assert len(COMMANDS) >= 10
-    assert {m for _, _, m, _ in COMMANDS} >= {"experiments.train", "experiments.sweep", "experiments.evaluate",
-                                              "experiments.report"}
+    assert {m for _, _, m, _ in COMMANDS} >= {
+        "experiments.train",
+        "experiments.sweep",
+        "experiments.evaluate",
+        "experiments.report",
+    }
 
 
-@pytest.mark.parametrize("path,line,module,argv", COMMANDS,
-                         ids=[f"{p}:{n}" for p, n, _, _ in COMMANDS])
+@pytest.mark.parametrize("path,line,module,argv", COMMANDS, ids=[f"{p}:{n}" for p, n, _, _ in COMMANDS])
 def test_documented_command_parses(path, line, module, argv):
     parse = _parser(importlib.import_module(module))
     err = io.StringIO()
@@ -99,8 +106,13 @@ def test_docs_site_builds_strict(tmp_path):
     if not os.path.exists(os.path.join(ROOT, "mkdocs.yml")):
         pytest.fail("mkdocs.yml is missing")
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (tmp_path / "site" / "index.html").exists()
     assert (tmp_path / "site" / "methods" / "emu" / "index.html").exists()

@@ -31,8 +31,10 @@ def _buffer(states, rewards, lengths, won):
     n = len(lengths)
     filled = np.arange(L + 1)[None] <= np.asarray(lengths)[:, None]  # steps 0..len (len + 1 observations)
     won = np.broadcast_to(np.asarray(won, np.float32)[:, None], (n, L + 1))
-    data = {"step": {"state": jnp.asarray(states, jnp.float32), "reward": jnp.asarray(rewards, jnp.float32)},
-            "episode": {"won": jnp.asarray(won), "return": jnp.asarray(won)}}
+    data = {
+        "step": {"state": jnp.asarray(states, jnp.float32), "reward": jnp.asarray(rewards, jnp.float32)},
+        "episode": {"won": jnp.asarray(won), "return": jnp.asarray(won)},
+    }
     return buffers.EpisodeBuffer(data, jnp.asarray(filled), jnp.asarray(0, jnp.int32), jnp.asarray(n, jnp.int32))
 
 
@@ -54,8 +56,11 @@ def test_incentive_in_the_td_target_hand_computed():
     H = {int(t): float(h) for t, h in zip(mem.timestep[:3], mem.H[:3], strict=True)}
     assert H == pytest.approx({0: 1.5, 1: 1.0, 2: 2.0})
     # the same episode as a training batch; transition t recalls s_{t+1}
-    batch = {"state": jnp.asarray(states, jnp.float32), "filled": buf.filled,
-             "terminated": jnp.asarray([[False, False, True, False, False]])}
+    batch = {
+        "state": jnp.asarray(states, jnp.float32),
+        "filled": buf.filled,
+        "terminated": jnp.asarray([[False, False, True, False, False]]),
+    }
     target_next = jnp.asarray([[0.2, 3.0, -1.0, 0.0]])  # Qbar_tot(s_{t+1}, a*)
     scaled = emu.make_parts(SPEC, _config(incentive_scale=3.0)).hooks.intrinsic_reward
     off = emu.make_parts(SPEC, _config(incentive=False)).hooks.intrinsic_reward
@@ -65,9 +70,13 @@ def test_incentive_in_the_td_target_hand_computed():
 
     @jax.jit
     def variants(ext):
-        return (parts.hooks.intrinsic_reward({}, ext, batch, target_next), scaled({}, ext, batch, target_next),
-                off({}, ext, batch, target_next), parts.hooks.intrinsic_reward({}, ext, batch_far, target_next),
-                parts.hooks.intrinsic_reward({}, ext, batch, target_next, swept))
+        return (
+            parts.hooks.intrinsic_reward({}, ext, batch, target_next),
+            scaled({}, ext, batch, target_next),
+            off({}, ext, batch, target_next),
+            parts.hooks.intrinsic_reward({}, ext, batch_far, target_next),
+            parts.hooks.intrinsic_reward({}, ext, batch, target_next, swept),
+        )
 
     outs = variants(ext)
     metrics, far_metrics, off_metrics = outs[0][1], outs[3][1], outs[2][1]
@@ -89,8 +98,14 @@ def test_incentive_in_the_td_target_hand_computed():
     np.testing.assert_allclose(scaled[0], 3.0 * bonus, rtol=1e-5)
     assert not off.any() and not far.any()
     # the formula itself, on recalled entries
-    rec = em.Recall(index=jnp.zeros(3, jnp.int32), distance=jnp.zeros(3), hit=jnp.array([True, True, False]),
-                    H=jnp.array([5.0, 1.0, 9.0]), desirable=jnp.ones(3, bool), ratio=jnp.array([0.5, 1.0, 1.0]))
+    rec = em.Recall(
+        index=jnp.zeros(3, jnp.int32),
+        distance=jnp.zeros(3),
+        hit=jnp.array([True, True, False]),
+        H=jnp.array([5.0, 1.0, 9.0]),
+        desirable=jnp.ones(3, bool),
+        ratio=jnp.array([0.5, 1.0, 1.0]),
+    )
     np.testing.assert_allclose(emu.incentive(rec, jnp.array([1.0, 2.0, 0.0])), [2.0, 0.0, 0.0])
 
 
@@ -140,8 +155,11 @@ def test_desirability_rises_on_jittered_revisits():
     assert m["memory_positive_ratio"] == 1.0 and m["memory_revisited"] == 1.0 and m["memory_desirable"] == 1.0
     # replayed: lookups at the tiny delta hit only the first episode's own states (2 of
     # 16 live transitions), and those have p > 0 and a positive incentive
-    batch = {"state": buf.data["step"]["state"], "filled": buf.filled,
-             "terminated": jnp.zeros(buf.filled.shape, bool).at[:, 2].set(True)}
+    batch = {
+        "state": buf.data["step"]["state"],
+        "filled": buf.filled,
+        "terminated": jnp.zeros(buf.filled.shape, bool).at[:, 2].set(True),
+    }
     bonus, metrics = jax.jit(parts.hooks.intrinsic_reward)({}, ext, batch, jnp.full((8, L), -1.0))
     assert float(metrics["replay_hit_rate"]) == pytest.approx(1 / 8)
     assert float(metrics["hit_positive_ratio"]) == 1.0
@@ -160,8 +178,15 @@ def test_running_top_quantile_makes_the_best_returns_desirable():
 
 def test_embedding_training_lowers_its_loss_and_rekeys_the_memory():
     # 512 env steps per iteration (8 envs x 64 steps): the phase is due at the second call
-    cfg = _config(embed_interval=1000, embed_steps=150, embed_batch=64, embed_lr=3e-3, capacity=256,
-                  embed_min_entries=64, embed_loss_reduction="mean")
+    cfg = _config(
+        embed_interval=1000,
+        embed_steps=150,
+        embed_batch=64,
+        embed_lr=3e-3,
+        capacity=256,
+        embed_min_entries=64,
+        embed_loss_reduction="mean",
+    )
     parts = emu.make_parts(SPEC, cfg)
     _, ext = parts.hooks.init(jax.random.PRNGKey(0))
     rng = np.random.default_rng(1)
@@ -170,8 +195,12 @@ def test_embedding_training_lowers_its_loss_and_rekeys_the_memory():
     t = rng.integers(0, L, n)
     H = (states @ np.array([1.0, -2.0, 0.5]) + t).astype(np.float32)  # a return the embedding can predict
     mem = ext.memory
-    mem = mem.replace(states=mem.states.at[:n].set(states), timestep=mem.timestep.at[:n].set(t),
-                      H=mem.H.at[:n].set(H), size=jnp.asarray(n, jnp.int32))
+    mem = mem.replace(
+        states=mem.states.at[:n].set(states),
+        timestep=mem.timestep.at[:n].set(t),
+        H=mem.H.at[:n].set(H),
+        size=jnp.asarray(n, jnp.int32),
+    )
     ext = ext.replace(memory=mem)
     loss = jax.jit(parts.embedding_loss)
     before = float(loss(ext.embed_params, states, jnp.asarray(t), H))
@@ -192,10 +221,21 @@ def test_embedding_training_lowers_its_loss_and_rekeys_the_memory():
 
 
 def test_config_errors_name_the_field():
-    for field, value in [("capacity", 0), ("delta", -1.0), ("hit_metric", "l1"), ("embed_steps", 0),
-                         ("lookup_chunk", 1.5), ("mixer", "none"), ("lambda_rcon", -0.1),
-                         ("write_delta", -1.0), ("embed_loss_reduction", "max"), ("desirable_quantile", 1.5),
-                         ("capacity", 2.5), ("embed_min_entries", 0), ("stats_interval", 0)]:
+    for field, value in [
+        ("capacity", 0),
+        ("delta", -1.0),
+        ("hit_metric", "l1"),
+        ("embed_steps", 0),
+        ("lookup_chunk", 1.5),
+        ("mixer", "none"),
+        ("lambda_rcon", -0.1),
+        ("write_delta", -1.0),
+        ("embed_loss_reduction", "max"),
+        ("desirable_quantile", 1.5),
+        ("capacity", 2.5),
+        ("embed_min_entries", 0),
+        ("stats_interval", 0),
+    ]:
         with pytest.raises(ConfigError) as e:
             algos.default_config("emu", **{field: value})
         assert e.value.field == field
@@ -204,8 +244,18 @@ def test_config_errors_name_the_field():
 def test_vmapped_updates_on_smax_fill_the_memory_and_train_the_embedding():
     env = envs.make("smax:3m")
     kw = tiny_overrides("emu", num_envs=2, num_steps=32, train_steps=1, batch_size=2, buffer_size=64, hidden=16)
-    kw.update(mixer="vdn", capacity=1024, embed_interval=128, embed_steps=4, embed_batch=8, lookup_chunk=256,
-              stats_interval_episodes=2, total_steps=3 * 64, desirable_quantile=0.5, desirable_window=8)
+    kw.update(
+        mixer="vdn",
+        capacity=1024,
+        embed_interval=128,
+        embed_steps=4,
+        embed_batch=8,
+        lookup_chunk=256,
+        stats_interval_episodes=2,
+        total_steps=3 * 64,
+        desirable_quantile=0.5,
+        desirable_window=8,
+    )
     algo = algos.make("emu", env, **kw)
     r = train(algo, num_iterations=3, num_seeds=2, chunk_iterations=3, progress=False)
     m = r.metrics
@@ -214,9 +264,19 @@ def test_vmapped_updates_on_smax_fill_the_memory_and_train_the_embedding():
     assert (np.asarray(ext.env_steps) == 3 * 64).all() and (np.asarray(ext.last_embed) == 128).all()
     assert (np.asarray(m["embed_loss"][:, -1]) > 0).all()  # trained once, after iteration 2
     # the memory behaviour is logged every iteration
-    for k in ("replay_hit_rate", "hit_positive_ratio", "incentive", "incentive_positive", "incentive_active",
-              "memory_size", "memory_desirable", "memory_revisited", "memory_positive_ratio", "write_revisits",
-              "intrinsic_reward"):
+    for k in (
+        "replay_hit_rate",
+        "hit_positive_ratio",
+        "incentive",
+        "incentive_positive",
+        "incentive_active",
+        "memory_size",
+        "memory_desirable",
+        "memory_revisited",
+        "memory_positive_ratio",
+        "write_revisits",
+        "intrinsic_reward",
+    ):
         assert m[k].shape == (2, 3) and np.isfinite(m[k]).all(), k
     # by the last iteration most replayed episodes were written before, so lookups hit
     assert (m["replay_hit_rate"][:, -1] > 0).all() and (m["memory_size"][:, 1:] > 0).all()

@@ -17,8 +17,19 @@ PAD = 4  # episodes are padded to 4 steps (invalid padding), so each flag settin
 
 @functools.partial(jax.jit, static_argnames=("propagate", "init_desirability"))
 def _write_padded(memory, keys, states, returns, desirable, valid, propagate, init_desirability):
-    return em.write_episode(memory, keys, states, returns, jnp.arange(PAD), desirable, valid, DELTA, chunk=3,
-                            propagate=propagate, init_desirability=init_desirability)
+    return em.write_episode(
+        memory,
+        keys,
+        states,
+        returns,
+        jnp.arange(PAD),
+        desirable,
+        valid,
+        DELTA,
+        chunk=3,
+        propagate=propagate,
+        init_desirability=init_desirability,
+    )
 
 
 def _write(memory, keys, returns, desirable, valid=None, propagate=True, init_desirability=False):
@@ -27,8 +38,16 @@ def _write(memory, keys, returns, desirable, valid=None, propagate=True, init_de
     pad = lambda x: np.concatenate([x, np.zeros((PAD - n,) + x.shape[1:], x.dtype)])  # noqa: E731
     states = np.concatenate([keys, np.arange(n, dtype=np.float32)[:, None]], 1)  # state = (key, t)
     valid = np.ones((n,), bool) if valid is None else np.asarray(valid)
-    return _write_padded(memory, pad(keys), pad(states), pad(np.asarray(returns, np.float32)),
-                         jnp.asarray(desirable), pad(valid), propagate, init_desirability)
+    return _write_padded(
+        memory,
+        pad(keys),
+        pad(states),
+        pad(np.asarray(returns, np.float32)),
+        jnp.asarray(desirable),
+        pad(valid),
+        propagate,
+        init_desirability,
+    )
 
 
 def _entry(memory, key):
@@ -75,8 +94,19 @@ def _write_jittered(keys, won, delta, init_desirability):
     """Episodes [N, 3, k] written one after the other into an empty memory (no propagation)."""
     m = em.init(64, keys.shape[-1], 1)
     for e in range(keys.shape[0]):
-        m = em.write_episode(m, keys[e], jnp.zeros((3, 1)), jnp.ones(3), jnp.arange(3), won[e], jnp.ones(3, bool),
-                             delta, chunk=16, propagate=False, init_desirability=init_desirability)
+        m = em.write_episode(
+            m,
+            keys[e],
+            jnp.zeros((3, 1)),
+            jnp.ones(3),
+            jnp.arange(3),
+            won[e],
+            jnp.ones(3, bool),
+            delta,
+            chunk=16,
+            propagate=False,
+            init_desirability=init_desirability,
+        )
     return m
 
 
@@ -86,12 +116,13 @@ def test_desirability_on_jittered_revisits(rule):
     official threshold) never happen, so p = N_xi / N_call stays 0 unless an insertion
     counts its own desirable visit (init_desirability); a neighbourhood counts them."""
     rng = np.random.default_rng(0)
-    keys = jnp.asarray(np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]])[None] + rng.uniform(-1e-3, 1e-3, (8, 3, 2)),
-                       jnp.float32)
+    keys = jnp.asarray(
+        np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 1.0]])[None] + rng.uniform(-1e-3, 1e-3, (8, 3, 2)), jnp.float32
+    )
     won = jnp.arange(8) < 4
     delta = 0.01 if rule == "neighbourhood" else 1.3e-5
     m = _write_jittered(keys, won, delta, rule == "init")
-    p = np.asarray(m.n_xi[:m.size]) / (np.asarray(m.n_call[:m.size]) + em.RATIO_EPS)
+    p = np.asarray(m.n_xi[: m.size]) / (np.asarray(m.n_call[: m.size]) + em.RATIO_EPS)
     if rule == "neighbourhood":
         assert int(m.size) == 3 and int(m.write_hits) == 21 and int(m.clock) == 24
         assert np.asarray(m.n_call[:3]).tolist() == [8] * 3 and np.asarray(m.n_xi[:3]).tolist() == [3] * 3
@@ -149,11 +180,15 @@ def _random_memory(rng, capacity, size, key_dim=4, state_dim=5):
     m = em.init(capacity, key_dim, state_dim)
     keys = np.zeros((capacity, key_dim), np.float32)
     keys[:size] = rng.normal(size=(size, key_dim)) * [1.0, 3.0, 0.2, 10.0][:key_dim] + 2.0
-    m = m.replace(keys=jnp.asarray(keys), states=jnp.asarray(rng.normal(size=(capacity, state_dim)), jnp.float32),
-                  H=jnp.asarray(rng.normal(size=capacity), jnp.float32),
-                  n_call=jnp.asarray(rng.integers(1, 5, capacity), jnp.int32),
-                  n_xi=jnp.asarray(rng.integers(0, 2, capacity), jnp.int32),
-                  desirable=jnp.asarray(rng.random(capacity) < 0.5), size=jnp.asarray(size, jnp.int32))
+    m = m.replace(
+        keys=jnp.asarray(keys),
+        states=jnp.asarray(rng.normal(size=(capacity, state_dim)), jnp.float32),
+        H=jnp.asarray(rng.normal(size=capacity), jnp.float32),
+        n_call=jnp.asarray(rng.integers(1, 5, capacity), jnp.int32),
+        n_xi=jnp.asarray(rng.integers(0, 2, capacity), jnp.int32),
+        desirable=jnp.asarray(rng.random(capacity) < 0.5),
+        size=jnp.asarray(size, jnp.int32),
+    )
     return em.refresh_stats(m)
 
 
@@ -165,8 +200,9 @@ def test_lookup_matches_numpy_brute_force(metric):
     mean, std = keys.mean(0), keys.std(0)
     np.testing.assert_allclose(m.mean, mean, rtol=1e-4)
     np.testing.assert_allclose(m.std, std, rtol=1e-4)
-    queries = np.concatenate([rng.normal(size=(40, 4)) * [1.0, 3.0, 0.2, 10.0] + 2.0,
-                              keys[[3, 77, 249]] + 1e-7], 0).astype(np.float32)
+    queries = np.concatenate(
+        [rng.normal(size=(40, 4)) * [1.0, 3.0, 0.2, 10.0] + 2.0, keys[[3, 77, 249]] + 1e-7], 0
+    ).astype(np.float32)
     rec = jax.jit(em.lookup, static_argnums=2)(m, jnp.asarray(queries), 64, 1e-4)  # 64 does not divide 300
     qn, kn = (queries - mean) / std, (keys - mean) / std
     diff = qn[:, None] - kn[None]
@@ -194,17 +230,19 @@ def test_indexed_hit_lookup_equals_brute_force_on_every_hit(metric):
     m = em.refresh_stats(m.replace(keys=jnp.asarray(keys)))
     delta = 0.05
     stored = keys[[0, 5, 100, 130, 159, 201, 299]]
-    queries = np.concatenate([
-        stored + rng.uniform(-1e-3, 1e-3, size=stored.shape) * np.asarray(m.std),  # hits
-        keys[rng.integers(0, 300, 40)] + rng.normal(size=(40, 4)) * 0.05 * np.asarray(m.std),  # mixed
-        rng.normal(size=(20, 4)) * 5.0,  # mostly misses
-        keys[350:352],  # unfilled slots' keys are never recalled
-    ]).astype(np.float32)
+    queries = np.concatenate(
+        [
+            stored + rng.uniform(-1e-3, 1e-3, size=stored.shape) * np.asarray(m.std),  # hits
+            keys[rng.integers(0, 300, 40)] + rng.normal(size=(40, 4)) * 0.05 * np.asarray(m.std),  # mixed
+            rng.normal(size=(20, 4)) * 5.0,  # mostly misses
+            keys[350:352],  # unfilled slots' keys are never recalled
+        ]
+    ).astype(np.float32)
     q = jnp.asarray(queries)
     brute = em.lookup(m, q, 64, delta)
     fast = jax.jit(lambda mem, qq: em.lookup_hits(mem, em.build_index(mem), qq, delta, window=4))(m, q)
     hit = np.asarray(brute.hit)
-    assert hit[:len(stored)].all() and 0 < hit.sum() < len(queries)
+    assert hit[: len(stored)].all() and 0 < hit.sum() < len(queries)
     np.testing.assert_array_equal(np.asarray(fast.hit), hit)
     np.testing.assert_array_equal(np.asarray(fast.index)[hit], np.asarray(brute.index)[hit])
     np.testing.assert_allclose(np.asarray(fast.distance)[hit], np.asarray(brute.distance)[hit], rtol=1e-6, atol=1e-7)
@@ -236,8 +274,9 @@ def test_indexed_write_equals_brute_force_write(recent_size):
             brute = em.write_episode(brute, *args, chunk=5)
             memory, cache = em.write_episode_indexed(memory, cache, *args, chunk=5)
         memory = em.refresh_stats(memory)  # the statistics move between phases
-        index = jax.lax.cond(cache.count > recent_size, lambda m, i, c: em.build_index(m), em.update_index,
-                             memory, index, cache)
+        index = jax.lax.cond(
+            cache.count > recent_size, lambda m, i, c: em.build_index(m), em.update_index, memory, index, cache
+        )
         return em.refresh_stats(brute), memory, index, cache.count
 
     memory = em.init(24, 3, 2)
@@ -247,10 +286,22 @@ def test_indexed_write_equals_brute_force_write(recent_size):
         keys = protos[ids] + rng.uniform(-1e-3, 1e-3, size=(6, L, 3)).astype(np.float32) * DELTA
         rets = rng.normal(size=(6, L)).astype(np.float32)
         valid = np.arange(L)[None] < rng.integers(2, L + 1, size=(6, 1))
-        brute, fast, index, count = phase(memory, index, jnp.asarray(keys), jnp.asarray(rets),
-                                          jnp.asarray(rng.random(6) < 0.5), jnp.asarray(valid))
-        for f in ("keys", "keys_norm", "states", "H", "timestep", "desirable", "n_call", "n_xi", "last_used",
-                  "size", "clock"):
+        brute, fast, index, count = phase(
+            memory, index, jnp.asarray(keys), jnp.asarray(rets), jnp.asarray(rng.random(6) < 0.5), jnp.asarray(valid)
+        )
+        for f in (
+            "keys",
+            "keys_norm",
+            "states",
+            "H",
+            "timestep",
+            "desirable",
+            "n_call",
+            "n_xi",
+            "last_used",
+            "size",
+            "clock",
+        ):
             np.testing.assert_array_equal(np.asarray(getattr(fast, f)), np.asarray(getattr(brute, f)), err_msg=f)
         # the merged index is the full sort's, up to the order of equal keys
         full, n = em.build_index(fast), int(fast.size)

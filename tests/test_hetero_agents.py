@@ -52,16 +52,19 @@ def test_team_returns_sum_the_teams_rewards():
     _, _, ts = _rollout(env, 30)
     r = np.asarray(ts.reward)  # [T, A]; adversaries are agents 0-2, the good agent is 3
     end = int(np.argmax(np.asarray(ts.info["episode_done"])))
-    np.testing.assert_allclose(float(ts.info["episode_return_adversary"][end]), r[: end + 1, :3].mean(1).sum(),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(float(ts.info["episode_return_agent"][end]), r[: end + 1, 3].sum(), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        float(ts.info["episode_return_adversary"][end]), r[: end + 1, :3].mean(1).sum(), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(float(ts.info["episode_return_agent"][end]), r[: end + 1, 3].sum(), rtol=1e-5, atol=1e-5)
 
 
 # three tasks with one algorithm each (one per family and critic) in the default suite;
 # every pair under -m slow
-DEFAULT_PAIRS = [p for p in zip(TASKS, ["ippo", "mappo", "qmix", "iql", "mappo", "ippo"], strict=True)
-                 if p[1] in ("mappo", "qmix", "ippo")][:3]
+DEFAULT_PAIRS = [
+    p
+    for p in zip(TASKS, ["ippo", "mappo", "qmix", "iql", "mappo", "ippo"], strict=True)
+    if p[1] in ("mappo", "qmix", "ippo")
+][:3]
 
 
 def _check_trains(task, algo_name):

@@ -56,16 +56,21 @@ def _one_algorithm_per_module():
     seen = {}
     for name in algos.registered():
         seen.setdefault(algos.config_class(name).__module__, name)
-    return [pytest.param(m, n, marks=pytest.mark.slow) if m in SLOW_MODULES else (m, n)
-            for m, n in sorted(seen.items())]
+    return [
+        pytest.param(m, n, marks=pytest.mark.slow) if m in SLOW_MODULES else (m, n) for m, n in sorted(seen.items())
+    ]
 
 
 @pytest.mark.parametrize("module,name", _one_algorithm_per_module())
 def test_vmapped_init_and_updates_do_not_hang(module, name):
     env_name, env_kwargs = ENV_FOR.get(module, ("smax:3m", {}))
     try:
-        out = subprocess.run([sys.executable, "-c", PROGRAM, name, env_name, repr(env_kwargs)],
-                             capture_output=True, text=True, timeout=420)
+        out = subprocess.run(
+            [sys.executable, "-c", PROGRAM, name, env_name, repr(env_kwargs)],
+            capture_output=True,
+            text=True,
+            timeout=420,
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(
             f"{name}: vmapped init/update of 2 seeds did not finish in 420 s: the batched-QR deadlock "

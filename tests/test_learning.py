@@ -11,8 +11,19 @@ from marl.runner import train
 
 def test_mappo_learns_on_mpe_simple_spread():
     env = envs.make("mpe:simple_spread")
-    algo = algos.make("mappo", env, num_envs=32, num_steps=25, num_minibatches=2, update_epochs=4,
-                      hidden=64, lr=3e-3, clip_eps=0.2, recurrent=False, total_steps=32 * 25 * 100)
+    algo = algos.make(
+        "mappo",
+        env,
+        num_envs=32,
+        num_steps=25,
+        num_minibatches=2,
+        update_epochs=4,
+        hidden=64,
+        lr=3e-3,
+        clip_eps=0.2,
+        recurrent=False,
+        total_steps=32 * 25 * 100,
+    )
     r = train(algo, num_iterations=100, num_seeds=1, seed=0, chunk_iterations=100, progress=False)
     ret = r.metrics["return"][0]
     early, late = ret[:5].mean(), ret[-5:].mean()

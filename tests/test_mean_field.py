@@ -27,8 +27,11 @@ def test_histogram_sums_to_one_and_counts_cells(points):
 def test_permutation_invariance(points):
     perm = jax.random.permutation(jax.random.PRNGKey(1), points.shape[0])
     centres = mf.grid_centres(5, 2)
-    for fn in (lambda p: mf.histogram(p, 5), lambda p: mf.kernel_embedding(p, centres, 0.1),
-               lambda p: mf.grid_embedding(p, 5, 0.1)):
+    for fn in (
+        lambda p: mf.histogram(p, 5),
+        lambda p: mf.kernel_embedding(p, centres, 0.1),
+        lambda p: mf.grid_embedding(p, 5, 0.1),
+    ):
         np.testing.assert_allclose(fn(points), fn(points[perm]), rtol=1e-5, atol=1e-7)
 
 
@@ -39,17 +42,18 @@ def test_kernel_embedding_of_one_particle_on_a_centre_is_torus_aware():
     emb = mf.kernel_embedding(x, centres, bw).reshape(bins, bins)
     assert float(emb[0, 0]) == pytest.approx(1.0)
     # the neighbouring centre across the boundary (0.875 ~ -0.125) is as close as the one at 0.375
-    one_cell = np.exp(-(1 / bins) ** 2 / (2 * bw ** 2))
+    one_cell = np.exp(-((1 / bins) ** 2) / (2 * bw**2))
     assert float(emb[3, 0]) == pytest.approx(one_cell, rel=1e-5)
     assert float(emb[1, 0]) == pytest.approx(one_cell, rel=1e-5)
-    assert float(emb[2, 0]) == pytest.approx(np.exp(-(2 / bins) ** 2 / (2 * bw ** 2)), rel=1e-5)
+    assert float(emb[2, 0]) == pytest.approx(np.exp(-((2 / bins) ** 2) / (2 * bw**2)), rel=1e-5)
 
 
 def test_grid_embedding_equals_generic_embedding(points):
     for dim in (1, 2, 3):
         p = points[:, :1] if dim == 1 else points if dim == 2 else jnp.concatenate([points, points[:, :1] ** 2], 1)
-        np.testing.assert_allclose(mf.grid_embedding(p, 4, 0.15), mf.kernel_embedding(p, mf.grid_centres(4, dim), 0.15),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            mf.grid_embedding(p, 4, 0.15), mf.kernel_embedding(p, mf.grid_centres(4, dim), 0.15), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_weights_and_large_n():

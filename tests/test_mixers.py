@@ -53,9 +53,7 @@ def test_vmapped_init_over_seeds_terminates_and_differs(qmix, qplex):
     """Guards the batched-QR deadlock: the mixers init under vmap over seeds (in the fixtures)."""
     for _, params in (qmix, qplex):
         kernels = [
-            x
-            for path, x in jax.tree_util.tree_leaves_with_path(params)
-            if "kernel" in jax.tree_util.keystr(path)
+            x for path, x in jax.tree_util.tree_leaves_with_path(params) if "kernel" in jax.tree_util.keystr(path)
         ]
         assert kernels and all(k.shape[0] == DRAWS for k in kernels)
         assert not np.allclose(kernels[0][0], kernels[0][1])
@@ -150,12 +148,8 @@ def test_shapes_with_leading_batch_and_time_dims_under_jit(qplex):
     qplex_params = jax.tree.map(lambda x: x[0], qplex[1])
     for name in mixers.MIXERS:
         mixer = qplex[0] if name == "qplex" else mixers.make_mixer(name)
-        variables = (
-            qplex_params if name == "qplex" else mixers.init_mixer(mixer, jax.random.PRNGKey(0), A, S, N)
-        )
-        q_tot, reg = jax.jit(lambda v, m=mixer: mixers.apply_with_aux(m, v, qs, states, act, max_qs))(
-            variables
-        )
+        variables = qplex_params if name == "qplex" else mixers.init_mixer(mixer, jax.random.PRNGKey(0), A, S, N)
+        q_tot, reg = jax.jit(lambda v, m=mixer: mixers.apply_with_aux(m, v, qs, states, act, max_qs))(variables)
         assert q_tot.shape == ((B, T, A) if name == "none" else (B, T)), name
         assert reg.shape == (B, T) and (np.asarray(reg) >= 0).all()
         assert np.isfinite(np.asarray(q_tot)).all()

@@ -84,11 +84,18 @@ def test_heuristic_enemy_plays_with_padded_units(custom_env):
         logits = jnp.where(ts.avail_actions, 0.0, -1e9)
         a = jax.random.categorical(k_a, logits)
         state, ts = jax.vmap(custom_env.step)(jax.random.split(k_s, E), state, a)
-        return (state, ts), (ts.obs, ts.avail_actions, ts.reward, state.inner.inner.state.unit_alive,
-                             ts.done, ts.info["task_id"])
+        return (state, ts), (
+            ts.obs,
+            ts.avail_actions,
+            ts.reward,
+            state.inner.inner.state.unit_alive,
+            ts.done,
+            ts.info["task_id"],
+        )
 
-    _, (obs, avail, rew, alive, done, tid) = jax.jit(lambda s, t: jax.lax.scan(
-        step, (s, t), jax.random.split(jax.random.PRNGKey(2), 25)))(state, ts)
+    _, (obs, avail, rew, alive, done, tid) = jax.jit(
+        lambda s, t: jax.lax.scan(step, (s, t), jax.random.split(jax.random.PRNGKey(2), 25))
+    )(state, ts)
     obs, avail, alive, done = map(np.asarray, (obs, avail, alive, done))
     assert np.isfinite(np.asarray(rew)).all() and float(np.asarray(rew).max()) <= 2.0
     # until each env's first episode ends, its padded units stay absent

@@ -18,8 +18,18 @@ def _finite(metrics):
 def test_wasserstein_loss_mode_with_per_agent_params():
     env = envs.make("smax:3m")
     rc = RegularizerConfig(kind="wasserstein", coef=0.1, mode="loss", reference="rollout")
-    algo = algos.make("ippo", env, num_envs=4, num_steps=8, num_minibatches=2, update_epochs=2, hidden=16,
-                      total_steps=64, shared_params=False, regularizer=rc)
+    algo = algos.make(
+        "ippo",
+        env,
+        num_envs=4,
+        num_steps=8,
+        num_minibatches=2,
+        update_epochs=2,
+        hidden=16,
+        total_steps=64,
+        shared_params=False,
+        regularizer=rc,
+    )
     r = train(algo, num_iterations=2, num_seeds=1, progress=False)
     assert _finite(r.metrics)
     # each agent has its own parameters: a leading agent axis after the seed axis
@@ -31,8 +41,7 @@ def test_wasserstein_loss_mode_with_per_agent_params():
 
 def test_wpr_penalty_mode_changes_rewards_not_shapes():
     env = envs.make("mpe:simple_spread")
-    base = dict(num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1, hidden=16, total_steps=32,
-                recurrent=False)
+    base = dict(num_envs=4, num_steps=8, num_minibatches=2, update_epochs=1, hidden=16, total_steps=32, recurrent=False)
     rc = RegularizerConfig(kind="wasserstein", coef=1.0, mode="penalty", reference="uniform")
     algo = algos.make("mappo", env, regularizer=rc, **base)
     plain = algos.make("mappo", env, **base)
@@ -78,8 +87,20 @@ def test_continuous_ppo_learns_aggregation():
     other's displacement): the return rises clearly above its initial value (about -4;
     measured about -1.2 after 40 iterations)."""
     env = envs.make("swarm:aggregation", **AGG)
-    algo = algos.make("ippo", env, num_envs=8, num_steps=20, num_minibatches=2, update_epochs=4, hidden=32,
-                      recurrent=False, agent_ids=False, lr=3e-3, clip_eps=0.2, total_steps=8 * 20 * 40)
+    algo = algos.make(
+        "ippo",
+        env,
+        num_envs=8,
+        num_steps=20,
+        num_minibatches=2,
+        update_epochs=4,
+        hidden=32,
+        recurrent=False,
+        agent_ids=False,
+        lr=3e-3,
+        clip_eps=0.2,
+        total_steps=8 * 20 * 40,
+    )
     r = train(algo, num_iterations=40, num_seeds=1, chunk_iterations=40, progress=False)
     ret = r.metrics["return"][0]
     assert np.isfinite(ret).all()
@@ -93,13 +114,26 @@ def test_continuous_ppo_learns_aggregation():
     assert a.shape == (3, 2, 2) and float(jnp.abs(a).max()) <= 1.0
 
 
-@pytest.mark.parametrize("kind,mode,reference", [("kl", "loss", "rollout"), ("wasserstein", "penalty", "initial"),
-                                                 ("entropy", "loss", "rollout")])
+@pytest.mark.parametrize(
+    "kind,mode,reference",
+    [("kl", "loss", "rollout"), ("wasserstein", "penalty", "initial"), ("entropy", "loss", "rollout")],
+)
 def test_continuous_regularizers_run(kind, mode, reference):
     env = envs.make("swarm:aggregation", **AGG)
     rc = RegularizerConfig(kind=kind, coef=0.1, mode=mode, reference=reference)
-    algo = algos.make("ippo", env, num_envs=2, num_steps=20, num_minibatches=1, update_epochs=1, hidden=8,
-                      recurrent=False, agent_ids=False, total_steps=40, regularizer=rc)
+    algo = algos.make(
+        "ippo",
+        env,
+        num_envs=2,
+        num_steps=20,
+        num_minibatches=1,
+        update_epochs=1,
+        hidden=8,
+        recurrent=False,
+        agent_ids=False,
+        total_steps=40,
+        regularizer=rc,
+    )
     r = train(algo, num_iterations=1, num_seeds=1, progress=False)
     assert _finite(r.metrics)
     if kind == "entropy":  # -H of the initial Gaussian: 2 dims at log std -0.5
@@ -124,8 +158,9 @@ def test_gaussian_w2_potential_is_centred():
 def test_continuous_config_errors():
     env = envs.make("swarm:aggregation", num_agents=4)
     with pytest.raises(ConfigError, match="regularizer.reference"):
-        algos.make("ippo", env, regularizer=RegularizerConfig(kind="wasserstein", coef=0.1, mode="loss",
-                                                              reference="uniform"))
+        algos.make(
+            "ippo", env, regularizer=RegularizerConfig(kind="wasserstein", coef=0.1, mode="loss", reference="uniform")
+        )
     with pytest.raises(ConfigError, match="log_std_init"):
         algos.default_config("ippo", log_std_init=50.0)
     # one-hot ids for a large swarm are refused before anything is allocated

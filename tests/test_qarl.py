@@ -18,8 +18,9 @@ from marl.runner import init_states, make_chunk_fn
 RATE = 1000.0
 
 
-@pytest.mark.parametrize("k1,r1,k2,r2", [(50.0, RATE, 44.0, RATE), (1.0, RATE, 50.0, RATE),
-                                         (2.0, 1.0, 5.0, 3.0), (7.5, 40.0, 3.0, 10.0)])
+@pytest.mark.parametrize(
+    "k1,r1,k2,r2", [(50.0, RATE, 44.0, RATE), (1.0, RATE, 50.0, RATE), (2.0, 1.0, 5.0, 3.0), (7.5, 40.0, 3.0, 10.0)]
+)
 def test_gamma_kl_matches_quadrature(k1, r1, k2, r2):
     p, q = stats.gamma(k1, scale=1 / r1), stats.gamma(k2, scale=1 / r2)
     lo, hi = p.ppf(1e-12), p.ppf(1 - 1e-12)
@@ -33,8 +34,9 @@ def test_gamma_kl_matches_quadrature(k1, r1, k2, r2):
 def _curriculum(returns_of, shape=50.0, n=30, threshold=10.0, seed=0):
     alpha = np.random.default_rng(seed).gamma(shape, 1 / RATE, n).astype(np.float32)
     cur = qarl.curriculum_init(shape, n, threshold, 0.5)
-    return qarl.curriculum_push(cur, jnp.log(alpha), jnp.asarray(returns_of(alpha), jnp.float32),
-                                jnp.full(n, shape), jnp.ones(n, bool))
+    return qarl.curriculum_push(
+        cur, jnp.log(alpha), jnp.asarray(returns_of(alpha), jnp.float32), jnp.full(n, shape), jnp.ones(n, bool)
+    )
 
 
 def _reference_step(cur, k_old, threshold, bound=0.5, n=20001):
@@ -97,7 +99,7 @@ def test_curriculum_reaches_the_target_when_returns_exceed_the_threshold():
     assert shapes[-1] == 1.0 and (np.diff(shapes) <= 0).all()
     reached = int(np.argmax(shapes == 1.0))
     assert 8 <= reached <= 16  # KL-limited steps: 2 (sqrt(50) - 1) = 12 in the normal approximation
-    kl = np.asarray(qarl.gamma_kl(jnp.asarray(shapes[1:reached]), RATE, jnp.asarray(shapes[:reached - 1]), RATE))
+    kl = np.asarray(qarl.gamma_kl(jnp.asarray(shapes[1:reached]), RATE, jnp.asarray(shapes[: reached - 1]), RATE))
     np.testing.assert_allclose(kl, 0.5, atol=1e-3)  # every step but the last uses the whole trust region
 
 
@@ -121,15 +123,24 @@ def test_temperature_wrapper_draws_per_episode_and_appends_to_obs():
         def one(k):
             k0, k1 = jax.random.split(k)
             state, ts = env.reset(k0)
+
             def step(s, xs):
                 i, kk = xs
                 a = jax.random.uniform(kk, (2, 1), minval=-1, maxval=1)
                 # from step 100 on, new episodes draw from Gamma(5) (as an algorithm sets it)
                 s = s.replace(shape=jnp.where(i >= 100, 5.0, s.shape))
                 s, ts = env.step(kk, s, a)
-                return s, (ts.obs, ts.done, ts.info["final_obs"], ts.info["episode_log_alpha"],
-                           ts.info["episode_shape"], ts.info["episode_discounted_return"])
+                return s, (
+                    ts.obs,
+                    ts.done,
+                    ts.info["final_obs"],
+                    ts.info["episode_log_alpha"],
+                    ts.info["episode_shape"],
+                    ts.info["episode_discounted_return"],
+                )
+
             return (ts.obs,) + jax.lax.scan(step, state, (jnp.arange(T), jax.random.split(k1, T)))[1]
+
         return jax.vmap(one)(jax.random.split(key, n))
 
     obs0, obs, done, final, ended, ended_shape, disc = map(np.asarray, run(jax.random.PRNGKey(0)))
@@ -157,9 +168,22 @@ def test_temperature_wrapper_draws_per_episode_and_appends_to_obs():
 
 @functools.lru_cache(maxsize=None)
 def _tiny(env_name="adv:cartpole", **kw):
-    cfg = dict(num_envs=4, num_steps=8, train_steps=2, batch_size=16, buffer_size=512, learning_starts=32,
-               hidden=16, num_layers=1, total_steps=4 * 8 * 12, phase_unit="episodes", phase_length=3,
-               update_every=4, history=8, threshold=5.0)
+    cfg = dict(
+        num_envs=4,
+        num_steps=8,
+        train_steps=2,
+        batch_size=16,
+        buffer_size=512,
+        learning_starts=32,
+        hidden=16,
+        num_layers=1,
+        total_steps=4 * 8 * 12,
+        phase_unit="episodes",
+        phase_length=3,
+        update_every=4,
+        history=8,
+        threshold=5.0,
+    )
     cfg.update(kw)
     return algos.make("qarl", envs.make(env_name), **cfg)
 
@@ -188,8 +212,10 @@ def test_qarl_reaches_the_target_shape_and_a_best_response_trains_only_the_adver
     out = qarl.train_best_response(br, state.params, jax.random.PRNGKey(1), chunk_iterations=3)
     for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.params), strict=True):
         np.testing.assert_array_equal(after[:, 0], before[:, 0])  # the protagonist is frozen
-    moved = [not np.array_equal(a[:, 1], b[:, 1])
-             for a, b in zip(jax.tree.leaves(state.params.actor), jax.tree.leaves(out.params.actor), strict=True)]
+    moved = [
+        not np.array_equal(a[:, 1], b[:, 1])
+        for a, b in zip(jax.tree.leaves(state.params.actor), jax.tree.leaves(out.params.actor), strict=True)
+    ]
     assert any(moved) and int(out.ext.phase.max()) == 0  # only the adversary's phase
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
     ret = jax.vmap(lambda p, k: qarl.evaluate_protagonist(br, p, k, 4))(out.params, keys)
@@ -230,7 +256,8 @@ def test_alternation_freezes_the_right_player_under_jit_vmap_two_seeds():
         assert 0 < phases[:, s].sum() < 8
     # the seeds differ; the curriculum moved (random play beats the low threshold 5)
     assert not np.array_equal(phases[:, 0], phases[:, 1]) or not np.allclose(
-        state.params.log_alpha[0], state.params.log_alpha[1])
+        state.params.log_alpha[0], state.params.log_alpha[1]
+    )
     assert (np.array(shapes)[-1] < 50.0).all()
 
     # per-episode temperatures reach both agents' observations and the replay buffer,

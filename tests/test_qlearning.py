@@ -99,7 +99,7 @@ def test_rollouts_store_whole_aligned_episodes():
     lengths = filled.sum(-1) - 1  # transitions: the last filled slot holds the final observation
     assert (lengths >= 1).all()
     for row, length in zip(filled, lengths, strict=True):  # a prefix: steps 0..length filled, nothing after
-        assert row[: length + 1].all() and not row[length + 1:].any()
+        assert row[: length + 1].all() and not row[length + 1 :].any()
     step = buf.data["step"]
     term = np.asarray(step["terminated"][:n])
     for i, length in enumerate(lengths):  # SMAX episodes end in a terminal state or at the limit
@@ -137,14 +137,30 @@ def _toy_hooks():
     def after_iteration(ext_state, params, buffer, new_episodes, key, hp):
         return {"calls": ext_state["calls"] + 1}
 
-    return ql.Hooks(init=init, step_fields=step_fields, agent_inputs=agent_inputs, extra_input_dim=2,
-                    intrinsic_reward=intrinsic_reward, extra_loss=extra_loss, after_iteration=after_iteration)
+    return ql.Hooks(
+        init=init,
+        step_fields=step_fields,
+        agent_inputs=agent_inputs,
+        extra_input_dim=2,
+        intrinsic_reward=intrinsic_reward,
+        extra_loss=extra_loss,
+        after_iteration=after_iteration,
+    )
 
 
 def test_hooks_reach_buffer_inputs_targets_and_loss():
     env = envs.make("smax:3m")
-    cfg = algos.default_config("vdn", num_envs=2, num_steps=64, train_steps=2, batch_size=2, buffer_size=16,
-                               hidden=16, total_steps=256, gamma=0.0)
+    cfg = algos.default_config(
+        "vdn",
+        num_envs=2,
+        num_steps=64,
+        train_steps=2,
+        batch_size=2,
+        buffer_size=16,
+        hidden=16,
+        total_steps=256,
+        gamma=0.0,
+    )
     algo = ql.make(env, cfg, hooks=_toy_hooks())
     plain = ql.make(env, cfg)
     state = jax.jit(algo.init)(jax.random.PRNGKey(1))
@@ -163,9 +179,15 @@ def test_hooks_reach_buffer_inputs_targets_and_loss():
     assert a.shape == (2, env.spec.num_agents)
 
 
-@pytest.mark.parametrize("name,env_name", [("qmix", "smax:3m"),
-                                           pytest.param("qplex", "smax:3m", marks=pytest.mark.slow),
-                                           ("vdn", "mpe:simple_spread"), ("iql", "mpe:simple_spread")])
+@pytest.mark.parametrize(
+    "name,env_name",
+    [
+        ("qmix", "smax:3m"),
+        pytest.param("qplex", "smax:3m", marks=pytest.mark.slow),
+        ("vdn", "mpe:simple_spread"),
+        ("iql", "mpe:simple_spread"),
+    ],
+)
 def test_vmapped_seeds_train_and_stay_finite(name, env_name):
     algo = tiny_algo(name, env_name, num_envs=2, num_steps=32, train_steps=2, batch_size=2, buffer_size=16)
     r = train(algo, num_iterations=3, num_seeds=2, progress=False)
@@ -182,8 +204,16 @@ def test_regularizer_in_qlearning_penalty_and_loss_modes():
 
     for mode, ref in (("penalty", "rollout"), ("loss", "initial")):
         rc = RegularizerConfig(kind="wasserstein", coef=0.1, mode=mode, reference=ref, iterations=20)
-        algo = tiny_algo("qmix", "mpe:simple_spread", num_envs=2, num_steps=32, train_steps=2, batch_size=2,
-                         buffer_size=16, regularizer=rc)
+        algo = tiny_algo(
+            "qmix",
+            "mpe:simple_spread",
+            num_envs=2,
+            num_steps=32,
+            train_steps=2,
+            batch_size=2,
+            buffer_size=16,
+            regularizer=rc,
+        )
         r = train(algo, num_iterations=2, num_seeds=1, progress=False)
         assert np.isfinite(r.metrics["regularizer"]).all()
         assert np.isfinite(r.metrics["loss"]).all()
@@ -222,8 +252,15 @@ def test_vdn_learns_to_reach_the_landmark_on_mpe_simple():
     from marl.evaluation import evaluate_seeds
 
     env = envs.make("mpe:simple")
-    algo = algos.make("vdn", env, total_steps=20_000, epsilon_anneal_steps=10_000, target_update_episodes=50,
-                      buffer_size=1000, train_steps=16)
+    algo = algos.make(
+        "vdn",
+        env,
+        total_steps=20_000,
+        epsilon_anneal_steps=10_000,
+        target_update_episodes=50,
+        buffer_size=1000,
+        train_steps=16,
+    )
     r = train(algo, num_iterations=algo.config.num_updates, num_seeds=1, progress=False)
     key = jax.random.PRNGKey(7)
     trained = float(evaluate_seeds(algo, r.state.params, key, 64)["return"].mean())

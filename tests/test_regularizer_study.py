@@ -98,9 +98,28 @@ def test_cli_rejects_bad_input_naming_the_field(argv, field, tmp_path, capsys):
 
 @pytest.mark.slow  # the earlier study's script; its input checks stay in the default suite
 def test_study_end_to_end_smoke(tmp_path, capsys):
-    argv = ["--envs", "mpe:simple_spread", "--kinds", "none", "wasserstein", "--num-seeds", "2",
-            "--total-steps", "128", "--chunk-iterations", "4", "--overrides", json.dumps(TINY),
-            "--runs-dir", str(tmp_path), "--name", "smoke", "--no-progress", "--bootstrap-samples", "200"]
+    argv = [
+        "--envs",
+        "mpe:simple_spread",
+        "--kinds",
+        "none",
+        "wasserstein",
+        "--num-seeds",
+        "2",
+        "--total-steps",
+        "128",
+        "--chunk-iterations",
+        "4",
+        "--overrides",
+        json.dumps(TINY),
+        "--runs-dir",
+        str(tmp_path),
+        "--name",
+        "smoke",
+        "--no-progress",
+        "--bootstrap-samples",
+        "200",
+    ]
     assert study.main(argv) == 0
     out = tmp_path / "smoke"
     png = out / "curve_mpe-simple_spread.png"

@@ -469,9 +469,7 @@ def test_validate_cost_rejects_bad_matrices(cost, message):
 def test_config_defaults_are_valid_and_no_regularization():
     cfg = reg.RegularizerConfig()
     assert cfg.kind == "none" and cfg.coef == 0.0 and cfg.centred
-    reg.RegularizerConfig(
-        kind="wasserstein", coef=0.05, epsilon=0.01, iterations=10, reference="initial", mode="loss"
-    )
+    reg.RegularizerConfig(kind="wasserstein", coef=0.05, epsilon=0.01, iterations=10, reference="initial", mode="loss")
 
 
 @pytest.mark.parametrize(
@@ -523,13 +521,29 @@ def test_uncentred_penalty_is_the_raw_potential_of_a_float64_sinkhorn(n, eps, it
     cost = _random_cost(rng, n)
     logits_p, logits_q = rng.normal(size=(3, n)), rng.normal(size=(3, n))
     p, q = np.asarray(jax.nn.softmax(logits_p)), np.asarray(jax.nn.softmax(logits_q))
-    out = _wass(jnp.asarray(logits_p, jnp.float32), jnp.asarray(logits_q, jnp.float32), cost, eps, iterations,
-                backend=backend, debias=False)
+    out = _wass(
+        jnp.asarray(logits_p, jnp.float32),
+        jnp.asarray(logits_q, jnp.float32),
+        cost,
+        eps,
+        iterations,
+        backend=backend,
+        debias=False,
+    )
     actions = jnp.asarray(rng.integers(0, n, size=3))
     taken = reg.wasserstein_penalty(actions, logits_p, logits_q, cost, eps, iterations, centred=False, backend=backend)
     coef = 0.03
-    reg_out = reg.regularize("wasserstein", logits_p, logits_q, coef, cost=cost, epsilon=eps, iterations=iterations,
-                             centred=False, backend=backend)
+    reg_out = reg.regularize(
+        "wasserstein",
+        logits_p,
+        logits_q,
+        coef,
+        cost=cost,
+        epsilon=eps,
+        iterations=iterations,
+        centred=False,
+        backend=backend,
+    )
     for i in range(3):
         f, g, value, plan = _sinkhorn_f64(p[i], q[i], cost, eps, iterations)
         # the raw potential f = eps log u of the policy, WPR's penalty, to float32 accuracy

@@ -83,8 +83,11 @@ def _write_run(path, info, finals, episodes_last=(1, 3), iterations=10, steps=10
             else:
                 v = f - 1.0 if it == iterations - 1 else f + 1.0 / 3.0
                 e = episodes_last[it - iterations + 1]
-            lines.append(json.dumps({"iteration": it, "env_steps": it * steps, "seed": s, "return": v,
-                                     "episodes": e, "win_rate": 0.0}))
+            lines.append(
+                json.dumps(
+                    {"iteration": it, "env_steps": it * steps, "seed": s, "return": v, "episodes": e, "win_rate": 0.0}
+                )
+            )
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -94,10 +97,16 @@ def test_report_on_a_hand_made_runs_directory(tmp_path):
     _write_run(runs / "b_x", {"algo": "b", "env": "x"}, [4.0, 4.0, 4.0, 4.0])
     _write_run(runs / "a_y", {"algo": "a", "env": "y"}, [0.0, 0.0, 6.0, 6.0])
     # a sweep directory: 2 configurations x 2 seeds as rows c * 2 + s
-    _write_run(runs / "sw" / "run", {"algo": "c", "env": "x", "sweep": {
-        "configs": [{"lr": 0.1}, {"lr": 0.2}], "num_seeds": 2}}, [1.0, 3.0, 7.0, 9.0])
-    out = rep.report(rep.ReportArgs(dirs=(str(runs),), out=str(tmp_path / "out"), final_fraction=0.2,
-                                    panels=("episodes", "not_logged")))
+    _write_run(
+        runs / "sw" / "run",
+        {"algo": "c", "env": "x", "sweep": {"configs": [{"lr": 0.1}, {"lr": 0.2}], "num_seeds": 2}},
+        [1.0, 3.0, 7.0, 9.0],
+    )
+    out = rep.report(
+        rep.ReportArgs(
+            dirs=(str(runs),), out=str(tmp_path / "out"), final_fraction=0.2, panels=("episodes", "not_logged")
+        )
+    )
     assert out["panels"] == {"x": ["return", "episodes"], "y": ["return", "episodes"]}
 
     for c in out["curves"]:
@@ -121,7 +130,8 @@ def test_report_on_a_hand_made_runs_directory(tmp_path):
     agg = {r["method"]: r for r in out["tables"]["aggregate"]}
     assert agg["a"]["iqm"] == pytest.approx(3.0) and agg["a"]["tasks"] == ["x", "y"]
     assert (agg["a"]["ci_low"], agg["a"]["ci_high"]) == pytest.approx(
-        stats.stratified_bootstrap_ci({"x": [1, 2, 3, 10], "y": [0, 0, 6, 6]}))
+        stats.stratified_bootstrap_ci({"x": [1, 2, 3, 10], "y": [0, 0, 6, 6]})
+    )
 
     md = open(out["markdown"]).read()
     assert "| x | a | return | 2.5000 |" in md
@@ -139,8 +149,12 @@ def test_report_cli_and_bad_input(tmp_path, capsys):
     # run folders named one by one, at different depths: labelled below their common parent
     _write_run(tmp_path / "other" / "sub" / "r3", {"algo": "a", "env": "x"}, [7.0, 8.0])
     r3 = tmp_path / "other" / "sub" / "r3"
-    assert rep.main([str(runs / "r1"), str(r3), "--group-by", "run", "--final-fraction", "0.2",
-                     "--out", str(tmp_path / "o2")]) == 0
+    assert (
+        rep.main(
+            [str(runs / "r1"), str(r3), "--group-by", "run", "--final-fraction", "0.2", "--out", str(tmp_path / "o2")]
+        )
+        == 0
+    )
     md = open(tmp_path / "o2" / "report.md").read()
     assert "| x | runs/r1 | return | 1.5000 |" in md and "| x | other/sub/r3 | return | 7.5000 |" in md
     # grouped by label, the two runs pool their seeds

@@ -17,8 +17,11 @@ from marl.runner import DivergenceError, check_memory, state_bytes, train
 
 
 def _lines(n, seeds=1):
-    return [json.dumps({"iteration": i, "env_steps": 8 * i, "seed": s, "return": float(i)})
-            for i in range(1, n + 1) for s in range(seeds)]
+    return [
+        json.dumps({"iteration": i, "env_steps": 8 * i, "seed": s, "return": float(i)})
+        for i in range(1, n + 1)
+        for s in range(seeds)
+    ]
 
 
 def test_resume_rewrite_of_metrics_is_atomic(tmp_path, monkeypatch):
@@ -158,18 +161,46 @@ def test_divergence_guard_stops_a_run_whose_loss_explodes(tmp_path, mappo_tiny):
 
     algo = mappo_tiny._replace(update=exploding)
     with pytest.raises(DivergenceError, match="value_loss.*max_loss.*iteration 3"):
-        train(algo, num_iterations=4, chunk_iterations=2, max_loss=1e12, progress=False,
-              run_dir=str(tmp_path / "d"))
+        train(algo, num_iterations=4, chunk_iterations=2, max_loss=1e12, progress=False, run_dir=str(tmp_path / "d"))
     assert [r["iteration"] for r in read_metrics(str(tmp_path / "d"))] == [1, 2]
     # off by default in the runner: finite values never stop it
     train(algo, num_iterations=4, chunk_iterations=2, progress=False)
 
 
 def _train_cmd(runs_dir, name, extra=()):
-    return [sys.executable, "-m", "experiments.train", "--algo", "ippo", "--env", "mpe:simple_spread",
-            "--num-envs", "4", "--num-steps", "8", "--num-minibatches", "2", "--update-epochs", "1",
-            "--hidden", "16", "--total-steps", str(40 * 32), "--chunk-iterations", "1", "--checkpoint-every", "1",
-            "--eval-episodes", "0", "--no-progress", "--runs-dir", str(runs_dir), "--run-name", name, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--algo",
+        "ippo",
+        "--env",
+        "mpe:simple_spread",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--total-steps",
+        str(40 * 32),
+        "--chunk-iterations",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--eval-episodes",
+        "0",
+        "--no-progress",
+        "--runs-dir",
+        str(runs_dir),
+        "--run-name",
+        name,
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -188,8 +219,12 @@ def test_chained_kills_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     metrics = tmp_path / "killed" / "metrics.jsonl"
     kills = 0
     for attempt in range(12):
-        proc = subprocess.Popen(_train_cmd(tmp_path, "killed", ["--resume-or-start"]), cwd=cwd,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            _train_cmd(tmp_path, "killed", ["--resume-or-start"]),
+            cwd=cwd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         if attempt < 8:
             size0 = metrics.stat().st_size if metrics.exists() else -1
             if attempt % 2 == 0:  # somewhere in start-up: imports, the resume rewrite, compiling

@@ -113,8 +113,7 @@ def test_runner_validates_sizes(mappo_tiny, tmp_path):
 def test_progress_postfix_shows_the_first_players_return_in_zero_sum_games():
     from marl.runner import _postfix
 
-    m = {"episodes": np.array([[2.0, 0.0]]), "return": np.array([[0.0, 0.0]]),
-         "return_agent0": np.array([[30.0, 0.0]])}
+    m = {"episodes": np.array([[2.0, 0.0]]), "return": np.array([[0.0, 0.0]]), "return_agent0": np.array([[30.0, 0.0]])}
     assert _postfix(m, 100.0)["return"] == "30.000"
     assert _postfix({"episodes": np.array([1.0]), "return": np.array([4.0])}, 1.0)["return"] == "4.000"
 

@@ -38,9 +38,22 @@ class Bandit:
 @functools.lru_cache(maxsize=None)
 def _bandit_algo():
     env = EpisodeStats(AutoReset(Bandit()))
-    return algos.make("sac", env, num_envs=8, num_steps=1, train_steps=8, batch_size=64, buffer_size=512,
-                      learning_starts=64, hidden=32, total_steps=8 * 120, actor_lr=3e-3, critic_lr=3e-3,
-                      alpha_lr=3e-3, frozen_agents=(1,))
+    return algos.make(
+        "sac",
+        env,
+        num_envs=8,
+        num_steps=1,
+        train_steps=8,
+        batch_size=64,
+        buffer_size=512,
+        learning_starts=64,
+        hidden=32,
+        total_steps=8 * 120,
+        actor_lr=3e-3,
+        critic_lr=3e-3,
+        alpha_lr=3e-3,
+        frozen_agents=(1,),
+    )
 
 
 def test_sac_learns_a_bandit_with_a_frozen_agent_over_two_seeds():
@@ -71,13 +84,25 @@ def test_sac_shared_temperature_moves_toward_target_entropy():
     """Shared parameters on adv:pendulum, 2 seeds with different target entropies (a
     swept hyperparameter): alpha falls when the entropy is above the target, rises below."""
     env = envs.make("adv:pendulum")
-    algo = algos.make("sac", env, agents="shared", num_envs=2, num_steps=25, train_steps=8, batch_size=32,
-                      buffer_size=400, learning_starts=50, hidden=32, total_steps=2 * 25 * 8,
-                      alpha_lr=1e-2, regularizer=sac.SACConfig().regularizer.__class__(kind="kl", reference="initial",
-                                                                                        coef=0.1, mode="loss"))
+    algo = algos.make(
+        "sac",
+        env,
+        agents="shared",
+        num_envs=2,
+        num_steps=25,
+        train_steps=8,
+        batch_size=32,
+        buffer_size=400,
+        learning_starts=50,
+        hidden=32,
+        total_steps=2 * 25 * 8,
+        alpha_lr=1e-2,
+        regularizer=sac.SACConfig().regularizer.__class__(kind="kl", reference="initial", coef=0.1, mode="loss"),
+    )
     # the policy's initial entropy is about 0.6 nats: targets below and far above it
-    result = train(algo, num_iterations=8, num_seeds=2, chunk_iterations=8, progress=False,
-                   hparams={"target_entropy": [-1.0, 5.0]})
+    result = train(
+        algo, num_iterations=8, num_seeds=2, chunk_iterations=8, progress=False, hparams={"target_entropy": [-1.0, 5.0]}
+    )
     m = result.metrics
     alpha = np.asarray(jnp.exp(result.state.params.log_alpha))  # [seeds, agents]
     assert (alpha[0] < 0.97).all() and (alpha[1] > 1.03).all(), alpha

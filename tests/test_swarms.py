@@ -42,8 +42,11 @@ def test_torus_wrap_around():
     np.testing.assert_allclose(obs[:, 1:3], [[0.4, 0.0], [-0.4, 0.0]], atol=1e-5)
     assert float(obs[0, 0]) == 1.0
     for neighbours in ("dense", "cells"):
-        sums = (neighbour_sums_dense if neighbours == "dense" else
-                lambda p, f, r: neighbour_sums_cells(p, f, r, *cell_grid(2, r)))(state.pos, jnp.zeros((2, 0)), 0.1)
+        sums = (
+            neighbour_sums_dense
+            if neighbours == "dense"
+            else lambda p, f, r: neighbour_sums_cells(p, f, r, *cell_grid(2, r))
+        )(state.pos, jnp.zeros((2, 0)), 0.1)
         np.testing.assert_allclose(sums.disp, [[0.04, 0.0], [-0.04, 0.0]], atol=1e-5)
     # moving right at full speed wraps 0.99 -> 0.04 and 0.03 -> 0.08; the centre is between them
     state, ts = jax.jit(env.step)(jax.random.PRNGKey(1), state, jnp.array([[1.0, 0.0], [1.0, 0.0]]))
@@ -131,7 +134,7 @@ def test_cell_list_step_at_10000_agents_is_linear_in_memory():
     action = jnp.zeros((n, 2))
     step = lambda k, s: env.step(k, s, action)  # noqa: E731
     largest = _largest_intermediate(jax.make_jaxpr(step)(jax.random.PRNGKey(1), state).jaxpr)
-    cells_total = env.cells ** 2 * env.capacity
+    cells_total = env.cells**2 * env.capacity
     assert largest <= max(n * env.capacity, cells_total * 2)  # O(N cap): a [N, cap] block, a [C, cap, 2] table
     assert largest < n * n // 40
     state, ts = jax.jit(step)(jax.random.PRNGKey(1), state)
@@ -142,8 +145,12 @@ def test_cell_list_step_at_10000_agents_is_linear_in_memory():
 
 
 def test_registered_specs():
-    dims = {"kuramoto": (1, 7, 19, (3, 4), 100), "vicsek": (1, 8, 83, (5, 6), 100),
-            "vicsek_hard": (1, 6, 83, (1, 2), 200), "aggregation": (2, 4, 66, (1, 2), 100)}
+    dims = {
+        "kuramoto": (1, 7, 19, (3, 4), 100),
+        "vicsek": (1, 8, 83, (5, 6), 100),
+        "vicsek_hard": (1, 6, 83, (1, 2), 200),
+        "aggregation": (2, 4, 66, (1, 2), 100),
+    }
     for task, (action_dim, obs_dim, state_dim, rule_features, horizon) in dims.items():
         spec = envs.make(f"swarm:{task}", num_agents=16).spec
         assert f"swarm:{task}" in envs.registered() and spec.name == f"swarm:{task}"
@@ -171,9 +178,11 @@ def test_reference_policies_rank_as_the_task_implies():
     """Hand-coded references at N = 100, T = 50 (16 episodes): the compass (own heading) and
     the mean-phase controller far above local alignment, which is above doing nothing."""
     out = {}
-    for task, kinds in (("vicsek", ("zero", "local_alignment", "compass")),
-                        ("kuramoto", ("zero", "local_alignment", "mean_phase")),
-                        ("aggregation", ("zero", "local_mean"))):
+    for task, kinds in (
+        ("vicsek", ("zero", "local_alignment", "compass")),
+        ("kuramoto", ("zero", "local_alignment", "mean_phase")),
+        ("aggregation", ("zero", "local_mean")),
+    ):
         kw = dict(radius=0.25, max_speed=1.0, noise=0.05) if task == "aggregation" else {}
         env = envs.make(f"swarm:{task}", num_agents=100, max_steps=50, **kw)
         assert list(kinds) == reference_names(env)
@@ -201,7 +210,8 @@ def test_make_with_auto_reset_and_vmap():
         return s, (ts.done, ts.info["episode_done"], ts.info["episode_length"], ts.reward, ts.obs[:, 0, -1])
 
     _, (done, ep_done, length, reward, t_frac) = jax.jit(
-        lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.PRNGKey(1), 12)))(state)
+        lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.PRNGKey(1), 12))
+    )(state)
     np.testing.assert_array_equal(done[:, 0], [False] * 4 + [True] + [False] * 4 + [True] + [False] * 2)
     assert bool(jnp.all(ep_done == done)) and bool(jnp.all(length[done] == 5))
     assert reward.shape == (12, 3, 16) and bool(jnp.all(reward == reward[..., :1]))  # shared reward
@@ -242,8 +252,11 @@ def test_reference_table_and_report_lines(tmp_path):
     from experiments import report, swarm_references
 
     out = tmp_path / "refs"
-    res = swarm_references.evaluate_references(swarm_references.RefArgs(
-        envs=('swarm:vicsek={"num_agents": 8, "max_steps": 5}',), seeds=2, episodes=2, out=str(out)))
+    res = swarm_references.evaluate_references(
+        swarm_references.RefArgs(
+            envs=('swarm:vicsek={"num_agents": 8, "max_steps": 5}',), seeds=2, episodes=2, out=str(out)
+        )
+    )
     assert [r["policy"] for r in res["rows"]] == ["zero", "local_alignment", "compass"]
     assert all(len(r["per_seed"]) == 2 and np.isfinite(r["mean"]) for r in res["rows"])
     args = report.ReportArgs(dirs=(str(tmp_path),), references=str(out / "references.json"))

@@ -27,9 +27,24 @@ class SpecOnly:
 
 
 def small_config(**kw):
-    base = dict(num_envs=2, num_steps=8, train_steps=2, batch_size=16, buffer_size=C, hidden=16, total_steps=16,
-                n_codes=16, n_clusters=K, predictor_hidden=16, class_repr_dim=8, cluster_start=0,
-                min_cluster_episodes=8, classifier_steps=200, kmeans_iterations=10, vq_every_step_until=10**9)
+    base = dict(
+        num_envs=2,
+        num_steps=8,
+        train_steps=2,
+        batch_size=16,
+        buffer_size=C,
+        hidden=16,
+        total_steps=16,
+        n_codes=16,
+        n_clusters=K,
+        predictor_hidden=16,
+        class_repr_dim=8,
+        cluster_start=0,
+        min_cluster_episodes=8,
+        classifier_steps=200,
+        kmeans_iterations=10,
+        vq_every_step_until=10**9,
+    )
     return trama.TRAMAConfig(**{**base, **kw})
 
 
@@ -46,8 +61,9 @@ def synthetic_buffer(key, n_rows=C):
     uid = jnp.broadcast_to(jax.random.randint(k_uid, (n_rows, 1), 0, 2**30), (n_rows, L + 1))
     fields = {"cls": jnp.zeros((n_rows, L + 1, A), jnp.int32), "uid": uid.astype(jnp.int32)}
     step = {"obs": obs, "state": state, "fields": fields}
-    buf = buffers.EpisodeBuffer(data={"step": step}, filled=filled, insert_pos=jnp.zeros((), jnp.int32),
-                                size=jnp.asarray(n_rows, jnp.int32))
+    buf = buffers.EpisodeBuffer(
+        data={"step": step}, filled=filled, insert_pos=jnp.zeros((), jnp.int32), size=jnp.asarray(n_rows, jnp.int32)
+    )
     return buf, kind
 
 
@@ -249,8 +265,12 @@ def test_adjusted_rand_index_matches_numpy():
     assert abs(float(ari(jnp.asarray(a), jnp.asarray(perm[a]), jnp.ones(n, bool), 4, 4)) - 1.0) < 1e-6
     # undefined cases give a finite 0: one cluster each, all singletons, fewer than 2 items
     one = jnp.zeros(n, jnp.int32)
-    for args in ((one, one, jnp.ones(n, bool), 4, 3), (jnp.arange(5), jnp.arange(5), jnp.ones(5, bool), 5, 5),
-                 (one, one, jnp.arange(n) < 1, 4, 3), (one, one, jnp.zeros(n, bool), 4, 3)):
+    for args in (
+        (one, one, jnp.ones(n, bool), 4, 3),
+        (jnp.arange(5), jnp.arange(5), jnp.ones(5, bool), 5, 5),
+        (one, one, jnp.arange(n) < 1, 4, 3),
+        (one, one, jnp.zeros(n, bool), 4, 3),
+    ):
         v = float(ari(*args))
         assert np.isfinite(v) and v == 0.0
     # one side a single cluster: no agreement beyond chance
@@ -259,8 +279,9 @@ def test_adjusted_rand_index_matches_numpy():
 
 def test_episode_task_skips_unknown_and_padding_steps():
     task = jnp.array([[-1, 1, 1, 0, 0], [2, 2, 0, 0, 0], [-1, 0, 0, 0, 0]])
-    valid = jnp.array([[True, True, True, False, False], [True, True, False, False, False],
-                       [True, False, False, False, False]])
+    valid = jnp.array(
+        [[True, True, True, False, False], [True, True, False, False, False], [True, False, False, False, False]]
+    )
     np.testing.assert_array_equal(trama.episode_task(task, valid), [1, 2, -1])
 
 
@@ -273,14 +294,27 @@ def test_multitask_env_task_ids_in_the_buffer_and_cluster_ari():
 
     # task 0: two marines, task 1: two marauders; the world state ends with the 4 unit type ids
     env = envs.make("smax-mt:custom", tasks=[{"units": {"marine": 2}}, {"units": {"marauder": 2}}], max_steps=5)
-    config = small_config(num_envs=4, num_steps=8, batch_size=4, buffer_size=16, n_clusters=2, min_clusters=1,
-                          min_cluster_episodes=4, cluster_interval=1, classifier_steps=5, kmeans_iterations=5,
-                          n_codes=8, mixer="vdn", total_steps=3 * 32)
+    config = small_config(
+        num_envs=4,
+        num_steps=8,
+        batch_size=4,
+        buffer_size=16,
+        n_clusters=2,
+        min_clusters=1,
+        min_cluster_episodes=4,
+        cluster_interval=1,
+        classifier_steps=5,
+        kmeans_iterations=5,
+        n_codes=8,
+        mixer="vdn",
+        total_steps=3 * 32,
+    )
     hooks = trama.make_hooks(env, config)
     params, _ = hooks.init(jax.random.PRNGKey(0))
     fields = {"cls": jnp.array([[0, 1]]), "task": jnp.array([0])}
-    np.testing.assert_array_equal(hooks.agent_inputs(params, fields),
-                                  hooks.agent_inputs(params, {**fields, "task": jnp.array([1])}))
+    np.testing.assert_array_equal(
+        hooks.agent_inputs(params, fields), hooks.agent_inputs(params, {**fields, "task": jnp.array([1])})
+    )
 
     algo = algos.make("trama", env, config)
     r = train(algo, num_iterations=3, progress=False)
@@ -326,12 +360,25 @@ def test_trama_trains_end_to_end_vmapped():
     import envs
     from marl.runner import train
 
-    env = envs.make("smax-mt:custom", tasks=[{"units": {"marine": 2}}, {"units": {"marine": 1, "marauder": 2}}],
-                    max_steps=20)
+    env = envs.make(
+        "smax-mt:custom", tasks=[{"units": {"marine": 2}}, {"units": {"marine": 1, "marauder": 2}}], max_steps=20
+    )
     config = dataclasses.replace(
-        algos.default_config("trama"), num_envs=4, num_steps=16, train_steps=2, batch_size=4, buffer_size=32,
-        hidden=16, total_steps=4 * 16 * 6, cluster_start=0, min_cluster_episodes=8, cluster_interval=64,
-        classifier_steps=20, n_codes=16, predictor_hidden=16)
+        algos.default_config("trama"),
+        num_envs=4,
+        num_steps=16,
+        train_steps=2,
+        batch_size=4,
+        buffer_size=32,
+        hidden=16,
+        total_steps=4 * 16 * 6,
+        cluster_start=0,
+        min_cluster_episodes=8,
+        cluster_interval=64,
+        classifier_steps=20,
+        n_codes=16,
+        predictor_hidden=16,
+    )
     algo = algos.make("trama", env, config)
     r = train(algo, num_iterations=6, num_seeds=2, progress=False)
     assert r.metrics["loss"].shape == (2, 6) and np.isfinite(r.metrics["loss"]).all()
@@ -366,13 +413,15 @@ def test_vq_loss_terms_masks_and_gradients():
     d2 = ((book[idx] - z_e) ** 2).sum(-1)
     expected = [mean(((s_hat - s) ** 2).mean(-1)), mean(d2), mean(d2), mean(((z_e - book[2]) ** 2).sum(-1))]
     np.testing.assert_allclose(parts[1:], expected, rtol=1e-5)
-    np.testing.assert_allclose(total, expected[0] + 0.25 * expected[1] + 0.125 * expected[2] + 0.5 * expected[3],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        total, expected[0] + 0.25 * expected[1] + 0.125 * expected[2] + 0.5 * expected[3], rtol=1e-5
+    )
     np.testing.assert_array_equal(got_idx, idx)
     # padded steps do not count
     s2 = jnp.where(valid[..., None], s, 100.0)
-    np.testing.assert_allclose(trama.vq_loss(vq, params, s2, valid, cover, (1.0, 0.25, 0.125, 0.5))[0], total,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        trama.vq_loss(vq, params, s2, valid, cover, (1.0, 0.25, 0.125, 0.5))[0], total, rtol=1e-5
+    )
 
     def grads(coefs):
         g = jax.grad(lambda p: trama.vq_loss(vq, p, s, valid, cover, coefs)[0])(params)["params"]
@@ -408,8 +457,9 @@ def test_dead_codes_restart_at_encoder_outputs_and_codebook_starts_from_data():
     cover = jnp.zeros((40, 4))
     state = (params, tx.init(params), jnp.zeros(4), jnp.zeros((), jnp.int32))
     for i in range(3):
-        *state, parts, in_use = trama.vq_update(vq, tx, *state, s, ok, cover, (1.0, 0.25, 0.125, 0.0), 3,
-                                                jax.random.PRNGKey(i))
+        *state, parts, in_use = trama.vq_update(
+            vq, tx, *state, s, ok, cover, (1.0, 0.25, 0.125, 0.0), 3, jax.random.PRNGKey(i)
+        )
         assert 1 <= float(in_use) <= 4 and np.isfinite(np.asarray(parts)).all()
     assert int(state[3]) == 3 and float(np.asarray(state[2]).sum()) == 0.0
 

@@ -13,8 +13,14 @@ def _write(run, seeds, iterations, ret, extra=None):
     with open(run / "metrics.jsonl", "w") as f:
         for it in range(1, iterations + 1):
             for s in range(seeds):
-                row = {"iteration": it, "env_steps": 512 * it, "seed": s, "episodes": 10, "return": ret(s, it),
-                       "win_rate": 0.0}
+                row = {
+                    "iteration": it,
+                    "env_steps": 512 * it,
+                    "seed": s,
+                    "episodes": 10,
+                    "return": ret(s, it),
+                    "win_rate": 0.0,
+                }
                 row.update(extra(s, it) if extra else {})
                 f.write(json.dumps(row) + "\n")
 
@@ -22,9 +28,16 @@ def _write(run, seeds, iterations, ret, extra=None):
 def test_summary_reads_engagement_and_pairs_seeds(tmp_path, capsys):
     def clusters(s, it):
         on = float(it >= 4)
-        return {"clustered": on, "cluster_ari": 0.8 * on + 0.05 * s, "class_accuracy": 0.9 * on,
-                "class_majority_rate": 0.4 * on, "codes_in_use": 100.0, "clusterings": float(it >= 4) + (it >= 8),
-                "cluster_size_0": 0.5, "cluster_size_1": 0.5}
+        return {
+            "clustered": on,
+            "cluster_ari": 0.8 * on + 0.05 * s,
+            "class_accuracy": 0.9 * on,
+            "class_majority_rate": 0.4 * on,
+            "codes_in_use": 100.0,
+            "clusterings": float(it >= 4) + (it >= 8),
+            "cluster_size_0": 0.5,
+            "cluster_size_1": 0.5,
+        }
 
     _write(tmp_path / "A_trama", 3, 10, lambda s, it: 1.0 + s, clusters)
     _write(tmp_path / "A_qplex", 3, 12, lambda s, it: 0.5 + s)  # longer: cut to the common 10 iterations

@@ -18,15 +18,22 @@ PACKAGES = ("marl", "envs", "algos", "experiments")
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), ROOT],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp / "dist"), ROOT],
+        check=True,
+        capture_output=True,
+    )
     wheel = glob.glob(str(tmp / "dist" / "*.whl"))
     assert len(wheel) == 1
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     py = str(venv / "bin" / "python")
-    target = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                            check=True, capture_output=True, text=True).stdout.strip()
+    target = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     # the dependencies: the test environment's site-packages, without its .pth files
     # (which hold this checkout's editable install)
     with open(os.path.join(target, "pinned_stack.pth"), "w") as f:
@@ -56,9 +63,31 @@ def test_the_installed_cli_trains(installed):
     py, _, tmp, env = installed
     out = subprocess.run([py, "-m", "experiments.train", "--help"], cwd=tmp, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "--regularizer.kind" in out.stdout, out.stderr[-2000:]
-    args = ["--algo", "ippo", "--env", "mpe:simple_spread", "--num-envs", "4", "--num-steps", "8",
-            "--num-minibatches", "2", "--update-epochs", "1", "--hidden", "16", "--total-steps", "64",
-            "--eval-episodes", "2", "--no-progress", "--runs-dir", str(tmp / "runs"), "--run-name", "w"]
+    args = [
+        "--algo",
+        "ippo",
+        "--env",
+        "mpe:simple_spread",
+        "--num-envs",
+        "4",
+        "--num-steps",
+        "8",
+        "--num-minibatches",
+        "2",
+        "--update-epochs",
+        "1",
+        "--hidden",
+        "16",
+        "--total-steps",
+        "64",
+        "--eval-episodes",
+        "2",
+        "--no-progress",
+        "--runs-dir",
+        str(tmp / "runs"),
+        "--run-name",
+        "w",
+    ]
     out = subprocess.run([py, "-m", "experiments.train", *args], cwd=tmp, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp / "runs" / "w" / "metrics.jsonl").read_text().count("\n") == 2

@@ -30,8 +30,10 @@ def _write_run(path, algo_name, env, num_seeds=2, **config):
     state = init_states(algo, jax.random.split(jax.random.PRNGKey(7), num_seeds))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "run.json"), "w") as f:
-        json.dump({"algo": algo_name, "env": env.spec.name, "num_seeds": num_seeds, "seed": 7,
-                   "config": {**TINY, **config}}, f)
+        json.dump(
+            {"algo": algo_name, "env": env.spec.name, "num_seeds": num_seeds, "seed": 7, "config": {**TINY, **config}},
+            f,
+        )
     ckpt = Checkpointer(os.path.join(path, "checkpoints"))
     ckpt.save(3, state)
     ckpt.close()
@@ -68,8 +70,8 @@ def test_load_run_params_takes_one_seed_and_refuses_mismatches(run_dir, smax, tm
         load_run_params(path, like, seed_index=2)
     assert e.value.field == "regularizer.reference_seed"
     wider = jax.eval_shape(
-        algos.make("mappo", smax, algos.default_config("mappo", **{**TINY, "hidden": 16})).init,
-        jax.random.PRNGKey(0)).params
+        algos.make("mappo", smax, algos.default_config("mappo", **{**TINY, "hidden": 16})).init, jax.random.PRNGKey(0)
+    ).params
     with pytest.raises(ConfigError, match="do not fit") as e:
         load_run_params(path, wider)
     assert e.value.field == "regularizer.reference_run"
@@ -102,8 +104,9 @@ def test_reference_run_is_frozen_in_the_train_state_and_fine_tuning_starts_from_
     cfg = algos.default_config("mappo", **TINY, regularizer=_rc(path, reference_seed=1, init_from_reference=True))
     algo = algos.make("mappo", envs.make("smax:3m", reward="damage_alive"), cfg)
     s0 = jax.jit(jax.vmap(algo.init))(jax.random.split(jax.random.PRNGKey(0), 3))  # 3 rows share the reference
-    for p, r, ref in zip(jax.tree.leaves(s0.params), jax.tree.leaves(s0.ref_params.params),
-                         jax.tree.leaves(state.params), strict=True):
+    for p, r, ref in zip(
+        jax.tree.leaves(s0.params), jax.tree.leaves(s0.ref_params.params), jax.tree.leaves(state.params), strict=True
+    ):
         np.testing.assert_array_equal(p, np.broadcast_to(ref[1], p.shape))
         np.testing.assert_array_equal(r, p)
     update = jax.jit(jax.vmap(algo.update))
@@ -116,8 +119,7 @@ def test_reference_run_is_frozen_in_the_train_state_and_fine_tuning_starts_from_
     assert float(jnp.abs(s1.ref_params.h).max()) > 0
     s2, m2 = update(s1)
     assert (np.asarray(m2["reference_kl"]) > 0).all()  # the policy has moved, the reference has not
-    for r0, r2 in zip(jax.tree.leaves(s0.ref_params.params), jax.tree.leaves(s2.ref_params.params),
-                      strict=True):
+    for r0, r2 in zip(jax.tree.leaves(s0.ref_params.params), jax.tree.leaves(s2.ref_params.params), strict=True):
         np.testing.assert_array_equal(r0, r2)
 
 
@@ -159,12 +161,15 @@ def test_smax_proxy_rewards_change_only_the_reward():
     assert float(alive0[live].min()) < 1.0  # some allies died: the bonus is a fraction
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"reward": "win_only"}, "env_kwargs.reward"),
-    ({"reward": "damage", "won_battle_bonus": 2.0}, "env_kwargs.won_battle_bonus"),
-    ({"alive_bonus": 0.1}, "env_kwargs.alive_bonus"),
-    ({"reward": "damage_alive", "alive_bonus": -1.0}, "env_kwargs.alive_bonus"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"reward": "win_only"}, "env_kwargs.reward"),
+        ({"reward": "damage", "won_battle_bonus": 2.0}, "env_kwargs.won_battle_bonus"),
+        ({"alive_bonus": 0.1}, "env_kwargs.alive_bonus"),
+        ({"reward": "damage_alive", "alive_bonus": -1.0}, "env_kwargs.alive_bonus"),
+    ],
+)
 def test_smax_proxy_reward_errors_name_the_field(kwargs, field):
     from experiments.train import make_env
 
@@ -178,14 +183,15 @@ def test_smax_proxy_reward_errors_name_the_field(kwargs, field):
 
 def test_matched_pairs_and_iqm_difference():
     def arm(program, kl, wins, **hp):
-        return {"program": program, "hparams": hp, "arm": f"{program}{hp}", "reference_kl": kl,
-                "eval_win_rate": wins}
+        return {"program": program, "hparams": hp, "arm": f"{program}{hp}", "reference_kl": kl, "eval_win_rate": wins}
 
-    arms = [arm("kl", 0.5, [0.5, 0.5, 0.5], reg_coef=0.0),
-            arm("kl", 0.10, [0.2, 0.3, 0.4], reg_coef=0.01),
-            arm("kl", 0.02, [0.6, 0.6, 0.6], reg_coef=0.1),
-            arm("wasserstein", 0.105, [0.5, 0.6, 0.7], reg_epsilon=0.2, reg_coef=0.01),
-            arm("wasserstein", 0.3, [0.1, 0.1, 0.1], reg_epsilon=0.2, reg_coef=0.003)]
+    arms = [
+        arm("kl", 0.5, [0.5, 0.5, 0.5], reg_coef=0.0),
+        arm("kl", 0.10, [0.2, 0.3, 0.4], reg_coef=0.01),
+        arm("kl", 0.02, [0.6, 0.6, 0.6], reg_coef=0.1),
+        arm("wasserstein", 0.105, [0.5, 0.6, 0.7], reg_epsilon=0.2, reg_coef=0.01),
+        arm("wasserstein", 0.3, [0.1, 0.1, 0.1], reg_epsilon=0.2, reg_coef=0.003),
+    ]
     pairs = study.matched_pairs(arms, 0.10, 500, 0.95)
     assert len(pairs) == 1  # the 0.3 arm has no KL partner; coefficient 0 is not a KL arm
     p = pairs[0]
@@ -204,13 +210,15 @@ def test_study_programs_and_their_validation(run_dir):
     cfg, sweep = progs["kl"]
     assert sweep == [{"reg_coef": 0.0}, {"reg_coef": 0.01}, {"reg_coef": 0.1}]  # coefficient 0 = "none"
     r = cfg.regularizer
-    assert (r.kind, r.reference, r.reference_run, r.init_from_reference, r.mode) == ("kl", "run", path, True,
-                                                                                     "penalty")
+    assert (r.kind, r.reference, r.reference_run, r.init_from_reference, r.mode) == ("kl", "run", path, True, "penalty")
     cfg, sweep = progs["wasserstein_eps0.2"]
     assert cfg.regularizer.epsilon == 0.2 and sweep[-1] == {"reg_epsilon": 0.2, "reg_coef": 0.1}
     assert study.arm_label("kl", {"reg_coef": 0.0}) == "none"
-    for bad, field in (({"programs": ("kl", "tv")}, "programs"), ({"coefs": (0.0,)}, "coefs"),
-                       ({"reference_run": "/nonexistent"}, "regularizer.reference_run")):
+    for bad, field in (
+        ({"programs": ("kl", "tv")}, "programs"),
+        ({"coefs": (0.0,)}, "coefs"),
+        ({"reference_run": "/nonexistent"}, "regularizer.reference_run"),
+    ):
         with pytest.raises(ConfigError) as e:
             study.program_configs(study.FinetuneArgs(**{"reference_run": path, **bad}))
         assert e.value.field == field

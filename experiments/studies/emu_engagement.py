@@ -26,8 +26,18 @@ import numpy as np  # noqa: E402
 from experiments.regularizer_study import metric_arrays  # noqa: E402
 from marl import stats  # noqa: E402
 
-MEMORY_METRICS = ("replay_hit_rate", "hit_positive_ratio", "incentive", "incentive_positive", "memory_desirable",
-                  "memory_revisited", "memory_positive_ratio", "write_revisits", "memory_size", "embed_loss")
+MEMORY_METRICS = (
+    "replay_hit_rate",
+    "hit_positive_ratio",
+    "incentive",
+    "incentive_positive",
+    "memory_desirable",
+    "memory_revisited",
+    "memory_positive_ratio",
+    "write_revisits",
+    "memory_size",
+    "embed_loss",
+)
 
 
 def read(run_dir: str) -> list[dict]:
@@ -42,14 +52,19 @@ def engagement(records: list[dict], by_steps: float = 50_000) -> dict:
     for s in range(desirable.shape[0]):
         has = np.flatnonzero(np.nan_to_num(desirable[s]) > 0)
         first = int(has[0]) if has.size else None
-        after = incentive[s, first + 1:] if first is not None else np.zeros(0)
+        after = incentive[s, first + 1 :] if first is not None else np.zeros(0)
         last = {m: float(metric_arrays(records, m)[1][s, -1]) for m in MEMORY_METRICS}
-        out.append({"seed": s, "first_desirable_step": None if first is None else float(steps[first]),
-                    "desirable_by_50k": bool(first is not None and steps[first] <= by_steps),
-                    "iterations_after_first": int(after.size),
-                    "incentive_positive_share": float((np.nan_to_num(after) > 0).mean()) if after.size else None,
-                    "write_revisits_median": float(np.nanmedian(metric_arrays(records, "write_revisits")[1][s])),
-                    "end": last})
+        out.append(
+            {
+                "seed": s,
+                "first_desirable_step": None if first is None else float(steps[first]),
+                "desirable_by_50k": bool(first is not None and steps[first] <= by_steps),
+                "iterations_after_first": int(after.size),
+                "incentive_positive_share": float((np.nan_to_num(after) > 0).mean()) if after.size else None,
+                "write_revisits_median": float(np.nanmedian(metric_arrays(records, "write_revisits")[1][s])),
+                "end": last,
+            }
+        )
     return {"env_steps": float(steps[-1]), "iterations": int(len(steps)), "seeds": out}
 
 
@@ -59,9 +74,15 @@ def compare(emu: list[dict], base: list[dict], metric: str = "win_rate") -> dict
     oe, ob = stats.overall_scores(ve, ee), stats.overall_scores(vb, eb)
     diff = oe - ob
     lo, hi = stats.bootstrap_ci(diff, stat=np.mean)
-    return {"metric": metric, "emu_overall": oe.tolist(), "backbone_overall": ob.tolist(),
-            "emu_mean": float(np.mean(oe)), "backbone_mean": float(np.mean(ob)),
-            "diff_mean": float(np.mean(diff)), "diff_ci95": [float(lo), float(hi)]}
+    return {
+        "metric": metric,
+        "emu_overall": oe.tolist(),
+        "backbone_overall": ob.tolist(),
+        "emu_mean": float(np.mean(oe)),
+        "backbone_mean": float(np.mean(ob)),
+        "diff_mean": float(np.mean(diff)),
+        "diff_ci95": [float(lo), float(hi)],
+    }
 
 
 def cut(records: list[dict], iterations: int) -> list[dict]:
@@ -99,26 +120,35 @@ def main():
         json.dump(res, f, indent=1)
     plot(emu, os.path.join(a.out, "memory_metrics.png"))
     e = res["engagement"]
-    lines = [f"EMU memory behaviour, {e['iterations']} iterations ({e['env_steps']:.0f} env steps per seed)", "",
-             "| seed | first desirable entry (env steps) | desirable by 50k | iterations after it | "
-             "incentive > 0 on | median write revisits | end: hit rate | end: hits with p > 0 | "
-             "end: desirable entries | end: N_call > 1 | end: N_xi > 0 | end: entries |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"EMU memory behaviour, {e['iterations']} iterations ({e['env_steps']:.0f} env steps per seed)",
+        "",
+        "| seed | first desirable entry (env steps) | desirable by 50k | iterations after it | "
+        "incentive > 0 on | median write revisits | end: hit rate | end: hits with p > 0 | "
+        "end: desirable entries | end: N_call > 1 | end: N_xi > 0 | end: entries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for s in e["seeds"]:
         z = s["end"]
         share = "-" if s["incentive_positive_share"] is None else f"{s['incentive_positive_share']:.1%}"
-        lines.append(f"| {s['seed']} | {s['first_desirable_step']} | {s['desirable_by_50k']} | "
-                     f"{s['iterations_after_first']} | {share} | {s['write_revisits_median']:.3f} | "
-                     f"{z['replay_hit_rate']:.3f} | {z['hit_positive_ratio']:.3f} | {z['memory_desirable']:.3f} | "
-                     f"{z['memory_revisited']:.3f} | {z['memory_positive_ratio']:.3f} | {z['memory_size']:.0f} |")
+        lines.append(
+            f"| {s['seed']} | {s['first_desirable_step']} | {s['desirable_by_50k']} | "
+            f"{s['iterations_after_first']} | {share} | {s['write_revisits_median']:.3f} | "
+            f"{z['replay_hit_rate']:.3f} | {z['hit_positive_ratio']:.3f} | {z['memory_desirable']:.3f} | "
+            f"{z['memory_revisited']:.3f} | {z['memory_positive_ratio']:.3f} | {z['memory_size']:.0f} |"
+        )
     for m in ("win_rate", "return"):
         c = res[m]
-        lines += ["", f"Overall (time-normalized) {m}, per seed: EMU "
-                  + ", ".join(f"{x:.4f}" for x in c["emu_overall"]) + "; backbone "
-                  + ", ".join(f"{x:.4f}" for x in c["backbone_overall"])
-                  + f". Mean EMU {c['emu_mean']:.4f}, backbone {c['backbone_mean']:.4f}; "
-                  f"difference {c['diff_mean']:+.4f}, 95% bootstrap CI [{c['diff_ci95'][0]:+.4f}, "
-                  f"{c['diff_ci95'][1]:+.4f}] (paired by seed)."]
+        lines += [
+            "",
+            f"Overall (time-normalized) {m}, per seed: EMU "
+            + ", ".join(f"{x:.4f}" for x in c["emu_overall"])
+            + "; backbone "
+            + ", ".join(f"{x:.4f}" for x in c["backbone_overall"])
+            + f". Mean EMU {c['emu_mean']:.4f}, backbone {c['backbone_mean']:.4f}; "
+            f"difference {c['diff_mean']:+.4f}, 95% bootstrap CI [{c['diff_ci95'][0]:+.4f}, "
+            f"{c['diff_ci95'][1]:+.4f}] (paired by seed).",
+        ]
     with open(os.path.join(a.out, "engagement.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

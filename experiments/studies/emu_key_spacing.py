@@ -36,9 +36,9 @@ def nearest_earlier(keys: np.ndarray, order: np.ndarray, block: int = 512) -> np
         return jnp.where(before, d, jnp.inf).min(1)
 
     for i in range(0, n, block):
-        q = k[i:i + block]
+        q = k[i : i + block]
         q = jnp.pad(q, ((0, block - q.shape[0]), (0, 0)))
-        out[i:i + block] = np.asarray(dist(q, i))[:min(block, n - i)]
+        out[i : i + block] = np.asarray(dist(q, i))[: min(block, n - i)]
     return out
 
 
@@ -57,8 +57,14 @@ def main():
     order = np.argsort(mem.last_used[:size], kind="stable")  # no hits: write order
     d = nearest_earlier(mem.keys_norm[:size], order)[1:]
     qs = {f"q{int(q * 100):02d}": float(np.quantile(d, q)) for q in (0.05, 0.10, 0.20, 0.50)}
-    res = {"env": a.env, "env_steps": a.steps, "entries": size, "write_hits": int(mem.write_hits),
-           "min": float(d.min()), **qs}
+    res = {
+        "env": a.env,
+        "env_steps": a.steps,
+        "entries": size,
+        "write_hits": int(mem.write_hits),
+        "min": float(d.min()),
+        **qs,
+    }
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:

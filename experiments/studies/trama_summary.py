@@ -55,10 +55,17 @@ def compare(trama: list[dict], base: list[dict], metric: str = "return") -> dict
     _, vt, et = metric_arrays(trama, metric)
     _, vb, eb = metric_arrays(base, metric)
     out = {"metric": metric}
-    for kind, ft, fb in (("final", final_per_seed(vt, et, 0.1), final_per_seed(vb, eb, 0.1)),
-                         ("overall", stats.overall_scores(vt, et), stats.overall_scores(vb, eb))):
-        out[kind] = {"trama": ft.tolist(), "qplex": fb.tolist(), "trama_iqm": interval(ft),
-                     "qplex_iqm": interval(fb), "diff_mean": interval(ft - fb, stat=np.mean)}
+    for kind, ft, fb in (
+        ("final", final_per_seed(vt, et, 0.1), final_per_seed(vb, eb, 0.1)),
+        ("overall", stats.overall_scores(vt, et), stats.overall_scores(vb, eb)),
+    ):
+        out[kind] = {
+            "trama": ft.tolist(),
+            "qplex": fb.tolist(),
+            "trama_iqm": interval(ft),
+            "qplex_iqm": interval(fb),
+            "diff_mean": interval(ft - fb, stat=np.mean),
+        }
     return out
 
 
@@ -66,9 +73,15 @@ def summarize(runs: str, task_set: str) -> dict:
     trama, base = read(os.path.join(runs, f"{task_set}_trama")), read(os.path.join(runs, f"{task_set}_qplex"))
     n = min(len({r["iteration"] for r in trama}), len({r["iteration"] for r in base}))
     trama, base = cut(trama, n), cut(base, n)
-    return {"set": task_set, "iterations": n, "env_steps_per_seed": float(max(r["env_steps"] for r in trama)),
-            "seeds": len({r["seed"] for r in trama}), "engagement": engagement(trama),
-            "return": compare(trama, base, "return"), "win_rate": compare(trama, base, "win_rate")}
+    return {
+        "set": task_set,
+        "iterations": n,
+        "env_steps_per_seed": float(max(r["env_steps"] for r in trama)),
+        "seeds": len({r["seed"] for r in trama}),
+        "engagement": engagement(trama),
+        "return": compare(trama, base, "return"),
+        "win_rate": compare(trama, base, "win_rate"),
+    }
 
 
 def _fmt(xs, digits=3):
@@ -83,28 +96,43 @@ def markdown(results: list[dict]) -> str:
     lines = ["# TRAMA vs QPLEX on multi-task SMAX", ""]
     for r in results:
         e = r["engagement"]
-        lines += [f"## {r['set']}: {r['seeds']} seeds, {r['iterations']} iterations = {r['env_steps_per_seed']:,.0f} "
-                  "env steps per seed", "",
-                  "| seed | first clustering (env steps) | clusterings | cluster_ari | class_accuracy | "
-                  "class_majority_rate | codes in use | cluster sizes |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {r['set']}: {r['seeds']} seeds, {r['iterations']} iterations = {r['env_steps_per_seed']:,.0f} "
+            "env steps per seed",
+            "",
+            "| seed | first clustering (env steps) | clusterings | cluster_ari | class_accuracy | "
+            "class_majority_rate | codes in use | cluster sizes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         sizes = sorted(k for k in e if k.startswith("cluster_size_"))
         for s in range(r["seeds"]):
             first = e["first_clustering_env_steps"][s]
-            lines.append(f"| {s} | {'-' if first is None else f'{first:,.0f}'} | {e['clusterings'][s]:.0f} | "
-                         f"{e['cluster_ari'][s]:.3f} | {e['class_accuracy'][s]:.3f} | "
-                         f"{e['class_majority_rate'][s]:.3f} | {e['codes_in_use'][s]:.0f} | "
-                         f"{', '.join(f'{e[k][s]:.2f}' for k in sizes)} |")
-        lines += ["", "| metric | score | TRAMA per seed | QPLEX per seed | TRAMA IQM [95% CI] | QPLEX IQM [95% CI] | "
-                  "mean difference TRAMA - QPLEX [95% CI, paired by seed] |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {s} | {'-' if first is None else f'{first:,.0f}'} | {e['clusterings'][s]:.0f} | "
+                f"{e['cluster_ari'][s]:.3f} | {e['class_accuracy'][s]:.3f} | "
+                f"{e['class_majority_rate'][s]:.3f} | {e['codes_in_use'][s]:.0f} | "
+                f"{', '.join(f'{e[k][s]:.2f}' for k in sizes)} |"
+            )
+        lines += [
+            "",
+            "| metric | score | TRAMA per seed | QPLEX per seed | TRAMA IQM [95% CI] | QPLEX IQM [95% CI] | "
+            "mean difference TRAMA - QPLEX [95% CI, paired by seed] |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for metric in ("return", "win_rate"):
             for kind in ("final", "overall"):
                 c = r[metric][kind]
                 d = c["diff_mean"]
-                lines.append(f"| {metric} | {kind} | {_fmt(c['trama'])} | {_fmt(c['qplex'])} | {_ci(c['trama_iqm'])} | "
-                             f"{_ci(c['qplex_iqm'])} | {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |")
+                lines.append(
+                    f"| {metric} | {kind} | {_fmt(c['trama'])} | {_fmt(c['qplex'])} | {_ci(c['trama_iqm'])} | "
+                    f"{_ci(c['qplex_iqm'])} | {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] |"
+                )
         lines.append("")
-    lines += ["Final: each seed's episode-weighted mean over the last 10% of iterations. Overall: its mean over all "
-              "iterations (time-normalized). IQM over seeds; percentile bootstrap, 2000 resamples, seed 0.", ""]
+    lines += [
+        "Final: each seed's episode-weighted mean over the last 10% of iterations. Overall: its mean over all "
+        "iterations (time-normalized). IQM over seeds; percentile bootstrap, 2000 resamples, seed 0.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -116,8 +144,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--sets", nargs="+", default=["surComb3", "surComb4"])
     p.add_argument("--out", default="results/trama_study")
     a = p.parse_args(argv)
-    missing = [f"{s}_{m}" for s in a.sets for m in ("trama", "qplex")
-               if not os.path.exists(os.path.join(a.runs, f"{s}_{m}", "metrics.jsonl"))]
+    missing = [
+        f"{s}_{m}"
+        for s in a.sets
+        for m in ("trama", "qplex")
+        if not os.path.exists(os.path.join(a.runs, f"{s}_{m}", "metrics.jsonl"))
+    ]
     if missing:
         print(f"error: invalid runs={a.runs!r}: no metrics.jsonl for {missing}", file=sys.stderr)
         return 2
