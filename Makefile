@@ -32,6 +32,7 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
+	$(BIN)/ruff format --check marl envs algos experiments tests
 	$(BIN)/ruff check marl envs algos experiments tests
 
 clean:
