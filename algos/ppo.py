@@ -299,6 +299,7 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
             epsilon=hp.reg_epsilon,
             iterations=rcfg.iterations,
             centred=rcfg.centred,
+            backend=rcfg.backend,
         )
 
     def continuous_regularizer(pol, ref_pol, action, hp: HParams):

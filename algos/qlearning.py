@@ -516,6 +516,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
             epsilon=hp.reg_epsilon,
             iterations=rcfg.iterations,
             centred=rcfg.centred,
+            backend=rcfg.backend,
         )
 
     def loss_fn(params, target_params, ref_params, ext_state, batch, hp: HParams, key):

@@ -190,7 +190,7 @@ def test_centred_penalty_is_the_gradient_of_the_sinkhorn_divergence():
 # ------------------------------------------------------------ centring and debiasing
 
 
-@pytest.mark.parametrize("backend", ["fast", "ott"])
+@pytest.mark.parametrize("backend", ["fast", "ott", "ott_kernel"])
 def test_centred_penalty_is_zero_at_equality(backend):
     rng = np.random.default_rng(4)
     n = 8
@@ -469,7 +469,27 @@ def test_validate_cost_rejects_bad_matrices(cost, message):
 def test_config_defaults_are_valid_and_no_regularization():
     cfg = reg.RegularizerConfig()
     assert cfg.kind == "none" and cfg.coef == 0.0 and cfg.centred
-    reg.RegularizerConfig(kind="wasserstein", coef=0.05, epsilon=0.01, iterations=10, reference="initial", mode="loss")
+    assert cfg.backend == "ott_kernel"
+    reg.RegularizerConfig(kind="wasserstein", coef=0.05, epsilon=0.02, iterations=10, reference="initial", mode="loss")
+    reg.RegularizerConfig(kind="wasserstein", epsilon=0.01, backend="ott")  # lse mode: any epsilon
+    reg.RegularizerConfig(kind="wasserstein", epsilon=0.01, backend="fast")
+
+
+def test_kernel_backend_rejects_a_small_epsilon_naming_the_field_and_the_alternatives():
+    with pytest.raises(ConfigError, match="regularizer.epsilon") as info:
+        reg.RegularizerConfig(kind="wasserstein", epsilon=0.01)
+    assert "ott_kernel" in str(info.value) and "fast" in str(info.value)
+    reg.RegularizerConfig(kind="kl", epsilon=0.01)  # epsilon is not used by KL
+
+
+def test_auto_backend_uses_kernel_mode_only_where_it_is_safe():
+    cost = jnp.asarray(1.0 - np.eye(4), jnp.float32)
+    assert reg.resolve_backend("auto", cost, 0.05) == "ott_kernel"
+    assert reg.resolve_backend("auto", cost, 0.01) == "ott"  # cost / eps = 100 > 50
+    assert jax.jit(lambda e: jnp.asarray(reg.resolve_backend("auto", cost, e) == "ott"))(0.05)  # traced eps: lse
+    assert reg.resolve_backend("fast", cost, 0.01) == "fast"
+    with pytest.raises(ConfigError, match="regularizer.backend"):
+        reg.resolve_backend("sinkhorn", cost, 0.05)
 
 
 @pytest.mark.parametrize(
@@ -485,6 +505,7 @@ def test_config_defaults_are_valid_and_no_regularization():
         ("reference", "target"),
         ("mode", "reward"),
         ("centred", "yes"),
+        ("backend", "pot"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field, value):
@@ -515,7 +536,7 @@ def _sinkhorn_f64(a, b, cost, eps, iterations):
 
 
 @pytest.mark.parametrize("n, eps, iterations", [(4, 0.2, 10), (6, 0.05, 10), (8, 0.05, 200)])
-@pytest.mark.parametrize("backend", ["fast", "ott"])
+@pytest.mark.parametrize("backend", ["fast", "ott", "ott_kernel"])
 def test_uncentred_penalty_is_the_raw_potential_of_a_float64_sinkhorn(n, eps, iterations, backend):
     rng = np.random.default_rng(n)
     cost = _random_cost(rng, n)
