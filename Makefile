@@ -34,6 +34,7 @@ docs: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff format --check marl envs algos experiments tests
 	$(BIN)/ruff check marl envs algos experiments tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache dist site

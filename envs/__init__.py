@@ -12,10 +12,10 @@ _NOISE = ("Importing submoduled environments...", "Submoduled environments not f
 _streams = (_sys.stdout, _sys.stderr, _sys.__stdout__)
 _captured = _io.StringIO()
 try:
-    _sys.stdout = _sys.__stdout__ = _captured  # MABrax resets stdout to __stdout__ before the print
+    _sys.stdout = _sys.__stdout__ = _captured  # type: ignore[misc,assignment]  # MABrax resets stdout to __stdout__ before the print
     import jaxmarl  # noqa: F401
 finally:
-    _sys.stdout, _sys.stderr, _sys.__stdout__ = _streams
+    _sys.stdout, _sys.stderr, _sys.__stdout__ = _streams  # type: ignore[misc]
     _rest = [line for line in _captured.getvalue().splitlines() if line.strip() not in _NOISE]
     if _rest:
         print("\n".join(_rest), file=_sys.stdout)

@@ -90,7 +90,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -114,14 +114,13 @@ __all__ = [
 ]
 
 
-@struct.dataclass
-class PhysicsParams:
+class PhysicsParams(struct.PyTreeNode):
     """Multipliers of the nominal physics (each a float or a ``[]`` array; may be traced)."""
 
-    mass_scale: jax.Array = 1.0
-    friction_scale: jax.Array = 1.0
-    adversary_scale: jax.Array = 1.0
-    cart_mass_scale: jax.Array = 1.0
+    mass_scale: Union[float, jax.Array] = 1.0
+    friction_scale: Union[float, jax.Array] = 1.0
+    adversary_scale: Union[float, jax.Array] = 1.0
+    cart_mass_scale: Union[float, jax.Array] = 1.0
     """cart-pole's cart; the other tasks have no second body and ignore it"""
 
 
@@ -160,8 +159,7 @@ def _check_param(name: str, value) -> None:
         raise ConfigError(name, value, f"must be {'>' if strict else '>='} {lo}")
 
 
-@struct.dataclass
-class EnvState:
+class EnvState(struct.PyTreeNode):
     q: jax.Array  # [n] generalized positions and velocities of the task
     t: jax.Array  # [] int32, steps taken in this episode
 

@@ -82,7 +82,7 @@ class JaxMARLAdapter:
         self._has_world_state = "world_state" in obs
         state_dim = int(np.prod(obs["world_state"].shape)) if self._has_world_state else obs_dim * len(self.agents)
         if discrete[0]:
-            self._action_counts = [int(sp.n) for sp in spaces]
+            self._action_counts: Optional[list[int]] = [int(sp.n) for sp in spaces]
             num_actions, action_dim, low, high = max(self._action_counts), None, -1.0, 1.0
         else:
             self._action_counts = None
@@ -92,7 +92,7 @@ class JaxMARLAdapter:
             low = float(min(np.min(sp.low) for sp in spaces))
             high = float(max(np.max(sp.high) for sp in spaces))
         hetero_obs = len(set(obs_sizes)) > 1
-        hetero_act = discrete[0] and len(set(self._action_counts)) > 1
+        hetero_act = discrete[0] and len(set(self._action_counts or ())) > 1
         if hetero_act and action_cost is not None and np.shape(action_cost)[0] != num_actions:
             action_cost = None
         types = tuple(a.rsplit("_", 1)[0] if "_" in a else a for a in self.agents)
@@ -114,10 +114,12 @@ class JaxMARLAdapter:
             max_return=max_return,
             agent_types=types if len(set(types)) > 1 else None,
             obs_mask=np.arange(obs_dim)[None, :] < np.asarray(obs_sizes)[:, None] if hetero_obs else None,
-            action_counts=tuple(self._action_counts) if hetero_act else None,
+            action_counts=tuple(self._action_counts or ()) if hetero_act else None,
         )
         self._action_mask = (
-            np.arange(num_actions)[None, :] < np.asarray(self._action_counts)[:, None] if hetero_act else None
+            np.arange(num_actions or 1)[None, :] < np.asarray(self._action_counts or [])[:, None]
+            if hetero_act
+            else None
         )
 
     @property
@@ -134,7 +136,7 @@ class JaxMARLAdapter:
             s = self._state_fn(inner, s)
         if self._has_avail:
             av = self._env.get_avail_actions(inner)
-            n = self.spec.num_actions
+            n = self.spec.num_actions or 1
             avail = jnp.stack(
                 [jnp.pad(jnp.asarray(av[a]).reshape(-1), (0, n - jnp.asarray(av[a]).size)) for a in self.agents]
             ).astype(bool)

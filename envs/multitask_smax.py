@@ -287,7 +287,7 @@ def task_set_from(
         base, tasks = tasks, None
     if base is None and tasks is None:
         raise ValueError("invalid tasks=None: smax-mt:custom needs tasks=[{'units': {...}, 'weight': w}, ...]")
-    fields = {}
+    fields: dict[str, Any] = {}
     if tasks is not None:
         fields["tasks"] = tuple(tasks)
     if reflect_prob is not None:

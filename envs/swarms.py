@@ -326,6 +326,21 @@ class _Swarm:
     task: str = ""
     action_dim: int = 1
     task_obs_dim: int = 0
+    state_dim: int  # set by each subclass (its upper-level summary's size)
+
+    # the task's pieces, defined by each subclass
+    def _init(self, key, state):
+        raise NotImplementedError
+
+    def _move(self, key, state, a):
+        raise NotImplementedError
+
+    def _task_obs(self, state, mean_disp, mean_feats):
+        raise NotImplementedError
+
+    def _summary(self, state):
+        raise NotImplementedError
+
     feat_dim: int = 0  # per-agent features summed over neighbours
     rule_features: tuple[int, ...] = ()  # EnvSpec.rule_features (see the module docstring)
 
@@ -640,7 +655,7 @@ def make_swarm(task: str, config: Optional[SwarmConfig] = None, **kwargs: Any) -
         config = dataclasses.replace(config, **kwargs)
     if not isinstance(config, cfg_cls):
         raise ConfigError("config", type(config).__name__, f"must be a {cfg_cls.__name__} for task {task!r}")
-    return cls(config)
+    return cls(config)  # type: ignore[arg-type]  # checked just above
 
 
 # ----------------------------------------------------------------------------- reference policies

@@ -65,8 +65,7 @@ __all__ = [
 ]
 
 
-@struct.dataclass
-class EpisodeBuffer:
+class EpisodeBuffer(struct.PyTreeNode):
     """Ring buffer of whole episodes (see the module docstring for the layout)."""
 
     data: Any
@@ -213,8 +212,7 @@ def mask_after_done(dones: jax.Array) -> jax.Array:
     return ~jnp.concatenate([first, ended_before], axis=-1)
 
 
-@struct.dataclass
-class EpisodeAccumulator:
+class EpisodeAccumulator(struct.PyTreeNode):
     """Per-env episodes under construction in ``B`` vectorized environments.
 
     data: pytree, per-step leaves ``[B, T + 1, ...]``; filled ``[B, T + 1]`` bool;
@@ -272,8 +270,7 @@ def reset_envs(acc: EpisodeAccumulator, mask: jax.Array) -> EpisodeAccumulator:
 # ------------------------------------------------------------------ transition replay
 
 
-@struct.dataclass
-class Replay:
+class Replay(struct.PyTreeNode):
     """Ring buffer of single transitions (any pytree): ``data`` leaves ``[C, ...]``."""
 
     data: Any

@@ -116,8 +116,7 @@ RATIO_EPS = 1e-3  # p = N_xi / (N_call + RATIO_EPS), as in the paper
 MIN_STD = 1e-6
 
 
-@struct.dataclass
-class EpisodicMemory:
+class EpisodicMemory(struct.PyTreeNode):
     keys: jax.Array  # [C, k]
     keys_norm: jax.Array  # [C, k]
     states: jax.Array  # [C, S]
@@ -142,7 +141,7 @@ class EpisodicMemory:
 class Recall(NamedTuple):
     """Result of :func:`lookup` for queries [Q, k]; every field [Q]."""
 
-    index: jax.Array  # nearest filled entry (0 when the memory is empty)
+    index: jax.Array  # type: ignore[assignment]  # nearest filled entry (0 when the memory is empty)
     distance: jax.Array  # normalized distance to it (inf when empty)
     hit: jax.Array  # distance <= delta
     H: jax.Array
@@ -396,9 +395,9 @@ class WriteCache(NamedTuple):
     changed since (insertions and memory shifts). ``count`` may exceed the buffer's
     size: the phase then falls back to brute force."""
 
-    index: HitIndex
+    index: HitIndex  # type: ignore[assignment]  # a field, shadowing tuple.index
     recent: jax.Array  # [R] int32 slots given a new key in this phase
-    count: jax.Array  # [] int32 slots given a new key so far
+    count: jax.Array  # type: ignore[assignment]  # [] int32 slots given a new key so far
 
 
 def write_cache(memory: EpisodicMemory, recent_size: int) -> WriteCache:

@@ -65,7 +65,7 @@ its own target (rewards broadcast over agents).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -283,7 +283,7 @@ def init_mixer(
     state_dim: int,
     num_actions: int,
     batch_shape: Sequence[int] = (1,),
-) -> dict:
+) -> Any:
     """Variables of ``mixer`` for A agents, state size S and n actions (dummy inputs, any batch shape)."""
     lead = tuple(batch_shape)
     qs = jnp.zeros(lead + (num_agents,))

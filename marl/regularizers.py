@@ -358,7 +358,7 @@ def sinkhorn_ott(a, b, cost, epsilon, iterations: int, lse_mode: bool = True) ->
         distance=out.ent_reg_cost,
         f=jnp.where(a > 0, out.f, 0.0),
         g=jnp.where(b > 0, out.g, 0.0),
-        marginal_error=out.errors[-1],
+        marginal_error=out.errors[-1],  # type: ignore[index]  # always recorded with these settings
     )
 
 
@@ -446,14 +446,14 @@ def sinkhorn_fast(a, b, cost, epsilon, iterations: int, chunk: Optional[int] = N
         # Padding states are uniform marginals: finite, cheap, discarded below.
         a_p = jnp.concatenate([a_f, jnp.full((pad, n), 1.0 / n, a.dtype)])
         b_p = jnp.concatenate([b_f, jnp.full((pad, m), 1.0 / m, b.dtype)])
-        xs = (a_p.reshape(k, chunk, n), b_p.reshape(k, chunk, m))
+        xs: tuple = (a_p.reshape(k, chunk, n), b_p.reshape(k, chunk, m))
         if not shared:
             c_p = jnp.concatenate([c_f, jnp.broadcast_to(c_f[..., :1], (n, m, pad))], axis=-1)
             e_p = jnp.concatenate([eps_f, jnp.broadcast_to(eps_f[:1], (pad,))])
             xs = xs + (jnp.moveaxis(c_p.reshape(n, m, k, chunk), 2, 0), e_p.reshape(k, chunk))
-            solve = lambda x: _sinkhorn_states_last(*x, iterations)
+            solve = lambda x: _sinkhorn_states_last(x[0], x[1], x[2], x[3], iterations)
         else:
-            solve = lambda x: _sinkhorn_states_last(*x, c_f, eps_f, iterations)
+            solve = lambda x: _sinkhorn_states_last(x[0], x[1], c_f, eps_f, iterations)
         res = jax.lax.map(solve, xs)
         res = jax.tree.map(lambda x: x.reshape((k * chunk,) + x.shape[2:])[:size], res)
     return SinkhornResult(
@@ -709,6 +709,8 @@ def regularize(
         n = logits.shape[-1]
         if cost is None:
             cost = 1.0 - jnp.eye(n, dtype=logits.dtype)
+        if ref_logits is None:
+            raise ValueError("regularize: kind 'wasserstein' needs ref_logits (zero logits for the uniform reference)")
         out = wasserstein(logits, ref_logits, cost, epsilon, iterations, mask, backend, debias=centred)
         per_action = out.centred_penalty if centred else out.penalty
         value = out.divergence

@@ -82,7 +82,7 @@ class EnvSpec:
         teams = self.teams
         if not teams:
             return np.zeros(self.num_agents, np.int32)
-        return np.asarray([teams.index(t) for t in self.agent_types], np.int32)
+        return np.asarray([teams.index(t) for t in self.agent_types or ()], np.int32)
 
     def __hash__(self):  # specs are compared by identity; arrays are not hashable
         return id(self)
@@ -120,9 +120,9 @@ InitFn = Callable[[jax.Array], Any]
 """``init(key) -> train_state``."""
 UpdateFn = Callable[[Any], tuple[Any, dict]]
 """``update(train_state) -> (train_state, metrics)``."""
-ActFn = Callable[[Any, jax.Array, Any, jax.Array, bool], tuple[jax.Array, Any]]
-"""``act(params, obs, carry, key, greedy) -> (actions, carry)``."""
-CarryFn = Callable[[tuple], Any]
+ActFn = Callable[[Any, Timestep, Any, jax.Array, Any], tuple[jax.Array, Any]]
+"""``act(params, timestep, carry, key, greedy) -> (actions, carry)``."""
+CarryFn = Callable[..., Any]
 """``initial_carry(batch_shape) -> carry``."""
 
 
@@ -134,7 +134,7 @@ class Algorithm(NamedTuple):
 
     init(key) -> train_state
     update(train_state) -> (train_state, metrics)   one iteration; pure, jittable
-    act(params, obs, carry, key, greedy) -> (actions, carry)
+    act(params, timestep, carry, key, greedy) -> (actions, carry)
     initial_carry(batch_shape) -> carry               recurrent state for ``act``
     env_steps_per_update: env transitions (summed over parallel envs) per ``update``
     """
@@ -156,7 +156,7 @@ def hparams(cls: type, **values: Any) -> Any:
     Raises TypeError naming the fields that are missing or unknown, so adding, removing
     or reordering a field can never silently swap values.
     """
-    fields = tuple(cls._fields)
+    fields = tuple(getattr(cls, "_fields", ()))
     missing = [f for f in fields if f not in values]
     unknown = [k for k in values if k not in fields]
     if missing or unknown:
