@@ -106,6 +106,32 @@ class Timestep(NamedTuple):
     info: dict
 
 
+def assert_timestep(ts: Timestep, spec: EnvSpec, batch: tuple = ()) -> None:
+    """Check a (possibly batched) Timestep against its spec with chex: shapes
+    ``obs [*batch, A, obs_dim]``, ``state [*batch, state_dim]``, ``reward [*batch, A]``,
+    ``done, terminated [*batch]`` (bool), ``avail_actions [*batch, A, n]`` (bool; n = 1
+    for continuous actions), float32 observations, state and rewards. Raises
+    AssertionError naming the field. Host-side: for tests, adapters and debugging."""
+    import chex
+
+    A, n = spec.num_agents, spec.num_actions or 1
+    shapes = {
+        "obs": (A, spec.obs_dim),
+        "state": (spec.state_dim,),
+        "reward": (A,),
+        "done": (),
+        "terminated": (),
+        "avail_actions": (A, n),
+    }
+    for field, shape in shapes.items():
+        value = getattr(ts, field)
+        try:
+            chex.assert_shape(value, tuple(batch) + shape)
+            chex.assert_type(value, bool if field in ("done", "terminated", "avail_actions") else jnp.float32)
+        except AssertionError as e:
+            raise AssertionError(f"Timestep.{field} of {spec.name}: {e}") from None
+
+
 class Environment(Protocol):
     """The environment contract (one environment; batching is ``vmap``)."""
 

@@ -37,3 +37,32 @@ def test_learners_fill_hparams_from_the_config_fields_of_the_same_name(name, env
     for field in hp._fields:
         if getattr(algo.config, field, None) is not None:
             assert float(getattr(values, field)) == pytest.approx(float(getattr(algo.config, field))), field
+
+
+@pytest.mark.parametrize(
+    "env_name, kwargs",
+    [
+        ("smax:3m", {}),
+        ("mpe:simple_tag", {}),
+        ("swarm:vicsek", {"num_agents": 8}),
+        ("adv:cartpole", {}),
+        ("smax-mt:surComb3", {}),
+    ],
+)
+def test_timesteps_match_their_spec_after_reset_and_step(env_name, kwargs):
+    import envs
+    from marl.types import assert_timestep
+
+    env = envs.make(env_name, **kwargs)
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    state, ts = jax.vmap(env.reset)(keys)
+    assert_timestep(ts, env.spec, batch=(3,))
+    spec = env.spec
+    if spec.discrete:
+        action = jnp.zeros((3, spec.num_agents), jnp.int32)
+    else:
+        action = jnp.zeros((3, spec.num_agents, spec.action_dim), jnp.float32)
+    _, ts = jax.vmap(env.step)(keys, state, action)
+    assert_timestep(ts, env.spec, batch=(3,))
+    with pytest.raises(AssertionError, match="Timestep.obs"):
+        assert_timestep(ts._replace(obs=ts.obs[..., :-1]), env.spec, batch=(3,))
