@@ -19,8 +19,8 @@ alpha_adv -> 0 is a fully rational adversary (RARL's Nash setting), a large alph
 nearly random one. QARL starts with an easy, boundedly rational adversary and makes it
 more rational as the protagonist copes.
 
-Per-episode temperature (the ``TemperatureObs`` wrapper)
--------------------------------------------------------
+Per-episode temperature (the ``envs.temperature.TemperatureObs`` wrapper)
+------------------------------------------------------------------------
 At the start of every episode of every parallel environment a temperature is drawn,
 alpha ~ p_k(alpha), and kept fixed for the episode; ``log alpha`` is appended to *both*
 agents' observations (``obs_dim + 1``). The adversary's SAC uses this temperature in
@@ -113,12 +113,12 @@ Defaults and deviations
   k_old). Weights are self-normalized (the reference's are not).
 - The temperature enters the observation as log alpha (well scaled: -3 at k = 50,
   -7 at k = 1) rather than alpha.
-- Evaluation (``evaluate_protagonist``, ``robustness_grid``) fixes the adversary's
+- Evaluation (``algos.qarl_eval``: ``evaluate_protagonist``, ``robustness_grid``) fixes the adversary's
   temperature to the target mean k_target / theta, the most rational level trained for.
   The stress grid is the task's (``stress_axes``: cart-pole's pole mass 0.1-20 kg x cart
   mass 0.5-5 kg, as the reference's 1-20 kg pole grid; mass x friction elsewhere);
   ``grid_spread`` = (max - min) / mean says whether the grid tells policies apart.
-- Best response (``best_response_algo``, ``train_best_response``): a fresh SAC adversary
+- Best response (``algos.qarl_eval``: ``best_response_algo``, ``train_best_response``): a fresh SAC adversary
   at the target temperature trains for a fixed budget against each frozen protagonist
   (which acts with its stochastic policy during that training, greedily in the
   evaluation); the protagonist's return against it is a worst-case estimate that does
@@ -128,21 +128,19 @@ Defaults and deviations
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from typing import Any, Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.scipy.special import digamma, gammaln
 
 from algos import sac
 from envs.adversarial import with_params
-from envs.wrappers import Wrapper
+from envs.temperature import TemperatureObs
 from marl import config as cfg
-from marl.types import SEED_AXIS, Algorithm
+from marl.distributions import gamma_kl, gamma_log_prob
+from marl.types import Algorithm
 
 THRESHOLD_FRACTIONS = {
     "adv:cartpole": 0.1,
@@ -170,24 +168,6 @@ def threshold_for(env, gamma: float, fraction: float) -> float:
 
 
 CURRICULA = ["gamma", "linear", "point", "none", "fixed", "auto"]
-LOG_ALPHA_MIN = float(np.log(1e-8))
-
-
-# ----------------------------------------------------------------------------- Gamma math
-def gamma_kl(k1, rate1, k2, rate2):
-    """KL(Gamma(k1, rate1) || Gamma(k2, rate2)) (shape, rate), closed form; broadcasts."""
-    return (
-        (k1 - k2) * digamma(k1)
-        - gammaln(k1)
-        + gammaln(k2)
-        + k2 * (jnp.log(rate1) - jnp.log(rate2))
-        + k1 * (rate2 - rate1) / rate1
-    )
-
-
-def gamma_log_prob(alpha, k, rate):
-    """log density of Gamma(k, rate) at alpha > 0; broadcasts."""
-    return k * jnp.log(rate) + (k - 1) * jnp.log(alpha) - rate * alpha - gammaln(k)
 
 
 # ----------------------------------------------------------------------------- curriculum state
@@ -320,112 +300,6 @@ def next_phase(phase, count, increment, phase_length: int):
     return (jnp.where(switch, 1 - phase, phase).astype(jnp.int32), jnp.where(switch, 0, count).astype(jnp.int32))
 
 
-# ----------------------------------------------------------------------------- the wrapper
-@struct.dataclass
-class TemperatureState:
-    inner: Any
-    log_alpha: jax.Array  # [] this episode's adversary temperature (log)
-    drawn_shape: jax.Array  # [] the shape it was drawn from
-    shape: jax.Array  # [] the shape the next episode's temperature is drawn from
-    discounted: jax.Array  # [] the protagonist's discounted return so far in this episode
-    discount: jax.Array  # [] gamma^t for the next reward
-
-
-class TemperatureObs(Wrapper):
-    """Draws a temperature per episode from Gamma(shape, rate) (or its mean, with
-    ``deterministic``) and appends its log to the observation of every agent whose
-    ``inputs`` entry is True (0 for the others: the feature carries nothing, so a
-    network reading it is one without a temperature input, and players from runs
-    with and without it can meet in one environment).
-
-    Goes outside ``EpisodeStats(AutoReset(env))``. ``info`` gains ``episode_log_alpha``
-    and ``episode_shape``: the temperature of the episode that ended at this step and
-    the shape it was drawn from, and ``episode_discounted_return``: the protagonist's
-    (agent 0's) return sum_t gamma^t r_t of that episode (read where ``done``).
-    ``final_obs`` carries the ended episode's temperature. The shape for new episodes
-    is ``state.shape`` (an algorithm may set it); the initial one is ``self.shape``.
-    """
-
-    def __init__(
-        self,
-        env,
-        shape: float,
-        rate: float,
-        deterministic: bool = False,
-        gamma: float = 0.99,
-        inputs: Sequence[bool] = (True, True),
-    ):
-        super().__init__(env)
-        self.shape, self.rate, self.deterministic = float(shape), float(rate), bool(deterministic)
-        self.gamma = float(gamma)
-        self.inputs = tuple(bool(i) for i in inputs)
-        if len(self.inputs) != env.spec.num_agents:
-            raise cfg.ConfigError("inputs", inputs, f"needs one entry per agent ({env.spec.num_agents})")
-        self.spec = dataclasses.replace(env.spec, obs_dim=env.spec.obs_dim + 1)
-
-    def with_temperature(
-        self,
-        shape: Optional[float] = None,
-        deterministic: Optional[bool] = None,
-        inputs: Optional[Sequence[bool]] = None,
-    ):
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        if shape is not None:
-            new.shape = float(shape)
-        if deterministic is not None:
-            new.deterministic = bool(deterministic)
-        if inputs is not None:
-            new.inputs = tuple(bool(i) for i in inputs)
-        return new
-
-    def _draw(self, key, shape):
-        if self.deterministic:
-            alpha = shape / self.rate
-        else:
-            alpha = jax.random.gamma(key, shape) / self.rate
-        return jnp.maximum(jnp.log(alpha), LOG_ALPHA_MIN).astype(jnp.float32)
-
-    def _append(self, obs, log_alpha):
-        feature = jnp.where(jnp.asarray(self.inputs)[:, None], log_alpha, 0.0)  # [A, 1]
-        return jnp.concatenate([obs, jnp.broadcast_to(feature, obs.shape[:-1] + (1,)).astype(obs.dtype)], -1)
-
-    def _ts(self, ts, log_alpha, ended_log_alpha, ended_shape, ended_discounted):
-        info = dict(
-            ts.info,
-            episode_log_alpha=ended_log_alpha,
-            episode_shape=ended_shape,
-            episode_discounted_return=ended_discounted,
-        )
-        if "final_obs" in info:
-            info["final_obs"] = self._append(info["final_obs"], ended_log_alpha)
-        return ts._replace(obs=self._append(ts.obs, log_alpha), info=info)
-
-    def reset(self, key):
-        k_env, k_alpha = jax.random.split(key)
-        inner, ts = self._env.reset(k_env)
-        shape = jnp.asarray(self.shape, jnp.float32)
-        la = self._draw(k_alpha, shape)
-        zero, one = jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32)
-        return TemperatureState(inner, la, shape, shape, zero, one), self._ts(ts, la, la, shape, zero)
-
-    def step(self, key, state: TemperatureState, action):
-        k_env, k_alpha = jax.random.split(key)
-        inner, ts = self._env.step(k_env, state.inner, action)
-        discounted = state.discounted + state.discount * ts.reward[0]
-        la = jnp.where(ts.done, self._draw(k_alpha, state.shape), state.log_alpha)
-        drawn = jnp.where(ts.done, state.shape, state.drawn_shape)
-        out = self._ts(ts, la, state.log_alpha, state.drawn_shape, discounted)
-        return TemperatureState(
-            inner,
-            la,
-            drawn,
-            state.shape,
-            jnp.where(ts.done, 0.0, discounted),
-            jnp.where(ts.done, 1.0, state.discount * self.gamma),
-        ), out
-
-
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
 class QARLConfig(sac.SACConfig):
@@ -541,7 +415,8 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
     tenv = TemperatureObs(
         env, k0, rate, deterministic=config.curriculum in ("point", "fixed"), gamma=config.gamma, inputs=config.inputs
     )
-    base = sac.make(tenv, _sac_config(config), name=name, expose_rollout=True)
+    parts = sac.make_parts(tenv, _sac_config(config), name=name)
+    base = parts.algorithm
     E = config.num_envs
     learner_mask = jnp.array([[False, True], [True, False]])  # by phase
     num_updates = config.num_updates
@@ -577,10 +452,9 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
 
     def update(state: sac.TrainState):
         ext: QARLExt = state.ext
-        state, metrics = base.update(state)
-        ro = metrics.pop("rollout")
-        done = ro["done"].reshape(-1)
-        info = ro["info"]
+        state, metrics, ro = parts.update_with_rollout(state)
+        done = ro.done.reshape(-1)
+        info = ro.info
         ended_la = info["episode_log_alpha"].reshape(-1)
         cur = curriculum_push(
             ext.curriculum,
@@ -615,185 +489,3 @@ def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
         return state, metrics
 
     return Algorithm(name, config, tenv, init, update, base.act, base.initial_carry, base.env_steps_per_update)
-
-
-# ----------------------------------------------------------------------------- evaluation
-# masses 0.354 .. 2.828 (log-spaced, 1 in the middle), frictions 0 .. 5
-DEFAULT_MASSES = tuple(float(x) for x in np.round(2.0 ** np.linspace(-1.5, 1.5, 11), 3))
-DEFAULT_FRICTIONS = tuple(float(x) for x in np.round(np.linspace(0.0, 5.0, 11), 3))
-
-
-def eval_env(
-    algo: Algorithm,
-    adversary: bool = True,
-    mass=None,
-    friction=None,
-    deterministic: bool = True,
-    inputs: Optional[Sequence[bool]] = None,
-    **physics,
-):
-    """The training environment with the adversary at its target temperature (its mean
-    with ``deterministic``), the adversary on (at the training force bound) or off (scale
-    0), physics multipliers set (``mass``, ``friction`` or any :class:`PhysicsParams`
-    field), and optionally other temperature ``inputs`` per player (cross play between
-    runs with and without a temperature input)."""
-    env = algo.env.with_temperature(shape=algo.config.target_shape, deterministic=deterministic, inputs=inputs)
-    if mass is not None:
-        physics["mass_scale"] = mass
-    if friction is not None:
-        physics["friction_scale"] = friction
-    if not adversary:
-        physics["adversary_scale"] = 0.0
-    return with_params(env, **physics) if physics else env
-
-
-def protagonist_returns(algo: Algorithm, params, env, key, num_episodes: int, greedy: bool = True):
-    """``[num_episodes]`` protagonist returns of the first episode in each of
-    ``num_episodes`` parallel copies of ``env`` (``spec.max_steps`` steps)."""
-    n = num_episodes
-    k_reset, k_run = jax.random.split(key)
-    env_state, ts = jax.vmap(env.reset)(jax.random.split(k_reset, n))
-
-    def step(c, key):
-        env_state, ts, finished, ret = c
-        k_act, k_env = jax.random.split(key)
-        action, _ = algo.act(params, ts, None, k_act, greedy)
-        env_state, ts = jax.vmap(env.step)(jax.random.split(k_env, n), env_state, action)
-        ret = ret + jnp.where(finished, 0.0, ts.reward[:, 0])
-        return (env_state, ts, finished | ts.done, ret), None
-
-    init = (env_state, ts, jnp.zeros((n,), bool), jnp.zeros((n,), jnp.float32))
-    (_, _, _, ret), _ = jax.lax.scan(step, init, jax.random.split(k_run, env.spec.max_steps))
-    return ret
-
-
-def evaluate_protagonist(
-    algo: Algorithm,
-    params,
-    key,
-    num_episodes: int = 16,
-    adversary: bool = True,
-    greedy: bool = True,
-    inputs: Optional[Sequence[bool]] = None,
-):
-    """Mean protagonist return against the (final) adversary in ``params``, or without
-    adversary (``adversary=False``: its force scaled by 0). Jittable; vmap over seeds."""
-    env = eval_env(algo, adversary=adversary, inputs=inputs)
-    return protagonist_returns(algo, params, env, key, num_episodes, greedy).mean()
-
-
-def stress_axes(algo: Algorithm, n: int = 11):
-    """The task's robustness grid axes ``((field, values), (field, values))``."""
-    return algo.env.unwrapped.stress_grid(n)
-
-
-def robustness_grid(algo: Algorithm, params, key, axes=None, num_episodes: int = 1, greedy: bool = True):
-    """``[M, F]`` mean protagonist return without adversary on the task's stress grid
-    (``axes``: two ``(PhysicsParams field, values)`` pairs, default :func:`stress_axes`:
-    mass x friction, or cart-pole's pole mass x cart mass), ``num_episodes`` per cell,
-    all cells in one vmapped rollout over the physics parameters (``with_params`` with
-    traced values). Every cell uses the same ``key`` (the same initial states):
-    differences between cells come from the physics only. Jittable; vmap over seeds."""
-    (f1, v1), (f2, v2) = stress_axes(algo) if axes is None else axes
-    m, f = jnp.meshgrid(jnp.asarray(v1, jnp.float32), jnp.asarray(v2, jnp.float32), indexing="ij")
-
-    def cell(a, b):
-        env = eval_env(algo, adversary=False, **{f1: a, f2: b})
-        return protagonist_returns(algo, params, env, key, num_episodes, greedy).mean()
-
-    return jax.vmap(cell)(m.reshape(-1), f.reshape(-1)).reshape(m.shape)
-
-
-def grid_spread(grid):
-    """(max - min) / mean over the last two axes of a robustness grid: how much the
-    physics changes the return (0: not at all)."""
-    grid = jnp.asarray(grid)
-    return (grid.max((-2, -1)) - grid.min((-2, -1))) / jnp.abs(grid.mean((-2, -1)))
-
-
-def best_response_algo(env, config: QARLConfig, total_steps: int, protagonist_input: bool) -> Algorithm:
-    """A fresh adversary to train against a frozen protagonist: ``env``'s adversary at
-    the target temperature (alpha = target_shape / gamma_rate every episode), SAC with
-    ``config``'s networks, only the adversary learning for ``total_steps``.
-    ``protagonist_input``: whether the protagonist reads log alpha (its own run's setting)."""
-    c = dataclasses.replace(
-        config,
-        curriculum="fixed",
-        adversary=True,
-        total_steps=int(total_steps),
-        buffer_size=min(config.buffer_size, int(total_steps)),
-        phase_unit="iterations",
-        phase_length=2**30,
-        temperature_inputs=(bool(protagonist_input), True),
-    )
-    return make(env, c, name="best_response")
-
-
-def train_best_response(br: Algorithm, protagonist_params: sac.Params, key, chunk_iterations: int = 500):
-    """Trains ``br``'s fresh adversary against each seed's frozen protagonist
-    (``protagonist_params``: seed-batched ``[S, A, ...]``; agent 0 is used) for
-    ``br.config.num_updates`` iterations, seeds vmapped; returns the final train states."""
-    S = jax.tree.leaves(protagonist_params)[0].shape[0]
-
-    def init(k, prot):
-        state = br.init(k)
-        return state.replace(params=cross_params(prot, state.params))
-
-    state = jax.jit(jax.vmap(init))(jax.random.split(key, S), protagonist_params)
-    run = lambda n: jax.jit(
-        jax.vmap(lambda s: jax.lax.scan(lambda s, _: (br.update(s)[0], None), s, None, n)[0], axis_name=SEED_AXIS)
-    )
-    total = br.config.num_updates
-    chunk = min(chunk_iterations, total)
-    step = run(chunk)
-    for _ in range(total // chunk):
-        state = step(state)
-    if total % chunk:
-        state = run(total % chunk)(state)
-    return state
-
-
-def cross_params(protagonist_params: sac.Params, adversary_params: sac.Params, seed_axis: bool = False) -> sac.Params:
-    """Agent 0 (actor, critics, temperature) from one run and agent 1 from another:
-    a protagonist against another method's adversary. Parameters are one seed's
-    (agent axis first) or, with ``seed_axis=True``, seed-batched ``[S, A, ...]`` (seed i
-    against the other run's seed i)."""
-    if seed_axis:
-        return jax.vmap(cross_params)(protagonist_params, adversary_params)
-    return jax.tree.map(lambda p, a: p.at[1].set(a[1]), protagonist_params, adversary_params)
-
-
-def save_grid(grid, axes, path_prefix: str, title: str = "") -> tuple[str, str]:
-    """Writes ``<prefix>.json`` (the two axes, returns [M][F]) and a heatmap ``<prefix>.png``;
-    returns both paths. ``axes``: ``((field, values), (field, values))`` (:func:`stress_axes`);
-    ``grid``: ``[M, F]`` (or ``[S, M, F]``: the heatmap shows the mean over seeds, the JSON
-    keeps every seed)."""
-    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
-
-    (n1, v1), (n2, v2) = axes
-    grid = np.asarray(grid, np.float64)
-    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    with open(path_prefix + ".json", "w") as fh:
-        json.dump(
-            {
-                "title": title,
-                n1: list(map(float, v1)),
-                n2: list(map(float, v2)),
-                "axes": (["seed"] if grid.ndim == 3 else []) + [n1, n2],
-                "returns": grid.tolist(),
-            },
-            fh,
-        )
-    mean = grid.mean(0) if grid.ndim == 3 else grid
-    fig, ax = plt.subplots(figsize=(6, 5))
-    im = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2], rotation=45)
-    ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
-    ax.set_xlabel(n2)
-    ax.set_ylabel(n1)
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="protagonist return")
-    fig.tight_layout()
-    fig.savefig(path_prefix + ".png", dpi=100)
-    plt.close(fig)
-    return path_prefix + ".json", path_prefix + ".png"

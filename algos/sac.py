@@ -47,11 +47,11 @@ Hooks for algorithms built on SAC (QARL, ``algos/qarl.py``); none changes plain 
   These agents' ``log_alpha`` is neither used nor tuned.
 - ``TrainState.ext``: the state of the algorithm built on SAC (QARL's curriculum),
   carried unchanged by SAC's ``update``; ``None`` for SAC.
-- ``make(..., expose_rollout=True)``: ``update``'s metrics also hold ``"rollout"``, a
-  dict of the iteration's per-step arrays ``done [T, E]``, ``return [T, E, A]`` (the
-  running per-agent return, the episode's return where ``done``) and ``info`` (the
-  environment's ``Timestep.info``, leaves ``[T, E, ...]``); the caller must remove it
-  before the runner sees the metrics.
+- :func:`make_parts` also gives ``update_with_rollout(state) -> (state, metrics,
+  Rollout)``: the same update, returning the iteration's per-step arrays (``done [T, E]``,
+  ``ret [T, E, A]``: the running per-agent return, the episode's return where ``done``;
+  ``info``: the environment's ``Timestep.info``, leaves ``[T, E, ...]``) for an algorithm
+  built on SAC (QARL's curriculum reads the finished episodes from it).
 
 Regularizer (the shared block, ``marl.regularizers``): ``kind="entropy"`` (default)
 is SAC's own maximum-entropy term above, with temperature alpha (``init_alpha``,
@@ -83,7 +83,8 @@ Choices and deviations:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, NamedTuple, Optional, Sequence
+import functools
+from typing import Any, Callable, Literal, NamedTuple, Optional, Sequence
 
 import distrax
 import flax.linen as nn
@@ -263,7 +264,24 @@ class TrainState:
     ext: Any = None  # state of an algorithm built on SAC; carried unchanged
 
 
-def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False) -> Algorithm:  # noqa: C901
+class Rollout(NamedTuple):
+    """One iteration's per-step rollout arrays (see :func:`make_parts`)."""
+
+    done: jax.Array  # [T, E]
+    ret: jax.Array  # [T, E, A] running per-agent return (the episode's return where done)
+    info: dict  # Timestep.info, leaves [T, E, ...]
+
+
+class SACParts(NamedTuple):
+    algorithm: Algorithm
+    update_with_rollout: Callable  # state -> (state, metrics, Rollout)
+
+
+def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
+    return make_parts(env, config, name).algorithm
+
+
+def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: C901
     spec = env.spec
     if spec.discrete or spec.action_dim is None:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
@@ -385,7 +403,7 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
     def initial_carry(batch_shape=()):
         return jnp.zeros(batch_shape)  # feed-forward: nothing to carry
 
-    def rollout_step(state: TrainState, key):
+    def rollout_step(state: TrainState, key, keep_info: bool = False):
         ts = state.last_ts
         k_act, k_rand, k_env = jax.random.split(key, 3)
         policy_action, _ = act(state.params, ts, None, k_act)
@@ -402,7 +420,7 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
             env_steps=state.env_steps + E,
         )
         stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
-        return state, (tr, stats, ret, nts.done, nts.info if expose_rollout else None)
+        return state, (tr, stats, ret, nts.done, nts.info if keep_info else None)
 
     # ------------------------------------------------------------------ learning
     def divergence_to(mean, log_std, ref_mean, ref_log_std):
@@ -477,9 +495,10 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
         (state, _), metrics = jax.lax.scan(grad_step, (state, ref_actor), jax.random.split(key, config.train_steps))
         return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
-    def update(state: TrainState):
+    def update_with_rollout(state: TrainState, keep_info: bool = True):
         key, k_roll, k_learn = jax.random.split(state.key, 3)
-        state, (traj, stats, ret, done, infos) = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
+        step = functools.partial(rollout_step, keep_info=keep_info)
+        state, (traj, stats, ret, done, infos) = jax.lax.scan(step, state, jax.random.split(k_roll, T))
         flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
         state = state.replace(buffer=buffers.replay_add(state.buffer, flat))
         ref_actor = None
@@ -506,8 +525,10 @@ def make(env, config: SACConfig, name: str = "sac", expose_rollout: bool = False
                 metrics[f"return_agent{i}"] = per_agent_return[i]
                 metrics[f"alpha_agent{i}"] = alpha[i]
         metrics["learning"] = ready.astype(jnp.float32)
-        if expose_rollout:
-            metrics["rollout"] = {"done": done, "return": ret, "info": infos}
+        return state, metrics, Rollout(done, ret, infos)
+
+    def update(state: TrainState):
+        state, metrics, _ = update_with_rollout(state, keep_info=False)
         return state, metrics
 
-    return Algorithm(name, config, env, init, update, act, initial_carry, E * T)
+    return SACParts(Algorithm(name, config, env, init, update, act, initial_carry, E * T), update_with_rollout)

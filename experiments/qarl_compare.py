@@ -9,9 +9,9 @@ evaluates every seed's final protagonist (greedy)
 - against its own final adversary, and against the other methods' final adversaries
   (cross play, each player with its own run's temperature input),
 - against a fresh best-response adversary: SAC at the target temperature trained for
-  ``--br-steps`` against the frozen protagonist (``qarl.train_best_response``),
+  ``--br-steps`` against the frozen protagonist (``qarl_eval.train_best_response``),
 - without adversary (its force scaled by 0),
-- on the task's stress grid without adversary (``qarl.stress_axes``; one vmapped rollout),
+- on the task's stress grid without adversary (``qarl_eval.stress_axes``; one vmapped rollout),
   with each seed's spread (max - min) / mean.
 
 Each figure is summarized over seeds by its IQM and a 95% percentile-bootstrap interval
@@ -44,11 +44,11 @@ import numpy as np
 
 import algos
 import envs
-from algos import qarl
+from algos import qarl, qarl_eval
 from envs.adversarial import with_params
 from experiments.cli import entry
 from experiments.regularizer_study import metric_arrays
-from marl import stats
+from marl import plotting, stats
 from marl.checkpoint import Checkpointer
 from marl.logging import read_metrics
 from marl.runner import init_states, train
@@ -224,7 +224,7 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
             else None,
         }
 
-    (n1, v1), (n2, v2) = axes = qarl.stress_axes(next(iter(trained.values()))[0], args.grid)
+    (n1, v1), (n2, v2) = axes = qarl_eval.stress_axes(next(iter(trained.values()))[0], args.grid)
     keys = jax.random.split(jax.random.PRNGKey(args.seed + 1), args.num_seeds)
     tag = {"eval_episodes": args.eval_episodes, "grid": args.grid, "num_seeds": args.num_seeds, "seed": args.seed}
     summary = {}
@@ -239,7 +239,7 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
             ev = evaluate_method(env, method, trained, axes, keys, args, os.path.join(out_dir, method))
             with open(cache, "w") as fh:
                 json.dump({"tag": {**tag, "iteration": done}, "eval": ev}, fh)
-            qarl.save_grid(
+            plotting.save_grid(
                 ev["grid"],
                 axes,
                 os.path.join(out_dir, f"robustness_{method}"),
@@ -259,7 +259,7 @@ def run_env(env_name: str, scale: float, args, out_dir: str) -> dict:
             "grid_axes": [n1, n2],
             "robustness_grid_mean": grid.mean((1, 2)).tolist(),
             "robustness_grid_min": grid.min((1, 2)).tolist(),
-            "robustness_grid_spread": np.asarray(qarl.grid_spread(grid)).tolist(),
+            "robustness_grid_spread": np.asarray(qarl_eval.grid_spread(grid)).tolist(),
         }
         for k in (
             "return_without_adversary",
@@ -292,7 +292,7 @@ def evaluate_method(env, method: str, trained: dict, axes, keys, args, run_dir: 
         for o, (oalgo, _, _) in trained.items()
         if oalgo.config.adversary
     }
-    crossed = {o: qarl.cross_params(params, trained[o][1].params, seed_axis=True) for o in others}
+    crossed = {o: qarl_eval.cross_params(params, trained[o][1].params, seed_axis=True) for o in others}
     out = jax.tree.map(np.asarray, evaluate(algo, others, axes, args.eval_episodes)(params, crossed, keys))
     best = best_response(env, algo, params, keys, args, os.path.join(run_dir, "best_response.json"))
     return {
@@ -310,11 +310,11 @@ def evaluate(algo, others: dict, axes, episodes: int):
 
     def one(params, crossed, key):
         out = {
-            "without": qarl.evaluate_protagonist(algo, params, key, episodes, False),
-            "grid": qarl.robustness_grid(algo, params, key, axes),
+            "without": qarl_eval.evaluate_protagonist(algo, params, key, episodes, False),
+            "grid": qarl_eval.robustness_grid(algo, params, key, axes),
         }
         for o, (oalgo, inputs) in others.items():
-            out[o] = qarl.evaluate_protagonist(oalgo, crossed[o], key, episodes, True, inputs=inputs)
+            out[o] = qarl_eval.evaluate_protagonist(oalgo, crossed[o], key, episodes, True, inputs=inputs)
         return out
 
     return jax.jit(jax.vmap(one))
@@ -337,10 +337,10 @@ def best_response(env, algo, params, keys, args, path: str) -> Optional[list]:
         if done.get("tag") == tag:
             return done["returns"]
     t0 = time.perf_counter()
-    br = qarl.best_response_algo(env, algo.config, int(args.br_steps), algo.config.inputs[0])
+    br = qarl_eval.best_response_algo(env, algo.config, int(args.br_steps), algo.config.inputs[0])
     # one compiled chunk for the whole budget
-    state = qarl.train_best_response(br, params, jax.random.PRNGKey(args.seed + 2), br.config.num_updates)
-    ev = jax.jit(jax.vmap(lambda p, k: qarl.evaluate_protagonist(br, p, k, args.eval_episodes, True)))
+    state = qarl_eval.train_best_response(br, params, jax.random.PRNGKey(args.seed + 2), br.config.num_updates)
+    ev = jax.jit(jax.vmap(lambda p, k: qarl_eval.evaluate_protagonist(br, p, k, args.eval_episodes, True)))
     returns = np.asarray(ev(state.params, keys)).tolist()
     with open(path, "w") as fh:
         json.dump({"tag": tag, "returns": returns, "seconds": time.perf_counter() - t0}, fh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -57,3 +58,39 @@ def plot_run(run_dir: str, metrics=("return", "win_rate"), path: str | None = No
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_grid(grid, axes, path_prefix: str, title: str = "") -> tuple[str, str]:
+    """Writes ``<prefix>.json`` (the two axes, returns [M][F]) and a heatmap ``<prefix>.png``;
+    returns both paths. ``axes``: ``((field, values), (field, values))`` (:func:`stress_axes`);
+    ``grid``: ``[M, F]`` (or ``[S, M, F]``: the heatmap shows the mean over seeds, the JSON
+    keeps every seed)."""
+    import matplotlib.pyplot as plt  # headless: matplotlib picks Agg itself; a notebook keeps its backend
+
+    (n1, v1), (n2, v2) = axes
+    grid = np.asarray(grid, np.float64)
+    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
+    with open(path_prefix + ".json", "w") as fh:
+        json.dump(
+            {
+                "title": title,
+                n1: list(map(float, v1)),
+                n2: list(map(float, v2)),
+                "axes": (["seed"] if grid.ndim == 3 else []) + [n1, n2],
+                "returns": grid.tolist(),
+            },
+            fh,
+        )
+    mean = grid.mean(0) if grid.ndim == 3 else grid
+    fig, ax = plt.subplots(figsize=(6, 5))
+    im = ax.imshow(mean, origin="lower", aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(v2)), [f"{v:g}" for v in v2], rotation=45)
+    ax.set_yticks(range(len(v1)), [f"{v:g}" for v in v1])
+    ax.set_xlabel(n2)
+    ax.set_ylabel(n1)
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="protagonist return")
+    fig.tight_layout()
+    fig.savefig(path_prefix + ".png", dpi=100)
+    plt.close(fig)
+    return path_prefix + ".json", path_prefix + ".png"

@@ -11,7 +11,9 @@ from scipy import integrate, stats
 
 import algos
 import envs
-from algos import qarl
+from algos import qarl, qarl_eval
+from envs.temperature import TemperatureObs
+from marl import distributions, plotting
 from marl.config import ConfigError
 from marl.runner import init_states, make_chunk_fn
 
@@ -25,10 +27,10 @@ def test_gamma_kl_matches_quadrature(k1, r1, k2, r2):
     p, q = stats.gamma(k1, scale=1 / r1), stats.gamma(k2, scale=1 / r2)
     lo, hi = p.ppf(1e-12), p.ppf(1 - 1e-12)
     numeric, _ = integrate.quad(lambda x: p.pdf(x) * (p.logpdf(x) - q.logpdf(x)), lo, hi, limit=400)
-    closed = float(qarl.gamma_kl(jnp.float32(k1), r1, jnp.float32(k2), r2))
+    closed = float(distributions.gamma_kl(jnp.float32(k1), r1, jnp.float32(k2), r2))
     np.testing.assert_allclose(closed, numeric, rtol=2e-3, atol=1e-5)
     x = np.float32(p.mean())
-    np.testing.assert_allclose(float(qarl.gamma_log_prob(x, k1, r1)), p.logpdf(x), rtol=1e-4)
+    np.testing.assert_allclose(float(distributions.gamma_log_prob(x, k1, r1)), p.logpdf(x), rtol=1e-4)
 
 
 def _curriculum(returns_of, shape=50.0, n=30, threshold=10.0, seed=0):
@@ -48,7 +50,7 @@ def _reference_step(cur, k_old, threshold, bound=0.5, n=20001):
     logw = stats.gamma.logpdf(a[None], ks[:, None], scale=1 / RATE) - stats.gamma.logpdf(a, drawn, scale=1 / RATE)
     w = np.exp(logw - logw.max(1, keepdims=True))
     perf = (w * ret).sum(1) / w.sum(1)
-    kl = np.asarray(qarl.gamma_kl(jnp.asarray(ks), RATE, k_old, RATE))
+    kl = np.asarray(distributions.gamma_kl(jnp.asarray(ks), RATE, k_old, RATE))
     ok = (kl <= bound) & (perf >= threshold)
     bad = np.flatnonzero(~ok)
     return ks[0] if bad.size == 0 else ks[bad[-1] + 1]
@@ -61,7 +63,7 @@ def test_curriculum_update_solves_the_constrained_step_continuously_or_keeps_the
     good = _curriculum(lambda a: np.full_like(a, 100.0))
     new, perf = update(good)
     assert float(new) < 50.0 and float(perf) == pytest.approx(100.0)
-    assert float(qarl.gamma_kl(new, RATE, 50.0, RATE)) == pytest.approx(0.5, abs=1e-4)
+    assert float(distributions.gamma_kl(new, RATE, 50.0, RATE)) == pytest.approx(0.5, abs=1e-4)
     assert float(new) == pytest.approx(_reference_step(good, 50.0, 10.0), rel=1e-3)
 
     # performance below the threshold at k_old, or no pairs at all: nothing feasible, k stays
@@ -99,7 +101,9 @@ def test_curriculum_reaches_the_target_when_returns_exceed_the_threshold():
     assert shapes[-1] == 1.0 and (np.diff(shapes) <= 0).all()
     reached = int(np.argmax(shapes == 1.0))
     assert 8 <= reached <= 16  # KL-limited steps: 2 (sqrt(50) - 1) = 12 in the normal approximation
-    kl = np.asarray(qarl.gamma_kl(jnp.asarray(shapes[1:reached]), RATE, jnp.asarray(shapes[: reached - 1]), RATE))
+    kl = np.asarray(
+        distributions.gamma_kl(jnp.asarray(shapes[1:reached]), RATE, jnp.asarray(shapes[: reached - 1]), RATE)
+    )
     np.testing.assert_allclose(kl, 0.5, atol=1e-3)  # every step but the last uses the whole trust region
 
 
@@ -114,7 +118,7 @@ def test_ring_buffer_keeps_the_latest_pairs():
 
 def test_temperature_wrapper_draws_per_episode_and_appends_to_obs():
     base = envs.make("adv:cartpole")
-    env = qarl.TemperatureObs(base, 50.0, RATE)
+    env = TemperatureObs(base, 50.0, RATE)
     assert env.spec.obs_dim == base.spec.obs_dim + 1
     n, T = 32, 150
 
@@ -189,7 +193,7 @@ def _tiny(env_name="adv:cartpole", **kw):
 
 
 def test_temperature_inputs_per_player():
-    env = qarl.TemperatureObs(envs.make("adv:cartpole"), 50.0, RATE, inputs=(True, False))
+    env = TemperatureObs(envs.make("adv:cartpole"), 50.0, RATE, inputs=(True, False))
     _, ts = env.reset(jax.random.PRNGKey(0))
     assert float(ts.obs[0, -1]) < -1.0 and float(ts.obs[1, -1]) == 0.0  # log(~0.05) for the protagonist only
     assert env.with_temperature(inputs=(False, True)).inputs == (False, True)
@@ -207,9 +211,9 @@ def test_qarl_reaches_the_target_shape_and_a_best_response_trains_only_the_adver
     assert np.asarray(finite).all() and (shapes[:, -1] == 1.0).all() and (np.diff(shapes, axis=1) <= 0).all()
     assert (shapes[:, 0] == 50.0).all()
 
-    br = qarl.best_response_algo(envs.make("adv:cartpole"), algo.config, 4 * 8 * 6, protagonist_input=True)
+    br = qarl_eval.best_response_algo(envs.make("adv:cartpole"), algo.config, 4 * 8 * 6, protagonist_input=True)
     assert br.config.curriculum == "fixed" and br.env.deterministic and br.env.shape == 1.0
-    out = qarl.train_best_response(br, state.params, jax.random.PRNGKey(1), chunk_iterations=3)
+    out = qarl_eval.train_best_response(br, state.params, jax.random.PRNGKey(1), chunk_iterations=3)
     for before, after in zip(jax.tree.leaves(state.params), jax.tree.leaves(out.params), strict=True):
         np.testing.assert_array_equal(after[:, 0], before[:, 0])  # the protagonist is frozen
     moved = [
@@ -218,7 +222,7 @@ def test_qarl_reaches_the_target_shape_and_a_best_response_trains_only_the_adver
     ]
     assert any(moved) and int(out.ext.phase.max()) == 0  # only the adversary's phase
     keys = jax.random.split(jax.random.PRNGKey(2), 2)
-    ret = jax.vmap(lambda p, k: qarl.evaluate_protagonist(br, p, k, 4))(out.params, keys)
+    ret = jax.vmap(lambda p, k: qarl_eval.evaluate_protagonist(br, p, k, 4))(out.params, keys)
     assert np.isfinite(np.asarray(ret)).all()
 
 
@@ -320,13 +324,13 @@ def test_phases_in_iterations_schedules_and_baselines():
 def test_robustness_grid_parameters_reach_the_physics(tmp_path):
     algo = _tiny("adv:pendulum", threshold=-400.0)
     params = jax.jit(algo.init)(jax.random.PRNGKey(0)).params
-    i, j = qarl.DEFAULT_MASSES.index(1.0), qarl.DEFAULT_FRICTIONS.index(1.0)
+    i, j = qarl_eval.DEFAULT_MASSES.index(1.0), qarl_eval.DEFAULT_FRICTIONS.index(1.0)
 
     @jax.jit
     def evaluate(p, key):  # one program: the 11 x 11 grid, the nominal cell, with and without adversary
-        nominal = qarl.protagonist_returns(algo, p, qarl.eval_env(algo, adversary=False), key, 1)
-        with_adv = qarl.protagonist_returns(algo, p, qarl.eval_env(algo, adversary=True), key, 1)
-        return qarl.robustness_grid(algo, p, key), nominal, with_adv
+        nominal = qarl_eval.protagonist_returns(algo, p, qarl_eval.eval_env(algo, adversary=False), key, 1)
+        with_adv = qarl_eval.protagonist_returns(algo, p, qarl_eval.eval_env(algo, adversary=True), key, 1)
+        return qarl_eval.robustness_grid(algo, p, key), nominal, with_adv
 
     grid, nominal, with_adv = map(np.asarray, evaluate(params, jax.random.PRNGKey(3)))
     assert grid.shape == (11, 11) and np.isfinite(grid).all()
@@ -334,7 +338,7 @@ def test_robustness_grid_parameters_reach_the_physics(tmp_path):
     # the nominal cell is the plain evaluation without adversary (same key, same start)
     np.testing.assert_allclose(grid[i, j], nominal[0], rtol=1e-4)
     assert not np.allclose(with_adv, nominal)  # the adversary's force matters
-    js, png = qarl.save_grid(grid, qarl.stress_axes(algo), str(tmp_path / "grid"), "test")
+    js, png = plotting.save_grid(grid, qarl_eval.stress_axes(algo), str(tmp_path / "grid"), "test")
     assert (tmp_path / "grid.png").stat().st_size > 1000 and "returns" in open(js).read()
 
 
@@ -343,10 +347,10 @@ def test_cross_params_swaps_the_adversary_of_every_seed():
     init = jax.jit(jax.vmap(algo.init))
     a = init(jax.random.split(jax.random.PRNGKey(0), 3)).params
     b = init(jax.random.split(jax.random.PRNGKey(1), 3)).params
-    crossed = qarl.cross_params(a, b, seed_axis=True)
+    crossed = qarl_eval.cross_params(a, b, seed_axis=True)
     for x, y, c in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(crossed), strict=True):
         np.testing.assert_array_equal(c[:, 0], x[:, 0])  # every seed keeps its protagonist
         np.testing.assert_array_equal(c[:, 1], y[:, 1])  # and faces the other run's adversary
-    one = qarl.cross_params(jax.tree.map(lambda x: x[0], a), jax.tree.map(lambda x: x[0], b))
+    one = qarl_eval.cross_params(jax.tree.map(lambda x: x[0], a), jax.tree.map(lambda x: x[0], b))
     for x, c in zip(jax.tree.leaves(one), jax.tree.leaves(crossed), strict=True):
         np.testing.assert_array_equal(x, c[0])
