@@ -144,7 +144,7 @@ from marl.types import Algorithm, Timestep, hparams
 
 
 @dataclasses.dataclass(frozen=True)
-class DecPOMFCConfig:
+class DecPOMFCConfig(cfg.RunConfig):
     """Dec-POMFC settings (see the module docstring for the role of each)."""
 
     total_steps: int = 1_000_000
@@ -228,10 +228,6 @@ class DecPOMFCConfig:
                 f"must divide num_envs * num_steps = {self.num_envs * self.num_steps}",
             )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // (self.num_envs * self.num_steps)
 
 
 # ----------------------------------------------------------------------------- the lifted env

@@ -99,7 +99,7 @@ from marl.types import Algorithm, Timestep, hparams
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(cfg.RunConfig):
     """PPO settings. ``critic``: "independent" (IPPO) or "centralized" (MAPPO)."""
 
     critic: Literal["independent", "centralized"] = "centralized"
@@ -154,10 +154,6 @@ class PPOConfig:
                 "(minibatches split the parallel environments)",
             )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // (self.num_envs * self.num_steps)
 
 
 PRESETS = {

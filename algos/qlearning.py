@@ -92,7 +92,7 @@ from marl.types import Algorithm, Timestep, hparams, max_over_seeds
 
 
 @dataclasses.dataclass(frozen=True)
-class QLearningConfig:
+class QLearningConfig(cfg.RunConfig):
     """Q-learning settings. ``mixer``: vdn | qmix | qplex | none (independent Q-learning)."""
 
     mixer: Literal["vdn", "qmix", "qplex", "none"] = "qmix"
@@ -174,10 +174,6 @@ class QLearningConfig:
                 "batch_size", self.batch_size, f"must be <= buffer_size={self.buffer_size} (whole episodes are sampled)"
             )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // (self.num_envs * self.num_steps)
 
 
 class HParams(NamedTuple):

@@ -106,7 +106,7 @@ def _default_regularizer() -> reg.RegularizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SACConfig:
+class SACConfig(cfg.RunConfig):
     """SAC settings. ``agents``: "independent" (per-agent parameters) or "shared"."""
 
     agents: Literal["independent", "shared"] = "independent"
@@ -176,10 +176,6 @@ class SACConfig:
                     "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'",
                 )
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
-
-    @property
-    def num_updates(self) -> int:
-        return self.total_steps // (self.num_envs * self.num_steps)
 
 
 class HParams(NamedTuple):

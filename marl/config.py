@@ -59,6 +59,27 @@ def check_total_steps(total_steps: int, num_envs: int, num_steps: int) -> None:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The fields every on-line learner's config shares: the budget and the rollout shape.
+
+    Each algorithm's config subclasses it and may redeclare a field to change its default
+    (the field keeps its place); each validates these fields in its own ``__post_init__``
+    (:func:`check_total_steps` among them)."""
+
+    total_steps: int = 1_000_000
+    """env steps per seed, all parallel environments together; accepts 1e6 on the CLI"""
+    num_envs: int = 8
+    """parallel environments per seed"""
+    num_steps: int = 64
+    """env steps per environment per iteration"""
+
+    @property
+    def num_updates(self) -> int:
+        """Iterations of ``update`` in a run: ``total_steps // (num_envs * num_steps)``."""
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+
 def replace(config, **changes):
     """``dataclasses.replace`` that re-runs validation (``__post_init__``)."""
     return dataclasses.replace(config, **changes)
