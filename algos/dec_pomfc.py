@@ -130,6 +130,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from algos import ppo
@@ -140,6 +141,7 @@ from marl import mean_field as mf
 from marl import regularizers as reg
 from marl.episodes import FINAL_KEYS, episode_metrics
 from marl.networks import MLP, dense
+from marl.optim import with_learning_rate
 from marl.types import Algorithm, Timestep, hparams
 
 
@@ -207,20 +209,7 @@ class DecPOMFCConfig(cfg.RunConfig):
         feats = self.obs_features
         if not (isinstance(feats, (tuple, list)) and all(isinstance(i, int) and i >= 0 for i in feats)):
             raise cfg.ConfigError("obs_features", feats, "must be a tuple of non-negative observation indices")
-        r = self.regularizer
-        if r.kind not in ("none", "entropy") and r.reference == "uniform":
-            raise cfg.ConfigError(
-                "regularizer.reference",
-                r.reference,
-                "the upper policy is Gaussian (no uniform reference); use initial or rollout",
-            )
-        if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
-            raise cfg.ConfigError(
-                "regularizer.reference",
-                r.reference,
-                "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
-                "use reference initial, or mode 'loss'",
-            )
+        reg.check_usage(self.regularizer, who="dec_pomfc's upper level", gaussian=True, rollout_is_policy=True)
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise cfg.ConfigError(
                 "num_minibatches",
@@ -555,13 +544,15 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
                 mb, a, tg = jax.tree.map(lambda z: z[idx], data)
                 grads, metrics = jax.grad(loss_fn, has_aux=True)(params, ref_params, mb, a, tg, hp)
                 updates, opt_state = tx.update(grads, opt_state)
-                params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+                params = optax.apply_updates(params, updates)
                 return (params, opt_state), metrics
 
             return jax.lax.scan(minibatch, carry, perm)
 
         (params, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs)
+            epoch,
+            (state.params, with_learning_rate(state.opt_state, lr)),
+            jax.random.split(k_perm, config.update_epochs),
         )
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(traj.info))

@@ -93,6 +93,7 @@ from marl import regularizers as reg
 from marl.episodes import FINAL_KEYS, episode_metrics
 from marl.losses import clipped_policy_loss, clipped_value_loss, gaussian_entropy, gaussian_log_prob, split_gaussian
 from marl.networks import ActorCritic
+from marl.optim import descent, with_learning_rate
 from marl.regularizers import gaussian_regularizer
 from marl.returns import gae
 from marl.types import Algorithm, Timestep, hparams
@@ -126,14 +127,7 @@ class PPOConfig(cfg.RunConfig):
     regularizer: reg.RegularizerConfig = dataclasses.field(default_factory=reg.RegularizerConfig)
 
     def __post_init__(self):
-        r = self.regularizer
-        if r.kind != "none" and r.mode == "penalty" and r.reference == "rollout":
-            raise cfg.ConfigError(
-                "regularizer.reference",
-                r.reference,
-                "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
-                "use reference initial|uniform, or mode 'loss' for a trust region",
-            )
+        reg.check_usage(self.regularizer, who="PPO", rollout_is_policy=True)
         cfg.check_choice("critic", self.critic, ["independent", "centralized"])
         for f in ("total_steps", "num_envs", "num_steps", "update_epochs", "num_minibatches", "hidden"):
             cfg.check_positive(f, getattr(self, f), integer=True)
@@ -170,9 +164,9 @@ MAX_AGENT_IDS = 256
 
 
 def make_optimizer(max_grad_norm: float) -> optax.GradientTransformation:
-    """Adam direction with global-norm clipping; the (annealed) learning rate is applied
-    by the caller as ``p - lr * update`` so that it can be a traced hyperparameter."""
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(eps=1e-5))
+    """Adam with global-norm clipping; the learning rate is injected (``marl.optim``): the
+    traced, annealed rate is set in the optimizer state each update."""
+    return descent(optax.clip_by_global_norm(max_grad_norm), optax.scale_by_adam(eps=1e-5))
 
 
 class GaussianActorCritic(nn.Module):
@@ -263,12 +257,7 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
     if not discrete:
         if spec.action_dim is None:
             raise cfg.ConfigError("env", spec.name, f"{name} needs num_actions or action_dim in the env spec")
-        if rcfg.kind not in ("none", "entropy") and rcfg.reference == "uniform":
-            raise cfg.ConfigError(
-                "regularizer.reference",
-                rcfg.reference,
-                "a continuous (Gaussian) policy has no uniform reference; use initial or rollout",
-            )
+        reg.check_usage(rcfg, who=f"{name} on continuous actions", gaussian=True)
     centralized = config.critic == "centralized"
     if discrete:
         net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
@@ -573,13 +562,15 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
                 mb = jax.tree.map(take_t, (traj._replace(info={}), ref_logits, adv, targets))
                 grads, metrics = jax.grad(loss_fn, has_aux=True)(params, h0[idx], *mb, hp)
                 updates, opt_state = tx.update(grads, opt_state)
-                params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+                params = optax.apply_updates(params, updates)
                 return (params, opt_state), metrics
 
             return jax.lax.scan(minibatch, (params, opt_state), perm)
 
         (params, opt_state), metrics = jax.lax.scan(
-            epoch, (state.params, state.opt_state), jax.random.split(k_perm, config.update_epochs)
+            epoch,
+            (state.params, with_learning_rate(state.opt_state, lr)),
+            jax.random.split(k_perm, config.update_epochs),
         )
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(penalty_metrics)

@@ -86,6 +86,7 @@ from marl import mixers as mx
 from marl import regularizers as reg
 from marl.episodes import FINAL_KEYS, episode_metrics
 from marl.losses import NEG, masked_argmax, masked_max, next_actions, take
+from marl.optim import descent, with_learning_rate
 from marl.returns import lambda_returns
 from marl.rnn import RNNAgent, unroll_chunked
 from marl.types import Algorithm, Timestep, hparams, max_over_seeds
@@ -309,7 +310,7 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         scale = optax.scale_by_rms(decay=config.rms_alpha, eps=config.opt_eps, eps_in_sqrt=False)
     else:
         scale = optax.scale_by_adam(eps=config.opt_eps)
-    tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), scale)
+    tx = descent(optax.clip_by_global_norm(config.max_grad_norm), scale)
 
     # ------------------------------------------------------------------ inputs
     def agent_inputs(ext_params, obs, prev_action, fields):
@@ -584,8 +585,8 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             params, state.target_params, state.ref_params, state.ext, batch, hp, k_loss
         )
-        updates, new_opt_state = tx.update(grads, opt_state)
-        new_params = jax.tree.map(lambda p, u: p - hp.lr * u, params, updates)
+        updates, new_opt_state = tx.update(grads, with_learning_rate(opt_state, hp.lr))
+        new_params = optax.apply_updates(params, updates)
         ready = buffers.can_sample(state.buffer, config.batch_size)
         params, opt_state = jax.tree.map(
             lambda new, old: jnp.where(ready, new, old), (new_params, new_opt_state), (params, opt_state)

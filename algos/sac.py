@@ -98,6 +98,7 @@ from marl import config as cfg
 from marl import regularizers as reg
 from marl.episodes import episode_metrics
 from marl.networks import relu_stack
+from marl.optim import descent, with_learning_rate
 from marl.types import Algorithm, Timestep, hparams, max_over_seeds
 
 
@@ -163,18 +164,7 @@ class SACConfig(cfg.RunConfig):
         for f in ("frozen_agents", "temperature_from_obs"):
             if any(not isinstance(i, int) or i < 0 for i in getattr(self, f)):
                 raise cfg.ConfigError(f, getattr(self, f), "must be agent indices >= 0")
-        r = self.regularizer
-        if r.kind in ("kl", "wasserstein"):
-            if r.mode != "loss":
-                raise cfg.ConfigError(
-                    "regularizer.mode", r.mode, "SAC applies kl/wasserstein as a loss term: use 'loss'"
-                )
-            if r.reference == "uniform":
-                raise cfg.ConfigError(
-                    "regularizer.reference",
-                    r.reference,
-                    "a Gaussian policy has no uniform reference; use 'initial' or 'rollout'",
-                )
+        reg.check_usage(self.regularizer, who="SAC", gaussian=True, loss_only=True)
         cfg.check_total_steps(self.total_steps, self.num_envs, self.num_steps)
 
 
@@ -297,7 +287,7 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: 
     rcfg = config.regularizer
     use_entropy = rcfg.kind != "none"
     divergence = rcfg.kind in ("kl", "wasserstein")
-    tx = optax.scale_by_adam()
+    tx = descent(optax.scale_by_adam())
     # independent: every parameter leaf has a leading [A] axis and each agent has its own
     # Adam state; shared: one tree for all agents
     per_agent = not shared
@@ -336,13 +326,14 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: 
 
     def masked_step(p, grads, opt_state, lr, mask, agent_axis: bool):
         """One Adam step; agents outside ``mask`` [A] keep parameters and optimizer state."""
+        stepped = with_learning_rate(opt_state, lr)
         if agent_axis:
-            upd, new_os = jax.vmap(tx.update)(grads, opt_state)
+            upd, new_os = jax.vmap(tx.update)(grads, stepped)
             keep = lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
         else:
-            upd, new_os = tx.update(grads, opt_state)
+            upd, new_os = tx.update(grads, stepped)
             keep = lambda n, o: jnp.where(mask.any(), n, o)
-        new_p = jax.tree.map(lambda x, u: x - lr * u, p, upd)
+        new_p = optax.apply_updates(p, upd)
         return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_os, opt_state), keep
 
     # ------------------------------------------------------------------ init

@@ -263,6 +263,37 @@ class RegularizerConfig:
             )
 
 
+def check_usage(
+    r: RegularizerConfig, *, who: str, gaussian: bool = False, rollout_is_policy: bool = False, loss_only: bool = False
+) -> None:
+    """The rules for using the regularizer ``r`` with one learner (``who``), in one place;
+    ConfigError naming the field before anything compiles.
+
+    - ``loss_only``: the learner applies kl / wasserstein as a loss term only (SAC).
+    - ``gaussian``: the policy is a Gaussian: no uniform reference exists (entropy, which
+      reads no reference, is allowed).
+    - ``rollout_is_policy``: the learner's ``rollout`` reference is the policy being
+      trained (PPO's old policy), so a reward penalty toward it is zero.
+    """
+    if r.kind == "none":
+        return
+    if loss_only and r.kind in ("kl", "wasserstein") and r.mode != "loss":
+        raise ConfigError("regularizer.mode", r.mode, f"{who} applies kl/wasserstein as a loss term: use 'loss'")
+    if gaussian and r.kind != "entropy" and r.reference == "uniform":
+        raise ConfigError(
+            "regularizer.reference",
+            r.reference,
+            f"{who} has a Gaussian policy, which has no uniform reference; use initial or rollout",
+        )
+    if rollout_is_policy and r.mode == "penalty" and r.reference == "rollout":
+        raise ConfigError(
+            "regularizer.reference",
+            r.reference,
+            "with mode 'penalty' the rollout policy is the policy itself (zero penalty); "
+            "use reference initial (or uniform for a categorical policy), or mode 'loss' for a trust region",
+        )
+
+
 def _check_number(field: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(field, value, "must be a finite number")

@@ -618,3 +618,17 @@ def test_config_reference_run_fields(changes, field):
     with pytest.raises(ConfigError) as info:
         reg.RegularizerConfig(kind="kl", coef=0.1, **changes)
     assert info.value.field == field
+
+
+def test_check_usage_holds_every_learners_rules_in_one_place():
+    r = reg.RegularizerConfig
+    reg.check_usage(r(), who="x", gaussian=True, rollout_is_policy=True, loss_only=True)  # none: always fine
+    with pytest.raises(ConfigError, match="regularizer.reference") as e:
+        reg.check_usage(r(kind="kl", reference="uniform"), who="SAC", gaussian=True)
+    assert "SAC" in str(e.value)
+    reg.check_usage(r(kind="entropy", reference="uniform"), who="SAC", gaussian=True)  # entropy reads no reference
+    with pytest.raises(ConfigError, match="regularizer.reference"):
+        reg.check_usage(r(kind="kl", mode="penalty", reference="rollout"), who="PPO", rollout_is_policy=True)
+    reg.check_usage(r(kind="kl", mode="penalty", reference="rollout"), who="QMIX")  # its rollout is the target net
+    with pytest.raises(ConfigError, match="regularizer.mode"):
+        reg.check_usage(r(kind="wasserstein", mode="penalty", reference="initial"), who="SAC", loss_only=True)
