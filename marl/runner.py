@@ -170,7 +170,7 @@ def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
     return jax.jit(fn, donate_argnums=0)
 
 
-def train(  # noqa: C901
+def train(
     algo: Algorithm,
     *,
     num_iterations: int,
@@ -212,45 +212,26 @@ def train(  # noqa: C901
         None or a one-device mesh: one device. Several processes: every process calls
         ``train`` with the same arguments; process 0 writes metrics and holds the lock.
     """
-    for field, v in (
-        ("num_iterations", num_iterations),
-        ("num_seeds", num_seeds),
-        ("chunk_iterations", chunk_iterations),
-        ("checkpoint_every", checkpoint_every),
-    ):
-        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0):
-            raise ConfigError(field, v, "must be a positive integer")
-    if (resume or resume_or_start) and run_dir is None:
-        raise ConfigError("resume", True, "needs a run_dir with a checkpoint")
-    if max_loss is not None and not (isinstance(max_loss, (int, float)) and max_loss > 0):
-        raise ConfigError("max_loss", max_loss, "must be a positive number (or None: no divergence guard)")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ConfigError("seed", seed, f"must be an integer in [0, {2**32 - 1}]")
+    _check_train_args(
+        num_iterations,
+        num_seeds,
+        chunk_iterations,
+        checkpoint_every,
+        resume or resume_or_start,
+        run_dir,
+        max_loss,
+        seed,
+        keys,
+    )
     chunk_iterations = min(chunk_iterations, num_iterations)
-    steps_per_iter = algo.env_steps_per_update
-    if keys is not None and keys.shape[0] != num_seeds:
-        raise ConfigError("keys", keys.shape, f"must have num_seeds={num_seeds} rows")
-
     if mesh is not None and mesh.size == 1:
         mesh = None
     rows = num_seeds
-    description = {
-        "algo": algo.name,
-        "env": algo.env.spec.name,
-        "num_seeds": num_seeds,
-        "seed": seed,
-        "num_iterations": num_iterations,
-        "chunk_iterations": chunk_iterations,
-        "env_steps_per_iteration": steps_per_iter,
-        **(run_info or {}),
-    }
     if mesh is not None:
         from marl import distributed
 
         rows = distributed.padded_size(num_seeds, mesh.size)
-        description["placement"] = {"devices": int(mesh.size), "processes": jax.process_count()}
-    description["checkpoint_rows"] = rows
-    description = json.loads(json.dumps(description, default=str))
+    description = _describe(algo, num_seeds, seed, num_iterations, chunk_iterations, run_info, mesh, rows)
     primary = jax.process_index() == 0
     # every check of the run directory, the lock and the memory estimate: before compiling
     lock = None
@@ -276,14 +257,7 @@ def train(  # noqa: C901
         if run_dir is not None:
             ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
             if resuming:
-                restored, start_iter = ckpt.restore_latest(state, quarantine=primary)
-                if restored is not None:
-                    state = restored
-                else:
-                    print(
-                        f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again from iteration 0",
-                        file=sys.stderr,
-                    )
+                state, start_iter = _restore(ckpt, state, run_dir, primary)
             if primary:
                 writer = MetricsWriter(run_dir, truncate_after=start_iter, resume=resuming)
         result = _host_loop(
@@ -312,6 +286,58 @@ def train(  # noqa: C901
             ckpt.close()
         if lock is not None:
             lock.release()
+
+
+def _check_train_args(
+    num_iterations, num_seeds, chunk_iterations, checkpoint_every, resuming, run_dir, max_loss, seed, keys
+) -> None:
+    """:func:`train`'s argument checks: ConfigError naming the field, before anything else."""
+    for field, v in (
+        ("num_iterations", num_iterations),
+        ("num_seeds", num_seeds),
+        ("chunk_iterations", chunk_iterations),
+        ("checkpoint_every", checkpoint_every),
+    ):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(field, v, "must be a positive integer")
+    if resuming and run_dir is None:
+        raise ConfigError("resume", True, "needs a run_dir with a checkpoint")
+    if max_loss is not None and not (isinstance(max_loss, (int, float)) and max_loss > 0):
+        raise ConfigError("max_loss", max_loss, "must be a positive number (or None: no divergence guard)")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", seed, f"must be an integer in [0, {2**32 - 1}]")
+    if keys is not None and keys.shape[0] != num_seeds:
+        raise ConfigError("keys", keys.shape, f"must have num_seeds={num_seeds} rows")
+
+
+def _describe(algo, num_seeds, seed, num_iterations, chunk_iterations, run_info, mesh, rows) -> dict:
+    """The JSON-able ``run.json`` description of a run (what an exact resume must match)."""
+    description = {
+        "algo": algo.name,
+        "env": algo.env.spec.name,
+        "num_seeds": num_seeds,
+        "seed": seed,
+        "num_iterations": num_iterations,
+        "chunk_iterations": chunk_iterations,
+        "env_steps_per_iteration": algo.env_steps_per_update,
+        **(run_info or {}),
+    }
+    if mesh is not None:
+        description["placement"] = {"devices": int(mesh.size), "processes": jax.process_count()}
+    description["checkpoint_rows"] = rows
+    return json.loads(json.dumps(description, default=str))
+
+
+def _restore(ckpt, state, run_dir, primary):
+    """(state, first iteration) from the latest intact checkpoint, or the fresh ``state``
+    and 0 with a warning when there is none (damaged ones are quarantined by process 0)."""
+    restored, start_iter = ckpt.restore_latest(state, quarantine=primary)
+    if restored is not None:
+        return restored, start_iter
+    print(
+        f"warning: no intact checkpoint in {ckpt.directory}; starting {run_dir} again from iteration 0", file=sys.stderr
+    )
+    return state, 0
 
 
 def _host_loop(
