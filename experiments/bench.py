@@ -285,7 +285,31 @@ def check_args(args: BenchArgs) -> None:
         raise ConfigError("trama_clustered", True, f"needs trama in --algos, got {list(args.algos)}")
 
 
-def main(args: BenchArgs) -> dict:  # noqa: C901
+def _bench_algo(algo, args: BenchArgs, rand: float) -> dict:
+    """One algorithm's throughput (and the optional seeds / sweep checks) for :func:`main`."""
+    warmup = args.warmup_updates
+    starts = getattr(algo.config, "learning_starts", 0)  # SAC-style learners: time updates that learn
+    if starts:
+        warmup = max(warmup, -(-starts // algo.env_steps_per_update) + args.iterations)
+    r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=warmup)
+    r["warmup_updates"] = warmup
+    r["ratio_to_random"] = r["env_steps_per_s"] / rand
+    if args.seeds_check:
+        s = args.seeds_check
+        vm = algo_bench(algo, args.iterations, args.repeats, num_seeds=s)
+        r["seeds_check"] = {
+            "num_seeds": s,
+            "vmapped_seconds": vm["seconds_per_call"],
+            "sequential_seconds": s * r["seconds_per_call"],
+            "speedup_vmapped_vs_sequential": s * r["seconds_per_call"] / vm["seconds_per_call"],
+            "vmapped_compile_s": vm["compile_s"],
+        }
+    if args.sweep_check:
+        r["sweep_check"] = sweep_check(algo, args.sweep_check, args.iterations, args.repeats)
+    return r
+
+
+def main(args: BenchArgs) -> dict:
     from marl.config import json_dict_arg
 
     check_args(args)
@@ -334,25 +358,7 @@ def main(args: BenchArgs) -> dict:  # noqa: C901
             total_steps=args.num_envs * args.num_steps * args.iterations,
             **overrides,
         )
-        warmup = args.warmup_updates
-        starts = getattr(algo.config, "learning_starts", 0)  # SAC-style learners: time updates that learn
-        if starts:
-            warmup = max(warmup, -(-starts // algo.env_steps_per_update) + args.iterations)
-        r = algo_bench(algo, args.iterations, args.repeats, warmup_updates=warmup)
-        r["warmup_updates"] = warmup
-        r["ratio_to_random"] = r["env_steps_per_s"] / rand
-        if args.seeds_check:
-            s = args.seeds_check
-            vm = algo_bench(algo, args.iterations, args.repeats, num_seeds=s)
-            r["seeds_check"] = {
-                "num_seeds": s,
-                "vmapped_seconds": vm["seconds_per_call"],
-                "sequential_seconds": s * r["seconds_per_call"],
-                "speedup_vmapped_vs_sequential": s * r["seconds_per_call"] / vm["seconds_per_call"],
-                "vmapped_compile_s": vm["compile_s"],
-            }
-        if args.sweep_check:
-            r["sweep_check"] = sweep_check(algo, args.sweep_check, args.iterations, args.repeats)
+        r = _bench_algo(algo, args, rand)
         result["algos"][name] = r
         rows.append(
             (name, f"{r['env_steps_per_s']:,.0f}", f"{100 * r['ratio_to_random']:.2f}%", f"{r['compile_s']:.1f}")

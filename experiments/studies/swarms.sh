@@ -14,6 +14,9 @@
 #                320k steps, as the kernel run); Vicsek at 80k steps with upper-level noise AR(1) 0.9
 #                and with one noise draw per episode
 #   kuramoto_noise_ar  Dec-POMFC, Kuramoto, 320k steps, upper-level noise AR(1) 0.9
+#   kuramoto_probe  Dec-POMFC, Kuramoto, 320k steps: what limits the rule (32 envs per update; a 9 x 9
+#                rule grid; the 9 x 9 grid with AR(1) 0.9 upper-level noise), greedy evaluation
+#   hard_long    Dec-POMFC, hard Vicsek, 1.2M steps, 32 envs, greedy evaluation
 #   baselines    IPPO and MAPPO on Vicsek, Kuramoto and Aggregation, $BASE_STEPS steps (default 320k)
 #   report       reference policies, curves and tables, N transfer
 set -e
@@ -57,6 +60,17 @@ for stage in $STAGES; do
     noise_episode)
       train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 80000 \
         --runs-dir "$S/ablations" --run-name vicsek_noise_episode --upper-noise-corr 1.0 ;;
+    kuramoto_probe)
+      P="--runs-dir $S/kuramoto_probe --eval-episodes 32"
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 $P \
+        --num-envs 32 --run-name kuramoto_envs32
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 $P \
+        --rule-bins 9 --run-name kuramoto_rule9
+      train --algo dec_pomfc --env swarm:kuramoto --env-kwargs "$N100" $COMMON --total-steps 320000 $P \
+        --rule-bins 9 --upper-noise-corr 0.9 --run-name kuramoto_rule9_ar09 ;;
+    hard_long)
+      train --algo dec_pomfc --env swarm:vicsek_hard --env-kwargs "$HARD" $COMMON --num-envs 32 --total-steps 1200000 \
+        --runs-dir "$S/hard_probe" --eval-episodes 32 --run-name vicsek_hard_1200k ;;
     baselines)
       for algo in ippo mappo; do
         train --algo $algo --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps $BASE_STEPS --run-name vicsek_$algo $PPO_FLAGS
@@ -71,6 +85,10 @@ for stage in $STAGES; do
       $PY -m experiments.report $runs --out "$S/report" --references "$S/references/references.json"
       [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S/kuramoto_dec_pomfc" "$S"/ablations/* --group-by run \
         --out "$S/ablations_report" --references "$S/references/references.json"
+      [ -d "$S/kuramoto_probe" ] && $PY -m experiments.report "$S"/kuramoto_probe/* --group-by run \
+        --out "$S/kuramoto_probe_report" --references "$S/references/references.json"
+      [ -d "$S/hard_probe" ] && $PY -m experiments.report "$S"/hard_probe/* --group-by run \
+        --out "$S/hard_long_report" --references "$S/references/references.json"
       $PY -m experiments.swarm_transfer $(ls -d "$S"/*_dec_pomfc) --num-agents 10 100 1000 10000 --episodes 8 \
         --large-env-kwargs '{"cell_capacity": 64}' --references --out "$S/transfer" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
