@@ -250,6 +250,191 @@ class TrainState:
     ext: Any = None  # state of an algorithm built on SAC; carried unchanged
 
 
+class SACNets(NamedTuple):
+    """The static pieces of a SAC learner: its networks, the agent layout (``shared``: one
+    parameter tree for all agents, else a leading [A] axis on every leaf) and the action box."""
+
+    actor: Actor
+    critic: TwinQ
+    shared: bool
+    ids: jax.Array  # [A, A] one-hot ids (shared mode with agent_ids) or [A, 0]
+    num_agents: int
+    action_dim: int
+    in_dim: int
+    mid: float  # centre of the action box
+    half: float  # half-width of the action box
+
+
+def make_nets(spec, config: SACConfig) -> SACNets:
+    A, d = spec.num_agents, spec.action_dim
+    shared = config.agents == "shared"
+    ids = jnp.eye(A) if (shared and config.agent_ids) else jnp.zeros((A, 0))
+    hidden = (config.hidden,) * config.num_layers
+    low, high = float(spec.action_low), float(spec.action_high)
+    return SACNets(
+        Actor(d, hidden, config.log_std_min, config.log_std_max),
+        TwinQ(hidden),
+        shared,
+        ids,
+        A,
+        d,
+        spec.obs_dim + ids.shape[1],
+        (high + low) / 2,
+        (high - low) / 2,
+    )
+
+
+def net_inputs(nets: SACNets, obs):
+    """[..., A, obs_dim] -> [..., A, in_dim] (one-hot ids appended in shared mode)."""
+    return jnp.concatenate([obs, jnp.broadcast_to(nets.ids, obs.shape[:-1] + nets.ids.shape[-1:])], -1)
+
+
+def actor_apply(nets: SACNets, p, x):
+    """(mean, log_std) [..., A, d] of the pre-tanh Gaussian."""
+    if nets.shared:
+        return nets.actor.apply(p, x)
+    return jax.vmap(nets.actor.apply, in_axes=(0, -2), out_axes=-2)(p, x)
+
+
+def critic_apply(nets: SACNets, p, x, a):
+    """The twin Q-values, each [..., A]."""
+    if nets.shared:
+        return nets.critic.apply(p, x, a)
+    return jax.vmap(nets.critic.apply, in_axes=(0, -2, -2), out_axes=-1)(p, x, a)
+
+
+def tanh_policy(nets: SACNets, mean, log_std):
+    """The tanh-squashed diagonal Gaussian, rescaled to the action box."""
+    bijector = distrax.Block(distrax.Chain([distrax.ScalarAffine(shift=nets.mid, scale=nets.half), distrax.Tanh()]), 1)
+    return distrax.Transformed(distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)), bijector)
+
+
+def init_params(nets: SACNets, key):
+    """(actor, critic) parameters."""
+    k_a, k_c = jax.random.split(key)
+    x0, a0 = jnp.zeros((1, nets.in_dim)), jnp.zeros((1, nets.action_dim))
+    if nets.shared:
+        return nets.actor.init(k_a, x0), nets.critic.init(k_c, x0, a0)
+    return (
+        jax.vmap(lambda k: nets.actor.init(k, x0))(jax.random.split(k_a, nets.num_agents)),
+        jax.vmap(lambda k: nets.critic.init(k, x0, a0))(jax.random.split(k_c, nets.num_agents)),
+    )
+
+
+def masked_step(tx, p, grads, opt_state, lr, mask, agent_axis: bool):
+    """One Adam step; agents outside ``mask`` [A] keep parameters and optimizer state."""
+    stepped = with_learning_rate(opt_state, lr)
+    if agent_axis:
+        upd, new_os = jax.vmap(tx.update)(grads, stepped)
+        keep = lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
+    else:
+        upd, new_os = tx.update(grads, stepped)
+        keep = lambda n, o: jnp.where(mask.any(), n, o)
+    new_p = optax.apply_updates(p, upd)
+    return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_os, opt_state), keep
+
+
+def divergence_to(kind: str, mean, log_std, ref_mean, ref_log_std):
+    """[..., A] closed-form D(pi || ref) between the pre-tanh diagonal Gaussians."""
+    ref_mean, ref_log_std = jax.lax.stop_gradient((ref_mean, ref_log_std))
+    if kind == "wasserstein":
+        return reg.gaussian_w2(mean, jnp.exp(log_std), ref_mean, jnp.exp(ref_log_std))
+    var, ref_var = jnp.exp(2 * log_std), jnp.exp(2 * ref_log_std)
+    return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
+
+
+def grad_step(nets: SACNets, tx, config: SACConfig, obs_temp, carry, key):
+    """One SAC gradient step on a replay batch: the twin critics toward the soft Bellman
+    target, the actor by reparameterized soft policy improvement (plus the regularizer's
+    divergence to ``ref_actor``), the temperatures toward the target entropy. Agents
+    outside ``state.train_mask`` keep their parameters. ``carry = (state, ref_actor)``."""
+    rcfg = config.regularizer
+    use_entropy = rcfg.kind != "none"
+    divergence = rcfg.kind in ("kl", "wasserstein")
+    per_agent = not nets.shared
+    A = nets.num_agents
+    inputs = functools.partial(net_inputs, nets)
+    actor = functools.partial(actor_apply, nets)
+    critic = functools.partial(critic_apply, nets)
+    policy = functools.partial(tanh_policy, nets)
+    state, ref_actor = carry
+    hp, p, mask = state.hparams, state.params, state.train_mask
+    k_batch, k_next, k_pi = jax.random.split(key, 3)
+    b = buffers.replay_sample(state.buffer, k_batch, config.batch_size)
+    x, nx = inputs(b.obs), inputs(b.next_obs)  # [B, A, in]
+    alpha = jnp.exp(p.log_alpha) if use_entropy else jnp.zeros((A,))
+    next_alpha = alpha
+    if use_entropy and config.temperature_from_obs:  # [B, A]: per-transition temperatures
+        alpha, next_alpha = (jnp.where(obs_temp, jnp.exp(o[..., -1]), alpha) for o in (b.obs, b.next_obs))
+    n_train = jnp.maximum(mask.sum(), 1)
+
+    # critics: soft Bellman targets from the Polyak-averaged critics
+    next_action, next_logp = policy(*actor(p.actor, nx)).sample_and_log_prob(seed=k_next)
+    tq1, tq2 = critic(state.target_critic, nx, next_action)
+    not_term = 1.0 - b.terminated.astype(jnp.float32)[:, None]
+    y = jax.lax.stop_gradient(b.reward + hp.gamma * not_term * (jnp.minimum(tq1, tq2) - next_alpha * next_logp))
+
+    def critic_loss(cp):
+        q1, q2 = critic(cp, x, b.action)
+        per_agent = 0.5 * ((q1 - y) ** 2 + (q2 - y) ** 2).mean(0)  # [A]
+        return (per_agent * mask).sum() / n_train, (per_agent, q1.mean(0))
+
+    c_grads, (c_loss, q_mean) = jax.grad(critic_loss, has_aux=True)(p.critic)
+    critic_p, opt_critic, keep = masked_step(tx, p.critic, c_grads, state.opt_critic, hp.critic_lr, mask, per_agent)
+    target = jax.tree.map(lambda t, c: hp.tau * c + (1 - hp.tau) * t, state.target_critic, critic_p)
+    target = jax.tree.map(keep, target, state.target_critic)
+
+    # actor: reparameterized soft policy improvement against the updated critics
+    def actor_loss(ap):
+        mean, log_std = actor(ap, x)
+        a, logp = policy(mean, log_std).sample_and_log_prob(seed=k_pi)
+        q1, q2 = critic(critic_p, x, a)
+        per_agent = (alpha * logp - jnp.minimum(q1, q2)).mean(0)
+        div = jnp.zeros((A,))
+        if divergence:
+            div = divergence_to(rcfg.kind, mean, log_std, *actor(ref_actor, x)).mean(0)
+            per_agent = per_agent + hp.reg_coef * div
+        return (per_agent * mask).sum() / n_train, (per_agent, logp, div)
+
+    a_grads, (a_loss, logp, div) = jax.grad(actor_loss, has_aux=True)(p.actor)
+    actor_p, opt_actor, _ = masked_step(tx, p.actor, a_grads, state.opt_actor, hp.actor_lr, mask, per_agent)
+
+    # temperature: raise alpha when the entropy is below the target, lower it above
+    entropy = -logp.mean(0)  # [A]
+    alpha_grad = jax.lax.stop_gradient(entropy - hp.target_entropy)  # d/dlog_alpha of L_alpha
+    log_alpha, opt_alpha, _ = masked_step(
+        tx, p.log_alpha, alpha_grad, state.opt_alpha, hp.alpha_lr, mask & state.tune_alpha, True
+    )
+
+    state = state.replace(
+        params=Params(actor_p, critic_p, log_alpha),
+        target_critic=target,
+        opt_actor=opt_actor,
+        opt_critic=opt_critic,
+        opt_alpha=opt_alpha,
+    )
+    metrics = {"critic_loss": c_loss, "actor_loss": a_loss, "q": q_mean, "entropy": entropy, "regularizer": div}
+    return (state, ref_actor), metrics
+
+
+def iteration_metrics(stats: dict, learn_metrics: dict, done, ret, alpha, ready) -> dict:
+    """One iteration's logged metrics: the finished episodes' statistics, the learner's
+    (averaged over agents), the temperature and, with several agents, each agent's return
+    (``ret`` [T, E, A] where ``done`` [T, E]) and temperature."""
+    metrics = episode_metrics(stats) if stats else {}
+    n_done = done.sum()
+    per_agent_return = (ret * done[..., None]).sum((0, 1)) / jnp.maximum(n_done, 1)
+    for k, v in learn_metrics.items():
+        metrics[k] = v.mean()  # over agents
+    metrics["alpha"] = alpha.mean()
+    if alpha.shape[0] > 1:
+        for i in range(alpha.shape[0]):
+            metrics[f"return_agent{i}"] = per_agent_return[i]
+            metrics[f"alpha_agent{i}"] = alpha[i]
+    metrics["learning"] = ready.astype(jnp.float32)
+    return metrics
+
+
 class Rollout(NamedTuple):
     """One iteration's per-step rollout arrays (see :func:`make_parts`)."""
 
@@ -267,7 +452,7 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
     return make_parts(env, config, name).algorithm
 
 
-def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: C901
+def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
     spec = env.spec
     if spec.discrete or spec.action_dim is None:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
@@ -276,70 +461,27 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: 
         if any(i >= A for i in getattr(config, f)):
             raise cfg.ConfigError(f, getattr(config, f), f"agent indices must be < {A}")
     obs_temp = jnp.zeros((A,), bool).at[jnp.asarray(config.temperature_from_obs, jnp.int32)].set(True)
-    shared = config.agents == "shared"
-    ids = jnp.eye(A) if (shared and config.agent_ids) else jnp.zeros((A, 0))
-    in_dim = spec.obs_dim + ids.shape[1]
-    hidden = (config.hidden,) * config.num_layers
-    actor_net = Actor(d, hidden, config.log_std_min, config.log_std_max)
-    critic_net = TwinQ(hidden)
+    nets = make_nets(spec, config)
     low, high = float(spec.action_low), float(spec.action_high)
-    mid, half = (high + low) / 2, (high - low) / 2
+    mid, half = nets.mid, nets.half
     rcfg = config.regularizer
     use_entropy = rcfg.kind != "none"
     divergence = rcfg.kind in ("kl", "wasserstein")
     tx = descent(optax.scale_by_adam())
     # independent: every parameter leaf has a leading [A] axis and each agent has its own
     # Adam state; shared: one tree for all agents
-    per_agent = not shared
-
-    # ------------------------------------------------------------------ networks
-    def inputs(obs):
-        """[..., A, obs_dim] -> [..., A, in_dim] (one-hot ids appended in shared mode)."""
-        return jnp.concatenate([obs, jnp.broadcast_to(ids, obs.shape[:-1] + ids.shape[-1:])], -1)
-
-    def actor(p, x):
-        if shared:
-            return actor_net.apply(p, x)
-        return jax.vmap(actor_net.apply, in_axes=(0, -2), out_axes=-2)(p, x)
-
-    def critic(p, x, a):
-        if shared:
-            return critic_net.apply(p, x, a)
-        return jax.vmap(critic_net.apply, in_axes=(0, -2, -2), out_axes=-1)(p, x, a)
-
-    def policy(mean, log_std):
-        bijector = distrax.Block(distrax.Chain([distrax.ScalarAffine(shift=mid, scale=half), distrax.Tanh()]), 1)
-        return distrax.Transformed(distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)), bijector)
-
-    def init_params(key):
-        k_a, k_c = jax.random.split(key)
-        x0, a0 = jnp.zeros((1, in_dim)), jnp.zeros((1, d))
-        if shared:
-            return actor_net.init(k_a, x0), critic_net.init(k_c, x0, a0)
-        return (
-            jax.vmap(lambda k: actor_net.init(k, x0))(jax.random.split(k_a, A)),
-            jax.vmap(lambda k: critic_net.init(k, x0, a0))(jax.random.split(k_c, A)),
-        )
+    per_agent = not nets.shared
+    inputs = functools.partial(net_inputs, nets)
+    actor = functools.partial(actor_apply, nets)
+    policy = functools.partial(tanh_policy, nets)
 
     def opt_init(p):
         return jax.vmap(tx.init)(p) if per_agent else tx.init(p)
 
-    def masked_step(p, grads, opt_state, lr, mask, agent_axis: bool):
-        """One Adam step; agents outside ``mask`` [A] keep parameters and optimizer state."""
-        stepped = with_learning_rate(opt_state, lr)
-        if agent_axis:
-            upd, new_os = jax.vmap(tx.update)(grads, stepped)
-            keep = lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
-        else:
-            upd, new_os = tx.update(grads, stepped)
-            keep = lambda n, o: jnp.where(mask.any(), n, o)
-        new_p = optax.apply_updates(p, upd)
-        return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_os, opt_state), keep
-
     # ------------------------------------------------------------------ init
     def init(key) -> TrainState:
         k_param, k_env, key = jax.random.split(key, 3)
-        actor_p, critic_p = init_params(k_param)
+        actor_p, critic_p = init_params(nets, k_param)
         log_alpha = jnp.full((A,), jnp.log(config.init_alpha), jnp.float32)
         params = Params(actor_p, critic_p, log_alpha)
         env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
@@ -410,76 +552,9 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: 
         return state, (tr, stats, ret, nts.done, nts.info if keep_info else None)
 
     # ------------------------------------------------------------------ learning
-    def divergence_to(mean, log_std, ref_mean, ref_log_std):
-        """[..., A] closed-form D(pi || ref) between the pre-tanh diagonal Gaussians."""
-        ref_mean, ref_log_std = jax.lax.stop_gradient((ref_mean, ref_log_std))
-        if rcfg.kind == "wasserstein":
-            return reg.gaussian_w2(mean, jnp.exp(log_std), ref_mean, jnp.exp(ref_log_std))
-        var, ref_var = jnp.exp(2 * log_std), jnp.exp(2 * ref_log_std)
-        return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
-
-    def grad_step(carry, key):
-        state, ref_actor = carry
-        hp, p, mask = state.hparams, state.params, state.train_mask
-        k_batch, k_next, k_pi = jax.random.split(key, 3)
-        b = buffers.replay_sample(state.buffer, k_batch, config.batch_size)
-        x, nx = inputs(b.obs), inputs(b.next_obs)  # [B, A, in]
-        alpha = jnp.exp(p.log_alpha) if use_entropy else jnp.zeros((A,))
-        next_alpha = alpha
-        if use_entropy and config.temperature_from_obs:  # [B, A]: per-transition temperatures
-            alpha, next_alpha = (jnp.where(obs_temp, jnp.exp(o[..., -1]), alpha) for o in (b.obs, b.next_obs))
-        n_train = jnp.maximum(mask.sum(), 1)
-
-        # critics: soft Bellman targets from the Polyak-averaged critics
-        next_action, next_logp = policy(*actor(p.actor, nx)).sample_and_log_prob(seed=k_next)
-        tq1, tq2 = critic(state.target_critic, nx, next_action)
-        not_term = 1.0 - b.terminated.astype(jnp.float32)[:, None]
-        y = jax.lax.stop_gradient(b.reward + hp.gamma * not_term * (jnp.minimum(tq1, tq2) - next_alpha * next_logp))
-
-        def critic_loss(cp):
-            q1, q2 = critic(cp, x, b.action)
-            per_agent = 0.5 * ((q1 - y) ** 2 + (q2 - y) ** 2).mean(0)  # [A]
-            return (per_agent * mask).sum() / n_train, (per_agent, q1.mean(0))
-
-        c_grads, (c_loss, q_mean) = jax.grad(critic_loss, has_aux=True)(p.critic)
-        critic_p, opt_critic, keep = masked_step(p.critic, c_grads, state.opt_critic, hp.critic_lr, mask, per_agent)
-        target = jax.tree.map(lambda t, c: hp.tau * c + (1 - hp.tau) * t, state.target_critic, critic_p)
-        target = jax.tree.map(keep, target, state.target_critic)
-
-        # actor: reparameterized soft policy improvement against the updated critics
-        def actor_loss(ap):
-            mean, log_std = actor(ap, x)
-            a, logp = policy(mean, log_std).sample_and_log_prob(seed=k_pi)
-            q1, q2 = critic(critic_p, x, a)
-            per_agent = (alpha * logp - jnp.minimum(q1, q2)).mean(0)
-            div = jnp.zeros((A,))
-            if divergence:
-                div = divergence_to(mean, log_std, *actor(ref_actor, x)).mean(0)
-                per_agent = per_agent + hp.reg_coef * div
-            return (per_agent * mask).sum() / n_train, (per_agent, logp, div)
-
-        a_grads, (a_loss, logp, div) = jax.grad(actor_loss, has_aux=True)(p.actor)
-        actor_p, opt_actor, _ = masked_step(p.actor, a_grads, state.opt_actor, hp.actor_lr, mask, per_agent)
-
-        # temperature: raise alpha when the entropy is below the target, lower it above
-        entropy = -logp.mean(0)  # [A]
-        alpha_grad = jax.lax.stop_gradient(entropy - hp.target_entropy)  # d/dlog_alpha of L_alpha
-        log_alpha, opt_alpha, _ = masked_step(
-            p.log_alpha, alpha_grad, state.opt_alpha, hp.alpha_lr, mask & state.tune_alpha, True
-        )
-
-        state = state.replace(
-            params=Params(actor_p, critic_p, log_alpha),
-            target_critic=target,
-            opt_actor=opt_actor,
-            opt_critic=opt_critic,
-            opt_alpha=opt_alpha,
-        )
-        metrics = {"critic_loss": c_loss, "actor_loss": a_loss, "q": q_mean, "entropy": entropy, "regularizer": div}
-        return (state, ref_actor), metrics
-
     def learn(state: TrainState, ref_actor, key):
-        (state, _), metrics = jax.lax.scan(grad_step, (state, ref_actor), jax.random.split(key, config.train_steps))
+        step = functools.partial(grad_step, nets, tx, config, obs_temp)
+        (state, _), metrics = jax.lax.scan(step, (state, ref_actor), jax.random.split(key, config.train_steps))
         return state, jax.tree.map(lambda m: m.mean(0), metrics)
 
     def update_with_rollout(state: TrainState, keep_info: bool = True):
@@ -500,18 +575,8 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:  # noqa: 
             state,
         )
         state = state.replace(key=key)
-        metrics = episode_metrics(stats) if stats else {}
-        n_done = done.sum()
-        per_agent_return = (ret * done[..., None]).sum((0, 1)) / jnp.maximum(n_done, 1)
-        for k, v in learn_metrics.items():
-            metrics[k] = v.mean()  # over agents
         alpha = jnp.exp(state.params.log_alpha) if use_entropy else jnp.zeros((A,))
-        metrics["alpha"] = alpha.mean()
-        if A > 1:
-            for i in range(A):
-                metrics[f"return_agent{i}"] = per_agent_return[i]
-                metrics[f"alpha_agent{i}"] = alpha[i]
-        metrics["learning"] = ready.astype(jnp.float32)
+        metrics = iteration_metrics(stats, learn_metrics, done, ret, alpha, ready)
         return state, metrics, Rollout(done, ret, infos)
 
     def update(state: TrainState):
