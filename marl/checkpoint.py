@@ -10,8 +10,10 @@ as one-element placeholders and rebuilt from ``state_like``'s shapes on restore.
 Integrity: :meth:`Checkpointer.restore_latest` restores the newest checkpoint that
 reads back whole. A damaged one (a file cut short, garbage metadata) is moved aside to
 ``<run_dir>/damaged_checkpoints/<step>-<time>`` (never deleted) with a warning naming
-it and the reason, and the next older one is tried. A step that does not exist raises
-ConfigError listing the steps that do.
+it and the reason, and the next older one is tried. A checkpoint that reads back but holds a
+train state of another layout (written by another version of an algorithm) is not damage: it
+raises ConfigError and stays where it is. A step that does not exist raises ConfigError
+listing the steps that do.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ def _replicated(x):
 def _placeholder(x):
     s = _replicated(x)
     return jnp.zeros((1,), x.dtype) if s is None else jax.device_put(np.zeros((1,), x.dtype), s)
+
+
+def _layout_mismatch(error: Exception) -> bool:
+    """The checkpoint reads back, but its tree is not the one asked for (another layout of
+    the train state, e.g. from another version): not damage, and never quarantined."""
+    text = str(error)
+    signs = ("Structure mismatch", "not found in metadata_tree", "tree structures do not match")
+    return isinstance(error, ValueError) and any(s in text for s in signs)
 
 
 def _reason(error: Exception) -> str:
@@ -109,6 +119,14 @@ class Checkpointer:
             try:
                 return self.restore(state_like, step), step
             except Exception as e:  # noqa: BLE001 - any failure to read back means damaged
+                if _layout_mismatch(e):
+                    raise ConfigError(
+                        "checkpoint",
+                        os.path.join(self.directory, str(step)),
+                        "holds a train state of another layout than this version of the algorithm builds "
+                        f"({_reason(e)}); it was written by another version of the project: restore it with "
+                        "that version. Nothing was moved or deleted",
+                    ) from None
                 if quarantine:
                     self._quarantine(step, e)
                 else:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -249,3 +250,23 @@ def test_chained_kills_end_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert step_a == step_b == 40
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_checkpoint_of_another_layout_is_refused_clearly_and_kept(tmp_path):
+    """A checkpoint that reads back but holds another train-state layout (another version
+    of an algorithm) is not damage: a clear error, and the files stay where they are."""
+    from marl.checkpoint import Checkpointer
+
+    old = {"params": {"w": jnp.ones((2, 3))}, "opt_state": (jnp.zeros((2, 3)),)}
+    new = {"params": {"w": jnp.ones((2, 3))}, "opt_state": {"count": jnp.zeros((), jnp.int32), "mu": jnp.zeros((2, 3))}}
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(5, old)
+    ckpt.close()
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    with pytest.raises(ConfigError, match="checkpoint") as e:
+        ckpt.restore_latest(new, quarantine=True)
+    assert "another layout" in str(e.value)
+    assert ckpt.all_steps() == [5] and not (tmp_path / "damaged_checkpoints").exists()
+    state, step = ckpt.restore_latest(old)
+    assert step == 5 and float(state["params"]["w"].sum()) == 6.0
+    ckpt.close()
