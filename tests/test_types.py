@@ -66,3 +66,32 @@ def test_timesteps_match_their_spec_after_reset_and_step(env_name, kwargs):
     assert_timestep(ts, env.spec, batch=(3,))
     with pytest.raises(AssertionError, match="Timestep.obs"):
         assert_timestep(ts._replace(obs=ts.obs[..., :-1]), env.spec, batch=(3,))
+
+
+@pytest.mark.parametrize(
+    "name, env_name",
+    [("mappo", "smax:3m"), ("qmix", "smax:3m"), ("sac", "adv:pendulum"), ("dec_pomfc", "swarm:kuramoto")],
+)
+def test_train_states_keep_their_shapes_and_the_seed_axis_through_updates(name, env_name):
+    """Fixed shapes: every leaf of the seed-batched train state has the seed axis first, and
+    two updates give back a state of the same tree, shapes and dtypes (chex)."""
+    import chex
+
+    from marl.runner import init_states, make_chunk_fn
+
+    kwargs = {"num_agents": 6} if env_name.startswith("swarm") else {}
+    algo = tiny_algo(name, env_name) if not kwargs else _swarm_algo(name, env_name, kwargs)
+    state = init_states(algo, jax.random.split(jax.random.PRNGKey(0), 2))
+    chex.assert_tree_shape_prefix(state, (2,))
+    before = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)  # the chunk donates state
+    after, metrics, finite = make_chunk_fn(algo, 2)(state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(after, before)
+    assert bool(finite.all()) and all(v.shape[:2] == (2, 2) for v in jax.tree.leaves(metrics))
+
+
+def _swarm_algo(name, env_name, env_kwargs):
+    import algos
+    import envs
+    from tests.conftest import tiny_overrides
+
+    return algos.make(name, envs.make(env_name, **env_kwargs), **tiny_overrides(name))
