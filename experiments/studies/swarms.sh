@@ -17,6 +17,7 @@
 #   kuramoto_probe  Dec-POMFC, Kuramoto, 320k steps: what limits the rule (32 envs per update; a 9 x 9
 #                rule grid; the 9 x 9 grid with AR(1) 0.9 upper-level noise), greedy evaluation
 #   hard_long    Dec-POMFC, hard Vicsek, 1.2M steps, 32 envs, greedy evaluation
+#   vicsek_long  Dec-POMFC, Vicsek, 320k steps (the baselines' budget), greedy evaluation
 #   baselines    IPPO and MAPPO on Vicsek, Kuramoto and Aggregation, $BASE_STEPS steps (default 320k)
 #   report       reference policies, curves and tables, N transfer
 set -e
@@ -32,7 +33,7 @@ N100='{"num_agents": 100, "max_steps": 50}'
 HARD='{"num_agents": 100}'  # swarm:vicsek_hard defaults: T = 200, relative headings only
 AGG='"max_steps": 50, "radius": 0.25, "max_speed": 1.0, "noise": 0.05'
 AGG100="{\"num_agents\": 100, $AGG}"
-PPO_FLAGS="--no-agent-ids --no-recurrent --hidden 64 --clip-eps 0.2"
+PPO_FLAGS="--no-agent-ids --no-recurrent --hidden 64 --clip-eps 0.2 --eval-episodes 32"
 train() { $PY -m experiments.train --runs-dir "$S" "$@"; }
 
 for stage in $STAGES; do
@@ -71,6 +72,9 @@ for stage in $STAGES; do
     hard_long)
       train --algo dec_pomfc --env swarm:vicsek_hard --env-kwargs "$HARD" $COMMON --num-envs 32 --total-steps 1200000 \
         --runs-dir "$S/hard_probe" --eval-episodes 32 --run-name vicsek_hard_1200k ;;
+    vicsek_long)
+      train --algo dec_pomfc --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps 320000 --eval-episodes 32 \
+        --run-name vicsek_dec_pomfc_320k ;;
     baselines)
       for algo in ippo mappo; do
         train --algo $algo --env swarm:vicsek --env-kwargs "$N100" $COMMON --total-steps $BASE_STEPS --run-name vicsek_$algo $PPO_FLAGS
