@@ -89,6 +89,10 @@ for stage in $STAGES; do
       $PY -m experiments.report $runs --out "$S/report" --references "$S/references/references.json"
       [ -d "$S/ablations" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc" "$S/kuramoto_dec_pomfc" "$S"/ablations/* --group-by run \
         --out "$S/ablations_report" --references "$S/references/references.json"
+      base=$(ls -d "$S"/*_ippo "$S"/*_mappo 2>/dev/null || true)
+      [ -n "$base" ] && $PY -m experiments.report $base --out "$S/baselines_report" --references "$S/references/references.json"
+      [ -d "$S/vicsek_dec_pomfc_320k" ] && $PY -m experiments.report "$S/vicsek_dec_pomfc_320k" --out "$S/vicsek_long_report" \
+        --references "$S/references/references.json"
       [ -d "$S/kuramoto_probe" ] && $PY -m experiments.report "$S"/kuramoto_probe/* --group-by run \
         --out "$S/kuramoto_probe_report" --references "$S/references/references.json"
       [ -d "$S/hard_probe" ] && $PY -m experiments.report "$S"/hard_probe/* --group-by run \
