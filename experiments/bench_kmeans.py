@@ -15,9 +15,6 @@ are compared with the adjusted Rand index (1: the same partition).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +26,7 @@ import numpy as np
 import tyro
 from ott.tools import k_means as ott_k_means
 
+from experiments.bench_output import write_rows
 from experiments.cli import entry
 from marl import clustering
 
@@ -116,18 +114,7 @@ def main(args: Args) -> list[dict]:
             f"{r['agreement_ari']:>6.3f}"
         )
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {
-            "args": dataclasses.asdict(args),
-            "backend": jax.default_backend(),
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "jax": jax.__version__,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+        write_rows(args.out, args, rows)
     return rows
 
 

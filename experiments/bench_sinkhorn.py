@@ -20,9 +20,6 @@ simple_spread: 3 agents, 5 actions), actions per state n (MPE 5, smax:3m 9, smax
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
+from experiments.bench_output import write_rows
 from experiments.cli import entry
 from marl import regularizers as reg
 
@@ -130,19 +128,7 @@ def main(args: Args) -> list[dict]:
             f"{compile_s:>28} {diff:>24}"
         )
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {
-            "args": dataclasses.asdict(args),
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "jax": jax.__version__,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+        write_rows(args.out, args, rows)
     return rows
 
 

@@ -13,9 +13,6 @@ separately). Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +22,7 @@ import jax
 import tyro
 
 from envs.swarms import TASKS, make_swarm
+from experiments.bench_output import write_rows
 from experiments.cli import entry
 
 
@@ -91,19 +89,7 @@ def main(args: Args) -> list[dict]:
             f"{r['compile_plus_first_call_s']:>10.1f} {r['max_overflow']:>8}"
         )
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        meta = {
-            "args": dataclasses.asdict(args),
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "jax": jax.__version__,
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        }
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+        write_rows(args.out, args, rows)
     return rows
 
 
