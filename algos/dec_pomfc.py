@@ -136,7 +136,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import struct
 
 from algos import ppo
@@ -450,9 +449,9 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
     lenv, spec = pc.env, pc.env.spec
     E, T = config.num_envs, config.num_steps
     rcfg = config.regularizer
+    R = reg.build(rcfg, who="dec_pomfc's upper level", policy="gaussian", references=("rollout", "initial"))
     tx = ppo.make_optimizer(config.max_grad_norm)
     n_samples = E * T
-    mb_size = n_samples // config.num_minibatches
 
     def init(key) -> TrainState:
         k_param, k_env, k_noise, key = jax.random.split(key, 4)
@@ -492,7 +491,7 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
     def reg_terms(params, ref_params, s, rule, hp):
         mean, log_std, _ = pc.upper(params, s)
         rmean, rlog_std, _ = pc.upper(ref_params, s)
-        return reg.gaussian_regularizer(rcfg.kind, mean, log_std, rmean, rlog_std, rule, hp.reg_coef)
+        return R.term((mean, log_std), (rmean, rlog_std), hp.reg_coef, action=rule)
 
     def loss_fn(params, ref_params, mb: Transition, adv, targets, hp):
         mean, log_std, value = pc.upper(params, mb.s)
@@ -502,7 +501,7 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         entropy = losses.gaussian_entropy(log_std).mean()
         loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
         reg_value = jnp.zeros(())
-        if rcfg.kind != "none" and rcfg.mode == "loss":
+        if R.as_loss:
             reg_loss, _, v = reg_terms(params, ref_params, mb.s, mb.rule, hp)
             loss, reg_value = loss + reg_loss.mean(), v.mean()
         return loss, dict(
@@ -521,9 +520,9 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         params_old = state.params
         state, traj = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
         last_value = pc.upper(state.params, state.last_ts.state)[2]
-        if rcfg.kind != "none" and rcfg.mode == "penalty":
-            ref = state.ref_params if rcfg.reference == "initial" else params_old
-            penalty = reg_terms(params_old, ref, traj.s, traj.rule, hp)[1]
+        ref_params = R.reference(initial=lambda: state.ref_params, rollout=lambda: params_old)
+        if R.as_penalty:
+            penalty = reg_terms(params_old, ref_params, traj.s, traj.rule, hp)[1]
             traj = traj._replace(reward=traj.reward - penalty)
         adv, targets = returns.gae(
             traj.reward,
@@ -538,27 +537,21 @@ def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
         )
         flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
         data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))
-        frac = state.update_step / config.num_updates
-        lr = hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr
-        ref_params = state.ref_params if rcfg.reference == "initial" else params_old
+        lr = ppo.annealed_lr(config, hp, state.update_step)
 
-        def epoch(carry, key):
-            perm = jax.random.permutation(key, n_samples).reshape(config.num_minibatches, mb_size)
+        def grad_fn(params, idx):
+            mb, a, tg = jax.tree.map(lambda z: z[idx], data)
+            return jax.grad(loss_fn, has_aux=True)(params, ref_params, mb, a, tg, hp)
 
-            def minibatch(carry, idx):
-                params, opt_state = carry
-                mb, a, tg = jax.tree.map(lambda z: z[idx], data)
-                grads, metrics = jax.grad(loss_fn, has_aux=True)(params, ref_params, mb, a, tg, hp)
-                updates, opt_state = tx.update(grads, opt_state)
-                params = optax.apply_updates(params, updates)
-                return (params, opt_state), metrics
-
-            return jax.lax.scan(minibatch, carry, perm)
-
-        (params, opt_state), metrics = jax.lax.scan(
-            epoch,
-            (state.params, with_learning_rate(state.opt_state, lr)),
-            jax.random.split(k_perm, config.update_epochs),
+        (params, opt_state), metrics = ppo.minibatch_epochs(
+            grad_fn,
+            tx,
+            state.params,
+            with_learning_rate(state.opt_state, lr),
+            k_perm,
+            config.update_epochs,
+            n_samples,
+            config.num_minibatches,
         )
         metrics = jax.tree.map(jnp.mean, metrics)
         metrics.update(episode_metrics(traj.info))

@@ -72,14 +72,21 @@ Continuous actions (``spec.action_dim``; e.g. the swarms):
   ``regularizer.epsilon``/``iterations``/``centred`` do not apply (no entropic OT), and
   ``reference="uniform"`` is rejected (no uniform Gaussian): use ``initial`` or ``rollout``.
 
-Shared pieces live in marl/ (``algos.dec_pomfc`` uses them too): ``marl.returns.gae``,
-the clipped losses and Gaussian helpers in ``marl.losses``, and
-``marl.regularizers.gaussian_regularizer``; :func:`make_optimizer` is here.
+Code layout: every piece is a module-level function of a static :class:`PPOParts`
+(spec, config, network, action distribution, regularizer, optimizer) and explicit
+arrays: ``rollout_step``, ``replay``, ``reference_outputs``, ``loss_fn``, ``penalize``,
+``minibatch_epochs``, ``update``; :func:`make` only binds them. Discrete and continuous
+actions share one path through ``marl.policies`` (``Categorical`` / ``Gaussian``: sample,
+log-probability and entropy, greedy action, what the env receives). The regularizer's
+reference, mode and validity come from ``marl.regularizers.build``. Shared math lives
+in marl/ (``marl.returns.gae``, the clipped losses in ``marl.losses``); ``algos.dec_pomfc``
+reuses :func:`make_optimizer`, :func:`minibatch_epochs` and :func:`annealed_lr`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
@@ -91,10 +98,10 @@ from flax import struct
 from marl import config as cfg
 from marl import regularizers as reg
 from marl.episodes import FINAL_KEYS, episode_metrics
-from marl.losses import clipped_policy_loss, clipped_value_loss, gaussian_entropy, gaussian_log_prob, split_gaussian
+from marl.losses import clipped_policy_loss, clipped_value_loss
 from marl.networks import ActorCritic
 from marl.optim import descent, with_learning_rate
-from marl.regularizers import gaussian_regularizer
+from marl.policies import Categorical, Gaussian, for_spec
 from marl.returns import gae
 from marl.types import Algorithm, Timestep, hparams
 
@@ -239,14 +246,57 @@ class Transition(NamedTuple):
     info: dict
 
 
-def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
-    spec = env.spec
-    discrete = spec.discrete
-    A, E, T = spec.num_agents, config.num_envs, config.num_steps
-    # n: the avail-mask width (1 for continuous envs); P: policy outputs per agent
-    # (logits, or [mean, log_std] of a Gaussian)
-    n = spec.num_actions if discrete else 1
-    rcfg = config.regularizer
+# ------------------------------------------------------------------ the learner's pieces
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PPOParts:
+    """What the learner's functions share, built once by :func:`make` from the env spec
+    and the config (no arrays that change during training)."""
+
+    spec: Any
+    config: PPOConfig
+    net: nn.Module
+    policy: Categorical | Gaussian  # the action distribution of the policy head
+    regularizer: reg.Regularizer
+    tx: optax.GradientTransformation
+    ids: jax.Array  # [A, A] one-hot agent ids, or [A, 0]
+
+    @property
+    def centralized(self) -> bool:
+        return self.config.critic == "centralized"
+
+    @property
+    def num_agents(self) -> int:
+        return self.spec.num_agents
+
+
+def transition_fields(m: PPOParts) -> dict:
+    """Each Transition array's shape after the leading ``[E]`` of one step, and its dtype
+    (``marl.types.assert_fields`` checks a rollout against it)."""
+    spec, A, f32 = m.spec, m.num_agents, jnp.float32
+    obs_in = spec.obs_dim + m.ids.shape[1]
+    critic_in = (spec.state_dim if m.centralized else spec.obs_dim) + m.ids.shape[1]
+    action = ((A,), jnp.int32) if m.policy.discrete else ((A, spec.action_dim), f32)
+    per_agent = ((A,), f32)
+    return dict(
+        x=((A, obs_in), f32),
+        cx=((A, critic_in), f32),
+        first=((A,), bool),
+        avail=((A, m.policy.mask_width), bool),
+        action=action,
+        logp=per_agent,
+        value=per_agent,
+        reward=per_agent,
+        done=((), bool),
+        terminated=((), bool),
+        final_value=per_agent,
+    )
+
+
+def check_env(spec, config: PPOConfig, name: str) -> None:
+    """ConfigErrors for an env this configuration cannot run, before anything compiles."""
+    A = spec.num_agents
     if config.agent_ids and A > MAX_AGENT_IDS:
         raise cfg.ConfigError(
             "agent_ids",
@@ -254,345 +304,347 @@ def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:  # noqa: C901
             f"one-hot ids for {A} agents would add {A} inputs per agent ({A}x{A} floats per step and "
             f"environment); allowed up to {MAX_AGENT_IDS} agents: pass agent_ids=False (--no-agent-ids)",
         )
-    if not discrete:
-        if spec.action_dim is None:
-            raise cfg.ConfigError("env", spec.name, f"{name} needs num_actions or action_dim in the env spec")
-        reg.check_usage(rcfg, who=f"{name} on continuous actions", gaussian=True)
-    centralized = config.critic == "centralized"
-    if discrete:
-        net = ActorCritic(n, config.hidden, config.recurrent, shared_torso=not centralized)
+    if not spec.discrete and spec.action_dim is None:
+        raise cfg.ConfigError("env", spec.name, f"{name} needs num_actions or action_dim in the env spec")
+
+
+def make_parts(spec, config: PPOConfig, name: str = "ppo") -> PPOParts:
+    """Network, action distribution, regularizer and optimizer for ``spec``."""
+    check_env(spec, config, name)
+    policy = for_spec(spec)
+    shared_torso = config.critic != "centralized"
+    if policy.discrete:
+        net = ActorCritic(spec.num_actions, config.hidden, config.recurrent, shared_torso=shared_torso)
+        cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
+        regularizer = reg.build(config.regularizer, who=name, cost=cost, rollout_is_policy=True)
     else:
         net = GaussianActorCritic(
             spec.action_dim,
             config.hidden,
             config.recurrent,
-            shared_torso=not centralized,
+            shared_torso=shared_torso,
             log_std_init=config.log_std_init,
         )
+        regularizer = reg.build(
+            config.regularizer, who=f"{name} on continuous actions", policy="gaussian", rollout_is_policy=True
+        )
+    A = spec.num_agents
     ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
-    cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
-    low, high = spec.action_low, spec.action_high
+    return PPOParts(spec, config, net, policy, regularizer, make_optimizer(config.max_grad_norm), ids)
 
-    def regularizer(logits, ref_logits, avail, hp: HParams):
-        return reg.regularize(
-            rcfg.kind,
-            logits,
-            ref_logits,
+
+def inputs(m: PPOParts, ts: Timestep):
+    """Actor input [.., A, obs+ids] and critic input [.., A, (state|obs)+ids]."""
+    lead = ts.obs.shape[:-2]
+    idb = jnp.broadcast_to(m.ids, lead + m.ids.shape)
+    x = jnp.concatenate([ts.obs, idb], -1)
+    if m.centralized:
+        s = jnp.broadcast_to(ts.state[..., None, :], lead + (m.num_agents, ts.state.shape[-1]))
+        return x, jnp.concatenate([s, idb], -1)
+    return x, x
+
+
+def apply(m: PPOParts, params, h, x, cx, first, avail):
+    """(hidden state, policy outputs, value) of one step; per-agent parameters
+    (``shared_params=False``) have a leading [A] axis mapped over the agent axis."""
+    if m.config.shared_params:
+        return m.net.apply(params, h, x, cx, first, avail)
+    f = jax.vmap(m.net.apply, in_axes=(0, -3, -2, -2, -1, -2), out_axes=(-3, -2, -1))
+    return f(params, h, x, cx, first, avail)
+
+
+def value_only(m: PPOParts, params, h, x, cx, first):
+    """The critic alone (the truncation bootstrap's value of a final observation)."""
+    method = type(m.net).value
+    if m.config.shared_params:
+        return m.net.apply(params, h, x, cx, first, method=method)
+    f = jax.vmap(lambda p, *a: m.net.apply(p, *a, method=method), in_axes=(0, -3, -2, -2, -1), out_axes=-1)
+    return f(params, h, x, cx, first)
+
+
+def init_params(m: PPOParts, key):
+    spec, A, H = m.spec, m.num_agents, m.config.hidden
+    x0 = jnp.zeros((1, A, spec.obs_dim + m.ids.shape[1]))
+    cx0 = jnp.zeros((1, A, (spec.state_dim if m.centralized else spec.obs_dim) + m.ids.shape[1]))
+    h0, f0, av0 = jnp.zeros((1, A, 2, H)), jnp.zeros((1, A), bool), jnp.ones((1, A, m.policy.mask_width), bool)
+    if m.config.shared_params:
+        return m.net.init(key, h0, x0, cx0, f0, av0)
+    keys = jax.random.split(key, A)
+    return jax.vmap(lambda k: m.net.init(k, h0[:, 0], x0[:, 0], cx0[:, 0], f0[:, 0], av0[:, 0]))(keys)
+
+
+def initial_carry(m: PPOParts, batch_shape=()):
+    """(GRU state [.., A, 2, H], ``first`` [..]: the next step starts an episode)."""
+    return (jnp.zeros(batch_shape + (m.num_agents, 2, m.config.hidden)), jnp.ones(batch_shape, bool))
+
+
+def load_reference(m: PPOParts):
+    """Regularizer reference ``run``: the trained run's parameters, checked (environment,
+    shapes) and loaded before anything compiles; None for the other references."""
+    rcfg = m.config.regularizer
+    if rcfg.reference != "run":
+        return None
+    from marl.reference import load_run_params
+
+    shapes = jax.eval_shape(functools.partial(init_params, m), jax.random.PRNGKey(0))
+    return load_run_params(rcfg.reference_run, shapes, env_name=m.spec.name, seed_index=rcfg.reference_seed)
+
+
+def init(m: PPOParts, env, run_params, key) -> TrainState:
+    config, rcfg = m.config, m.config.regularizer
+    k_param, k_env, key = jax.random.split(key, 3)
+    params = init_params(m, k_param)
+    env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, config.num_envs))
+    h, first = initial_carry(m, (config.num_envs,))
+    hp = hparams(
+        HParams,
+        lr=config.lr,
+        clip_eps=config.clip_eps,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        reg_coef=rcfg.coef,
+        reg_epsilon=rcfg.epsilon,
+    )
+    ref_params = params
+    if run_params is not None:
+        ref_params = RunReference(run_params, jnp.zeros_like(h))
+        if rcfg.init_from_reference:
+            params = run_params
+    return TrainState(params, ref_params, m.tx.init(params), env_state, ts, h, first, key, jnp.zeros((), jnp.int32), hp)
+
+
+def act(m: PPOParts, params, ts: Timestep, carry, key, greedy=False):
+    """ts: a (batched) Timestep; carry = (h, first) from ``initial_carry``.
+
+    The hidden state restarts when ``first`` (the first call) or when ``ts.done``
+    (the auto-reset timestep already holds the next episode's first observation).
+    """
+    h, first = carry
+    first = first | ts.done
+    x, cx = inputs(m, ts)
+    firsts = jnp.broadcast_to(first[..., None], first.shape + (m.num_agents,))
+    h, out, _ = apply(m, params, h, x, cx, firsts, ts.avail_actions)
+    a = m.policy.to_env(jnp.where(greedy, m.policy.mode(out), m.policy.sample(key, out)[0]))
+    return a, (h, jnp.zeros_like(first))
+
+
+def rollout_step(m: PPOParts, env, state: TrainState, key):
+    """One environment step of every parallel env; the Transition it stores."""
+    ts = state.last_ts
+    E, A = m.config.num_envs, m.num_agents
+    k_act, k_env = jax.random.split(key)
+    x, cx = inputs(m, ts)
+    firsts = jnp.broadcast_to(state.first[:, None], (E, A))
+    h, out, value = apply(m, state.params, state.h, x, cx, firsts, ts.avail_actions)
+    action, logp = m.policy.sample(k_act, out)
+    env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, m.policy.to_env(action))
+    if m.config.bootstrap_truncation:
+        fx, fcx = inputs(m, nts._replace(obs=nts.info["final_obs"], state=nts.info["final_state"]))
+        # the episode's last observation continues the hidden state of this step
+        final_value = value_only(m, state.params, h, fx, fcx, jnp.zeros_like(firsts))
+    else:
+        final_value = jnp.zeros_like(value)
+    stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
+    tr = Transition(
+        x, cx, firsts, ts.avail_actions, action, logp, value, nts.reward, nts.done, nts.terminated, final_value, stats
+    )
+    state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
+    return state, tr
+
+
+def replay(m: PPOParts, params, h0, traj: Transition, with_carry: bool = False):
+    """Policy outputs of ``params`` along the stored trajectory [T, E, A, P] (no
+    gradient); with ``with_carry`` also the hidden state after its last step."""
+
+    def step(h, xs):
+        x, cx, first, avail = xs
+        h, out, _ = apply(m, params, h, x, cx, first, avail)
+        return h, out
+
+    h, out = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
+    out = jax.lax.stop_gradient(out)
+    return (out, jax.lax.stop_gradient(h)) if with_carry else out
+
+
+def reference_outputs(m: PPOParts, state: TrainState, h0, traj: Transition):
+    """The regularizer's reference along the rollout [T, E, A, P] (no gradient) and the
+    reference's hidden state after the rollout (``run`` only, else None).
+
+    rollout: the policy that collected the data (a trust region, loss mode); initial:
+    the frozen initial policy replayed with its own hidden state from the start of the
+    rollout; run: a trained run's frozen policy, its hidden state carried across
+    rollouts (``state.ref_params.h``); uniform: uniform over available actions. A
+    regularizer that reads no reference (none, entropy) gets zeros.
+    """
+    R = m.regularizer
+    if m.config.regularizer.reference == "run":
+        return replay(m, state.ref_params.params, state.ref_params.h, traj, with_carry=True)
+    if not R.divergence:
+        return m.policy.no_reference(traj.avail), None
+    ref = R.reference(
+        rollout=lambda: replay(m, state.params, h0, traj),
+        initial=lambda: replay(m, state.ref_params, jnp.zeros_like(h0), traj),
+        uniform=lambda: jnp.where(traj.avail, 0.0, -1e10),
+    )
+    return ref, None
+
+
+def loss_fn(m: PPOParts, params, h0, traj: Transition, ref_out, adv, targets, hp: HParams):
+    """PPO's loss on a minibatch of whole sequences [T, mb, ...] (module docstring),
+    plus the regularizer in loss mode."""
+
+    def step(h, xs):
+        x, cx, first, avail = xs
+        h, out, value = apply(m, params, h, x, cx, first, avail)
+        return h, (out, value)
+
+    _, (out, value) = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
+    logp, entropy = m.policy.log_prob_and_entropy(out, traj.action, traj.avail)
+    entropy = entropy.mean()
+    pg, ratio, approx_kl, clip_frac = clipped_policy_loss(logp, traj.logp, adv, hp.clip_eps)
+    vf = clipped_value_loss(value, traj.value, targets, hp.clip_eps)
+    loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
+    reg_value = jnp.zeros(())
+    if m.regularizer.as_loss:
+        reg_loss, reg_v = m.regularizer.loss_term(
+            m.policy.reg_view(out),
+            m.policy.reg_view(ref_out),
             hp.reg_coef,
-            mask=avail,
-            cost=cost,
-            epsilon=hp.reg_epsilon,
-            iterations=rcfg.iterations,
-            centred=rcfg.centred,
-            backend=rcfg.backend,
+            hp.reg_epsilon,
+            avail=traj.avail,
+            action=traj.action,
         )
+        loss = loss + reg_loss.mean()
+        reg_value = reg_v.mean()
+    metrics = dict(
+        policy_loss=pg, value_loss=vf, entropy=entropy, approx_kl=approx_kl, clip_frac=clip_frac, regularizer=reg_value
+    )
+    return loss, metrics
 
-    def continuous_regularizer(pol, ref_pol, action, hp: HParams):
-        mean, log_std = split_gaussian(pol)
-        ref_mean, ref_log_std = split_gaussian(ref_pol)
-        return gaussian_regularizer(rcfg.kind, mean, log_std, ref_mean, ref_log_std, action, hp.reg_coef)
 
-    def sample(key, pol):
-        """Unclipped sample [.., A] (discrete) or [.., A, d] and its log-probability."""
-        if discrete:
-            a = jax.random.categorical(key, pol)
-            return a, jnp.take_along_axis(jax.nn.log_softmax(pol), a[..., None], -1)[..., 0]
-        mean, log_std = split_gaussian(pol)
-        a = mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape)
-        return a, gaussian_log_prob(mean, log_std, a)
+def penalize(m: PPOParts, state: TrainState, h0, traj: Transition, ref_out, hp: HParams):
+    """WPR: the regularizer's gradient (dual potential / log-ratio) at the taken action
+    becomes a per-step reward penalty, then PPO runs unchanged. Also the divergence to a
+    ``run`` reference on the rollout (categorical policies). Returns (traj, metrics)."""
+    R, policy = m.regularizer, m.policy
+    watch_run = m.config.regularizer.reference == "run" and policy.discrete
+    if not (R.as_penalty or watch_run):
+        return traj, {}
+    pol_out = replay(m, state.params, h0, traj)
+    metrics, watch = {}, {}
+    if watch_run:
+        # KL to the reference on the rollout, logged for every kind: a common divergence scale
+        watch["reference_kl"] = reg.kl(pol_out, ref_out, traj.avail).mean()
+    if not R.as_penalty:
+        return traj, watch
+    penalty, divergence = R.penalty(
+        policy.reg_view(pol_out),
+        policy.reg_view(ref_out),
+        hp.reg_coef,
+        hp.reg_epsilon,
+        avail=traj.avail,
+        action=traj.action,
+    )
+    if watch_run and R.config.kind == "wasserstein":
+        # how far the Wasserstein penalty is from a rescaled KL log-ratio
+        log_ratio = reg.log_probs(pol_out, traj.avail) - reg.log_probs(ref_out, traj.avail)
+        taken = jnp.take_along_axis(log_ratio, traj.action[..., None], -1)[..., 0]
+        watch["penalty_logratio_corr"] = reg.correlation(penalty, taken)
+    # logged as "regularizer": the divergence to the reference on the rollout
+    metrics = dict(regularizer=divergence.mean(), reward_penalty=penalty.mean(), **watch)
+    return traj._replace(reward=traj.reward - penalty), metrics
 
-    def to_env(a):
-        """The action the environment receives: continuous samples are clipped to its bounds."""
-        return a if discrete else jnp.clip(a, low, high)
 
-    tx = make_optimizer(config.max_grad_norm)
-    value_method = type(net).value
+def minibatch_epochs(grad_fn, tx, params, opt_state, key, epochs: int, num_items: int, num_minibatches: int):
+    """``epochs`` passes over ``num_items`` items split into shuffled minibatches;
+    ``grad_fn(params, idx) -> (grads, metrics)`` for the item indices ``idx``. Returns
+    ((params, opt_state), metrics [epochs, num_minibatches, ...])."""
 
-    # ------------------------------------------------------------------ network I/O
-    def inputs(ts: Timestep):
-        """Actor input [.., A, obs+ids] and critic input [.., A, (state|obs)+ids]."""
-        lead = ts.obs.shape[:-2]
-        idb = jnp.broadcast_to(ids, lead + ids.shape)
-        x = jnp.concatenate([ts.obs, idb], -1)
-        if centralized:
-            s = jnp.broadcast_to(ts.state[..., None, :], lead + (A, ts.state.shape[-1]))
-            return x, jnp.concatenate([s, idb], -1)
-        return x, x
+    def epoch(carry, key):
+        perm = jax.random.permutation(key, num_items).reshape(num_minibatches, -1)
 
-    def apply(params, h, x, cx, first, avail):
-        if config.shared_params:
-            return net.apply(params, h, x, cx, first, avail)
-        # per-agent parameters: params have a leading [A] axis; map over the agent axis
-        f = jax.vmap(net.apply, in_axes=(0, -3, -2, -2, -1, -2), out_axes=(-3, -2, -1))
-        return f(params, h, x, cx, first, avail)
-
-    def value_only(params, h, x, cx, first):
-        if config.shared_params:
-            return net.apply(params, h, x, cx, first, method=value_method)
-        f = jax.vmap(lambda p, *a: net.apply(p, *a, method=value_method), in_axes=(0, -3, -2, -2, -1), out_axes=-1)
-        return f(params, h, x, cx, first)
-
-    def init_params(key):
-        x0 = jnp.zeros((1, A, spec.obs_dim + ids.shape[1]))
-        cx0 = jnp.zeros((1, A, (spec.state_dim if centralized else spec.obs_dim) + ids.shape[1]))
-        h0, f0, av0 = jnp.zeros((1, A, 2, config.hidden)), jnp.zeros((1, A), bool), jnp.ones((1, A, n), bool)
-        if config.shared_params:
-            return net.init(key, h0, x0, cx0, f0, av0)
-        keys = jax.random.split(key, A)
-        return jax.vmap(lambda k: net.init(k, h0[:, 0], x0[:, 0], cx0[:, 0], f0[:, 0], av0[:, 0]))(keys)
-
-    def initial_carry(batch_shape=()):
-        return (jnp.zeros(batch_shape + (A, 2, config.hidden)), jnp.ones(batch_shape, bool))
-
-    # reference "run": a trained run's parameters, checked (environment, shapes) and
-    # loaded here, before anything compiles; one reference shared by every vmapped row
-    run_params = None
-    if rcfg.reference == "run":
-        from marl.reference import load_run_params
-
-        run_params = load_run_params(
-            rcfg.reference_run,
-            jax.eval_shape(init_params, jax.random.PRNGKey(0)),
-            env_name=spec.name,
-            seed_index=rcfg.reference_seed,
-        )
-
-    # ------------------------------------------------------------------ init
-    def init(key) -> TrainState:
-        k_param, k_env, key = jax.random.split(key, 3)
-        params = init_params(k_param)
-        env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
-        h, first = initial_carry((E,))
-        hp = hparams(
-            HParams,
-            lr=config.lr,
-            clip_eps=config.clip_eps,
-            ent_coef=config.ent_coef,
-            vf_coef=config.vf_coef,
-            gamma=config.gamma,
-            gae_lambda=config.gae_lambda,
-            reg_coef=rcfg.coef,
-            reg_epsilon=rcfg.epsilon,
-        )
-        ref_params = params
-        if run_params is not None:
-            ref_params = RunReference(run_params, jnp.zeros_like(h))
-            if rcfg.init_from_reference:
-                params = run_params
-        return TrainState(
-            params, ref_params, tx.init(params), env_state, ts, h, first, key, jnp.zeros((), jnp.int32), hp
-        )
-
-    # ------------------------------------------------------------------ acting
-    def act(params, ts: Timestep, carry, key, greedy=False):
-        """ts: a (batched) Timestep; carry = (h, first) from ``initial_carry``.
-
-        The hidden state restarts when ``first`` (the first call) or when ``ts.done``
-        (the auto-reset timestep already holds the next episode's first observation).
-        """
-        h, first = carry
-        first = first | ts.done
-        x, cx = inputs(ts)
-        firsts = jnp.broadcast_to(first[..., None], first.shape + (A,))
-        h, logits, _ = apply(params, h, x, cx, firsts, ts.avail_actions)
-        if discrete:
-            a = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(key, logits))
-        else:
-            a = to_env(jnp.where(greedy, split_gaussian(logits)[0], sample(key, logits)[0]))
-        return a, (h, jnp.zeros_like(first))
-
-    # ------------------------------------------------------------------ update
-    def rollout_step(carry, key):
-        state: TrainState = carry
-        ts = state.last_ts
-        k_act, k_env = jax.random.split(key)
-        x, cx = inputs(ts)
-        firsts = jnp.broadcast_to(state.first[:, None], (E, A))
-        h, logits, value = apply(state.params, state.h, x, cx, firsts, ts.avail_actions)
-        action, logp = sample(k_act, logits)
-        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, to_env(action))
-        if config.bootstrap_truncation:
-            fx, fcx = inputs(nts._replace(obs=nts.info["final_obs"], state=nts.info["final_state"]))
-            # the episode's last observation continues the hidden state of this step
-            final_value = value_only(state.params, h, fx, fcx, jnp.zeros_like(firsts))
-        else:
-            final_value = jnp.zeros_like(value)
-        stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
-        tr = Transition(
-            x,
-            cx,
-            firsts,
-            ts.avail_actions,
-            action,
-            logp,
-            value,
-            nts.reward,
-            nts.done,
-            nts.terminated,
-            final_value,
-            stats,
-        )
-        state = state.replace(env_state=env_state, last_ts=nts, h=h, first=nts.done)
-        return state, tr
-
-    def advantages(traj: Transition, last_value, hp: HParams):
-        return gae(
-            traj.reward,
-            traj.value,
-            traj.done[..., None],
-            traj.terminated[..., None],
-            traj.final_value,
-            last_value,
-            hp.gamma,
-            hp.gae_lambda,
-            config.bootstrap_truncation,
-        )
-
-    def loss_fn(params, h0, traj: Transition, ref_logits, adv, targets, hp: HParams):
-        def step(h, xs):
-            x, cx, first, avail = xs
-            h, logits, value = apply(params, h, x, cx, first, avail)
-            return h, (logits, value)
-
-        _, (logits, value) = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
-        if discrete:
-            logp_all = jax.nn.log_softmax(logits)
-            logp = jnp.take_along_axis(logp_all, traj.action[..., None], -1)[..., 0]
-        else:
-            mean, log_std = split_gaussian(logits)
-            logp = gaussian_log_prob(mean, log_std, traj.action)
-        pg, ratio, approx_kl, clip_frac = clipped_policy_loss(logp, traj.logp, adv, hp.clip_eps)
-        vf = clipped_value_loss(value, traj.value, targets, hp.clip_eps)
-        if discrete:
-            probs = jnp.exp(logp_all)
-            entropy = -(probs * jnp.where(traj.avail, logp_all, 0.0)).sum(-1).mean()
-        else:
-            entropy = gaussian_entropy(log_std).mean()
-        loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
-        reg_value = jnp.zeros(())
-        if rcfg.kind != "none" and rcfg.mode == "loss":
-            if discrete:
-                out = regularizer(logits, ref_logits, traj.avail, hp)
-                reg_loss, reg_v = out.loss, out.value
-            else:
-                reg_loss, _, reg_v = continuous_regularizer(logits, ref_logits, traj.action, hp)
-            loss = loss + reg_loss.mean()
-            reg_value = reg_v.mean()
-        return loss, dict(
-            policy_loss=pg,
-            value_loss=vf,
-            entropy=entropy,
-            approx_kl=approx_kl,
-            clip_frac=clip_frac,
-            regularizer=reg_value,
-        )
-
-    def reference_logits(state: TrainState, h0, traj: Transition):
-        """Reference policy logits along the rollout [T, E, A, n] (no gradient); for
-        continuous actions the reference Gaussian's [mean, log_std] [T, E, A, 2d].
-
-        rollout: the policy that collected the data (a trust region, loss mode);
-        initial: the frozen initial policy replayed with its own hidden state from
-        the start of the rollout; run: a trained run's frozen policy, its hidden
-        state carried across rollouts (``state.ref_params.h``); uniform: uniform over
-        available actions. Returns (logits, the reference's hidden state after the
-        rollout, or None).
-        """
-        if rcfg.reference == "run":
-            return _replay_logits(state.ref_params.params, state.ref_params.h, traj, with_carry=True)
-        if rcfg.kind == "none":
-            return jnp.zeros(traj.avail.shape, jnp.float32), None
-        if not discrete and rcfg.kind == "entropy":
-            return jnp.zeros(traj.avail.shape[:-1] + (2 * spec.action_dim,), jnp.float32), None
-        if rcfg.reference == "uniform":
-            return jnp.where(traj.avail, 0.0, -1e10), None
-        if rcfg.reference == "initial":
-            return _replay_logits(state.ref_params, jnp.zeros_like(h0), traj), None
-        return _replay_logits(state.params, h0, traj), None
-
-    def update(state: TrainState):
-        hp = state.hparams
-        h0 = state.h
-        key, k_roll, k_perm = jax.random.split(state.key, 3)
-        state, traj = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
-        x, cx = inputs(state.last_ts)
-        firsts = jnp.broadcast_to(state.first[:, None], (E, A))
-        _, _, last_value = apply(state.params, state.h, x, cx, firsts, state.last_ts.avail_actions)
-        ref_logits, ref_h = reference_logits(state, h0, traj)
-        penalized = rcfg.kind != "none" and rcfg.mode == "penalty"
-        watch_run = rcfg.reference == "run" and discrete
-        pol_logits = _replay_logits(state.params, h0, traj) if penalized or watch_run else None
-        reference_metrics = {}
-        if watch_run:
-            # KL to the reference on the rollout, logged for every kind: a common divergence scale
-            reference_metrics["reference_kl"] = reg.kl(pol_logits, ref_logits, traj.avail).mean()
-        if penalized:
-            # WPR: the regularizer's gradient (dual potential / log-ratio) at the taken
-            # action becomes a per-step reward penalty; PPO then runs unchanged
-            if discrete:
-                out = regularizer(pol_logits, ref_logits, traj.avail, hp)
-                taken = lambda v: jnp.take_along_axis(v, traj.action[..., None], -1)[..., 0]
-                penalty = taken(out.penalty)
-                divergence = out.value
-                if watch_run and rcfg.kind == "wasserstein":
-                    # how far the Wasserstein penalty is from a rescaled KL log-ratio
-                    log_ratio = reg.log_probs(pol_logits, traj.avail) - reg.log_probs(ref_logits, traj.avail)
-                    reference_metrics["penalty_logratio_corr"] = reg.correlation(penalty, taken(log_ratio))
-            else:
-                _, penalty, divergence = continuous_regularizer(
-                    _replay_logits(state.params, h0, traj), ref_logits, traj.action, hp
-                )
-            traj = traj._replace(reward=traj.reward - penalty)
-            # logged as "regularizer": the divergence to the reference on the rollout
-            penalty_metrics = dict(regularizer=divergence.mean(), reward_penalty=penalty.mean())
-        else:
-            penalty_metrics = {}
-        adv, targets = advantages(traj, last_value, hp)
-
-        frac = state.update_step / config.num_updates
-        lr = hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr
-
-        def epoch(carry, key):
+        def minibatch(carry, idx):
             params, opt_state = carry
-            perm = jax.random.permutation(key, E).reshape(config.num_minibatches, -1)
+            grads, metrics = grad_fn(params, idx)
+            updates, opt_state = tx.update(grads, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), metrics
 
-            def minibatch(carry, idx):
-                params, opt_state = carry
-                take_t = lambda z: z[:, idx]  # [T, E, ...] -> [T, mb, ...]
-                mb = jax.tree.map(take_t, (traj._replace(info={}), ref_logits, adv, targets))
-                grads, metrics = jax.grad(loss_fn, has_aux=True)(params, h0[idx], *mb, hp)
-                updates, opt_state = tx.update(grads, opt_state)
-                params = optax.apply_updates(params, updates)
-                return (params, opt_state), metrics
+        return jax.lax.scan(minibatch, carry, perm)
 
-            return jax.lax.scan(minibatch, (params, opt_state), perm)
+    return jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, epochs))
 
-        (params, opt_state), metrics = jax.lax.scan(
-            epoch,
-            (state.params, with_learning_rate(state.opt_state, lr)),
-            jax.random.split(k_perm, config.update_epochs),
-        )
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics.update(penalty_metrics)
-        metrics.update(reference_metrics)
-        metrics.update(episode_metrics(traj.info))
-        metrics["lr"] = lr
-        if ref_h is not None:
-            state = state.replace(ref_params=state.ref_params._replace(h=ref_h))
-        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
-        return state, metrics
 
-    def _replay_logits(params, h0, traj: Transition, with_carry=False):
-        """Logits of ``params`` along the stored trajectory (no gradient); with
-        ``with_carry`` also the hidden state after its last step."""
+def annealed_lr(config, hp, update_step):
+    """The learning rate of this update: linear to zero over the run with ``anneal_lr``."""
+    frac = update_step / config.num_updates
+    return hp.lr * (1.0 - frac) if config.anneal_lr else hp.lr
 
-        def step(h, xs):
-            x, cx, first, avail = xs
-            h, logits, _ = apply(params, h, x, cx, first, avail)
-            return h, logits
 
-        h, logits = jax.lax.scan(step, h0, (traj.x, traj.cx, traj.first, traj.avail))
-        logits = jax.lax.stop_gradient(logits)
-        return (logits, jax.lax.stop_gradient(h)) if with_carry else logits
+def update(m: PPOParts, env, state: TrainState):
+    """One PPO iteration: a rollout of ``num_steps``, returns, and the epochs of
+    minibatch updates."""
+    config, hp, h0 = m.config, state.hparams, state.h
+    E, A = config.num_envs, m.num_agents
+    key, k_roll, k_perm = jax.random.split(state.key, 3)
+    state, traj = jax.lax.scan(
+        functools.partial(rollout_step, m, env), state, jax.random.split(k_roll, config.num_steps)
+    )
+    x, cx = inputs(m, state.last_ts)
+    firsts = jnp.broadcast_to(state.first[:, None], (E, A))
+    _, _, last_value = apply(m, state.params, state.h, x, cx, firsts, state.last_ts.avail_actions)
+    ref_out, ref_h = reference_outputs(m, state, h0, traj)
+    traj, reg_metrics = penalize(m, state, h0, traj, ref_out, hp)
+    adv, targets = gae(
+        traj.reward,
+        traj.value,
+        traj.done[..., None],
+        traj.terminated[..., None],
+        traj.final_value,
+        last_value,
+        hp.gamma,
+        hp.gae_lambda,
+        config.bootstrap_truncation,
+    )
+    lr = annealed_lr(config, hp, state.update_step)
+    data = (traj._replace(info={}), ref_out, adv, targets)
 
-    return Algorithm(name, config, env, init, update, act, initial_carry, E * T)
+    def grad_fn(params, idx):
+        mb = jax.tree.map(lambda z: z[:, idx], data)  # [T, E, ...] -> [T, mb, ...]
+        return jax.grad(functools.partial(loss_fn, m), has_aux=True)(params, h0[idx], *mb, hp)
+
+    (params, opt_state), metrics = minibatch_epochs(
+        grad_fn,
+        m.tx,
+        state.params,
+        with_learning_rate(state.opt_state, lr),
+        k_perm,
+        config.update_epochs,
+        E,
+        config.num_minibatches,
+    )
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics.update(reg_metrics)
+    metrics.update(episode_metrics(traj.info))
+    metrics["lr"] = lr
+    if ref_h is not None:
+        state = state.replace(ref_params=state.ref_params._replace(h=ref_h))
+    state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
+    return state, metrics
+
+
+def make(env, config: PPOConfig, name: str = "ppo") -> Algorithm:
+    """IPPO / MAPPO on ``env``: the pieces above bound to its spec and ``config``."""
+    m = make_parts(env.spec, config, name)
+    run_params = load_reference(m)
+    return Algorithm(
+        name,
+        config,
+        env,
+        functools.partial(init, m, env, run_params),
+        functools.partial(update, m, env),
+        functools.partial(act, m),
+        functools.partial(initial_carry, m),
+        config.num_envs * config.num_steps,
+    )

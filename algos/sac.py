@@ -186,6 +186,19 @@ class Transition(NamedTuple):
     terminated: jax.Array  # [...]
 
 
+def transition_fields(spec) -> dict:
+    """Each replayed Transition array's shape after its leading dims, and its dtype
+    (``marl.types.assert_fields``)."""
+    A, f32 = spec.num_agents, jnp.float32
+    return dict(
+        obs=((A, spec.obs_dim), f32),
+        action=((A, spec.action_dim), f32),
+        reward=((A,), f32),
+        next_obs=((A, spec.obs_dim), f32),
+        terminated=((), bool),
+    )
+
+
 # PyTorch's default Linear init, as in the SAC reference code: U(+-1/sqrt(fan_in)) weights.
 # It needs no QR (see marl/networks.py on batched QR) and compiles far faster than the
 # orthogonal initializer's Gram-Schmidt loop.
@@ -343,14 +356,22 @@ def divergence_to(kind: str, mean, log_std, ref_mean, ref_log_std):
     return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
 
 
+def make_regularizer(config: SACConfig) -> reg.Regularizer:
+    """SAC's regularizer: ``entropy`` is SAC's own maximum-entropy term (its temperature
+    alpha); ``kl`` / ``wasserstein`` add the divergence to the ``initial`` or ``rollout``
+    (current) actor to the actor's loss, besides the entropy term."""
+    return reg.build(
+        config.regularizer, who="SAC", policy="gaussian", references=("rollout", "initial"), loss_only=True
+    )
+
+
 def grad_step(nets: SACNets, tx, config: SACConfig, obs_temp, carry, key):
     """One SAC gradient step on a replay batch: the twin critics toward the soft Bellman
     target, the actor by reparameterized soft policy improvement (plus the regularizer's
     divergence to ``ref_actor``), the temperatures toward the target entropy. Agents
     outside ``state.train_mask`` keep their parameters. ``carry = (state, ref_actor)``."""
-    rcfg = config.regularizer
-    use_entropy = rcfg.kind != "none"
-    divergence = rcfg.kind in ("kl", "wasserstein")
+    R = make_regularizer(config)
+    use_entropy = R.active
     per_agent = not nets.shared
     A = nets.num_agents
     inputs = functools.partial(net_inputs, nets)
@@ -391,8 +412,8 @@ def grad_step(nets: SACNets, tx, config: SACConfig, obs_temp, carry, key):
         q1, q2 = critic(critic_p, x, a)
         per_agent = (alpha * logp - jnp.minimum(q1, q2)).mean(0)
         div = jnp.zeros((A,))
-        if divergence:
-            div = divergence_to(rcfg.kind, mean, log_std, *actor(ref_actor, x)).mean(0)
+        if R.divergence:
+            div = divergence_to(R.config.kind, mean, log_std, *actor(ref_actor, x)).mean(0)
             per_agent = per_agent + hp.reg_coef * div
         return (per_agent * mask).sum() / n_train, (per_agent, logp, div)
 
@@ -465,8 +486,8 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
     low, high = float(spec.action_low), float(spec.action_high)
     mid, half = nets.mid, nets.half
     rcfg = config.regularizer
-    use_entropy = rcfg.kind != "none"
-    divergence = rcfg.kind in ("kl", "wasserstein")
+    R = make_regularizer(config)
+    use_entropy = R.active
     tx = descent(optax.scale_by_adam())
     # independent: every parameter leaf has a leading [A] axis and each agent has its own
     # Adam state; shared: one tree for all agents
@@ -507,7 +528,7 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
         return TrainState(
             params=params,
             target_critic=critic_p,
-            ref_actor=actor_p if divergence and rcfg.reference == "initial" else None,
+            ref_actor=actor_p if R.divergence and rcfg.reference == "initial" else None,
             opt_actor=opt_init(actor_p),
             opt_critic=opt_init(critic_p),
             opt_alpha=jax.vmap(tx.init)(log_alpha),
@@ -564,8 +585,8 @@ def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
         flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
         state = state.replace(buffer=buffers.replay_add(state.buffer, flat))
         ref_actor = None
-        if divergence:
-            ref_actor = state.ref_actor if rcfg.reference == "initial" else state.params.actor
+        if R.divergence:
+            ref_actor = R.reference(initial=lambda: state.ref_actor, rollout=lambda: state.params.actor)
         ready = (state.env_steps >= config.learning_starts) & (state.buffer.size >= config.batch_size)
         skipped = jax.tree.map(jnp.zeros_like, jax.eval_shape(learn, state, ref_actor, k_learn)[1])
         state, learn_metrics = jax.lax.cond(

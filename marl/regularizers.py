@@ -145,6 +145,10 @@ __all__ = [
     "correlation",
     "gaussian_w2",
     "regularize",
+    "gaussian_regularizer",
+    "gaussian_divergence",
+    "Regularizer",
+    "build",
 ]
 
 KINDS = ("none", "kl", "wasserstein", "entropy")
@@ -767,17 +771,153 @@ def gaussian_regularizer(kind: str, mean, log_std, ref_mean, ref_log_std, action
     if kind == "entropy":
         value = -p.entropy()
         per_sample = p.log_prob(action)
-    elif kind == "kl":
-        q = distrax.MultivariateNormalDiag(ref_mean, ref_std)
-        value = p.kl_divergence(q)
-        per_sample = p.log_prob(action) - q.log_prob(action)
-    elif kind == "wasserstein":
-        value = gaussian_w2(mean, std, ref_mean, ref_std)
-        ratio = ref_std / std
-        per_sample = jnp.sum(
-            action**2 - 2 * ref_mean * action - ratio * (action - mean) ** 2 + ref_mean**2 + ref_std**2 - std * ref_std,
-            -1,
-        )
+    elif kind in ("kl", "wasserstein"):
+        value = gaussian_divergence(kind, mean, log_std, ref_mean, ref_log_std)
+        if kind == "kl":
+            per_sample = p.log_prob(action) - distrax.MultivariateNormalDiag(ref_mean, ref_std).log_prob(action)
+        else:
+            ratio = ref_std / std
+            per_sample = jnp.sum(
+                action**2
+                - 2 * ref_mean * action
+                - ratio * (action - mean) ** 2
+                + ref_mean**2
+                + ref_std**2
+                - std * ref_std,
+                -1,
+            )
     else:
         raise ConfigError("regularizer.kind", kind, f"must be one of {list(KINDS)}")
     return coef * value, jax.lax.stop_gradient(coef * per_sample), jax.lax.stop_gradient(value)
+
+
+def gaussian_divergence(kind: str, mean, log_std, ref_mean, ref_log_std):
+    """``[...]`` closed-form D(pi || ref) between diagonal Gaussians, summed over the
+    action dimensions: ``kl`` or ``wasserstein`` (W2^2); the reference gets no gradient."""
+    ref_mean, ref_log_std = jax.lax.stop_gradient(ref_mean), jax.lax.stop_gradient(ref_log_std)
+    std, ref_std = jnp.exp(log_std), jnp.exp(ref_log_std)
+    if kind == "kl":
+        return distrax.MultivariateNormalDiag(mean, std).kl_divergence(
+            distrax.MultivariateNormalDiag(ref_mean, ref_std)
+        )
+    if kind == "wasserstein":
+        return gaussian_w2(mean, std, ref_mean, ref_std)
+    raise ConfigError("regularizer.kind", kind, "a Gaussian divergence is 'kl' or 'wasserstein'")
+
+
+# -------------------------------------------------------------------- one learner's wiring
+
+POLICIES = ("categorical", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+    """The regularizer of one learner, built from its config by :func:`build`: which
+    reference it reads, whether it is a loss term or a reward penalty, and the term
+    itself for the learner's policy family. Learners ask it; they never read
+    ``RegularizerConfig.kind`` / ``mode`` / ``reference`` themselves.
+
+    A categorical policy is given as logits ``[..., n]`` (with the availability mask
+    ``avail``); a Gaussian as ``(mean, log_std)``, each ``[..., d]``.
+    ``coef`` and ``epsilon`` are the (traced, sweepable) values of the train state.
+    """
+
+    config: RegularizerConfig
+    policy: str = "categorical"
+    cost: Optional[jax.Array] = None  # [n, n] ground cost between actions (categorical Wasserstein)
+
+    @property
+    def active(self) -> bool:
+        return self.config.kind != "none"
+
+    @property
+    def as_loss(self) -> bool:
+        """Added to the learner's loss (``mode == "loss"``)."""
+        return self.active and self.config.mode == "loss"
+
+    @property
+    def as_penalty(self) -> bool:
+        """Subtracted from the reward at the taken action (``mode == "penalty"``, WPR)."""
+        return self.active and self.config.mode == "penalty"
+
+    @property
+    def divergence(self) -> bool:
+        """A divergence to a reference (kl, wasserstein), not the reference-free entropy."""
+        return self.config.kind in ("kl", "wasserstein")
+
+    def reference(self, **sources):
+        """The reference the config names, from the learner's candidates: each keyword
+        (``rollout``, ``initial``, ``uniform``, ``run``) is a thunk, and only the chosen
+        one is evaluated. :func:`build` has already checked that the learner offers it
+        for a divergence; a regularizer that reads no reference (none, entropy) gets the
+        configured candidate when offered, else the first one, as a placeholder."""
+        chosen = sources.get(self.config.reference)
+        if chosen is None and not self.divergence:
+            chosen = next(iter(sources.values()))
+        return chosen()
+
+    def term(self, pol, ref, coef, epsilon=None, *, avail=None, action=None) -> RegularizerOutput:
+        """The regularizer of ``pol`` toward ``ref``. Categorical: :func:`regularize`
+        (``penalty`` per action ``[..., n]``). Gaussian: :func:`gaussian_regularizer`
+        (``penalty`` at ``action`` ``[...]``, so ``action`` is required)."""
+        if self.policy == "gaussian":
+            (mean, log_std), (ref_mean, ref_log_std) = pol, ref
+            return RegularizerOutput(
+                *gaussian_regularizer(self.config.kind, mean, log_std, ref_mean, ref_log_std, action, coef)
+            )
+        r = self.config
+        return regularize(
+            r.kind,
+            pol,
+            ref,
+            coef,
+            mask=avail,
+            cost=self.cost,
+            epsilon=epsilon,
+            iterations=r.iterations,
+            centred=r.centred,
+            backend=r.backend,
+        )
+
+    def loss_term(self, pol, ref, coef, epsilon=None, *, avail=None, action=None):
+        """(loss [...] carrying the gradient, value [...] for logging)."""
+        out = self.term(pol, ref, coef, epsilon, avail=avail, action=action)
+        return out.loss, out.value
+
+    def penalty(self, pol, ref, coef, epsilon=None, *, avail=None, action):
+        """(reward penalty at the taken ``action`` [...] (no gradient), value [...])."""
+        out = self.term(pol, ref, coef, epsilon, avail=avail, action=action)
+        if self.policy == "gaussian":
+            return out.penalty, out.value
+        return jnp.take_along_axis(out.penalty, action[..., None], -1)[..., 0], out.value
+
+    def divergence_to(self, pol, ref):
+        """Gaussian only: the closed-form divergence ``[...]`` alone (a learner that
+        adds it to its own loss, as SAC's actor does)."""
+        (mean, log_std), (ref_mean, ref_log_std) = pol, ref
+        return gaussian_divergence(self.config.kind, mean, log_std, ref_mean, ref_log_std)
+
+
+def build(
+    config: RegularizerConfig,
+    *,
+    who: str,
+    policy: str = "categorical",
+    cost: Optional[jax.Array] = None,
+    references: tuple = REFERENCES,
+    rollout_is_policy: bool = False,
+    loss_only: bool = False,
+) -> Regularizer:
+    """The learner ``who``'s :class:`Regularizer`, after :func:`check_usage` and a check
+    that the learner offers the configured reference (``references``); ConfigError
+    naming the field before anything compiles."""
+    check_choice("regularizer policy", policy, POLICIES)
+    check_usage(
+        config, who=who, gaussian=policy == "gaussian", rollout_is_policy=rollout_is_policy, loss_only=loss_only
+    )
+    needs_reference = config.kind in ("kl", "wasserstein")
+    if needs_reference and config.reference not in references:
+        raise ConfigError(
+            "regularizer.reference", config.reference, f"{who} supports the references {list(references)}"
+        )
+    return Regularizer(config, policy, cost)

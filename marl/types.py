@@ -112,24 +112,33 @@ def assert_timestep(ts: Timestep, spec: EnvSpec, batch: tuple = ()) -> None:
     ``done, terminated [*batch]`` (bool), ``avail_actions [*batch, A, n]`` (bool; n = 1
     for continuous actions), float32 observations, state and rewards. Raises
     AssertionError naming the field. Host-side: for tests, adapters and debugging."""
+    A, n = spec.num_agents, spec.num_actions or 1
+    f32 = jnp.float32
+    shapes = {
+        "obs": ((A, spec.obs_dim), f32),
+        "state": ((spec.state_dim,), f32),
+        "reward": ((A,), f32),
+        "done": ((), bool),
+        "terminated": ((), bool),
+        "avail_actions": ((A, n), bool),
+    }
+    assert_fields(ts, shapes, batch, f"Timestep of {spec.name}")
+
+
+def assert_fields(obj: Any, fields: dict[str, tuple[tuple, Any]], batch: tuple = (), what: str = "") -> None:
+    """Check named fields of ``obj`` (a NamedTuple, dataclass or anything with those
+    attributes) with chex: ``fields[name] = (shape after the batch dims, dtype)``.
+    Raises AssertionError naming ``what`` and the field. Host-side: tests and debugging;
+    the learners' ``transition_fields`` give theirs."""
     import chex
 
-    A, n = spec.num_agents, spec.num_actions or 1
-    shapes = {
-        "obs": (A, spec.obs_dim),
-        "state": (spec.state_dim,),
-        "reward": (A,),
-        "done": (),
-        "terminated": (),
-        "avail_actions": (A, n),
-    }
-    for field, shape in shapes.items():
-        value = getattr(ts, field)
+    for field, (shape, dtype) in fields.items():
+        value = getattr(obj, field)
         try:
-            chex.assert_shape(value, tuple(batch) + shape)
-            chex.assert_type(value, bool if field in ("done", "terminated", "avail_actions") else jnp.float32)
+            chex.assert_shape(value, tuple(batch) + tuple(shape))
+            chex.assert_type(value, dtype)
         except AssertionError as e:
-            raise AssertionError(f"Timestep.{field} of {spec.name}: {e}") from None
+            raise AssertionError(f"{what}.{field}: {e}") from None
 
 
 class Environment(Protocol):

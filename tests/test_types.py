@@ -95,3 +95,44 @@ def _swarm_algo(name, env_name, env_kwargs):
     from tests.conftest import tiny_overrides
 
     return algos.make(name, envs.make(env_name, **env_kwargs), **tiny_overrides(name))
+
+
+@pytest.mark.parametrize(
+    "name, env_name, kwargs",
+    [("ippo", "smax:3m", {}), ("mappo", "smax:3m", {}), ("mappo", "swarm:aggregation", {"num_agents": 4})],
+)
+def test_ppo_transitions_match_their_declared_fields(name, env_name, kwargs):
+    """A rollout step's Transition has the shapes and dtypes ``ppo.transition_fields``
+    declares, for discrete and continuous actions; a wrong one is named."""
+    import algos
+    import envs
+    from algos import ppo
+    from marl.types import assert_fields
+    from tests.conftest import tiny_overrides
+
+    env = envs.make(env_name, **kwargs)
+    algo = algos.make(name, env, **tiny_overrides(name))
+    m = ppo.make_parts(env.spec, algo.config, name)
+    state = ppo.init(m, env, None, jax.random.PRNGKey(0))
+    _, tr = ppo.rollout_step(m, env, state, jax.random.PRNGKey(1))
+    fields = ppo.transition_fields(m)
+    assert set(fields) == set(tr._fields) - {"info"}
+    assert_fields(tr, fields, (algo.config.num_envs,), "ppo.Transition")
+    with pytest.raises(AssertionError, match="ppo.Transition.action"):
+        assert_fields(
+            tr._replace(action=tr.action.astype(jnp.float32)[..., None, None]),
+            fields,
+            (algo.config.num_envs,),
+            "ppo.Transition",
+        )
+
+
+def test_sac_replay_holds_transitions_of_the_declared_fields():
+    """After an update, SAC's replay buffer rows have ``sac.transition_fields``' shapes."""
+    from algos import sac
+    from marl.types import assert_fields
+
+    algo = tiny_algo("sac", "adv:pendulum")
+    state, _ = jax.jit(algo.update)(algo.init(jax.random.PRNGKey(0)))
+    data = state.buffer.data
+    assert_fields(data, sac.transition_fields(algo.env.spec), (data.obs.shape[0],), "sac.Transition")
