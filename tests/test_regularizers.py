@@ -632,3 +632,64 @@ def test_check_usage_holds_every_learners_rules_in_one_place():
     reg.check_usage(r(kind="kl", mode="penalty", reference="rollout"), who="QMIX")  # its rollout is the target net
     with pytest.raises(ConfigError, match="regularizer.mode"):
         reg.check_usage(r(kind="wasserstein", mode="penalty", reference="initial"), who="SAC", loss_only=True)
+
+
+# ------------------------------------------------------------------ one learner's wiring
+
+
+def test_build_rejects_a_reference_the_learner_does_not_offer():
+    from marl.config import ConfigError
+    from marl.regularizers import RegularizerConfig, build
+
+    r = RegularizerConfig(kind="kl", coef=0.1, reference="uniform", mode="loss")
+    with pytest.raises(ConfigError, match="regularizer.reference"):
+        build(r, who="learner", references=("rollout", "initial"))
+    with pytest.raises(ConfigError, match="Gaussian"):
+        build(r, who="learner", policy="gaussian")
+    # entropy reads no reference: any configured reference is accepted
+    build(RegularizerConfig(kind="entropy", reference="uniform"), who="learner", references=("rollout",))
+
+
+def test_regularizer_reference_evaluates_only_the_chosen_candidate():
+    from marl.regularizers import RegularizerConfig, build
+
+    R = build(RegularizerConfig(kind="kl", coef=0.1, reference="initial", mode="loss"), who="learner")
+
+    def fail():
+        raise AssertionError("evaluated a reference that was not chosen")
+
+    assert R.reference(rollout=fail, initial=lambda: "initial", uniform=fail) == "initial"
+    assert R.as_loss and not R.as_penalty and R.divergence
+    # a regularizer that reads no reference gets a placeholder, the first offered candidate
+    E = build(RegularizerConfig(kind="entropy", reference="uniform"), who="learner")
+    assert E.reference(rollout=lambda: "rollout", initial=fail) == "rollout" and not E.divergence
+
+
+def test_regularizer_penalty_is_the_taken_actions_per_action_penalty():
+    """Categorical: ``penalty`` gathers :func:`regularize`'s per-action penalty at the taken
+    action and ``loss_term`` is its loss; Gaussian: the closed forms of gaussian_regularizer."""
+    from marl.regularizers import RegularizerConfig, build, gaussian_regularizer, regularize
+
+    key = jax.random.PRNGKey(3)
+    logits, ref = jax.random.normal(key, (2, 5, 4)), jax.random.normal(jax.random.fold_in(key, 1), (2, 5, 4))
+    avail = jnp.ones((2, 5, 4), bool).at[..., 3].set(False)
+    action = jax.random.randint(jax.random.fold_in(key, 2), (2, 5), 0, 3)
+    cfg = RegularizerConfig(
+        kind="wasserstein", coef=0.3, epsilon=0.1, iterations=30, mode="penalty", reference="initial"
+    )
+    R = build(cfg, who="learner")
+    pen, value = R.penalty(logits, ref, 0.3, 0.1, avail=avail, action=action)
+    out = regularize("wasserstein", logits, ref, 0.3, mask=avail, epsilon=0.1, iterations=30)
+    np.testing.assert_allclose(pen, jnp.take_along_axis(out.penalty, action[..., None], -1)[..., 0], rtol=1e-6)
+    np.testing.assert_allclose(value, out.value, rtol=1e-6)
+    loss, _ = R.loss_term(logits, ref, 0.3, 0.1, avail=avail)
+    np.testing.assert_allclose(loss, out.loss, rtol=1e-6)
+
+    G = build(RegularizerConfig(kind="kl", coef=0.5, mode="loss", reference="initial"), who="g", policy="gaussian")
+    m1, m2, s1, s2 = (jax.random.normal(jax.random.fold_in(key, i), (6, 2)) * 0.3 for i in range(4))
+    a = jax.random.normal(jax.random.fold_in(key, 9), (6, 2))
+    want = gaussian_regularizer("kl", m1, s1, m2, s2, a, 0.5)
+    got = G.term((m1, s1), (m2, s2), 0.5, action=a)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+    np.testing.assert_allclose(G.divergence_to((m1, s1), (m2, s2)), want[2], rtol=1e-6)
