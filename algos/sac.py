@@ -347,15 +347,6 @@ def masked_step(tx, p, grads, opt_state, lr, mask, agent_axis: bool):
     return jax.tree.map(keep, new_p, p), jax.tree.map(keep, new_os, opt_state), keep
 
 
-def divergence_to(kind: str, mean, log_std, ref_mean, ref_log_std):
-    """[..., A] closed-form D(pi || ref) between the pre-tanh diagonal Gaussians."""
-    ref_mean, ref_log_std = jax.lax.stop_gradient((ref_mean, ref_log_std))
-    if kind == "wasserstein":
-        return reg.gaussian_w2(mean, jnp.exp(log_std), ref_mean, jnp.exp(ref_log_std))
-    var, ref_var = jnp.exp(2 * log_std), jnp.exp(2 * ref_log_std)
-    return jnp.sum(ref_log_std - log_std + (var + (mean - ref_mean) ** 2) / (2 * ref_var) - 0.5, -1)
-
-
 def make_regularizer(config: SACConfig) -> reg.Regularizer:
     """SAC's regularizer: ``entropy`` is SAC's own maximum-entropy term (its temperature
     alpha); ``kl`` / ``wasserstein`` add the divergence to the ``initial`` or ``rollout``
@@ -413,7 +404,7 @@ def grad_step(nets: SACNets, tx, config: SACConfig, obs_temp, carry, key):
         per_agent = (alpha * logp - jnp.minimum(q1, q2)).mean(0)
         div = jnp.zeros((A,))
         if R.divergence:
-            div = divergence_to(R.config.kind, mean, log_std, *actor(ref_actor, x)).mean(0)
+            div = R.divergence_to((mean, log_std), actor(ref_actor, x)).mean(0)
             per_agent = per_agent + hp.reg_coef * div
         return (per_agent * mask).sum() / n_train, (per_agent, logp, div)
 

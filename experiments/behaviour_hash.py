@@ -108,6 +108,12 @@ CASES: dict[str, tuple[str, str, dict, dict]] = {
             "learning_starts": 32,
         },
     ),
+    "sac-kl-loss": (
+        "sac",
+        "adv:pendulum",
+        {},
+        {"regularizer": {"kind": "kl", "coef": 0.1, "mode": "loss", "reference": "initial"}, "learning_starts": 32},
+    ),
     "dec_pomfc-kl-loss": (
         "dec_pomfc",
         "swarm:aggregation",
