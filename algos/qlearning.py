@@ -73,6 +73,7 @@ in penalty mode, as a reward penalty mean_i penalty_i(a_i) subtracted from r_t.
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import jax
@@ -282,15 +283,54 @@ def unroll_slots(batch, config: QLearningConfig):
     return batch["obs"].shape[1] if config.full_unroll else max_over_seeds(batch["filled"].sum(-1).max())
 
 
-def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[Hooks] = None) -> Algorithm:  # noqa: C901
+@dataclasses.dataclass(frozen=True, eq=False)
+class Context:
+    """Everything :func:`make` fixes before tracing (static, closed over by every step):
+    spec-derived sizes and scales, the config, the networks, the optimizer and the hooks.
+    The functions below take it as their first argument; :func:`make` binds it."""
+
+    env: Any
+    config: QLearningConfig
+    hooks: Hooks
+    agent: RNNAgent
+    mixer: Any
+    tx: optax.GradientTransformation
+    num_agents: int  # A
+    num_actions: int  # n
+    max_steps: int  # episode limit L; episode rows hold L + 1 slots
+    in_dim: int  # agent input width
+    reward_scale: float
+    state_scale: jax.Array  # [state_dim], divides the mixers' state
+    cost: Optional[jax.Array]  # the env's action cost matrix (Wasserstein regularizer)
+
+    @property
+    def num_envs(self) -> int:
+        return self.config.num_envs
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+
+def make_optimizer(config: QLearningConfig) -> optax.GradientTransformation:
+    """Global-norm clipping, then RMSprop (PyTorch's eps placement) or Adam scaling."""
+    if config.optimizer == "rmsprop":
+        scale = optax.scale_by_rms(decay=config.rms_alpha, eps=config.opt_eps, eps_in_sqrt=False)
+    else:
+        scale = optax.scale_by_adam(eps=config.opt_eps)
+    return descent(optax.clip_by_global_norm(config.max_grad_norm), scale)
+
+
+def default_reward_scale(spec, config: QLearningConfig) -> float:
+    """``config.reward_scale``, else 20 / ``spec.max_return`` when declared, else 1."""
+    if config.reward_scale is not None:
+        return config.reward_scale
+    return 20.0 / spec.max_return if spec.max_return else 1.0
+
+
+def make_context(env, config: QLearningConfig, hooks: Hooks) -> Context:
+    """The static :class:`Context` of a run on ``env``."""
     spec = env.spec
-    if not spec.discrete:
-        raise cfg.ConfigError("env", spec.name, f"{name} needs a discrete-action environment")
-    hooks = hooks or Hooks()
-    A, n, E, T = spec.num_agents, spec.num_actions, config.num_envs, config.num_steps
-    L = spec.max_steps  # episode limit; rows hold L + 1 slots
-    H = config.hidden
-    agent = RNNAgent(n, H)
     mixer = mx.make_mixer(
         config.mixer,
         embed_dim=config.mixing_embed,
@@ -299,330 +339,456 @@ def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[
         num_kernels=config.qplex_kernels,
         out_init_scale=config.mixer_init_scale or None,
     )
-    in_dim = base_input_dim(spec, config) + hooks.extra_input_dim
-    reward_scale = config.reward_scale
-    if reward_scale is None:
-        reward_scale = 20.0 / spec.max_return if spec.max_return else 1.0
-    state_scale = jnp.ones((spec.state_dim,)) if spec.state_scale is None else jnp.asarray(spec.state_scale)
-    rcfg = config.regularizer
-    cost = None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32)
-    if config.optimizer == "rmsprop":
-        scale = optax.scale_by_rms(decay=config.rms_alpha, eps=config.opt_eps, eps_in_sqrt=False)
+    return Context(
+        env=env,
+        config=config,
+        hooks=hooks,
+        agent=RNNAgent(spec.num_actions, config.hidden),
+        mixer=mixer,
+        tx=make_optimizer(config),
+        num_agents=spec.num_agents,
+        num_actions=spec.num_actions,
+        max_steps=spec.max_steps,
+        in_dim=base_input_dim(spec, config) + hooks.extra_input_dim,
+        reward_scale=default_reward_scale(spec, config),
+        state_scale=jnp.ones((spec.state_dim,)) if spec.state_scale is None else jnp.asarray(spec.state_scale),
+        cost=None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32),
+    )
+
+
+# ---------------------------------------------------------------------- inputs
+def agent_inputs(ctx: Context, ext_params, obs, prev_action, fields):
+    """[..., A, in_dim] from obs [..., A, o], prev_action [..., A] (-1: none), fields."""
+    config = ctx.config
+    parts = [base_agent_inputs(obs, prev_action, ctx.num_actions, config.last_action, config.agent_ids)]
+    if ctx.hooks.agent_inputs is not None:
+        parts.append(ctx.hooks.agent_inputs(ext_params, fields))
+    return jnp.concatenate(parts, -1)
+
+
+def step_fields(ctx: Context, params, ext_state, ts, field_carry, key, greedy):
+    """The hook's per-step fields and field carry (``{}`` and the carry without one)."""
+    if ctx.hooks.step_fields is None:
+        return {}, field_carry
+    return ctx.hooks.step_fields(params["ext"], ext_state, ts, field_carry, key, greedy)
+
+
+def initial_field_carry(ctx: Context, batch_shape):
+    """The hook's initial field carry for ``batch_shape`` (None without one)."""
+    return None if ctx.hooks.initial_field_carry is None else ctx.hooks.initial_field_carry(batch_shape)
+
+
+def initial_carry(ctx: Context, batch_shape=()):
+    """Acting carry: (h [..., A, H] zeros, prev_action -1, first True, field carry)."""
+    A, H = ctx.num_agents, ctx.config.hidden
+    return (
+        jnp.zeros(batch_shape + (A, H)),
+        jnp.full(batch_shape + (A,), -1, jnp.int32),
+        jnp.ones(batch_shape, bool),
+        initial_field_carry(ctx, batch_shape),
+    )
+
+
+# ---------------------------------------------------------------------- init
+def init_params(ctx: Context, key):
+    """Initial ``{"agent", "mixer", "ext"}`` parameters and the hook's state."""
+    A, H, spec = ctx.num_agents, ctx.config.hidden, ctx.env.spec
+    k_agent, k_mixer, k_ext = jax.random.split(key, 3)
+    ext_params, ext_state = ctx.hooks.init(k_ext) if ctx.hooks.init is not None else ({}, {})
+    x0 = jnp.zeros((1, A, ctx.in_dim))
+    params = {
+        "agent": ctx.agent.init(k_agent, jnp.zeros((1, A, H)), x0),
+        "mixer": mx.init_mixer(ctx.mixer, k_mixer, A, spec.state_dim, ctx.num_actions),
+        "ext": ext_params,
+    }
+    return params, ext_state
+
+
+def example_fields(ctx: Context, params, ext_state, ts):
+    """Shapes of one env's step fields (for the buffer layout)."""
+    one = jax.tree.map(lambda x: x[None], ts)
+    fields, _ = step_fields(ctx, params, ext_state, one, initial_field_carry(ctx, (1,)), jax.random.PRNGKey(0), False)
+    return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), fields)
+
+
+def init_storage(ctx: Context, params, ext_state, ts):
+    """Empty per-env episode rows [E, L + 1] and episode buffer, laid out from one env's
+    timestep (``ts`` [E, ...])."""
+    ts1 = jax.tree.map(lambda x: x[0], ts)
+    step = {
+        "obs": ts1.obs,
+        "state": ts1.state,
+        "avail": ts1.avail_actions,
+        "action": jnp.zeros((ctx.num_agents,), jnp.int32),
+        "reward": jnp.zeros((), jnp.float32),
+        "terminated": jnp.zeros((), bool),
+        "fields": example_fields(ctx, params, ext_state, ts1),
+    }
+    episode = {"won": jnp.zeros((), jnp.float32), "return": jnp.zeros((), jnp.float32)}
+    rows = buffers.accumulator_init({"step": step, "episode": episode}, ctx.num_envs, ctx.max_steps + 1)
+    row = jax.tree.map(lambda x: x[0], rows.data)
+    buf = buffers.init(row, ctx.config.buffer_size, jnp.zeros((ctx.max_steps + 1,), bool))
+    return rows, buf
+
+
+def init_state(ctx: Context, key) -> TrainState:
+    """The initial :class:`TrainState` (``Algorithm.init``)."""
+    config, rcfg = ctx.config, ctx.config.regularizer
+    k_param, k_env, key = jax.random.split(key, 3)
+    params, ext_state = init_params(ctx, k_param)
+    env_state, ts = jax.vmap(ctx.env.reset)(jax.random.split(k_env, ctx.num_envs))
+    rows, buf = init_storage(ctx, params, ext_state, ts)
+    hp = hparams(
+        HParams,
+        lr=config.lr,
+        gamma=config.gamma,
+        td_lambda=config.td_lambda,
+        epsilon_finish=config.epsilon_finish,
+        reg_coef=rcfg.coef,
+        reg_epsilon=rcfg.epsilon,
+    )
+    z = jnp.zeros((), jnp.int32)
+    return TrainState(
+        params,
+        params,
+        params,
+        ctx.tx.init(params),
+        env_state,
+        ts,
+        initial_carry(ctx, (ctx.num_envs,)),
+        rows,
+        buf,
+        ext_state,
+        key,
+        z,
+        z,
+        z,
+        hp,
+    )
+
+
+# ---------------------------------------------------------------------- acting
+def act_q(ctx: Context, params, ext_state, ts, carry, key, greedy):
+    """Q-values of the acting network on timestep ts; restarts finished episodes."""
+    h, prev, first, fcarry = carry
+    first = first | ts.done
+    h = jnp.where(first[..., None, None], 0.0, h)
+    prev = jnp.where(first[..., None], -1, prev)
+    if ctx.hooks.step_fields is not None:
+        fcarry = jax.tree.map(
+            lambda a, b: jnp.where(first.reshape(first.shape + (1,) * (a.ndim - first.ndim)), a, b),
+            initial_field_carry(ctx, first.shape),
+            fcarry,
+        )
+    fields, fcarry = step_fields(ctx, params, ext_state, ts, fcarry, key, greedy)
+    x = agent_inputs(ctx, params["ext"], ts.obs, prev, fields)
+    h, q = ctx.agent.apply(params["agent"], h, x)
+    return q, fields, (h, prev, first, fcarry)
+
+
+def epsilon_greedy(key, q, avail, eps):
+    """Uniform over the available actions with probability ``eps``, else the greedy one."""
+    k_explore, k_rand = jax.random.split(key)
+    greedy_a = masked_argmax(q, avail)
+    rand_a = jax.random.categorical(k_rand, jnp.where(avail, 0.0, NEG))
+    explore = jax.random.uniform(k_explore, greedy_a.shape) < eps
+    return jnp.where(explore, rand_a, greedy_a)
+
+
+def act(ctx: Context, params, ts: Timestep, carry, key, greedy=False):
+    """Greedy (or epsilon_finish-greedy) actions; ``carry`` from ``initial_carry``.
+
+    Hook state is not available here; hooks whose ``step_fields`` need it see ``{}``.
+    """
+    k_f, k_a = jax.random.split(key)
+    q, _, (h, prev, _, fcarry) = act_q(ctx, params, {}, ts, carry, k_f, greedy)
+    a = jnp.where(
+        greedy,
+        masked_argmax(q, ts.avail_actions),
+        epsilon_greedy(k_a, q, ts.avail_actions, ctx.config.epsilon_finish),
+    )
+    return a, (h, a, jnp.zeros_like(ts.done), fcarry)
+
+
+def epsilon_at(ctx: Context, state: TrainState):
+    """Exploration rate of this iteration: linear in env steps from epsilon_start to the
+    (swept) epsilon_finish over ``epsilon_anneal_steps``."""
+    config = ctx.config
+    steps = (state.update_step * ctx.num_envs * ctx.num_steps).astype(jnp.float32)
+    frac = jnp.clip(steps / config.epsilon_anneal_steps, 0.0, 1.0)
+    return config.epsilon_start + frac * (state.hparams.epsilon_finish - config.epsilon_start)
+
+
+def write_transition(rows: buffers.EpisodeAccumulator, ts, nts, action, fields, first):
+    """Writes one step of every env into its episode row: the step at slot t (t = 0 for
+    envs whose episode starts) and the observation after it (the final one when the
+    episode ended) at slot t + 1."""
+    E = action.shape[0]
+    t = jnp.where(first, 0, rows.t)
+    rows = rows.replace(filled=jnp.where(first[:, None], False, rows.filled))
+    info = nts.info
+    step = {
+        "obs": ts.obs,
+        "state": ts.state,
+        "avail": ts.avail_actions,
+        "action": action,
+        "reward": nts.reward.mean(-1),
+        "terminated": nts.terminated,
+        "fields": fields,
+    }
+    episode = {
+        "won": info.get("won", jnp.zeros((E,))).astype(jnp.float32),
+        "return": info["episode_return"].astype(jnp.float32),
+    }
+    rows = buffers.write(rows, {"step": step, "episode": episode}, t)
+    nxt = {
+        "obs": info["final_obs"],
+        "state": info["final_state"],
+        "avail": info["final_avail"],
+        "action": jnp.zeros_like(action),
+        "reward": jnp.zeros((E,)),
+        "terminated": jnp.zeros((E,), bool),
+        "fields": jax.tree.map(jnp.zeros_like, fields),
+    }
+    rows = buffers.write(rows, {"step": nxt, "episode": episode}, t + 1)
+    return rows.replace(t=t + 1)
+
+
+def rollout_step(ctx: Context, carry, key):
+    """One epsilon-greedy step of every env (a ``lax.scan`` body over ``(state, eps)``);
+    finished episodes go to the buffer."""
+    state, eps = carry
+    ts = state.last_ts
+    k_f, k_a, k_env = jax.random.split(key, 3)
+    q, fields, (h, prev, first, fcarry) = act_q(ctx, state.params, state.ext, ts, state.carry, k_f, False)
+    action = epsilon_greedy(k_a, q, ts.avail_actions, eps)
+    env_state, nts = jax.vmap(ctx.env.step)(jax.random.split(k_env, ctx.num_envs), state.env_state, action)
+    rows = write_transition(state.rows, ts, nts, action, fields, first)
+    buf = buffers.add(state.buffer, rows.data, rows.filled, valid=nts.done)
+    stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
+    state = state.replace(
+        env_state=env_state,
+        last_ts=nts,
+        carry=(h, action, jnp.zeros_like(first), fcarry),
+        rows=rows,
+        buffer=buf,
+        episodes=state.episodes + nts.done.sum(),
+    )
+    return (state, eps), stats
+
+
+# ---------------------------------------------------------------------- learning
+def unroll(ctx: Context, params, batch):
+    """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0); see
+    ``marl.rnn.unroll_chunked``."""
+    x = agent_inputs(ctx, params["ext"], batch["obs"], previous_actions(batch["action"]), batch["fields"])
+    return unroll_chunked(ctx.agent, params["agent"], x, unroll_slots(batch, ctx.config), ctx.config.gru_autodiff)
+
+
+def mix(ctx: Context, mixer_params, qs, states, actions, max_qs):
+    """(Q_tot, attention penalty) of the chosen Q-values ``qs``; states are rescaled."""
+    return mx.apply_with_aux(
+        ctx.mixer, mixer_params, qs, states / ctx.state_scale, jax.nn.one_hot(actions, ctx.num_actions), max_qs
+    )
+
+
+def masked_mean(x, mask):
+    """sum(x * mask) / max(sum(mask), 1)."""
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def policy_regularizer(ctx: Context, q, ref_q, avail, hp: HParams):
+    """``marl.regularizers.regularize`` of the Boltzmann policies softmax(Q / T)."""
+    rcfg, temp = ctx.config.regularizer, ctx.config.reg_temperature
+    return reg.regularize(
+        rcfg.kind,
+        q / temp,
+        ref_q / temp,
+        hp.reg_coef,
+        mask=avail,
+        cost=ctx.cost,
+        epsilon=hp.reg_epsilon,
+        iterations=rcfg.iterations,
+        centred=rcfg.centred,
+        backend=rcfg.backend,
+    )
+
+
+def regularizer_term(ctx: Context, ref_params, batch, q, q_sg, tq, avail, actions, mask, hp: HParams):
+    """The policy regularizer of the online Q-values against the configured reference.
+
+    ``q``, ``q_sg`` (gradients stopped), ``tq`` (target network): [B, T+1, A, n];
+    ``avail`` [B, T+1, A, n]; ``actions`` [B, T, A]; ``mask`` [B, T].
+    Returns (loss term, reward penalty [B, T] or None, metrics): loss mode gives a loss
+    term and no penalty; penalty mode a zero loss term and the stopped penalty
+    mean_i penalty_i(a_i) to subtract from r_t; no regularizer gives (0, None, {}).
+    """
+    rcfg = ctx.config.regularizer
+    reg_loss = jnp.zeros(())
+    if rcfg.kind == "none":
+        return reg_loss, None, {}
+    if rcfg.reference == "rollout":
+        ref_q = tq[:, :-1]
+    elif rcfg.reference == "initial":
+        ref_q = jax.lax.stop_gradient(unroll(ctx, ref_params, batch))[:, :-1]
     else:
-        scale = optax.scale_by_adam(eps=config.opt_eps)
-    tx = descent(optax.clip_by_global_norm(config.max_grad_norm), scale)
+        ref_q = jnp.zeros_like(q_sg[:, :-1])
+    out = policy_regularizer(ctx, q[:, :-1] if rcfg.mode == "loss" else q_sg[:, :-1], ref_q, avail[:, :-1], hp)
+    metrics = {"regularizer": masked_mean(out.value.mean(-1), mask)}
+    if rcfg.mode == "loss":
+        return masked_mean(out.loss.mean(-1), mask), None, metrics
+    return reg_loss, jax.lax.stop_gradient(take(out.penalty, actions).mean(-1)), metrics
 
-    # ------------------------------------------------------------------ inputs
-    def agent_inputs(ext_params, obs, prev_action, fields):
-        """[..., A, in_dim] from obs [..., A, o], prev_action [..., A] (-1: none), fields."""
-        parts = [base_agent_inputs(obs, prev_action, n, config.last_action, config.agent_ids)]
-        if hooks.agent_inputs is not None:
-            parts.append(hooks.agent_inputs(ext_params, fields))
-        return jnp.concatenate(parts, -1)
 
-    def step_fields(params, ext_state, ts, field_carry, key, greedy):
-        if hooks.step_fields is None:
-            return {}, field_carry
-        return hooks.step_fields(params["ext"], ext_state, ts, field_carry, key, greedy)
+def intrinsic_bonus(ctx: Context, params, ext_state, batch, next_tot, mask, hp: HParams):
+    """The hook's intrinsic reward [B, T] (or None without one) and its metrics."""
+    if ctx.hooks.intrinsic_reward is None:
+        return None, {}
+    bonus = ctx.hooks.intrinsic_reward(jax.lax.stop_gradient(params), ext_state, batch, next_tot, hp)
+    metrics = {}
+    if isinstance(bonus, tuple):  # (bonus, metrics dict)
+        bonus, hook_metrics = bonus
+        metrics.update(hook_metrics)
+    metrics["intrinsic_reward"] = masked_mean(bonus, mask)
+    return bonus, metrics
 
-    def initial_field_carry(batch_shape):
-        return None if hooks.initial_field_carry is None else hooks.initial_field_carry(batch_shape)
 
-    def initial_carry(batch_shape=()):
-        return (
-            jnp.zeros(batch_shape + (A, H)),
-            jnp.full(batch_shape + (A,), -1, jnp.int32),
-            jnp.ones(batch_shape, bool),
-            initial_field_carry(batch_shape),
-        )
+def mixed_values(ctx: Context, params, target_params, batch, q, q_sg, tq):
+    """Q_tot(s_t, a_t) and its attention penalty [B, T], and the stopped double-Q target
+    Qbar_{t+1} [B, T] of the target mixer."""
+    avail, actions = batch["avail"], batch["action"][:, :-1]
+    chosen = take(q[:, :-1], actions)
+    q_tot, attention = mix(
+        ctx, params["mixer"], chosen, batch["state"][:, :-1], actions, masked_max(q_sg[:, :-1], avail[:, :-1])
+    )
+    a_star, t_chosen, t_max = next_actions(q_sg[:, 1:], tq[:, 1:], avail[:, 1:], ctx.config.double_q)
+    next_tot, _ = mix(ctx, target_params["mixer"], t_chosen, batch["state"][:, 1:], a_star, t_max)
+    return q_tot, attention, jax.lax.stop_gradient(next_tot)
 
-    # ------------------------------------------------------------------ init
-    def init_params(key):
-        k_agent, k_mixer, k_ext = jax.random.split(key, 3)
-        ext_params, ext_state = hooks.init(k_ext) if hooks.init is not None else ({}, {})
-        x0 = jnp.zeros((1, A, in_dim))
-        params = {
-            "agent": agent.init(k_agent, jnp.zeros((1, A, H)), x0),
-            "mixer": mx.init_mixer(mixer, k_mixer, A, spec.state_dim, n),
-            "ext": ext_params,
-        }
-        return params, ext_state
 
-    def example_fields(params, ext_state, ts):
-        """Shapes of one env's step fields (for the buffer layout)."""
-        one = jax.tree.map(lambda x: x[None], ts)
-        fields, _ = step_fields(params, ext_state, one, initial_field_carry((1,)), jax.random.PRNGKey(0), False)
-        return jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), fields)
+def td_targets(batch, reward, next_tot, hp: HParams):
+    """Stopped TD(lambda) targets y_t [B, T] from the (shaped) rewards and Qbar_{t+1}."""
+    valid_next = jnp.concatenate([batch["filled"][:, 2:], jnp.zeros_like(batch["filled"][:, :1])], 1)
+    targets = lambda_returns(reward, batch["terminated"][:, :-1], next_tot, valid_next, hp.gamma, hp.td_lambda)
+    return jax.lax.stop_gradient(targets)
 
-    def init(key) -> TrainState:
-        k_param, k_env, key = jax.random.split(key, 3)
-        params, ext_state = init_params(k_param)
-        env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
-        ts1 = jax.tree.map(lambda x: x[0], ts)
-        step = {
-            "obs": ts1.obs,
-            "state": ts1.state,
-            "avail": ts1.avail_actions,
-            "action": jnp.zeros((A,), jnp.int32),
-            "reward": jnp.zeros((), jnp.float32),
-            "terminated": jnp.zeros((), bool),
-            "fields": example_fields(params, ext_state, ts1),
-        }
-        episode = {"won": jnp.zeros((), jnp.float32), "return": jnp.zeros((), jnp.float32)}
-        rows = buffers.accumulator_init({"step": step, "episode": episode}, E, L + 1)
-        row = jax.tree.map(lambda x: x[0], rows.data)
-        buf = buffers.init(row, config.buffer_size, jnp.zeros((L + 1,), bool))
-        hp = hparams(
-            HParams,
-            lr=config.lr,
-            gamma=config.gamma,
-            td_lambda=config.td_lambda,
-            epsilon_finish=config.epsilon_finish,
-            reg_coef=rcfg.coef,
-            reg_epsilon=rcfg.epsilon,
-        )
-        z = jnp.zeros((), jnp.int32)
-        return TrainState(
-            params,
-            params,
-            params,
-            tx.init(params),
-            env_state,
-            ts,
-            initial_carry((E,)),
-            rows,
-            buf,
-            ext_state,
-            key,
-            z,
-            z,
-            z,
-            hp,
-        )
 
-    # ------------------------------------------------------------------ acting
-    def act_q(params, ext_state, ts, carry, key, greedy):
-        """Q-values of the acting network on timestep ts; restarts finished episodes."""
-        h, prev, first, fcarry = carry
-        first = first | ts.done
-        h = jnp.where(first[..., None, None], 0.0, h)
-        prev = jnp.where(first[..., None], -1, prev)
-        if hooks.step_fields is not None:
-            fcarry = jax.tree.map(
-                lambda a, b: jnp.where(first.reshape(first.shape + (1,) * (a.ndim - first.ndim)), a, b),
-                initial_field_carry(first.shape),
-                fcarry,
-            )
-        fields, fcarry = step_fields(params, ext_state, ts, fcarry, key, greedy)
-        x = agent_inputs(params["ext"], ts.obs, prev, fields)
-        h, q = agent.apply(params["agent"], h, x)
-        return q, fields, (h, prev, first, fcarry)
+def td_loss(q_tot, targets, mask):
+    """Masked mean squared TD error and the masked td_error / q_taken / target metrics;
+    ``q_tot`` may carry trailing per-agent axes (independent Q-learning)."""
+    m = mask.reshape(mask.shape + (1,) * (q_tot.ndim - mask.ndim))
+    count = jnp.maximum(m.sum() * (q_tot.size // mask.size), 1.0)
+    td = (q_tot - targets) * m
+    loss = (td**2).sum() / count
+    metrics = dict(
+        td_error=jnp.abs(td).sum() / count, q_taken=(q_tot * m).sum() / count, target=(targets * m).sum() / count
+    )
+    return loss, metrics
 
-    def epsilon_greedy(key, q, avail, eps):
-        k_explore, k_rand = jax.random.split(key)
-        greedy_a = masked_argmax(q, avail)
-        rand_a = jax.random.categorical(k_rand, jnp.where(avail, 0.0, NEG))
-        explore = jax.random.uniform(k_explore, greedy_a.shape) < eps
-        return jnp.where(explore, rand_a, greedy_a)
 
-    def act(params, ts: Timestep, carry, key, greedy=False):
-        """Greedy (or epsilon_finish-greedy) actions; ``carry`` from ``initial_carry``.
+def loss_fn(ctx: Context, params, target_params, ref_params, ext_state, batch, hp: HParams, key):
+    """The training loss (module docstring) and its metrics on a batch of episodes."""
+    avail = batch["avail"]
+    mask = batch["filled"][:, 1:].astype(jnp.float32)  # [B, T]: transition t exists
+    actions = batch["action"][:, :-1]
+    q = unroll(ctx, params, batch)
+    tq = jax.lax.stop_gradient(unroll(ctx, target_params, batch))
+    q_sg = jax.lax.stop_gradient(q)
+    q_tot, attention, next_tot = mixed_values(ctx, params, target_params, batch, q, q_sg, tq)
+    reward = ctx.reward_scale * batch["reward"][:, :-1]
+    bonus, metrics = intrinsic_bonus(ctx, params, ext_state, batch, next_tot, mask, hp)
+    if bonus is not None:
+        reward = reward + bonus
+    reg_loss, penalty, reg_metrics = regularizer_term(ctx, ref_params, batch, q, q_sg, tq, avail, actions, mask, hp)
+    metrics.update(reg_metrics)
+    if penalty is not None:
+        reward = reward - penalty
+    targets = td_targets(batch, reward, next_tot, hp)
+    loss, td_metrics = td_loss(q_tot, targets, mask)
+    loss = loss + ctx.config.attention_reg * masked_mean(attention, mask) + reg_loss
+    if ctx.hooks.extra_loss is not None:
+        extra, extra_metrics = ctx.hooks.extra_loss(params, target_params, ext_state, batch, key)
+        loss = loss + extra
+        metrics.update(extra_metrics)
+    metrics.update(td_metrics)
+    return loss, metrics
 
-        Hook state is not available here; hooks whose ``step_fields`` need it see ``{}``.
-        """
-        k_f, k_a = jax.random.split(key)
-        q, _, (h, prev, _, fcarry) = act_q(params, {}, ts, carry, k_f, greedy)
-        a = jnp.where(
-            greedy, masked_argmax(q, ts.avail_actions), epsilon_greedy(k_a, q, ts.avail_actions, config.epsilon_finish)
-        )
-        return a, (h, a, jnp.zeros_like(ts.done), fcarry)
 
-    def epsilon_at(state: TrainState):
-        steps = (state.update_step * E * T).astype(jnp.float32)
-        frac = jnp.clip(steps / config.epsilon_anneal_steps, 0.0, 1.0)
-        return config.epsilon_start + frac * (state.hparams.epsilon_finish - config.epsilon_start)
+def sample_batch(ctx: Context, buffer, key):
+    """``batch_size`` whole episodes as the batch dict of :class:`Hooks`."""
+    data, filled = buffers.sample(buffer, key, ctx.config.batch_size)
+    # episode statistics are written with every step; the last filled slot has the final ones
+    last = jnp.maximum(filled.sum(-1) - 1, 0)
+    episode = jax.tree.map(lambda x: take(x, last), data["episode"])
+    return {**data["step"], "episode": episode, "filled": filled}
 
-    def rollout_step(carry, key):
-        state, eps = carry
-        ts = state.last_ts
-        k_f, k_a, k_env = jax.random.split(key, 3)
-        q, fields, (h, prev, first, fcarry) = act_q(state.params, state.ext, ts, state.carry, k_f, False)
-        action = epsilon_greedy(k_a, q, ts.avail_actions, eps)
-        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
-        rows = state.rows
-        t = jnp.where(first, 0, rows.t)
-        rows = rows.replace(filled=jnp.where(first[:, None], False, rows.filled))
-        info = nts.info
-        step = {
-            "obs": ts.obs,
-            "state": ts.state,
-            "avail": ts.avail_actions,
-            "action": action,
-            "reward": nts.reward.mean(-1),
-            "terminated": nts.terminated,
-            "fields": fields,
-        }
-        episode = {
-            "won": info.get("won", jnp.zeros((E,))).astype(jnp.float32),
-            "return": info["episode_return"].astype(jnp.float32),
-        }
-        rows = buffers.write(rows, {"step": step, "episode": episode}, t)
-        # the observation after the transition (the final one when the episode ended)
-        nxt = {
-            "obs": info["final_obs"],
-            "state": info["final_state"],
-            "avail": info["final_avail"],
-            "action": jnp.zeros_like(action),
-            "reward": jnp.zeros((E,)),
-            "terminated": jnp.zeros((E,), bool),
-            "fields": jax.tree.map(jnp.zeros_like, fields),
-        }
-        rows = buffers.write(rows, {"step": nxt, "episode": episode}, t + 1)
-        rows = rows.replace(t=t + 1)
-        buf = buffers.add(state.buffer, rows.data, rows.filled, valid=nts.done)
-        stats = {k: v for k, v in info.items() if k not in FINAL_KEYS}
-        state = state.replace(
-            env_state=env_state,
-            last_ts=nts,
-            carry=(h, action, jnp.zeros_like(first), fcarry),
-            rows=rows,
-            buffer=buf,
-            episodes=state.episodes + nts.done.sum(),
-        )
-        return (state, eps), stats
 
-    # ------------------------------------------------------------------ learning
-    def unroll(params, batch):
-        """Q-values [B, T+1, A, n] of ``params`` along stored episodes (from t = 0); see
-        ``marl.rnn.unroll_chunked``."""
-        x = agent_inputs(params["ext"], batch["obs"], previous_actions(batch["action"]), batch["fields"])
-        return unroll_chunked(agent, params["agent"], x, unroll_slots(batch, config), config.gru_autodiff)
+def train_step(ctx: Context, state: TrainState, hp: HParams, carry, key):
+    """One gradient step on a sampled batch (a ``lax.scan`` body over (params, opt_state));
+    a no-op until the buffer holds ``batch_size`` episodes."""
+    params, opt_state = carry
+    k_sample, k_loss = jax.random.split(key)
+    batch = sample_batch(ctx, state.buffer, k_sample)
+    (loss, metrics), grads = jax.value_and_grad(partial(loss_fn, ctx), has_aux=True)(
+        params, state.target_params, state.ref_params, state.ext, batch, hp, k_loss
+    )
+    updates, new_opt_state = ctx.tx.update(grads, with_learning_rate(opt_state, hp.lr))
+    new_params = optax.apply_updates(params, updates)
+    ready = buffers.can_sample(state.buffer, ctx.config.batch_size)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(ready, new, old), (new_params, new_opt_state), (params, opt_state)
+    )
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+    return (params, opt_state), metrics
 
-    def mix(mixer_params, qs, states, actions, max_qs):
-        return mx.apply_with_aux(mixer, mixer_params, qs, states / state_scale, jax.nn.one_hot(actions, n), max_qs)
 
-    def policy_regularizer(q, ref_q, avail, hp):
-        temp = config.reg_temperature
-        return reg.regularize(
-            rcfg.kind,
-            q / temp,
-            ref_q / temp,
-            hp.reg_coef,
-            mask=avail,
-            cost=cost,
-            epsilon=hp.reg_epsilon,
-            iterations=rcfg.iterations,
-            centred=rcfg.centred,
-            backend=rcfg.backend,
-        )
+def copy_target(ctx: Context, state: TrainState) -> TrainState:
+    """Hard target copy once ``target_update_episodes`` episodes finished since the last."""
+    copy = state.episodes - state.target_episodes >= ctx.config.target_update_episodes
+    target = jax.tree.map(lambda p, t: jnp.where(copy, p, t), state.params, state.target_params)
+    return state.replace(target_params=target, target_episodes=jnp.where(copy, state.episodes, state.target_episodes))
 
-    def loss_fn(params, target_params, ref_params, ext_state, batch, hp: HParams, key):
-        avail = batch["avail"]
-        mask = batch["filled"][:, 1:].astype(jnp.float32)  # [B, T]: transition t exists
-        actions = batch["action"][:, :-1]
-        q = unroll(params, batch)
-        tq = jax.lax.stop_gradient(unroll(target_params, batch))
-        q_sg = jax.lax.stop_gradient(q)
-        chosen = take(q[:, :-1], actions)
-        q_tot, attention = mix(
-            params["mixer"], chosen, batch["state"][:, :-1], actions, masked_max(q_sg[:, :-1], avail[:, :-1])
-        )
-        a_star, t_chosen, t_max = next_actions(q_sg[:, 1:], tq[:, 1:], avail[:, 1:], config.double_q)
-        next_tot, _ = mix(target_params["mixer"], t_chosen, batch["state"][:, 1:], a_star, t_max)
-        next_tot = jax.lax.stop_gradient(next_tot)
-        reward = reward_scale * batch["reward"][:, :-1]
-        metrics = {}
-        if hooks.intrinsic_reward is not None:
-            bonus = hooks.intrinsic_reward(jax.lax.stop_gradient(params), ext_state, batch, next_tot, hp)
-            if isinstance(bonus, tuple):  # (bonus, metrics dict)
-                bonus, hook_metrics = bonus
-                metrics.update(hook_metrics)
-            reward = reward + bonus
-            metrics["intrinsic_reward"] = (bonus * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        reg_loss = jnp.zeros(())
-        if rcfg.kind != "none":
-            if rcfg.reference == "rollout":
-                ref_q = tq[:, :-1]
-            elif rcfg.reference == "initial":
-                ref_q = jax.lax.stop_gradient(unroll(ref_params, batch))[:, :-1]
-            else:
-                ref_q = jnp.zeros_like(q_sg[:, :-1])
-            out = policy_regularizer(q[:, :-1] if rcfg.mode == "loss" else q_sg[:, :-1], ref_q, avail[:, :-1], hp)
-            metrics["regularizer"] = (out.value.mean(-1) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-            if rcfg.mode == "loss":
-                reg_loss = (out.loss.mean(-1) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-            else:
-                reward = reward - jax.lax.stop_gradient(take(out.penalty, actions).mean(-1))
-        valid_next = jnp.concatenate([batch["filled"][:, 2:], jnp.zeros_like(batch["filled"][:, :1])], 1)
-        targets = lambda_returns(reward, batch["terminated"][:, :-1], next_tot, valid_next, hp.gamma, hp.td_lambda)
-        targets = jax.lax.stop_gradient(targets)
-        m = mask.reshape(mask.shape + (1,) * (q_tot.ndim - mask.ndim))
-        count = jnp.maximum(m.sum() * (q_tot.size // mask.size), 1.0)
-        td = (q_tot - targets) * m
-        loss = (td**2).sum() / count
-        att = (attention * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-        loss = loss + config.attention_reg * att + reg_loss
-        if hooks.extra_loss is not None:
-            extra, extra_metrics = hooks.extra_loss(params, target_params, ext_state, batch, key)
-            loss = loss + extra
-            metrics.update(extra_metrics)
-        metrics.update(
-            td_error=jnp.abs(td).sum() / count, q_taken=(q_tot * m).sum() / count, target=(targets * m).sum() / count
-        )
-        return loss, metrics
 
-    def sample_batch(buffer, key):
-        data, filled = buffers.sample(buffer, key, config.batch_size)
-        # episode statistics are written with every step; the last filled slot has the final ones
-        last = jnp.maximum(filled.sum(-1) - 1, 0)
-        episode = jax.tree.map(lambda x: take(x, last), data["episode"])
-        return {**data["step"], "episode": episode, "filled": filled}
+def update(ctx: Context, state: TrainState):
+    """One iteration (``Algorithm.update``): rollouts, ``train_steps`` gradient steps,
+    target copy, the hook's ``after_iteration``."""
+    config, hooks, hp = ctx.config, ctx.hooks, state.hparams
+    key, k_roll, k_train, k_hook = jax.random.split(state.key, 4)
+    episodes_before = state.episodes
+    eps = epsilon_at(ctx, state)
+    (state, _), stats = jax.lax.scan(partial(rollout_step, ctx), (state, eps), jax.random.split(k_roll, ctx.num_steps))
+    ready = buffers.can_sample(state.buffer, config.batch_size)
+    (params, opt_state), metrics = jax.lax.scan(
+        partial(train_step, ctx, state, hp),
+        (state.params, state.opt_state),
+        jax.random.split(k_train, config.train_steps),
+    )
+    state = state.replace(params=params, opt_state=opt_state)
+    # before learning starts the losses of empty batches are reported as 0
+    metrics = jax.tree.map(lambda x: jnp.where(ready, x.mean(), 0.0), metrics)
+    metrics["learning"] = ready.astype(jnp.float32)
+    state = copy_target(ctx, state)
+    if hooks.after_iteration is not None:
+        ext = hooks.after_iteration(state.ext, state.params, state.buffer, state.episodes - episodes_before, k_hook, hp)
+        state = state.replace(ext=ext)
+    metrics.update(episode_metrics(stats))
+    metrics.update(epsilon=eps, buffer_episodes=state.buffer.size.astype(jnp.float32))
+    state = state.replace(key=key, update_step=state.update_step + 1)
+    return state, metrics
 
-    def train_step(state: TrainState, hp: HParams, carry, key):
-        params, opt_state = carry
-        k_sample, k_loss = jax.random.split(key)
-        batch = sample_batch(state.buffer, k_sample)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, state.target_params, state.ref_params, state.ext, batch, hp, k_loss
-        )
-        updates, new_opt_state = tx.update(grads, with_learning_rate(opt_state, hp.lr))
-        new_params = optax.apply_updates(params, updates)
-        ready = buffers.can_sample(state.buffer, config.batch_size)
-        params, opt_state = jax.tree.map(
-            lambda new, old: jnp.where(ready, new, old), (new_params, new_opt_state), (params, opt_state)
-        )
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
-        return (params, opt_state), metrics
 
-    def update(state: TrainState):
-        hp = state.hparams
-        key, k_roll, k_train, k_hook = jax.random.split(state.key, 4)
-        episodes_before = state.episodes
-        eps = epsilon_at(state)
-        (state, _), stats = jax.lax.scan(rollout_step, (state, eps), jax.random.split(k_roll, T))
-        ready = buffers.can_sample(state.buffer, config.batch_size)
-        (params, opt_state), metrics = jax.lax.scan(
-            lambda c, k: train_step(state, hp, c, k),
-            (state.params, state.opt_state),
-            jax.random.split(k_train, config.train_steps),
-        )
-        state = state.replace(params=params, opt_state=opt_state)
-        # before learning starts the losses of empty batches are reported as 0
-        metrics = jax.tree.map(lambda x: jnp.where(ready, x.mean(), 0.0), metrics)
-        metrics["learning"] = ready.astype(jnp.float32)
-        copy = state.episodes - state.target_episodes >= config.target_update_episodes
-        target = jax.tree.map(lambda p, t: jnp.where(copy, p, t), state.params, state.target_params)
-        state = state.replace(
-            target_params=target, target_episodes=jnp.where(copy, state.episodes, state.target_episodes)
-        )
-        if hooks.after_iteration is not None:
-            ext = hooks.after_iteration(
-                state.ext, state.params, state.buffer, state.episodes - episodes_before, k_hook, hp
-            )
-            state = state.replace(ext=ext)
-        metrics.update(episode_metrics(stats))
-        metrics.update(epsilon=eps, buffer_episodes=state.buffer.size.astype(jnp.float32))
-        state = state.replace(key=key, update_step=state.update_step + 1)
-        return state, metrics
-
-    return Algorithm(name, config, env, init, update, act, initial_carry, E * T)
+def make(env, config: QLearningConfig, name: str = "qlearning", hooks: Optional[Hooks] = None) -> Algorithm:
+    """The Q-learning :class:`~marl.types.Algorithm` on ``env``, extended by ``hooks``."""
+    if not env.spec.discrete:
+        raise cfg.ConfigError("env", env.spec.name, f"{name} needs a discrete-action environment")
+    ctx = make_context(env, config, hooks or Hooks())
+    return Algorithm(
+        name,
+        config,
+        env,
+        partial(init_state, ctx),
+        partial(update, ctx),
+        partial(act, ctx),
+        partial(initial_carry, ctx),
+        config.num_envs * config.num_steps,
+    )
