@@ -140,6 +140,7 @@ Deviations and choices (paper / official code)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import flax.linen as nn
@@ -320,7 +321,7 @@ class EMUState:
 
 
 class EMUParts(NamedTuple):
-    """The backbone hooks and the embedding functions they close over."""
+    """The backbone hooks and the embedding functions they use, bound to one :class:`EMUContext`."""
 
     hooks: ql.Hooks
     encode: Callable  # (embed_params, states [N, S], t [N]) -> keys [N, k]
@@ -357,220 +358,302 @@ def desirability(won, ret, recent_returns, desirable_return=None, quantile=None)
     return xi | ((known.sum() >= 10) & (ret > threshold))
 
 
-def make_parts(spec, config: EMUConfig) -> EMUParts:  # noqa: C901
-    """EMU's hooks for an env with ``spec`` (reads state_dim, max_steps, state_scale, max_return)."""
-    L = spec.max_steps
-    S = spec.state_dim
-    capacity = memory_capacity(config, L)
-    write_delta = config.delta if config.write_delta is None else config.write_delta
-    embed_min = (
-        config.embed_steps * config.embed_batch if config.embed_min_entries is None else config.embed_min_entries
-    )
-    steps_per_iteration = config.num_envs * config.num_steps
-    # slots re-keyed by one iteration's writes: at most the steps of the episodes that end
-    # in it (past that the writes fall back to brute force, still exact)
-    recent_size = config.num_envs * (config.num_steps + L)
+class EMUContext(NamedTuple):
+    """What EMU's pieces share: constants derived once from the env spec and the config,
+    the dCAE network, its optimizer and the curiosity (None when off)."""
+
+    config: EMUConfig
+    state_dim: int  # S
+    max_steps: int  # L, the env's step limit (tau = t / L)
+    capacity: int  # memory entries
+    write_delta: float  # hit threshold of the writes
+    embed_min: int  # entries the memory must hold before the dCAE trains
+    steps_per_iteration: int  # env steps per iteration (all envs)
+    recent_size: int  # slots one iteration's writes can re-key (the write cache's length)
+    reward_scale: float  # the backbone's team-reward scale, so H is on the scale of Q_tot
+    state_scale: jax.Array  # [S] divisor of the state (s~ = s / state_scale)
+    net: StateEmbedding
+    tx: optax.GradientTransformation  # the dCAE's optimizer
+    curiosity: Optional[cur.Curiosity]
+
+
+def make_context(spec, config: EMUConfig) -> EMUContext:
+    """The :class:`EMUContext` of an env with ``spec`` (reads state_dim, max_steps,
+    state_scale, max_return)."""
+    L, S = spec.max_steps, spec.state_dim
     reward_scale = config.reward_scale
     if reward_scale is None:  # the backbone's rule, so H is on the scale of Q_tot
         reward_scale = 20.0 / spec.max_return if spec.max_return else 1.0
-    state_scale = jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32)
-    net = StateEmbedding(S, config.key_dim, config.embed_hidden)
+    if config.embed_min_entries is None:
+        embed_min = config.embed_steps * config.embed_batch
+    else:
+        embed_min = config.embed_min_entries
     curious = config.curiosity_scale > 0
-    curiosity = cur.make(spec, config, config.curiosity, reward_scale) if curious else None
-    tx = optax.chain(optax.clip_by_global_norm(EMBED_GRAD_CLIP), optax.adam(config.embed_lr))
-
-    def tau(t):
-        return t.astype(jnp.float32) / L
-
-    def encode(params, states, t):
-        return net.apply(params, states / state_scale, tau(t), method=StateEmbedding.encode)
-
-    def embedding_loss(params, states, t, H):
-        s = states / state_scale
-        _, (s_hat, h_hat) = net.apply(params, s, tau(t))
-        return embedding_loss_terms(s, s_hat, H, h_hat, config.lambda_rcon, config.embed_loss_reduction)
-
-    # ------------------------------------------------------------------ hooks
-    def init(key):
-        params = net.init(key, jnp.zeros((1, S)), jnp.zeros((1,)))
-        memory = em.init(capacity, config.key_dim, S, config.hit_metric)
-        z = jnp.zeros((), jnp.int32)
-        k_cur = jax.random.fold_in(key, 1)
-        ext_params, soft = curiosity.init(k_cur) if curious else ({}, {})
-        state = EMUState(
-            memory,
-            params,
-            tx.init(params),
-            z,
-            z,
-            z,
-            z,
-            jnp.zeros(()),
-            em.build_index(memory),
-            jnp.full((config.desirable_window,), jnp.nan),
-            jnp.zeros(()),
-            soft,
-        )
-        return ext_params, state
-
-    def gamma_of(hp):
-        return config.gamma if hp is None else hp.gamma
-
-    def intrinsic_reward(params, ext: EMUState, batch, target_next, hp=None):
-        """(gamma * scale * eta_t [B, T] plus the curiosity reward when on, lookup metrics)
-        for the transitions of ``batch``; ``params``: the backbone's full parameters."""
-        s_next = batch["state"][:, 1:]
-        B, T = s_next.shape[:2]
-        live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
-        t_next = jnp.broadcast_to(jnp.arange(1, T + 1), (B, T))
-        keys = encode(ext.embed_params, s_next.reshape(B * T, S), t_next.reshape(-1))
-        if config.lookup == "index":
-            rec = em.lookup_hits(ext.memory, ext.index, keys, config.delta)
-        else:
-            rec = em.lookup(ext.memory, keys, config.lookup_chunk, config.delta)
-        eta = jnp.where(live, incentive(rec, target_next.reshape(B * T)).reshape(B, T), 0.0)
-        metrics = em.recall_metrics(rec, live.reshape(-1), eta.reshape(-1))
-        metrics["incentive"] = (eta * live).sum() / jnp.maximum(live.sum(), 1)
-        bonus = gamma_of(hp) * config.incentive_scale * eta if config.incentive else jnp.zeros((B, T))
-        if curious:
-            r_c, c_metrics = curiosity.reward(params["ext"], ext.curiosity_soft, batch, ext.env_steps)
-            bonus = bonus + r_c
-            metrics.update(c_metrics)
-        return bonus, metrics
-
-    def extra_loss(params, target_params, ext: EMUState, batch, key):
-        # the hook reports the memory's state with the training metrics; the only loss
-        # term is the curiosity's (its VDN network and predictor), when on
-        metrics = {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss, "write_revisits": ext.write_revisits}
-        if not curious:
-            return jnp.zeros(()), metrics
-        loss, c_metrics = curiosity.loss(params["ext"], target_params["ext"], ext.curiosity_soft, batch, config.gamma)
-        return loss, {**metrics, **c_metrics}
-
-    def write_new_episodes(ext: EMUState, buffer, new_episodes, gamma):
-        cap = buffer.capacity
-        n = jnp.minimum(new_episodes, cap).astype(jnp.int32)
-
-        def body(carry):
-            j, memory, cache, recent = carry
-            r = (buffer.insert_pos - n + j) % cap
-            row = jax.tree.map(lambda x: x[r], buffer.data)
-            filled = buffer.filled[r] & (j < n)  # rows past this seed's count write nothing
-            memory, cache, ret = write_row(ext.embed_params, memory, cache, row, filled, gamma, recent)
-            recent = jnp.where(j < n, jnp.roll(recent, 1).at[0].set(ret), recent)
-            return j + 1, memory, cache, recent
-
-        if config.lookup == "index":
-            cache = em.WriteCache(ext.index, jnp.zeros((recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
-        else:
-            cache = ()
-        # one trip count for all vmapped seeds (a per-seed count would select the whole memory
-        # at every step)
-        n_max = max_over_seeds(n)
-        _, memory, cache, recent = jax.lax.while_loop(
-            lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns)
-        )
-        writes = (memory.clock - ext.memory.clock).astype(jnp.float32)
-        revisits = (memory.write_hits - ext.memory.write_hits).astype(jnp.float32)
-        return ext.replace(
-            memory=memory,
-            written=ext.written + n,
-            recent_returns=recent,
-            write_revisits=revisits / jnp.maximum(writes, 1.0),
-        ), cache
-
-    def write_row(params, memory, cache, row, filled, gamma, recent):
-        step = row["step"]
-        valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
-        last = jnp.maximum(filled.sum() - 1, 0)
-        ret = row["episode"]["return"][last]
-        xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return, config.desirable_quantile)
-        t = jnp.arange(L + 1)
-        returns = em.discounted_returns(reward_scale * step["reward"], valid, gamma)
-        keys = encode(params, step["state"], t)
-        kw = dict(
-            chunk=WRITE_CHUNK, propagate=config.propagate_desirability, init_desirability=config.init_desirability
-        )
-        if config.lookup == "index":
-            memory, cache = em.write_episode_indexed(
-                memory, cache, keys, step["state"], returns, t, xi, valid, write_delta, **kw
-            )
-        else:
-            memory = em.write_episode(memory, keys, step["state"], returns, t, xi, valid, write_delta, **kw)
-        return memory, cache, ret
-
-    def train_embedding(ext: EMUState, key):
-        mem = ext.memory
-        n = config.embed_steps * config.embed_batch
-        k_perm, k_fill = jax.random.split(key)
-        # n distinct filled entries (a random permutation's first n); with fewer filled
-        # entries than n (a small ``embed_min_entries``) the rest are drawn with replacement
-        scores = jnp.where(em.filled_mask(mem), jax.random.uniform(k_perm, (mem.capacity,)), 2.0)
-        order = jnp.argsort(scores)[:n] if n <= mem.capacity else jnp.zeros((n,), jnp.int32)
-        extra = jax.random.randint(k_fill, (n,), 0, jnp.maximum(mem.size, 1))
-        idx = jnp.where(jnp.arange(n) < mem.size, order if n <= mem.capacity else extra, extra)
-        idx = idx.reshape(config.embed_steps, config.embed_batch)
-
-        def step(carry, ids):
-            params, opt = carry
-            loss, grads = jax.value_and_grad(embedding_loss)(params, mem.states[ids], mem.timestep[ids], mem.H[ids])
-            updates, opt = tx.update(grads, opt, params)
-            return (optax.apply_updates(params, updates), opt), loss
-
-        (params, opt), losses = jax.lax.scan(step, (ext.embed_params, ext.embed_opt), idx)
-        ready = mem.size >= embed_min
-        params, opt = jax.tree.map(
-            lambda a, b: jnp.where(ready, a, b), (params, opt), (ext.embed_params, ext.embed_opt)
-        )
-        memory = em.rekey(mem, lambda s, t: encode(params, s, t), config.lookup_chunk)
-        return ext.replace(
-            memory=memory,
-            embed_params=params,
-            embed_opt=opt,
-            embed_loss=jnp.where(ready, losses.mean(), ext.embed_loss),
-            last_embed=ext.env_steps,
-        )
-
-    def after_iteration(ext: EMUState, params, buffer, new_episodes, key, hp=None):
-        ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration)
-        if curious:
-            ext = ext.replace(curiosity_soft=curiosity.after_iteration(ext.curiosity_soft, params["ext"]))
-        ext, cache = write_new_episodes(ext, buffer, new_episodes, gamma_of(hp))
-        if config.stats_interval_episodes is None:
-            clock, interval = ext.env_steps, config.stats_interval
-        else:
-            clock, interval = ext.written, config.stats_interval_episodes
-        due_stats = clock - ext.last_stats >= interval
-        fresh, mem = em.refresh_stats(ext.memory), ext.memory
-        memory = mem.replace(
-            mean=jnp.where(due_stats, fresh.mean, mem.mean),
-            std=jnp.where(due_stats, fresh.std, mem.std),
-            keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm),
-        )
-        ext = ext.replace(memory=memory, last_stats=jnp.where(due_stats, clock, ext.last_stats))
-        # the phase runs once the memory is big enough (in some seed; the others keep their
-        # parameters) and the interval has passed
-        due = (
-            max_over_seeds(
-                ((ext.env_steps - ext.last_embed >= config.embed_interval) & (ext.memory.size >= embed_min)).astype(
-                    jnp.int32
-                )
-            )
-            > 0
-        )
-        ext = jax.lax.cond(due, train_embedding, lambda e, k: e, ext, key)
-        if config.lookup != "index":
-            return ext
-        # after re-keying (or more re-keyed slots than the cache lists) sort again, else
-        # merge this iteration's re-keyed slots into the old order
-        resort = due | (max_over_seeds(cache.count) > recent_size)
-        index = jax.lax.cond(resort, lambda m, i, c: em.build_index(m), em.update_index, ext.memory, ext.index, cache)
-        return ext.replace(index=index)
-
-    hooks = ql.Hooks(
-        init=init, intrinsic_reward=intrinsic_reward, extra_loss=extra_loss, after_iteration=after_iteration
+    return EMUContext(
+        config=config,
+        state_dim=S,
+        max_steps=L,
+        capacity=memory_capacity(config, L),
+        write_delta=config.delta if config.write_delta is None else config.write_delta,
+        embed_min=embed_min,
+        steps_per_iteration=config.num_envs * config.num_steps,
+        # at most the steps of the episodes that end in one iteration (past that the
+        # writes fall back to brute force, still exact)
+        recent_size=config.num_envs * (config.num_steps + L),
+        reward_scale=reward_scale,
+        state_scale=jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32),
+        net=StateEmbedding(S, config.key_dim, config.embed_hidden),
+        tx=optax.chain(optax.clip_by_global_norm(EMBED_GRAD_CLIP), optax.adam(config.embed_lr)),
+        curiosity=cur.make(spec, config, config.curiosity, reward_scale) if curious else None,
     )
-    return EMUParts(hooks, encode, embedding_loss)
+
+
+def make_parts(spec, config: EMUConfig) -> EMUParts:
+    """EMU's hooks for an env with ``spec`` (reads state_dim, max_steps, state_scale, max_return)."""
+    ctx = make_context(spec, config)
+    hooks = ql.Hooks(
+        init=functools.partial(init_state, ctx),
+        intrinsic_reward=functools.partial(intrinsic_reward, ctx),
+        extra_loss=functools.partial(extra_loss, ctx),
+        after_iteration=functools.partial(after_iteration, ctx),
+    )
+    return EMUParts(hooks, functools.partial(encode, ctx), functools.partial(embedding_loss, ctx))
+
+
+# ---------------------------------------------------------------------------- embedding
+
+
+def tau(ctx: EMUContext, t: jax.Array) -> jax.Array:
+    """The time input t / L."""
+    return t.astype(jnp.float32) / ctx.max_steps
+
+
+def encode(ctx: EMUContext, params, states: jax.Array, t: jax.Array) -> jax.Array:
+    """Keys [N, k] of raw states [N, S] at steps t [N] under the dCAE ``params``."""
+    return ctx.net.apply(params, states / ctx.state_scale, tau(ctx, t), method=StateEmbedding.encode)
+
+
+def embedding_loss(ctx: EMUContext, params, states: jax.Array, t: jax.Array, H: jax.Array) -> jax.Array:
+    """The dCAE loss (:func:`embedding_loss_terms`) of raw states [N, S], steps t [N] and
+    returns H [N]."""
+    s = states / ctx.state_scale
+    _, (s_hat, h_hat) = ctx.net.apply(params, s, tau(ctx, t))
+    return embedding_loss_terms(s, s_hat, H, h_hat, ctx.config.lambda_rcon, ctx.config.embed_loss_reduction)
+
+
+def embedding_batches(ctx: EMUContext, mem: em.EpisodicMemory, key) -> jax.Array:
+    """Entry indices [embed_steps, embed_batch] of one dCAE phase: distinct filled entries
+    (a random permutation's first ones); with fewer filled entries than the phase needs
+    (a small ``embed_min_entries``) the rest are drawn with replacement."""
+    config = ctx.config
+    n = config.embed_steps * config.embed_batch
+    k_perm, k_fill = jax.random.split(key)
+    scores = jnp.where(em.filled_mask(mem), jax.random.uniform(k_perm, (mem.capacity,)), 2.0)
+    order = jnp.argsort(scores)[:n] if n <= mem.capacity else jnp.zeros((n,), jnp.int32)
+    extra = jax.random.randint(k_fill, (n,), 0, jnp.maximum(mem.size, 1))
+    idx = jnp.where(jnp.arange(n) < mem.size, order if n <= mem.capacity else extra, extra)
+    return idx.reshape(config.embed_steps, config.embed_batch)
+
+
+def train_embedding(ctx: EMUContext, ext: EMUState, key) -> EMUState:
+    """One dCAE phase: ``embed_steps`` Adam steps on memory minibatches (kept only where
+    the memory holds ``embed_min`` entries), then every stored key re-encoded."""
+    mem = ext.memory
+    loss_fn = functools.partial(embedding_loss, ctx)
+
+    def step(carry, ids):
+        params, opt = carry
+        loss, grads = jax.value_and_grad(loss_fn)(params, mem.states[ids], mem.timestep[ids], mem.H[ids])
+        updates, opt = ctx.tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+    idx = embedding_batches(ctx, mem, key)
+    (params, opt), losses = jax.lax.scan(step, (ext.embed_params, ext.embed_opt), idx)
+    ready = mem.size >= ctx.embed_min
+    params, opt = jax.tree.map(lambda a, b: jnp.where(ready, a, b), (params, opt), (ext.embed_params, ext.embed_opt))
+    memory = em.rekey(mem, lambda s, t: encode(ctx, params, s, t), ctx.config.lookup_chunk)
+    return ext.replace(
+        memory=memory,
+        embed_params=params,
+        embed_opt=opt,
+        embed_loss=jnp.where(ready, losses.mean(), ext.embed_loss),
+        last_embed=ext.env_steps,
+    )
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+def init_state(ctx: EMUContext, key) -> tuple[Any, EMUState]:
+    """The ``init`` hook: (the curiosity's trained parameters or {}, the initial EMUState)."""
+    config, S = ctx.config, ctx.state_dim
+    params = ctx.net.init(key, jnp.zeros((1, S)), jnp.zeros((1,)))
+    memory = em.init(ctx.capacity, config.key_dim, S, config.hit_metric)
+    z = jnp.zeros((), jnp.int32)
+    k_cur = jax.random.fold_in(key, 1)
+    ext_params, soft = ctx.curiosity.init(k_cur) if ctx.curiosity is not None else ({}, {})
+    state = EMUState(
+        memory,
+        params,
+        ctx.tx.init(params),
+        z,
+        z,
+        z,
+        z,
+        jnp.zeros(()),
+        em.build_index(memory),
+        jnp.full((config.desirable_window,), jnp.nan),
+        jnp.zeros(()),
+        soft,
+    )
+    return ext_params, state
+
+
+def gamma_of(config: EMUConfig, hp) -> Any:
+    """The run's gamma: the swept value in ``hp``, else ``config.gamma``."""
+    return config.gamma if hp is None else hp.gamma
+
+
+def lookup_keys(ctx: EMUContext, ext: EMUState, keys: jax.Array) -> em.Recall:
+    """Recall of the nearest memory entries of keys [N, k] (``config.lookup``'s search)."""
+    if ctx.config.lookup == "index":
+        return em.lookup_hits(ext.memory, ext.index, keys, ctx.config.delta)
+    return em.lookup(ext.memory, keys, ctx.config.lookup_chunk, ctx.config.delta)
+
+
+def intrinsic_reward(ctx: EMUContext, params, ext: EMUState, batch, target_next, hp=None):
+    """The ``intrinsic_reward`` hook: (gamma * scale * eta_t [B, T] plus the curiosity
+    reward when on, lookup metrics) for the transitions of ``batch``; ``params``: the
+    backbone's full parameters."""
+    config = ctx.config
+    s_next = batch["state"][:, 1:]
+    B, T = s_next.shape[:2]
+    live = batch["filled"][:, 1:] & ~batch["terminated"][:, :-1].astype(bool)
+    t_next = jnp.broadcast_to(jnp.arange(1, T + 1), (B, T))
+    keys = encode(ctx, ext.embed_params, s_next.reshape(B * T, ctx.state_dim), t_next.reshape(-1))
+    rec = lookup_keys(ctx, ext, keys)
+    eta = jnp.where(live, incentive(rec, target_next.reshape(B * T)).reshape(B, T), 0.0)
+    metrics = em.recall_metrics(rec, live.reshape(-1), eta.reshape(-1))
+    metrics["incentive"] = (eta * live).sum() / jnp.maximum(live.sum(), 1)
+    bonus = gamma_of(config, hp) * config.incentive_scale * eta if config.incentive else jnp.zeros((B, T))
+    if ctx.curiosity is not None:
+        r_c, c_metrics = ctx.curiosity.reward(params["ext"], ext.curiosity_soft, batch, ext.env_steps)
+        bonus = bonus + r_c
+        metrics.update(c_metrics)
+    return bonus, metrics
+
+
+def extra_loss(ctx: EMUContext, params, target_params, ext: EMUState, batch, key):
+    """The ``extra_loss`` hook: reports the memory's state with the training metrics; the
+    only loss term is the curiosity's (its VDN network and predictor), when on."""
+    metrics = {**em.memory_metrics(ext.memory), "embed_loss": ext.embed_loss, "write_revisits": ext.write_revisits}
+    if ctx.curiosity is None:
+        return jnp.zeros(()), metrics
+    loss, c_metrics = ctx.curiosity.loss(
+        params["ext"], target_params["ext"], ext.curiosity_soft, batch, ctx.config.gamma
+    )
+    return loss, {**metrics, **c_metrics}
+
+
+def write_row(ctx: EMUContext, params, memory, cache, row, filled, gamma, recent):
+    """Write one stored episode ``row`` (slots ``filled`` [L + 1]) into the memory: returns
+    (memory, write cache, the episode's return); ``recent``: the last written returns."""
+    config, L = ctx.config, ctx.max_steps
+    step = row["step"]
+    valid = jnp.concatenate([filled[1:], jnp.zeros((1,), bool)])  # transition t exists
+    last = jnp.maximum(filled.sum() - 1, 0)
+    ret = row["episode"]["return"][last]
+    xi = desirability(row["episode"]["won"][last], ret, recent, config.desirable_return, config.desirable_quantile)
+    t = jnp.arange(L + 1)
+    returns = em.discounted_returns(ctx.reward_scale * step["reward"], valid, gamma)
+    keys = encode(ctx, params, step["state"], t)
+    kw = dict(chunk=WRITE_CHUNK, propagate=config.propagate_desirability, init_desirability=config.init_desirability)
+    if config.lookup == "index":
+        memory, cache = em.write_episode_indexed(
+            memory, cache, keys, step["state"], returns, t, xi, valid, ctx.write_delta, **kw
+        )
+    else:
+        memory = em.write_episode(memory, keys, step["state"], returns, t, xi, valid, ctx.write_delta, **kw)
+    return memory, cache, ret
+
+
+def write_new_episodes(ctx: EMUContext, ext: EMUState, buffer, new_episodes, gamma):
+    """Write the episodes that entered the buffer this iteration (the newest
+    ``new_episodes`` rows); returns (ext, the write cache: () with ``lookup="brute"``)."""
+    cap = buffer.capacity
+    n = jnp.minimum(new_episodes, cap).astype(jnp.int32)
+
+    def body(carry):
+        j, memory, cache, recent = carry
+        r = (buffer.insert_pos - n + j) % cap
+        row = jax.tree.map(lambda x: x[r], buffer.data)
+        filled = buffer.filled[r] & (j < n)  # rows past this seed's count write nothing
+        memory, cache, ret = write_row(ctx, ext.embed_params, memory, cache, row, filled, gamma, recent)
+        recent = jnp.where(j < n, jnp.roll(recent, 1).at[0].set(ret), recent)
+        return j + 1, memory, cache, recent
+
+    if ctx.config.lookup == "index":
+        cache = em.WriteCache(ext.index, jnp.zeros((ctx.recent_size,), jnp.int32), jnp.zeros((), jnp.int32))
+    else:
+        cache = ()
+    # one trip count for all vmapped seeds (a per-seed count would select the whole memory
+    # at every step)
+    n_max = max_over_seeds(n)
+    _, memory, cache, recent = jax.lax.while_loop(
+        lambda c: c[0] < n_max, body, (jnp.zeros((), jnp.int32), ext.memory, cache, ext.recent_returns)
+    )
+    writes = (memory.clock - ext.memory.clock).astype(jnp.float32)
+    revisits = (memory.write_hits - ext.memory.write_hits).astype(jnp.float32)
+    return ext.replace(
+        memory=memory,
+        written=ext.written + n,
+        recent_returns=recent,
+        write_revisits=revisits / jnp.maximum(writes, 1.0),
+    ), cache
+
+
+def refresh_stats_if_due(ctx: EMUContext, ext: EMUState) -> EMUState:
+    """Refresh the key normalization when ``stats_interval`` env steps (or
+    ``stats_interval_episodes`` written episodes) passed since the last refresh."""
+    config = ctx.config
+    if config.stats_interval_episodes is None:
+        clock, interval = ext.env_steps, config.stats_interval
+    else:
+        clock, interval = ext.written, config.stats_interval_episodes
+    due_stats = clock - ext.last_stats >= interval
+    fresh, mem = em.refresh_stats(ext.memory), ext.memory
+    memory = mem.replace(
+        mean=jnp.where(due_stats, fresh.mean, mem.mean),
+        std=jnp.where(due_stats, fresh.std, mem.std),
+        keys_norm=jnp.where(due_stats, fresh.keys_norm, mem.keys_norm),
+    )
+    return ext.replace(memory=memory, last_stats=jnp.where(due_stats, clock, ext.last_stats))
+
+
+def embedding_due(ctx: EMUContext, ext: EMUState) -> jax.Array:
+    """Whether a dCAE phase runs: the memory is big enough and the interval has passed in
+    some seed (the others keep their parameters); [] bool, equal for every seed."""
+    own = (ext.env_steps - ext.last_embed >= ctx.config.embed_interval) & (ext.memory.size >= ctx.embed_min)
+    return max_over_seeds(own.astype(jnp.int32)) > 0
+
+
+def after_iteration(ctx: EMUContext, ext: EMUState, params, buffer, new_episodes, key, hp=None) -> EMUState:
+    """The ``after_iteration`` hook: the curiosity's soft copy, the memory writes, the
+    statistics refresh, the dCAE phase when due and the lookup index."""
+    ext = ext.replace(env_steps=ext.env_steps + ctx.steps_per_iteration)
+    if ctx.curiosity is not None:
+        ext = ext.replace(curiosity_soft=ctx.curiosity.after_iteration(ext.curiosity_soft, params["ext"]))
+    ext, cache = write_new_episodes(ctx, ext, buffer, new_episodes, gamma_of(ctx.config, hp))
+    ext = refresh_stats_if_due(ctx, ext)
+    due = embedding_due(ctx, ext)
+    ext = jax.lax.cond(due, functools.partial(train_embedding, ctx), lambda e, k: e, ext, key)
+    if ctx.config.lookup != "index":
+        return ext
+    # after re-keying (or more re-keyed slots than the cache lists) sort again, else
+    # merge this iteration's re-keyed slots into the old order
+    resort = due | (max_over_seeds(cache.count) > ctx.recent_size)
+    index = jax.lax.cond(resort, lambda m, i, c: em.build_index(m), em.update_index, ext.memory, ext.index, cache)
+    return ext.replace(index=index)
 
 
 def incentive(recall: em.Recall, target_next: jax.Array) -> jax.Array:
