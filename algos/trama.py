@@ -127,7 +127,8 @@ without task ids do not log it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -294,6 +295,16 @@ def vq_loss(vq: VQVAE, params, s, valid, cover, coefs):
     """
     z_e, _, idx, s_hat = vq.apply(params, s)
     codes = vq.apply(params, method=VQVAE.codes)
+    total, parts = vq_loss_terms(s, s_hat, z_e, idx, codes, valid, cover, coefs)
+    return total, (parts, idx, z_e)
+
+
+def vq_loss_terms(s, s_hat, z_e, idx, codes, valid, cover, coefs):
+    """L_VQ from the VQ-VAE's outputs: scaled states s and reconstructions s_hat [..., S],
+    encoder outputs z_e [..., D], code indices idx [...], codebook codes [n_codes, D];
+    valid, cover and coefs as in :func:`vq_loss`. Each term is averaged over the valid
+    steps; the stop-gradients are those of the formula. Returns (total, parts [5] =
+    total, recon, vq, commit, coverage)."""
     e = codes[idx]
     w = valid.astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
@@ -309,7 +320,7 @@ def vq_loss(vq: VQVAE, params, s, valid, cover, coefs):
     coverage = mean((d_all * cover).sum(-1) / jnp.maximum(cover.sum(-1), 1.0))
     c_recon, c_vq, c_commit, c_cov = coefs
     total = c_recon * recon + c_vq * vq_term + c_commit * commit + c_cov * coverage
-    return total, (jnp.stack([total, recon, vq_term, commit, coverage]), idx, z_e)
+    return total, jnp.stack([total, recon, vq_term, commit, coverage])
 
 
 def sample_latents(key, z_e, valid, n: int):
@@ -536,295 +547,404 @@ def make(env, config: TRAMAConfig, name: str = "trama") -> Algorithm:
     return ql.make(env, config, name=name, hooks=make_hooks(env, config))
 
 
-def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:  # noqa: C901
-    """The backbone hooks implementing TRAMA on ``env`` (see the module docstring)."""
+class TRAMAContext(NamedTuple):
+    """What TRAMA's pieces share: constants derived once from the env and the config, the
+    networks and their optimizers."""
+
+    config: TRAMAConfig
+    num_agents: int  # A
+    obs_dim: int
+    state_dim: int  # S
+    steps_per_iteration: int  # env steps per iteration (all envs)
+    n_tasks: int  # true tasks the env reports (0: none, no cluster_ari)
+    state_scale: jax.Array  # [S] divisor of the state (s~ = s / state_scale)
+    ids: jax.Array  # [A, A] agent one-hots of the predictor's input ([A, 0] without agent ids)
+    cover: jax.Array  # [L + 1, K, n_codes] coverage mask (:func:`coverage_table`)
+    coefs: tuple  # (recon, vq, commit, coverage) weights of L_VQ
+    vq: VQVAE
+    predictor: rnn.RNNAgent  # trajectory-class predictor (:func:`class_predictor`)
+    g_net: ClassRepr
+    classifier: Classifier
+    vq_tx: optax.GradientTransformation
+    clf_tx: optax.GradientTransformation
+
+
+def make_context(env, config: TRAMAConfig) -> TRAMAContext:
+    """The :class:`TRAMAContext` of ``env`` (reads its spec)."""
     spec = env.spec
     A, L, S = spec.num_agents, spec.max_steps, spec.state_dim
-    K, D = config.n_clusters, config.latent_dim
-    C = config.buffer_size
-    steps_per_iteration = config.num_envs * config.num_steps
-    state_scale = jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32)
-    ids = jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0))
-    vq = VQVAE(S, D, config.vq_hidden, config.n_codes)
-    predictor = class_predictor(config.predictor_hidden, K)
-    g_net = ClassRepr(config.class_repr_dim)
-    classifier = Classifier(K)
-    vq_tx = optax.chain(optax.clip_by_global_norm(GRAD_CLIP), optax.adam(config.vq_lr))
-    clf_tx = optax.adam(config.classifier_lr)
-    cover = jnp.asarray(coverage_table(config.n_codes, K, L + 1), jnp.float32)  # [L + 1, K, n]
-    n_tasks = env_num_tasks(env)  # 0: the env reports no task ids (no cluster_ari)
+    K = config.n_clusters
+    return TRAMAContext(
+        config=config,
+        num_agents=A,
+        obs_dim=spec.obs_dim,
+        state_dim=S,
+        steps_per_iteration=config.num_envs * config.num_steps,
+        n_tasks=env_num_tasks(env),
+        state_scale=jnp.ones((S,)) if spec.state_scale is None else jnp.asarray(spec.state_scale, jnp.float32),
+        ids=jnp.eye(A) if config.agent_ids else jnp.zeros((A, 0)),
+        cover=jnp.asarray(coverage_table(config.n_codes, K, L + 1), jnp.float32),
+        coefs=(config.recon_coef, config.vq_coef, config.commit_coef, config.coverage_coef),
+        vq=VQVAE(S, config.latent_dim, config.vq_hidden, config.n_codes),
+        predictor=class_predictor(config.predictor_hidden, K),
+        g_net=ClassRepr(config.class_repr_dim),
+        classifier=Classifier(K),
+        vq_tx=optax.chain(optax.clip_by_global_norm(GRAD_CLIP), optax.adam(config.vq_lr)),
+        clf_tx=optax.adam(config.classifier_lr),
+    )
 
-    def predictor_inputs(obs):
-        return jnp.concatenate([obs, jnp.broadcast_to(ids, obs.shape[:-2] + ids.shape)], -1)
 
-    def book(vq_params):
-        return vq.apply(vq_params, method=VQVAE.codes)
-
-    # ------------------------------------------------------------------ VQ-VAE
-    coefs = (config.recon_coef, config.vq_coef, config.commit_coef, config.coverage_coef)
-
-    def transitions(filled):
-        """The steps an episode's embedding averages over: t with a transition t -> t + 1."""
-        return jnp.concatenate([filled[..., 1:], jnp.zeros_like(filled[..., :1])], -1)
-
-    def episode_labels(ext: TRAMAState, vq_params, s, valid, uid):
-        """Cluster labels [B] of episodes (scaled states s [B, T+1, S], valid, uid [B]): the
-        stored k-means label, else the classifier's on the embedding of the codes that
-        the VQ-VAE ``vq_params`` gives the states now."""
-        emb = trajectory_embedding(book(vq_params), state_codes(vq, vq_params, s), valid)
-        predicted = jnp.argmax(classifier.apply(ext.clf_params, emb), -1).astype(jnp.int32)
-        match = (ext.label_uid[None, :] == uid[:, None]) & (ext.label[None, :] >= 0)
-        stored = ext.label[jnp.argmax(match, -1)]
-        return jnp.where(match.any(-1), stored, predicted)
-
-    def vq_phase(ext: TRAMAState, buffer, n_steps, key):
-        k_init, k_steps = jax.random.split(key)
-        params = ext.vq_params
-        if config.codebook_from_data:  # first phase: codes start at encoder outputs of stored states
-            k_b, k_z = jax.random.split(k_init)
-            data, filled = buffers.sample(buffer, k_b, config.batch_size)
-            fresh = codebook_from_data(vq, params, data["step"]["state"] / state_scale, filled, k_z)
-            keep = ext.book_ready | (n_steps == 0)
-            params = jax.tree.map(lambda a, b: jnp.where(keep, a, b), params, fresh)
-
-        def step(carry, inp):
-            params, opt, usage, vq_steps, _ = carry
-            i, k = inp
-            k_s, k_c, k_r = jax.random.split(k, 3)
-            data, filled = buffers.sample(buffer, k_s, config.batch_size)
-            st = data["step"]
-            s = st["state"] / state_scale
-            labels = episode_labels(ext, params, s, transitions(filled), st["fields"]["uid"][:, 0])
-            classes = jnp.where(ext.clustered, labels, jax.random.randint(k_c, labels.shape, 0, K))
-            cov = coverage_mask(cover, classes, s.shape[1])
-            *new, parts, in_use = vq_update(
-                vq, vq_tx, params, opt, usage, vq_steps, s, filled, cov, coefs, config.dead_code_window, k_r
-            )
-            on = i < n_steps
-            carry = jax.tree.map(lambda a, b: jnp.where(on, a, b), (*new, in_use), carry)
-            return carry, (parts, on)
-
-        steps = (jnp.arange(config.train_steps), jax.random.split(k_steps, config.train_steps))
-        carry = (params, ext.vq_opt, ext.usage, ext.vq_steps, ext.codes_in_use)
-        (params, opt, usage, vq_steps, in_use), (parts, on) = jax.lax.scan(step, carry, steps)
-        w = on.astype(jnp.float32)
-        loss = jnp.where(w.sum() > 0, (parts * w[:, None]).sum(0) / jnp.maximum(w.sum(), 1.0), ext.vq_loss)
-        return ext.replace(
-            vq_params=params,
-            vq_opt=opt,
-            vq_loss=loss,
-            usage=usage,
-            vq_steps=vq_steps,
-            codes_in_use=in_use,
-            book_ready=ext.book_ready | (n_steps > 0),
-        )
-
-    # ------------------------------------------------------------------ clustering
-    def cluster_phase(ext: TRAMAState, buffer, due, key):
-        k_init, k_clf = jax.random.split(key)
-        st = buffer.data["step"]
-        filled = buffer.filled
-        trans = transitions(filled)
-        rows = filled[:, 0]
-        # codes of the stored states with the current encoder and codebook
-        codes = state_codes(vq, ext.vq_params, st["state"] / state_scale, chunk=CODE_CHUNK)  # [C, T+1]
-        emb = trajectory_embedding(book(ext.vq_params), codes, trans)  # [C, D]
-        init = jnp.where(ext.clustered, ext.centroids, kmeans_pp_init(k_init, emb, rows, K))
-        cents, assign, counts = kmeans(emb, rows, init, config.kmeans_iterations)
-        nonempty = (counts > 0).sum()
-        accept = due & (nonempty >= config.min_clusters)
-        if n_tasks:
-            task = episode_task(st["fields"]["task"], trans)
-            ari = jnp.where(accept, adjusted_rand_index(assign, task, rows & (task >= 0), K, n_tasks), ext.ari)
-        else:
-            ari = ext.ari
-
-        def clf_step(carry, k):
-            params, opt = carry
-            idx = jax.random.choice(k, C, (config.batch_size,), p=rows / jnp.maximum(rows.sum(), 1))
-
-            def loss_fn(p):
-                logits = classifier.apply(p, emb[idx])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, assign[idx]).mean()
-
-            loss, grads = jax.value_and_grad(loss_fn)(params)
-            updates, opt = clf_tx.update(grads, opt, params)
-            return (optax.apply_updates(params, updates), opt), loss
-
-        (clf_params, clf_opt), losses = jax.lax.scan(
-            clf_step, (ext.clf_params, ext.clf_opt), jax.random.split(k_clf, config.classifier_steps)
-        )
-
-        def pick(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
-
-        return ext.replace(
-            centroids=pick(cents, ext.centroids),
-            clustered=ext.clustered | accept,
-            clusterings=ext.clusterings + accept.astype(jnp.int32),
-            label=pick(jnp.where(rows, assign, -1), ext.label),
-            label_uid=pick(st["fields"]["uid"][:, 0], ext.label_uid),
-            clf_params=pick(clf_params, ext.clf_params),
-            clf_opt=pick(clf_opt, ext.clf_opt),
-            clf_loss=jnp.where(accept, losses[-1], ext.clf_loss),
-            nonempty=jnp.where(due, nonempty, ext.nonempty).astype(jnp.int32),
-            ari=ari,
-            cluster_sizes=pick(counts / jnp.maximum(counts.sum(), 1.0), ext.cluster_sizes),
-            last_cluster_step=jnp.where(due, ext.env_steps, ext.last_cluster_step),
-            last_cluster_episode=jnp.where(due, ext.episodes, ext.last_cluster_episode),
-        )
-
-    # ------------------------------------------------------------------ hooks
-    def init(key):
-        k_vq, k_p, k_g, k_c = jax.random.split(key, 4)
-        vq_params = vq.init(k_vq, jnp.zeros((1, S)))
-        clf_params = classifier.init(k_c, jnp.zeros((1, D)))
-        x0 = predictor_inputs(jnp.zeros((1, A, spec.obs_dim)))
-        ext_params = {
-            "predictor": predictor.init(k_p, jnp.zeros((1, A, config.predictor_hidden)), x0),
-            "repr": g_net.init(k_g, jnp.zeros((1, K))),
-        }
-        z = jnp.zeros((), jnp.int32)
-        state = TRAMAState(
-            vq_params=vq_params,
-            vq_opt=vq_tx.init(vq_params),
-            clf_params=clf_params,
-            clf_opt=clf_tx.init(clf_params),
-            centroids=jnp.zeros((K, D)),
-            clustered=jnp.zeros((), bool),
-            clusterings=z,
-            label=jnp.full((C,), -1, jnp.int32),
-            label_uid=jnp.full((C,), -1, jnp.int32),
-            env_steps=z,
-            episodes=z,
-            last_vq_episode=z,
-            last_cluster_step=z,
-            last_cluster_episode=z,
-            vq_loss=jnp.zeros((5,)),
-            clf_loss=jnp.zeros(()),
-            nonempty=z,
-            ari=jnp.zeros(()),
-            book_ready=jnp.zeros((), bool),
-            usage=jnp.zeros((config.n_codes,)),
-            vq_steps=z,
-            codes_in_use=jnp.zeros(()),
-            cluster_sizes=jnp.zeros((K,)),
-        )
-        return ext_params, state
-
-    def initial_field_carry(batch_shape):
-        return (jnp.zeros(batch_shape + (A, config.predictor_hidden)), jnp.full(batch_shape, -1, jnp.int32))
-
-    def step_fields(ext_params, ext_state, ts, carry, key, greedy):
-        h, uid = carry
-        k_cls, k_uid = jax.random.split(key)
-        h, logits = predictor.apply(ext_params["predictor"], h, predictor_inputs(ts.obs))
-        sampled = jax.random.categorical(k_cls, logits) if config.sample_class else jnp.argmax(logits, -1)
-        cls = jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
-        fresh = jax.random.randint(k_uid, uid.shape, 0, jnp.iinfo(jnp.int32).max, jnp.int32)
-        uid = jnp.where(uid < 0, fresh, uid)
-        # the true task, for analysis only (never an input); at an auto-reset step the
-        # info still describes the finished episode: unknown (-1) there
-        info = ts.info if isinstance(getattr(ts, "info", None), dict) else {}
-        if n_tasks and "task_id" in info:
-            task = jnp.where(ts.done, -1, info["task_id"]).astype(jnp.int32)
-        else:
-            task = jnp.full(uid.shape, -1, jnp.int32)
-        return {"cls": cls, "uid": uid, "task": task}, (h, uid)
-
-    def agent_inputs(ext_params, fields):
-        g = g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], K))
-        return jax.lax.stop_gradient(g) if config.detach_class_repr else g
-
-    def extra_loss(params, target_params, ext: TRAMAState, batch, key):
-        filled = batch["filled"]
-        valid = filled[:, 1:]  # [B, T]: transition t exists
-        fields = batch["fields"]
-
-        def class_loss(pred_params):
-            labels = episode_labels(
-                ext, ext.vq_params, batch["state"] / state_scale, transitions(filled), fields["uid"][:, 0]
-            )  # [B]
-            # the agents' chunked unroll: chunks past the batch's longest episode are skipped
-            logits = rnn.unroll_chunked(
-                predictor,
-                pred_params,
-                predictor_inputs(batch["obs"]),
-                max_over_seeds(filled.sum(-1).max()),
-                config.gru_autodiff,
-            )[:, :-1]
-            ce = optax.softmax_cross_entropy_with_integer_labels(
-                logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1])
-            )
-            w = valid.astype(jnp.float32)[..., None]
-            n = jnp.maximum(w.sum() * A, 1.0)
-            acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
-            return (ce * w).sum() / n, (acc, majority_rate(labels, valid.sum(-1), K))
-
-        # before the first clustering the loss has weight 0: its unroll is skipped (the
-        # condition is maximized over vmapped seeds; a seed not yet clustered weighs it 0)
-        ce, (acc, majority) = jax.lax.cond(
-            max_over_seeds(ext.clustered.astype(jnp.int32)) > 0,
-            class_loss,
-            lambda p: (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))),
-            params["ext"]["predictor"],
-        )
-        on = ext.clustered.astype(jnp.float32)
-        metrics = {
-            "class_loss": ce * on,
-            "class_accuracy": acc * on,
-            "class_majority_rate": majority * on,
-            "codes_in_use": ext.codes_in_use,
-            "clustered": on,
-            "clusterings": ext.clusterings.astype(jnp.float32),
-            "nonempty_clusters": ext.nonempty.astype(jnp.float32),
-            "classifier_loss": ext.clf_loss,
-            "vq_loss": ext.vq_loss[0],
-            "vq_recon": ext.vq_loss[1],
-            "vq_coverage": ext.vq_loss[4],
-            **{f"cluster_size_{k}": ext.cluster_sizes[k] for k in range(K)},
-        }
-        if n_tasks:
-            metrics["cluster_ari"] = ext.ari
-        return config.class_loss_coef * on * ce, metrics
-
-    def after_iteration(ext: TRAMAState, params, buffer, new_episodes, key, hp=None):
-        k_vq, k_cl = jax.random.split(key)
-        ext = ext.replace(env_steps=ext.env_steps + steps_per_iteration, episodes=ext.episodes + new_episodes)
-        # the rows stored this iteration have no cluster label yet
-        n = jnp.minimum(new_episodes, C)
-        age = (buffer.insert_pos - 1 - jnp.arange(C)) % C
-        new = age < n
-        ext = ext.replace(
-            label=jnp.where(new, -1, ext.label),
-            label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid),
-        )
-        # VQ-VAE
-        n_vq, last = vq_schedule(
-            ext.env_steps, ext.episodes, ext.last_vq_episode, buffers.can_sample(buffer, config.batch_size), config
-        )
-        ext = ext.replace(last_vq_episode=last)
-        ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(e, buffer, n_vq, k_vq), lambda e: e, ext)
-        # clustering
-        due = (
-            (ext.env_steps >= config.cluster_start)
-            & (
-                ~ext.clustered
-                | (ext.env_steps - ext.last_cluster_step >= config.cluster_interval)
-                | (ext.episodes - ext.last_cluster_episode >= config.cluster_interval_episodes)
-            )
-            & (buffer.size >= config.min_cluster_episodes)
-        )
-        return jax.lax.cond(
-            max_over_seeds(due.astype(jnp.int32)) > 0, lambda e: cluster_phase(e, buffer, due, k_cl), lambda e: e, ext
-        )
-
+def make_hooks(env, config: TRAMAConfig) -> ql.Hooks:
+    """The backbone hooks implementing TRAMA on ``env`` (see the module docstring)."""
+    ctx = make_context(env, config)
     return ql.Hooks(
-        init=init,
-        initial_field_carry=initial_field_carry,
-        step_fields=step_fields,
-        agent_inputs=agent_inputs,
+        init=functools.partial(init_state, ctx),
+        initial_field_carry=functools.partial(initial_field_carry, ctx),
+        step_fields=functools.partial(step_fields, ctx),
+        agent_inputs=functools.partial(agent_inputs, ctx),
         extra_input_dim=config.class_repr_dim,
-        extra_loss=extra_loss,
-        after_iteration=after_iteration,
+        extra_loss=functools.partial(extra_loss, ctx),
+        after_iteration=functools.partial(after_iteration, ctx),
+    )
+
+
+def predictor_inputs(ctx: TRAMAContext, obs: jax.Array) -> jax.Array:
+    """The class predictor's input [o_i, onehot(i)] of observations obs [..., A, o]."""
+    return jnp.concatenate([obs, jnp.broadcast_to(ctx.ids, obs.shape[:-2] + ctx.ids.shape)], -1)
+
+
+def codebook_of(ctx: TRAMAContext, vq_params) -> jax.Array:
+    """The codebook [n_codes, D] of the VQ-VAE parameters."""
+    return ctx.vq.apply(vq_params, method=VQVAE.codes)
+
+
+def transitions(filled: jax.Array) -> jax.Array:
+    """The steps an episode's embedding averages over: t with a transition t -> t + 1."""
+    return jnp.concatenate([filled[..., 1:], jnp.zeros_like(filled[..., :1])], -1)
+
+
+def episode_labels(ctx: TRAMAContext, ext: TRAMAState, vq_params, s, valid, uid) -> jax.Array:
+    """Cluster labels [B] of episodes (scaled states s [B, T+1, S], valid, uid [B]): the
+    stored k-means label, else the classifier's on the embedding of the codes that
+    the VQ-VAE ``vq_params`` gives the states now."""
+    emb = trajectory_embedding(codebook_of(ctx, vq_params), state_codes(ctx.vq, vq_params, s), valid)
+    predicted = jnp.argmax(ctx.classifier.apply(ext.clf_params, emb), -1).astype(jnp.int32)
+    match = (ext.label_uid[None, :] == uid[:, None]) & (ext.label[None, :] >= 0)
+    stored = ext.label[jnp.argmax(match, -1)]
+    return jnp.where(match.any(-1), stored, predicted)
+
+
+# ---------------------------------------------------------------------------- VQ-VAE phase
+
+
+def vq_start(ctx: TRAMAContext, ext: TRAMAState, buffer, n_steps, key):
+    """The VQ-VAE parameters a phase starts from: at the first phase (with
+    ``codebook_from_data``) the codes start at encoder outputs of stored states."""
+    params = ext.vq_params
+    if not ctx.config.codebook_from_data:
+        return params
+    k_b, k_z = jax.random.split(key)
+    data, filled = buffers.sample(buffer, k_b, ctx.config.batch_size)
+    fresh = codebook_from_data(ctx.vq, params, data["step"]["state"] / ctx.state_scale, filled, k_z)
+    keep = ext.book_ready | (n_steps == 0)
+    return jax.tree.map(lambda a, b: jnp.where(keep, a, b), params, fresh)
+
+
+def vq_phase_step(ctx: TRAMAContext, ext: TRAMAState, buffer, n_steps, carry, inp):
+    """One step of :func:`vq_phase`'s scan: a :func:`vq_update` on a fresh buffer batch
+    (coverage classes: the episodes' labels once clustered, else uniform at random),
+    kept only for the first ``n_steps`` steps. carry: (params, opt, usage, vq_steps,
+    codes in use); inp: (step index, key). Outputs (loss parts [5], step taken)."""
+    config = ctx.config
+    params, opt, usage, vq_steps, _ = carry
+    i, k = inp
+    k_s, k_c, k_r = jax.random.split(k, 3)
+    data, filled = buffers.sample(buffer, k_s, config.batch_size)
+    st = data["step"]
+    s = st["state"] / ctx.state_scale
+    labels = episode_labels(ctx, ext, params, s, transitions(filled), st["fields"]["uid"][:, 0])
+    classes = jnp.where(ext.clustered, labels, jax.random.randint(k_c, labels.shape, 0, config.n_clusters))
+    cov = coverage_mask(ctx.cover, classes, s.shape[1])
+    *new, parts, in_use = vq_update(
+        ctx.vq, ctx.vq_tx, params, opt, usage, vq_steps, s, filled, cov, ctx.coefs, config.dead_code_window, k_r
+    )
+    on = i < n_steps
+    carry = jax.tree.map(lambda a, b: jnp.where(on, a, b), (*new, in_use), carry)
+    return carry, (parts, on)
+
+
+def vq_phase(ctx: TRAMAContext, ext: TRAMAState, buffer, n_steps, key) -> TRAMAState:
+    """``n_steps`` VQ-VAE steps (of at most ``train_steps``) on buffer batches."""
+    k_init, k_steps = jax.random.split(key)
+    params = vq_start(ctx, ext, buffer, n_steps, k_init)
+    train_steps = ctx.config.train_steps
+    steps = (jnp.arange(train_steps), jax.random.split(k_steps, train_steps))
+    carry = (params, ext.vq_opt, ext.usage, ext.vq_steps, ext.codes_in_use)
+    step = functools.partial(vq_phase_step, ctx, ext, buffer, n_steps)
+    (params, opt, usage, vq_steps, in_use), (parts, on) = jax.lax.scan(step, carry, steps)
+    w = on.astype(jnp.float32)
+    loss = jnp.where(w.sum() > 0, (parts * w[:, None]).sum(0) / jnp.maximum(w.sum(), 1.0), ext.vq_loss)
+    return ext.replace(
+        vq_params=params,
+        vq_opt=opt,
+        vq_loss=loss,
+        usage=usage,
+        vq_steps=vq_steps,
+        codes_in_use=in_use,
+        book_ready=ext.book_ready | (n_steps > 0),
+    )
+
+
+# ---------------------------------------------------------------------------- clustering
+
+
+def train_classifier(ctx: TRAMAContext, params, opt, emb, labels, rows, key):
+    """``classifier_steps`` Adam steps of the classifier's cross-entropy on minibatches of
+    the stored episodes' embeddings emb [C, D] with k-means labels [C] (rows [C]: the
+    stored ones). Returns ((params, opt), losses [classifier_steps])."""
+    config = ctx.config
+    C = config.buffer_size
+
+    def clf_step(carry, k):
+        params, opt = carry
+        idx = jax.random.choice(k, C, (config.batch_size,), p=rows / jnp.maximum(rows.sum(), 1))
+
+        def loss_fn(p):
+            logits = ctx.classifier.apply(p, emb[idx])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt = ctx.clf_tx.update(grads, opt, params)
+        return (optax.apply_updates(params, updates), opt), loss
+
+    return jax.lax.scan(clf_step, (params, opt), jax.random.split(key, config.classifier_steps))
+
+
+def cluster_phase(ctx: TRAMAContext, ext: TRAMAState, buffer, due, key) -> TRAMAState:
+    """A clustering attempt where ``due``: k-means of the stored episodes' embeddings
+    under the current VQ-VAE; an accepted one (>= ``min_clusters`` non-empty clusters)
+    relabels the stored episodes and trains the classifier."""
+    config, K = ctx.config, ctx.config.n_clusters
+    k_init, k_clf = jax.random.split(key)
+    st = buffer.data["step"]
+    trans = transitions(buffer.filled)
+    rows = buffer.filled[:, 0]
+    # codes of the stored states with the current encoder and codebook
+    codes = state_codes(ctx.vq, ext.vq_params, st["state"] / ctx.state_scale, chunk=CODE_CHUNK)  # [C, T+1]
+    emb = trajectory_embedding(codebook_of(ctx, ext.vq_params), codes, trans)  # [C, D]
+    init = jnp.where(ext.clustered, ext.centroids, kmeans_pp_init(k_init, emb, rows, K))
+    cents, assign, counts = kmeans(emb, rows, init, config.kmeans_iterations)
+    nonempty = (counts > 0).sum()
+    accept = due & (nonempty >= config.min_clusters)
+    if ctx.n_tasks:
+        task = episode_task(st["fields"]["task"], trans)
+        ari = jnp.where(accept, adjusted_rand_index(assign, task, rows & (task >= 0), K, ctx.n_tasks), ext.ari)
+    else:
+        ari = ext.ari
+    (clf_params, clf_opt), losses = train_classifier(ctx, ext.clf_params, ext.clf_opt, emb, assign, rows, k_clf)
+
+    def pick(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+
+    return ext.replace(
+        centroids=pick(cents, ext.centroids),
+        clustered=ext.clustered | accept,
+        clusterings=ext.clusterings + accept.astype(jnp.int32),
+        label=pick(jnp.where(rows, assign, -1), ext.label),
+        label_uid=pick(st["fields"]["uid"][:, 0], ext.label_uid),
+        clf_params=pick(clf_params, ext.clf_params),
+        clf_opt=pick(clf_opt, ext.clf_opt),
+        clf_loss=jnp.where(accept, losses[-1], ext.clf_loss),
+        nonempty=jnp.where(due, nonempty, ext.nonempty).astype(jnp.int32),
+        ari=ari,
+        cluster_sizes=pick(counts / jnp.maximum(counts.sum(), 1.0), ext.cluster_sizes),
+        last_cluster_step=jnp.where(due, ext.env_steps, ext.last_cluster_step),
+        last_cluster_episode=jnp.where(due, ext.episodes, ext.last_cluster_episode),
+    )
+
+
+def cluster_due(config: TRAMAConfig, ext: TRAMAState, buffer) -> jax.Array:
+    """Whether each seed attempts a clustering: from ``cluster_start`` env steps, first
+    or once ``cluster_interval`` env steps or ``cluster_interval_episodes`` episodes
+    passed since the last attempt, with >= ``min_cluster_episodes`` stored episodes."""
+    return (
+        (ext.env_steps >= config.cluster_start)
+        & (
+            ~ext.clustered
+            | (ext.env_steps - ext.last_cluster_step >= config.cluster_interval)
+            | (ext.episodes - ext.last_cluster_episode >= config.cluster_interval_episodes)
+        )
+        & (buffer.size >= config.min_cluster_episodes)
+    )
+
+
+# ---------------------------------------------------------------------------- hooks
+
+
+def init_state(ctx: TRAMAContext, key) -> tuple[Any, TRAMAState]:
+    """The ``init`` hook: (the predictor's and g's parameters, the initial TRAMAState)."""
+    config = ctx.config
+    K, D, C = config.n_clusters, config.latent_dim, config.buffer_size
+    k_vq, k_p, k_g, k_c = jax.random.split(key, 4)
+    vq_params = ctx.vq.init(k_vq, jnp.zeros((1, ctx.state_dim)))
+    clf_params = ctx.classifier.init(k_c, jnp.zeros((1, D)))
+    x0 = predictor_inputs(ctx, jnp.zeros((1, ctx.num_agents, ctx.obs_dim)))
+    ext_params = {
+        "predictor": ctx.predictor.init(k_p, jnp.zeros((1, ctx.num_agents, config.predictor_hidden)), x0),
+        "repr": ctx.g_net.init(k_g, jnp.zeros((1, K))),
+    }
+    z = jnp.zeros((), jnp.int32)
+    state = TRAMAState(
+        vq_params=vq_params,
+        vq_opt=ctx.vq_tx.init(vq_params),
+        clf_params=clf_params,
+        clf_opt=ctx.clf_tx.init(clf_params),
+        centroids=jnp.zeros((K, D)),
+        clustered=jnp.zeros((), bool),
+        clusterings=z,
+        label=jnp.full((C,), -1, jnp.int32),
+        label_uid=jnp.full((C,), -1, jnp.int32),
+        env_steps=z,
+        episodes=z,
+        last_vq_episode=z,
+        last_cluster_step=z,
+        last_cluster_episode=z,
+        vq_loss=jnp.zeros((5,)),
+        clf_loss=jnp.zeros(()),
+        nonempty=z,
+        ari=jnp.zeros(()),
+        book_ready=jnp.zeros((), bool),
+        usage=jnp.zeros((config.n_codes,)),
+        vq_steps=z,
+        codes_in_use=jnp.zeros(()),
+        cluster_sizes=jnp.zeros((K,)),
+    )
+    return ext_params, state
+
+
+def initial_field_carry(ctx: TRAMAContext, batch_shape):
+    """The ``initial_field_carry`` hook: (predictor GRU state, episode id -1: none yet)."""
+    return (
+        jnp.zeros(batch_shape + (ctx.num_agents, ctx.config.predictor_hidden)),
+        jnp.full(batch_shape, -1, jnp.int32),
+    )
+
+
+def step_task(ctx: TRAMAContext, ts, shape) -> jax.Array:
+    """The true task of a step, for analysis only (never an input): -1 at an auto-reset
+    step (the info still describes the finished episode) or without task ids."""
+    info = ts.info if isinstance(getattr(ts, "info", None), dict) else {}
+    if ctx.n_tasks and "task_id" in info:
+        return jnp.where(ts.done, -1, info["task_id"]).astype(jnp.int32)
+    return jnp.full(shape, -1, jnp.int32)
+
+
+def step_fields(ctx: TRAMAContext, ext_params, ext_state, ts, carry, key, greedy):
+    """The ``step_fields`` hook: the predicted class per agent (sampled, or argmax when
+    greedy), the episode's random id and its true task."""
+    h, uid = carry
+    k_cls, k_uid = jax.random.split(key)
+    h, logits = ctx.predictor.apply(ext_params["predictor"], h, predictor_inputs(ctx, ts.obs))
+    sampled = jax.random.categorical(k_cls, logits) if ctx.config.sample_class else jnp.argmax(logits, -1)
+    cls = jnp.where(greedy, jnp.argmax(logits, -1), sampled).astype(jnp.int32)
+    fresh = jax.random.randint(k_uid, uid.shape, 0, jnp.iinfo(jnp.int32).max, jnp.int32)
+    uid = jnp.where(uid < 0, fresh, uid)
+    return {"cls": cls, "uid": uid, "task": step_task(ctx, ts, uid.shape)}, (h, uid)
+
+
+def agent_inputs(ctx: TRAMAContext, ext_params, fields) -> jax.Array:
+    """The ``agent_inputs`` hook: g(k) of the stored classes."""
+    g = ctx.g_net.apply(ext_params["repr"], jax.nn.one_hot(fields["cls"], ctx.config.n_clusters))
+    return jax.lax.stop_gradient(g) if ctx.config.detach_class_repr else g
+
+
+def class_loss(ctx: TRAMAContext, ext: TRAMAState, batch, pred_params):
+    """The predictor's masked cross-entropy against the episodes' cluster labels:
+    (loss, (accuracy, majority rate)) over the valid (step, agent) entries."""
+    filled = batch["filled"]
+    valid = filled[:, 1:]  # [B, T]: transition t exists
+    labels = episode_labels(
+        ctx, ext, ext.vq_params, batch["state"] / ctx.state_scale, transitions(filled), batch["fields"]["uid"][:, 0]
+    )  # [B]
+    # the agents' chunked unroll: chunks past the batch's longest episode are skipped
+    logits = rnn.unroll_chunked(
+        ctx.predictor,
+        pred_params,
+        predictor_inputs(ctx, batch["obs"]),
+        max_over_seeds(filled.sum(-1).max()),
+        ctx.config.gru_autodiff,
+    )[:, :-1]
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits, jnp.broadcast_to(labels[:, None, None], logits.shape[:-1])
+    )
+    w = valid.astype(jnp.float32)[..., None]
+    n = jnp.maximum(w.sum() * ctx.num_agents, 1.0)
+    acc = ((jnp.argmax(logits, -1) == labels[:, None, None]) * w).sum() / n
+    return (ce * w).sum() / n, (acc, majority_rate(labels, valid.sum(-1), ctx.config.n_clusters))
+
+
+def training_metrics(ctx: TRAMAContext, ext: TRAMAState, ce, acc, majority) -> dict:
+    """The metrics ``extra_loss`` logs: the class loss's (0 before the first clustering)
+    and the hook state's."""
+    on = ext.clustered.astype(jnp.float32)
+    metrics = {
+        "class_loss": ce * on,
+        "class_accuracy": acc * on,
+        "class_majority_rate": majority * on,
+        "codes_in_use": ext.codes_in_use,
+        "clustered": on,
+        "clusterings": ext.clusterings.astype(jnp.float32),
+        "nonempty_clusters": ext.nonempty.astype(jnp.float32),
+        "classifier_loss": ext.clf_loss,
+        "vq_loss": ext.vq_loss[0],
+        "vq_recon": ext.vq_loss[1],
+        "vq_coverage": ext.vq_loss[4],
+        **{f"cluster_size_{k}": ext.cluster_sizes[k] for k in range(ctx.config.n_clusters)},
+    }
+    if ctx.n_tasks:
+        metrics["cluster_ari"] = ext.ari
+    return metrics
+
+
+def extra_loss(ctx: TRAMAContext, params, target_params, ext: TRAMAState, batch, key):
+    """The ``extra_loss`` hook: class_loss_coef x the class loss, once clustered."""
+    # before the first clustering the loss has weight 0: its unroll is skipped (the
+    # condition is maximized over vmapped seeds; a seed not yet clustered weighs it 0)
+    ce, (acc, majority) = jax.lax.cond(
+        max_over_seeds(ext.clustered.astype(jnp.int32)) > 0,
+        functools.partial(class_loss, ctx, ext, batch),
+        lambda p: (jnp.zeros(()), (jnp.zeros(()), jnp.zeros(()))),
+        params["ext"]["predictor"],
+    )
+    on = ext.clustered.astype(jnp.float32)
+    return ctx.config.class_loss_coef * on * ce, training_metrics(ctx, ext, ce, acc, majority)
+
+
+def after_iteration(ctx: TRAMAContext, ext: TRAMAState, params, buffer, new_episodes, key, hp=None) -> TRAMAState:
+    """The ``after_iteration`` hook: the new rows' labels cleared, the VQ-VAE phase and
+    the clustering attempt when due."""
+    config, C = ctx.config, ctx.config.buffer_size
+    k_vq, k_cl = jax.random.split(key)
+    ext = ext.replace(env_steps=ext.env_steps + ctx.steps_per_iteration, episodes=ext.episodes + new_episodes)
+    # the rows stored this iteration have no cluster label yet
+    n = jnp.minimum(new_episodes, C)
+    age = (buffer.insert_pos - 1 - jnp.arange(C)) % C
+    new = age < n
+    ext = ext.replace(
+        label=jnp.where(new, -1, ext.label),
+        label_uid=jnp.where(new, buffer.data["step"]["fields"]["uid"][:, 0], ext.label_uid),
+    )
+    # VQ-VAE
+    n_vq, last = vq_schedule(
+        ext.env_steps, ext.episodes, ext.last_vq_episode, buffers.can_sample(buffer, config.batch_size), config
+    )
+    ext = ext.replace(last_vq_episode=last)
+    ext = jax.lax.cond(max_over_seeds(n_vq) > 0, lambda e: vq_phase(ctx, e, buffer, n_vq, k_vq), lambda e: e, ext)
+    # clustering
+    due = cluster_due(config, ext, buffer)
+    return jax.lax.cond(
+        max_over_seeds(due.astype(jnp.int32)) > 0,
+        lambda e: cluster_phase(ctx, e, buffer, due, k_cl),
+        lambda e: e,
+        ext,
     )

@@ -437,6 +437,37 @@ def test_vq_loss_terms_masks_and_gradients():
     assert enc == 0 and np.abs(np.asarray(g["params"]["codebook"]))[[0, 1, 3]].sum() == 0 and cb > 0
 
 
+def test_vq_loss_terms_by_hand():
+    """L_VQ of the module docstring on hand-picked arrays (D = 1, two codes, a padded step)."""
+    codes = jnp.array([[0.0], [2.0]])
+    z_e = jnp.array([[0.5], [1.2], [3.0]])
+    idx = jnp.array([0, 1, 1])
+    s = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    s_hat = jnp.array([[1.0, 1.0], [0.0, 3.0], [0.0, 0.0]])
+    valid = jnp.array([True, True, False])
+    cover = jnp.array([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])  # J(t, k) of each step
+    coefs = (1.0, 0.25, 0.125, 0.5)
+    # recon: mean_f (s^ - s)^2 = 0.5 and 2.0; vq = commit: (e_x - z_e)^2 = 0.25 and 0.64;
+    # coverage: 2.25 (code 1) and (1.44 + 0.64) / 2 = 1.04 (codes 0, 1); the padded step
+    # does not count
+    recon, vq_term, coverage = (0.5 + 2.0) / 2, (0.25 + 0.64) / 2, (2.25 + 1.04) / 2
+    expected_total = 1.0 * recon + 0.25 * vq_term + 0.125 * vq_term + 0.5 * coverage
+    total, parts = trama.vq_loss_terms(s, s_hat, z_e, idx, codes, valid, cover, coefs)
+    np.testing.assert_allclose(total, expected_total, rtol=1e-6)
+    np.testing.assert_allclose(parts, [expected_total, recon, vq_term, vq_term, coverage], rtol=1e-6)
+
+    # stop-gradients: the codebook term moves only the codes, the commitment only z_e
+    def grads(c):
+        return jax.grad(lambda z, b: trama.vq_loss_terms(s, s_hat, z, idx, b, valid, cover, c)[0], (0, 1))(z_e, codes)
+
+    g_z, g_b = grads((0.0, 1.0, 0.0, 0.0))
+    np.testing.assert_array_equal(g_z, 0.0)
+    np.testing.assert_allclose(g_b[:, 0], [2 * (0.0 - 0.5) / 2, 2 * (2.0 - 1.2) / 2], rtol=1e-6)
+    g_z, g_b = grads((0.0, 0.0, 1.0, 0.0))
+    np.testing.assert_array_equal(g_b, 0.0)
+    np.testing.assert_allclose(g_z[:, 0], [2 * (0.5 - 0.0) / 2, 2 * (1.2 - 2.0) / 2, 0.0], rtol=1e-6)
+
+
 def test_dead_codes_restart_at_encoder_outputs_and_codebook_starts_from_data():
     vq, params = tiny_vq()
     book = params["params"]["codebook"]
