@@ -65,7 +65,8 @@ its own target (rewards broadcast over agents).
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -120,13 +121,7 @@ class QMIX(nn.Module):
             if self.out_init_scale is None
             else nn.initializers.variance_scaling(self.out_init_scale**2, "fan_in", "normal")
         )
-        hyper = lambda out, name: nn.Sequential(  # noqa: E731
-            [
-                nn.Dense(self.hypernet_embed, name=f"{name}_0"),
-                nn.relu,
-                nn.Dense(out, kernel_init=out_init, name=f"{name}_1"),
-            ]
-        )
+        hyper = functools.partial(hypernet, 2, self.hypernet_embed, out_init=out_init)
         w1 = jnp.abs(hyper(num_agents * self.embed_dim, "hyper_w1")(states))
         w1 = w1.reshape(w1.shape[:-1] + (num_agents, self.embed_dim))
         b1 = nn.Dense(self.embed_dim, name="hyper_b1")(states)
@@ -136,11 +131,23 @@ class QMIX(nn.Module):
         return jnp.sum(hidden * w2, axis=-1) + v[..., 0]
 
 
-def _mlp(layers: int, hidden: int, out: int, name: str) -> nn.Module:
+def hypernet(
+    layers: int,
+    hidden: int,
+    out: int,
+    name: str,
+    *,
+    out_init: Callable = nn.linear.default_kernel_init,
+    out_bias: bool = True,
+) -> nn.Module:
+    """The mixers' one MLP builder (hypernetworks, heads, V(s)): ``layers`` Dense layers
+    named ``{name}_0 .. {name}_{layers-1}``, ReLU between them, width ``hidden`` and
+    ``out`` outputs; ``out_init`` / ``out_bias`` set the output layer. Call it inside a
+    compact module (the layers become that module's parameters, named as above)."""
     mods: list = []
     for i in range(layers - 1):
         mods += [nn.Dense(hidden, name=f"{name}_{i}"), nn.relu]
-    mods.append(nn.Dense(out, name=f"{name}_{layers - 1}"))
+    mods.append(nn.Dense(out, kernel_init=out_init, use_bias=out_bias, name=f"{name}_{layers - 1}"))
     return nn.Sequential(mods)
 
 
@@ -173,24 +180,18 @@ class QPLEX(nn.Module):
             entities = jnp.eye(num_agents, dtype=states.dtype)  # [A, A], broadcast over leading dims
         probs, sq_logits = [], 0.0
         for h in range(self.num_heads):
-            selector = nn.Sequential(
-                [
-                    nn.Dense(self.hypernet_embed, name=f"selector{h}_0"),
-                    nn.relu,
-                    nn.Dense(self.embed_dim, use_bias=False, name=f"selector{h}_1"),
-                ]
-            )(states)  # [..., E]
+            selector = hypernet(2, self.hypernet_embed, self.embed_dim, f"selector{h}", out_bias=False)(states)
             keys = nn.Dense(self.embed_dim, use_bias=False, name=f"key{h}")(entities)  # [..., A, E]
             logits = jnp.einsum("...e,...ae->...a", selector, keys)
             probs.append(nn.softmax(logits / jnp.sqrt(float(self.embed_dim)), axis=-1))
             sq_logits = sq_logits + jnp.mean(logits**2, axis=-1)
         probs = jnp.stack(probs, axis=-2)  # [..., H, A]
         if self.weighted_head:
-            head_w = _mlp(2, self.hypernet_embed, self.num_heads, "head_w")(states)
+            head_w = hypernet(2, self.hypernet_embed, self.num_heads, "head_w")(states)
             probs = probs * jnp.abs(head_w)[..., None]
         w = jnp.sum(probs, axis=-2) + 1e-10
         if self.state_bias:
-            v = _mlp(2, self.embed_dim, 1, "V")(states)  # [..., 1]
+            v = hypernet(2, self.embed_dim, 1, "V")(states)  # [..., 1]
             b = jnp.broadcast_to(v / num_agents, w.shape)
         else:
             b = jnp.zeros_like(w)
@@ -202,9 +203,9 @@ class QPLEX(nn.Module):
         state_action = jnp.concatenate([states, flat_actions], axis=-1)
         lam = 0.0
         for k in range(self.num_kernels):
-            key = jnp.abs(_mlp(layers, width, 1, f"adv_key{k}")(states)) + 1e-10  # [..., 1]
-            agents = nn.sigmoid(_mlp(layers, width, num_agents, f"adv_agents{k}")(states))
-            action = nn.sigmoid(_mlp(layers, width, num_agents, f"adv_action{k}")(state_action))
+            key = jnp.abs(hypernet(layers, width, 1, f"adv_key{k}")(states)) + 1e-10  # [..., 1]
+            agents = nn.sigmoid(hypernet(layers, width, num_agents, f"adv_agents{k}")(states))
+            action = nn.sigmoid(hypernet(layers, width, num_agents, f"adv_action{k}")(state_action))
             lam = lam + key * agents * action
         return w, b, sq_logits, lam
 
