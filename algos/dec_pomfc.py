@@ -130,12 +130,14 @@ Choices and deviations (ours, the paper body being unavailable)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from algos import ppo
@@ -444,123 +446,154 @@ def upper_noise(prev: jax.Array, fresh: jax.Array, first: jax.Array, corr: float
     return jnp.where(first[:, None], fresh, carried)
 
 
+class Learner(NamedTuple):
+    """What the learner's functions share (static): the lifted env's pieces, the config,
+    the regularizer and the optimizer."""
+
+    pc: _Pieces
+    config: DecPOMFCConfig
+    regularizer: reg.Regularizer
+    tx: optax.GradientTransformation
+
+
+def init(m: Learner, key) -> TrainState:
+    config, pc = m.config, m.pc
+    E, rcfg = config.num_envs, config.regularizer
+    k_param, k_env, k_noise, key = jax.random.split(key, 4)
+    params = pc.net.init(k_param, jnp.zeros((1, pc.env.spec.state_dim)))
+    env_state, ts = jax.vmap(pc.env.reset)(jax.random.split(k_env, E))
+    hp = hparams(
+        ppo.HParams,
+        lr=config.lr,
+        clip_eps=config.clip_eps,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        reg_coef=rcfg.coef,
+        reg_epsilon=rcfg.epsilon,
+    )
+    noise = jax.random.normal(k_noise, (E, pc.rule_dim))
+    return TrainState(params, params, m.tx.init(params), env_state, ts, noise, key, jnp.zeros((), jnp.int32), hp)
+
+
+def rollout_step(m: Learner, state: TrainState, key):
+    """One step of every lifted env: the upper policy's rule, the agents' actions."""
+    pc, config = m.pc, m.config
+    ts = state.last_ts
+    k_up, k_agents, k_env = jax.random.split(key, 3)
+    mean, log_std, value = pc.upper(state.params, ts.state)
+    noise = upper_noise(state.noise, jax.random.normal(k_up, mean.shape), ts.done, config.upper_noise_corr)
+    rule = mean + jnp.exp(log_std) * noise
+    logp = losses.gaussian_log_prob(mean, log_std, rule)
+    actions = pc.agent_actions(rule, ts.obs, k_agents)
+    env_state, nts = jax.vmap(pc.env.step)(jax.random.split(k_env, config.num_envs), state.env_state, actions)
+    if config.bootstrap_truncation:
+        final_value = pc.upper(state.params, nts.info["final_state"])[2]
+    else:
+        final_value = jnp.zeros_like(value)
+    stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
+    tr = Transition(ts.state, rule, logp, value, nts.reward.mean(-1), nts.done, nts.terminated, final_value, stats)
+    return state.replace(env_state=env_state, last_ts=nts, noise=noise), tr
+
+
+def reg_terms(m: Learner, params, ref_params, s, rule, hp):
+    """The regularizer between the upper policies of ``params`` and ``ref_params`` at ``s``."""
+    mean, log_std, _ = m.pc.upper(params, s)
+    rmean, rlog_std, _ = m.pc.upper(ref_params, s)
+    return m.regularizer.term((mean, log_std), (rmean, rlog_std), hp.reg_coef, action=rule)
+
+
+def loss_fn(m: Learner, params, ref_params, mb: Transition, adv, targets, hp):
+    """PPO's loss on the upper level's rules, plus the regularizer in loss mode."""
+    mean, log_std, value = m.pc.upper(params, mb.s)
+    logp = losses.gaussian_log_prob(mean, log_std, mb.rule)
+    pg, _, approx_kl, clip_frac = losses.clipped_policy_loss(logp, mb.logp, adv, hp.clip_eps)
+    vf = losses.clipped_value_loss(value, mb.value, targets, hp.clip_eps)
+    entropy = losses.gaussian_entropy(log_std).mean()
+    loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
+    reg_value = jnp.zeros(())
+    if m.regularizer.as_loss:
+        reg_loss, _, v = reg_terms(m, params, ref_params, mb.s, mb.rule, hp)
+        loss, reg_value = loss + reg_loss.mean(), v.mean()
+    return loss, dict(
+        policy_loss=pg,
+        value_loss=vf,
+        entropy=entropy,
+        approx_kl=approx_kl,
+        clip_frac=clip_frac,
+        regularizer=reg_value,
+        upper_std=jnp.exp(log_std).mean(),
+    )
+
+
+def update(m: Learner, state: TrainState):
+    """One iteration: a rollout, the regularizer's penalty, GAE and PPO epochs."""
+    config, hp = m.config, state.hparams
+    n_samples = config.num_envs * config.num_steps
+    key, k_roll, k_perm = jax.random.split(state.key, 3)
+    params_old = state.params
+    step = functools.partial(rollout_step, m)
+    state, traj = jax.lax.scan(step, state, jax.random.split(k_roll, config.num_steps))
+    last_value = m.pc.upper(state.params, state.last_ts.state)[2]
+    ref_params = m.regularizer.reference(initial=lambda: state.ref_params, rollout=lambda: params_old)
+    if m.regularizer.as_penalty:
+        penalty = reg_terms(m, params_old, ref_params, traj.s, traj.rule, hp)[1]
+        traj = traj._replace(reward=traj.reward - penalty)
+    adv, targets = returns.gae(
+        traj.reward,
+        traj.value,
+        traj.done,
+        traj.terminated,
+        traj.final_value,
+        last_value,
+        hp.gamma,
+        hp.gae_lambda,
+        config.bootstrap_truncation,
+    )
+    flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
+    data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))
+    lr = ppo.annealed_lr(config, hp, state.update_step)
+
+    def grad_fn(params, idx):
+        mb, a, tg = jax.tree.map(lambda z: z[idx], data)
+        return jax.grad(functools.partial(loss_fn, m), has_aux=True)(params, ref_params, mb, a, tg, hp)
+
+    (params, opt_state), metrics = ppo.minibatch_epochs(
+        grad_fn,
+        m.tx,
+        state.params,
+        with_learning_rate(state.opt_state, lr),
+        k_perm,
+        config.update_epochs,
+        n_samples,
+        config.num_minibatches,
+    )
+    metrics = jax.tree.map(jnp.mean, metrics)
+    metrics.update(episode_metrics(traj.info))
+    metrics["lr"] = lr
+    metrics["step_reward"] = traj.reward.mean()
+    state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
+    return state, metrics
+
+
 def make(env, config: DecPOMFCConfig, name: str = "dec_pomfc") -> Algorithm:
+    """Dec-POMFC on ``env``: the pieces above bound to its lifted env and ``config``."""
     pc = _build(env, config)
-    lenv, spec = pc.env, pc.env.spec
-    E, T = config.num_envs, config.num_steps
-    rcfg = config.regularizer
-    R = reg.build(rcfg, who="dec_pomfc's upper level", policy="gaussian", references=("rollout", "initial"))
-    tx = ppo.make_optimizer(config.max_grad_norm)
-    n_samples = E * T
-
-    def init(key) -> TrainState:
-        k_param, k_env, k_noise, key = jax.random.split(key, 4)
-        params = pc.net.init(k_param, jnp.zeros((1, spec.state_dim)))
-        env_state, ts = jax.vmap(lenv.reset)(jax.random.split(k_env, E))
-        hp = hparams(
-            ppo.HParams,
-            lr=config.lr,
-            clip_eps=config.clip_eps,
-            ent_coef=config.ent_coef,
-            vf_coef=config.vf_coef,
-            gamma=config.gamma,
-            gae_lambda=config.gae_lambda,
-            reg_coef=rcfg.coef,
-            reg_epsilon=rcfg.epsilon,
-        )
-        noise = jax.random.normal(k_noise, (E, pc.rule_dim))
-        return TrainState(params, params, tx.init(params), env_state, ts, noise, key, jnp.zeros((), jnp.int32), hp)
-
-    def rollout_step(state: TrainState, key):
-        ts = state.last_ts
-        k_up, k_agents, k_env = jax.random.split(key, 3)
-        mean, log_std, value = pc.upper(state.params, ts.state)
-        noise = upper_noise(state.noise, jax.random.normal(k_up, mean.shape), ts.done, config.upper_noise_corr)
-        rule = mean + jnp.exp(log_std) * noise
-        logp = losses.gaussian_log_prob(mean, log_std, rule)
-        actions = pc.agent_actions(rule, ts.obs, k_agents)
-        env_state, nts = jax.vmap(lenv.step)(jax.random.split(k_env, E), state.env_state, actions)
-        if config.bootstrap_truncation:
-            final_value = pc.upper(state.params, nts.info["final_state"])[2]
-        else:
-            final_value = jnp.zeros_like(value)
-        stats = {k: v for k, v in nts.info.items() if k not in FINAL_KEYS}
-        tr = Transition(ts.state, rule, logp, value, nts.reward.mean(-1), nts.done, nts.terminated, final_value, stats)
-        return state.replace(env_state=env_state, last_ts=nts, noise=noise), tr
-
-    def reg_terms(params, ref_params, s, rule, hp):
-        mean, log_std, _ = pc.upper(params, s)
-        rmean, rlog_std, _ = pc.upper(ref_params, s)
-        return R.term((mean, log_std), (rmean, rlog_std), hp.reg_coef, action=rule)
-
-    def loss_fn(params, ref_params, mb: Transition, adv, targets, hp):
-        mean, log_std, value = pc.upper(params, mb.s)
-        logp = losses.gaussian_log_prob(mean, log_std, mb.rule)
-        pg, _, approx_kl, clip_frac = losses.clipped_policy_loss(logp, mb.logp, adv, hp.clip_eps)
-        vf = losses.clipped_value_loss(value, mb.value, targets, hp.clip_eps)
-        entropy = losses.gaussian_entropy(log_std).mean()
-        loss = pg + hp.vf_coef * vf - hp.ent_coef * entropy
-        reg_value = jnp.zeros(())
-        if R.as_loss:
-            reg_loss, _, v = reg_terms(params, ref_params, mb.s, mb.rule, hp)
-            loss, reg_value = loss + reg_loss.mean(), v.mean()
-        return loss, dict(
-            policy_loss=pg,
-            value_loss=vf,
-            entropy=entropy,
-            approx_kl=approx_kl,
-            clip_frac=clip_frac,
-            regularizer=reg_value,
-            upper_std=jnp.exp(log_std).mean(),
-        )
-
-    def update(state: TrainState):
-        hp = state.hparams
-        key, k_roll, k_perm = jax.random.split(state.key, 3)
-        params_old = state.params
-        state, traj = jax.lax.scan(rollout_step, state, jax.random.split(k_roll, T))
-        last_value = pc.upper(state.params, state.last_ts.state)[2]
-        ref_params = R.reference(initial=lambda: state.ref_params, rollout=lambda: params_old)
-        if R.as_penalty:
-            penalty = reg_terms(params_old, ref_params, traj.s, traj.rule, hp)[1]
-            traj = traj._replace(reward=traj.reward - penalty)
-        adv, targets = returns.gae(
-            traj.reward,
-            traj.value,
-            traj.done,
-            traj.terminated,
-            traj.final_value,
-            last_value,
-            hp.gamma,
-            hp.gae_lambda,
-            config.bootstrap_truncation,
-        )
-        flat = lambda x: x.reshape((n_samples,) + x.shape[2:])  # noqa: E731 [T, E, ...] -> [T E, ...]
-        data = jax.tree.map(flat, (traj._replace(info={}), adv, targets))
-        lr = ppo.annealed_lr(config, hp, state.update_step)
-
-        def grad_fn(params, idx):
-            mb, a, tg = jax.tree.map(lambda z: z[idx], data)
-            return jax.grad(loss_fn, has_aux=True)(params, ref_params, mb, a, tg, hp)
-
-        (params, opt_state), metrics = ppo.minibatch_epochs(
-            grad_fn,
-            tx,
-            state.params,
-            with_learning_rate(state.opt_state, lr),
-            k_perm,
-            config.update_epochs,
-            n_samples,
-            config.num_minibatches,
-        )
-        metrics = jax.tree.map(jnp.mean, metrics)
-        metrics.update(episode_metrics(traj.info))
-        metrics["lr"] = lr
-        metrics["step_reward"] = traj.reward.mean()
-        state = state.replace(params=params, opt_state=opt_state, key=key, update_step=state.update_step + 1)
-        return state, metrics
-
-    return Algorithm(name, config, lenv, init, update, pc.act, pc.initial_carry, E * T)
+    R = reg.build(
+        config.regularizer, who="dec_pomfc's upper level", policy="gaussian", references=("rollout", "initial")
+    )
+    m = Learner(pc, config, R, ppo.make_optimizer(config.max_grad_norm))
+    return Algorithm(
+        name,
+        config,
+        pc.env,
+        functools.partial(init, m),
+        functools.partial(update, m),
+        pc.act,
+        pc.initial_carry,
+        config.num_envs * config.num_steps,
+    )
 
 
 # ----------------------------------------------------------------------------- open loop

@@ -464,135 +464,169 @@ def make(env, config: SACConfig, name: str = "sac") -> Algorithm:
     return make_parts(env, config, name).algorithm
 
 
-def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
-    spec = env.spec
+class Learner(NamedTuple):
+    """What SAC's learner functions share (static)."""
+
+    env: Any
+    config: SACConfig
+    nets: SACNets
+    regularizer: reg.Regularizer
+    tx: optax.GradientTransformation
+    obs_temp: jax.Array  # [A] agents whose temperature is read from their observation
+
+
+def check_env(spec, config: SACConfig, name: str) -> None:
+    """ConfigErrors for an env this configuration cannot run, before anything compiles."""
     if spec.discrete or spec.action_dim is None:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a continuous-action environment")
-    A, d, E, T = spec.num_agents, spec.action_dim, config.num_envs, config.num_steps
     for f in ("frozen_agents", "temperature_from_obs"):
-        if any(i >= A for i in getattr(config, f)):
-            raise cfg.ConfigError(f, getattr(config, f), f"agent indices must be < {A}")
+        if any(i >= spec.num_agents for i in getattr(config, f)):
+            raise cfg.ConfigError(f, getattr(config, f), f"agent indices must be < {spec.num_agents}")
+
+
+def opt_init(m: Learner, p):
+    """Adam state: one per agent (a leading [A] axis) with independent agents, else one."""
+    return m.tx.init(p) if m.nets.shared else jax.vmap(m.tx.init)(p)
+
+
+def init(m: Learner, key) -> TrainState:
+    config, spec, nets = m.config, m.env.spec, m.nets
+    A, d, E = spec.num_agents, spec.action_dim, config.num_envs
+    rcfg = config.regularizer
+    k_param, k_env, key = jax.random.split(key, 3)
+    actor_p, critic_p = init_params(nets, k_param)
+    log_alpha = jnp.full((A,), jnp.log(config.init_alpha), jnp.float32)
+    params = Params(actor_p, critic_p, log_alpha)
+    env_state, ts = jax.vmap(m.env.reset)(jax.random.split(k_env, E))
+    example = Transition(
+        jnp.zeros((A, spec.obs_dim)),
+        jnp.zeros((A, d)),
+        jnp.zeros((A,)),
+        jnp.zeros((A, spec.obs_dim)),
+        jnp.zeros((), bool),
+    )
+    train_mask = jnp.ones((A,), bool).at[jnp.asarray(config.frozen_agents, jnp.int32)].set(False)
+    target_entropy = -float(d) if config.target_entropy is None else config.target_entropy
+    hp = hparams(
+        HParams,
+        actor_lr=config.actor_lr,
+        critic_lr=config.critic_lr,
+        alpha_lr=config.alpha_lr,
+        gamma=config.gamma,
+        tau=config.tau,
+        target_entropy=target_entropy,
+        reg_coef=rcfg.coef,
+    )
+    return TrainState(
+        params=params,
+        target_critic=critic_p,
+        ref_actor=actor_p if m.regularizer.divergence and rcfg.reference == "initial" else None,
+        opt_actor=opt_init(m, actor_p),
+        opt_critic=opt_init(m, critic_p),
+        opt_alpha=jax.vmap(m.tx.init)(log_alpha),
+        buffer=buffers.replay_init(example, config.buffer_size),
+        env_state=env_state,
+        last_ts=ts,
+        episode_return=jnp.zeros((E, A)),
+        train_mask=train_mask,
+        tune_alpha=jnp.full((A,), config.autotune and m.regularizer.active) & ~m.obs_temp,
+        env_steps=jnp.zeros((), jnp.int32),
+        key=key,
+        hparams=hp,
+    )
+
+
+def act(nets: SACNets, params: Params, ts: Timestep, carry, key, greedy=False):
+    """ts.obs [..., A, obs_dim] -> actions [..., A, action_dim] in the env's box."""
+    mean, log_std = actor_apply(nets, params.actor, net_inputs(nets, ts.obs))
+    sample = tanh_policy(nets, mean, log_std).sample(seed=key)
+    return jnp.where(greedy, nets.mid + nets.half * jnp.tanh(mean), sample), carry
+
+
+def initial_carry(batch_shape=()):
+    return jnp.zeros(batch_shape)  # feed-forward: nothing to carry
+
+
+def rollout_step(m: Learner, state: TrainState, key, keep_info: bool = False):
+    """One step of every env: uniform random actions before ``learning_starts``, then
+    the policy's samples; the transition for the replay buffer."""
+    config, spec = m.config, m.env.spec
+    E, A, d = config.num_envs, spec.num_agents, spec.action_dim
+    ts = state.last_ts
+    k_act, k_rand, k_env = jax.random.split(key, 3)
+    policy_action, _ = act(m.nets, state.params, ts, None, k_act)
+    low, high = float(spec.action_low), float(spec.action_high)
+    random_action = jax.random.uniform(k_rand, (E, A, d), minval=low, maxval=high)
+    action = jnp.where(state.env_steps < config.learning_starts, random_action, policy_action)
+    env_state, nts = jax.vmap(m.env.step)(jax.random.split(k_env, E), state.env_state, action)
+    next_obs = nts.info.get("final_obs", nts.obs)
+    tr = Transition(ts.obs, action, nts.reward, next_obs, nts.terminated)
+    ret = state.episode_return + nts.reward
+    state = state.replace(
+        env_state=env_state,
+        last_ts=nts,
+        episode_return=jnp.where(nts.done[:, None], 0.0, ret),
+        env_steps=state.env_steps + E,
+    )
+    stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
+    return state, (tr, stats, ret, nts.done, nts.info if keep_info else None)
+
+
+def learn(m: Learner, state: TrainState, ref_actor, key):
+    """``train_steps`` gradient steps; metrics averaged over them."""
+    step = functools.partial(grad_step, m.nets, m.tx, m.config, m.obs_temp)
+    (state, _), metrics = jax.lax.scan(step, (state, ref_actor), jax.random.split(key, m.config.train_steps))
+    return state, jax.tree.map(lambda x: x.mean(0), metrics)
+
+
+def update_with_rollout(m: Learner, state: TrainState, keep_info: bool = True):
+    """A rollout of ``num_steps`` into the replay, then learning once it may start (the
+    same branch for every vmapped seed). Returns (state, metrics, Rollout)."""
+    config, R = m.config, m.regularizer
+    E, T = config.num_envs, config.num_steps
+    key, k_roll, k_learn = jax.random.split(state.key, 3)
+    step = functools.partial(rollout_step, m, keep_info=keep_info)
+    state, (traj, stats, ret, done, infos) = jax.lax.scan(step, state, jax.random.split(k_roll, T))
+    flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
+    state = state.replace(buffer=buffers.replay_add(state.buffer, flat))
+    ref_actor = None
+    if R.divergence:
+        ref_actor = R.reference(initial=lambda: state.ref_actor, rollout=lambda: state.params.actor)
+    ready = (state.env_steps >= config.learning_starts) & (state.buffer.size >= config.batch_size)
+    skipped = jax.tree.map(jnp.zeros_like, jax.eval_shape(functools.partial(learn, m), state, ref_actor, k_learn)[1])
+    state, learn_metrics = jax.lax.cond(
+        max_over_seeds(ready.astype(jnp.int32)) > 0,
+        lambda s: learn(m, s, ref_actor, k_learn),
+        lambda s: (s, skipped),
+        state,
+    )
+    state = state.replace(key=key)
+    alpha = jnp.exp(state.params.log_alpha) if R.active else jnp.zeros((m.env.spec.num_agents,))
+    metrics = iteration_metrics(stats, learn_metrics, done, ret, alpha, ready)
+    return state, metrics, Rollout(done, ret, infos)
+
+
+def update(m: Learner, state: TrainState):
+    state, metrics, _ = update_with_rollout(m, state, keep_info=False)
+    return state, metrics
+
+
+def make_parts(env, config: SACConfig, name: str = "sac") -> SACParts:
+    """SAC on ``env``: the pieces above bound to its spec and ``config``."""
+    spec = env.spec
+    check_env(spec, config, name)
+    A = spec.num_agents
     obs_temp = jnp.zeros((A,), bool).at[jnp.asarray(config.temperature_from_obs, jnp.int32)].set(True)
     nets = make_nets(spec, config)
-    low, high = float(spec.action_low), float(spec.action_high)
-    mid, half = nets.mid, nets.half
-    rcfg = config.regularizer
-    R = make_regularizer(config)
-    use_entropy = R.active
-    tx = descent(optax.scale_by_adam())
-    # independent: every parameter leaf has a leading [A] axis and each agent has its own
-    # Adam state; shared: one tree for all agents
-    per_agent = not nets.shared
-    inputs = functools.partial(net_inputs, nets)
-    actor = functools.partial(actor_apply, nets)
-    policy = functools.partial(tanh_policy, nets)
-
-    def opt_init(p):
-        return jax.vmap(tx.init)(p) if per_agent else tx.init(p)
-
-    # ------------------------------------------------------------------ init
-    def init(key) -> TrainState:
-        k_param, k_env, key = jax.random.split(key, 3)
-        actor_p, critic_p = init_params(nets, k_param)
-        log_alpha = jnp.full((A,), jnp.log(config.init_alpha), jnp.float32)
-        params = Params(actor_p, critic_p, log_alpha)
-        env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, E))
-        example = Transition(
-            jnp.zeros((A, spec.obs_dim)),
-            jnp.zeros((A, d)),
-            jnp.zeros((A,)),
-            jnp.zeros((A, spec.obs_dim)),
-            jnp.zeros((), bool),
-        )
-        train_mask = jnp.ones((A,), bool).at[jnp.asarray(config.frozen_agents, jnp.int32)].set(False)
-        target_entropy = -float(d) if config.target_entropy is None else config.target_entropy
-        hp = hparams(
-            HParams,
-            actor_lr=config.actor_lr,
-            critic_lr=config.critic_lr,
-            alpha_lr=config.alpha_lr,
-            gamma=config.gamma,
-            tau=config.tau,
-            target_entropy=target_entropy,
-            reg_coef=rcfg.coef,
-        )
-        return TrainState(
-            params=params,
-            target_critic=critic_p,
-            ref_actor=actor_p if R.divergence and rcfg.reference == "initial" else None,
-            opt_actor=opt_init(actor_p),
-            opt_critic=opt_init(critic_p),
-            opt_alpha=jax.vmap(tx.init)(log_alpha),
-            buffer=buffers.replay_init(example, config.buffer_size),
-            env_state=env_state,
-            last_ts=ts,
-            episode_return=jnp.zeros((E, A)),
-            train_mask=train_mask,
-            tune_alpha=jnp.full((A,), config.autotune and use_entropy) & ~obs_temp,
-            env_steps=jnp.zeros((), jnp.int32),
-            key=key,
-            hparams=hp,
-        )
-
-    # ------------------------------------------------------------------ acting
-    def act(params: Params, ts: Timestep, carry, key, greedy=False):
-        """ts.obs [..., A, obs_dim] -> actions [..., A, action_dim] in the env's box."""
-        mean, log_std = actor(params.actor, inputs(ts.obs))
-        sample = policy(mean, log_std).sample(seed=key)
-        return jnp.where(greedy, mid + half * jnp.tanh(mean), sample), carry
-
-    def initial_carry(batch_shape=()):
-        return jnp.zeros(batch_shape)  # feed-forward: nothing to carry
-
-    def rollout_step(state: TrainState, key, keep_info: bool = False):
-        ts = state.last_ts
-        k_act, k_rand, k_env = jax.random.split(key, 3)
-        policy_action, _ = act(state.params, ts, None, k_act)
-        random_action = jax.random.uniform(k_rand, (E, A, d), minval=low, maxval=high)
-        action = jnp.where(state.env_steps < config.learning_starts, random_action, policy_action)
-        env_state, nts = jax.vmap(env.step)(jax.random.split(k_env, E), state.env_state, action)
-        next_obs = nts.info.get("final_obs", nts.obs)
-        tr = Transition(ts.obs, action, nts.reward, next_obs, nts.terminated)
-        ret = state.episode_return + nts.reward
-        state = state.replace(
-            env_state=env_state,
-            last_ts=nts,
-            episode_return=jnp.where(nts.done[:, None], 0.0, ret),
-            env_steps=state.env_steps + E,
-        )
-        stats = {k: nts.info[k] for k in ("episode_done", "episode_return", "episode_length", "won") if k in nts.info}
-        return state, (tr, stats, ret, nts.done, nts.info if keep_info else None)
-
-    # ------------------------------------------------------------------ learning
-    def learn(state: TrainState, ref_actor, key):
-        step = functools.partial(grad_step, nets, tx, config, obs_temp)
-        (state, _), metrics = jax.lax.scan(step, (state, ref_actor), jax.random.split(key, config.train_steps))
-        return state, jax.tree.map(lambda m: m.mean(0), metrics)
-
-    def update_with_rollout(state: TrainState, keep_info: bool = True):
-        key, k_roll, k_learn = jax.random.split(state.key, 3)
-        step = functools.partial(rollout_step, keep_info=keep_info)
-        state, (traj, stats, ret, done, infos) = jax.lax.scan(step, state, jax.random.split(k_roll, T))
-        flat = jax.tree.map(lambda z: z.reshape((T * E,) + z.shape[2:]), traj)
-        state = state.replace(buffer=buffers.replay_add(state.buffer, flat))
-        ref_actor = None
-        if R.divergence:
-            ref_actor = R.reference(initial=lambda: state.ref_actor, rollout=lambda: state.params.actor)
-        ready = (state.env_steps >= config.learning_starts) & (state.buffer.size >= config.batch_size)
-        skipped = jax.tree.map(jnp.zeros_like, jax.eval_shape(learn, state, ref_actor, k_learn)[1])
-        state, learn_metrics = jax.lax.cond(
-            max_over_seeds(ready.astype(jnp.int32)) > 0,
-            lambda s: learn(s, ref_actor, k_learn),
-            lambda s: (s, skipped),
-            state,
-        )
-        state = state.replace(key=key)
-        alpha = jnp.exp(state.params.log_alpha) if use_entropy else jnp.zeros((A,))
-        metrics = iteration_metrics(stats, learn_metrics, done, ret, alpha, ready)
-        return state, metrics, Rollout(done, ret, infos)
-
-    def update(state: TrainState):
-        state, metrics, _ = update_with_rollout(state, keep_info=False)
-        return state, metrics
-
-    return SACParts(Algorithm(name, config, env, init, update, act, initial_carry, E * T), update_with_rollout)
+    m = Learner(env, config, nets, make_regularizer(config), descent(optax.scale_by_adam()), obs_temp)
+    algorithm = Algorithm(
+        name,
+        config,
+        env,
+        functools.partial(init, m),
+        functools.partial(update, m),
+        functools.partial(act, nets),
+        initial_carry,
+        config.num_envs * config.num_steps,
+    )
+    return SACParts(algorithm, functools.partial(update_with_rollout, m))
