@@ -301,7 +301,7 @@ class Context:
     in_dim: int  # agent input width
     reward_scale: float
     state_scale: jax.Array  # [state_dim], divides the mixers' state
-    cost: Optional[jax.Array]  # the env's action cost matrix (Wasserstein regularizer)
+    regularizer: reg.Regularizer  # reference, mode and the term (marl.regularizers.build)
 
     @property
     def num_envs(self) -> int:
@@ -352,7 +352,12 @@ def make_context(env, config: QLearningConfig, hooks: Hooks) -> Context:
         in_dim=base_input_dim(spec, config) + hooks.extra_input_dim,
         reward_scale=default_reward_scale(spec, config),
         state_scale=jnp.ones((spec.state_dim,)) if spec.state_scale is None else jnp.asarray(spec.state_scale),
-        cost=None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32),
+        regularizer=reg.build(
+            config.regularizer,
+            who=f"{config.mixer} Q-learning",
+            cost=None if spec.action_cost is None else jnp.asarray(spec.action_cost, jnp.float32),
+            references=("rollout", "initial", "uniform"),
+        ),
     )
 
 
@@ -597,25 +602,10 @@ def masked_mean(x, mask):
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def policy_regularizer(ctx: Context, q, ref_q, avail, hp: HParams):
-    """``marl.regularizers.regularize`` of the Boltzmann policies softmax(Q / T)."""
-    rcfg, temp = ctx.config.regularizer, ctx.config.reg_temperature
-    return reg.regularize(
-        rcfg.kind,
-        q / temp,
-        ref_q / temp,
-        hp.reg_coef,
-        mask=avail,
-        cost=ctx.cost,
-        epsilon=hp.reg_epsilon,
-        iterations=rcfg.iterations,
-        centred=rcfg.centred,
-        backend=rcfg.backend,
-    )
-
-
 def regularizer_term(ctx: Context, ref_params, batch, q, q_sg, tq, avail, actions, mask, hp: HParams):
-    """The policy regularizer of the online Q-values against the configured reference.
+    """The policy regularizer of the Boltzmann policies softmax(Q / T) against the
+    configured reference (``rollout``: the target network's; ``initial``: the frozen
+    initial agent's; ``uniform``), through ``ctx.regularizer``.
 
     ``q``, ``q_sg`` (gradients stopped), ``tq`` (target network): [B, T+1, A, n];
     ``avail`` [B, T+1, A, n]; ``actions`` [B, T, A]; ``mask`` [B, T].
@@ -623,21 +613,21 @@ def regularizer_term(ctx: Context, ref_params, batch, q, q_sg, tq, avail, action
     term and no penalty; penalty mode a zero loss term and the stopped penalty
     mean_i penalty_i(a_i) to subtract from r_t; no regularizer gives (0, None, {}).
     """
-    rcfg = ctx.config.regularizer
+    R, temp = ctx.regularizer, ctx.config.reg_temperature
     reg_loss = jnp.zeros(())
-    if rcfg.kind == "none":
+    if not R.active:
         return reg_loss, None, {}
-    if rcfg.reference == "rollout":
-        ref_q = tq[:, :-1]
-    elif rcfg.reference == "initial":
-        ref_q = jax.lax.stop_gradient(unroll(ctx, ref_params, batch))[:, :-1]
-    else:
-        ref_q = jnp.zeros_like(q_sg[:, :-1])
-    out = policy_regularizer(ctx, q[:, :-1] if rcfg.mode == "loss" else q_sg[:, :-1], ref_q, avail[:, :-1], hp)
-    metrics = {"regularizer": masked_mean(out.value.mean(-1), mask)}
-    if rcfg.mode == "loss":
-        return masked_mean(out.loss.mean(-1), mask), None, metrics
-    return reg_loss, jax.lax.stop_gradient(take(out.penalty, actions).mean(-1)), metrics
+    ref_q = R.reference(
+        rollout=lambda: tq[:, :-1],
+        initial=lambda: jax.lax.stop_gradient(unroll(ctx, ref_params, batch))[:, :-1],
+        uniform=lambda: jnp.zeros_like(q_sg[:, :-1]),
+    )
+    pol = (q if R.as_loss else q_sg)[:, :-1] / temp
+    if R.as_loss:
+        loss, value = R.loss_term(pol, ref_q / temp, hp.reg_coef, hp.reg_epsilon, avail=avail[:, :-1])
+        return masked_mean(loss.mean(-1), mask), None, {"regularizer": masked_mean(value.mean(-1), mask)}
+    penalty, value = R.penalty(pol, ref_q / temp, hp.reg_coef, hp.reg_epsilon, avail=avail[:, :-1], action=actions)
+    return reg_loss, jax.lax.stop_gradient(penalty.mean(-1)), {"regularizer": masked_mean(value.mean(-1), mask)}
 
 
 def intrinsic_bonus(ctx: Context, params, ext_state, batch, next_tot, mask, hp: HParams):
