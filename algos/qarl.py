@@ -128,7 +128,8 @@ Defaults and deviations
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional
+import functools
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -403,89 +404,137 @@ def threshold_of(env, config: QARLConfig) -> float:
     return threshold_for(env, config.gamma, fraction)
 
 
+LEARNER_MASK = ((False, True), (True, False))
+"""Which agent learns in each phase (agent 0: the protagonist, agent 1: the adversary)."""
+
+
+class QARLParts(NamedTuple):
+    """What QARL's functions share (static): the config, the SAC learner on the
+    temperature-augmented env, the curriculum's start shape, threshold and rate."""
+
+    config: QARLConfig
+    sac: sac.SACParts
+    init_shape: float
+    threshold: float
+    rate: float
+
+
+def learner_mask(config: QARLConfig, phase):
+    """[2] which agents learn in ``phase`` (without an adversary: the protagonist only)."""
+    masks = jnp.array(LEARNER_MASK)
+    return masks[phase] if config.adversary else masks[1]
+
+
+def init(m: QARLParts, key) -> sac.TrainState:
+    config = m.config
+    state = m.sac.algorithm.init(key)
+    ext = QARLExt(
+        curriculum_init(m.init_shape, config.history, m.threshold, config.kl_bound),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
+    return state.replace(train_mask=learner_mask(config, 0), ext=ext)
+
+
+def next_shape(m: QARLParts, cur: Curriculum, iteration):
+    """The curriculum's next shape k (linear schedule, self-paced step, or fixed) and the
+    performance estimate it used."""
+    config = m.config
+    if config.curriculum == "linear":
+        shape = linear_shape(
+            iteration, config.init_shape, config.target_shape, config.linear_fraction * config.num_updates
+        )
+        return cur.replace(shape=shape), cur.performance
+    if config.curriculum in ("none", "fixed", "auto"):
+        return cur, cur.performance
+    due = cur.fresh >= config.update_every
+    new, perf = self_paced_update(
+        cur, m.rate, config.target_shape, config.grid_size, importance=config.curriculum == "gamma"
+    )
+    cur = cur.replace(
+        shape=jnp.where(due, new, cur.shape),
+        fresh=jnp.where(due, 0, cur.fresh),
+        performance=jnp.where(due, perf, cur.performance),
+    )
+    return cur, cur.performance
+
+
+def curriculum_metrics(m: QARLParts, state: sac.TrainState, metrics: dict, cur: Curriculum, perf, ended_la, done):
+    """The temperatures and the curriculum's shape, mean temperature and performance."""
+    n_done = done.sum()
+    adv_alpha = (
+        jnp.exp(state.params.log_alpha[1])
+        if m.config.curriculum == "auto"
+        else jnp.exp(state.env_state.log_alpha).mean()
+    )
+    metrics["alpha_agent1"] = adv_alpha
+    metrics["alpha"] = (metrics["alpha_agent0"] + adv_alpha) / 2
+    metrics["curriculum_shape"] = cur.shape
+    metrics["curriculum_mean_alpha"] = cur.shape / m.rate
+    metrics["curriculum_performance"] = jnp.where(jnp.isfinite(perf), perf, 0.0)
+    metrics["episode_alpha"] = (jnp.exp(ended_la) * done).sum() / jnp.maximum(n_done.astype(jnp.int32), 1)
+    return metrics
+
+
+def update(m: QARLParts, state: sac.TrainState):
+    """One SAC iteration, then the curriculum (ended episodes' temperatures and discounted
+    returns) and the learning phase (who trains next)."""
+    config = m.config
+    ext: QARLExt = state.ext
+    state, metrics, ro = m.sac.update_with_rollout(state)
+    done, info = ro.done.reshape(-1), ro.info
+    ended_la = info["episode_log_alpha"].reshape(-1)
+    cur = curriculum_push(
+        ext.curriculum,
+        ended_la,
+        info["episode_discounted_return"].reshape(-1),
+        info["episode_shape"].reshape(-1),
+        done,
+    )
+    iteration = ext.iteration + 1
+    cur, perf = next_shape(m, cur, iteration)
+    env_state = state.env_state.replace(shape=jnp.full((config.num_envs,), cur.shape, jnp.float32))
+    n_done = done.sum().astype(jnp.int32)
+    phase, count = next_phase(
+        ext.phase, ext.phase_count, n_done if config.phase_unit == "episodes" else 1, config.phase_length
+    )
+    state = state.replace(
+        env_state=env_state, train_mask=learner_mask(config, phase), ext=QARLExt(cur, phase, count, iteration)
+    )
+    metrics = curriculum_metrics(m, state, metrics, cur, perf, ended_la, done)
+    metrics["phase"] = ext.phase.astype(jnp.float32)  # the phase this iteration learned in
+    return state, metrics
+
+
 def make(env, config: QARLConfig, name: str = "qarl") -> Algorithm:
+    """QARL (or RARL, SAC) on ``env``: SAC on the temperature-augmented env, bound with
+    the curriculum's functions above."""
     spec = env.spec
     if spec.num_agents != 2 or spec.discrete:
         raise cfg.ConfigError("env", spec.name, f"{name} needs a two-player continuous adversarial task (adv:<task>)")
     threshold = threshold_of(env, config)
     if not config.adversary:
         env = with_params(env, adversary_scale=0.0)
-    rate = config.gamma_rate
     k0 = config.init_shape if config.curriculum in ("gamma", "linear", "point") else config.target_shape
     tenv = TemperatureObs(
-        env, k0, rate, deterministic=config.curriculum in ("point", "fixed"), gamma=config.gamma, inputs=config.inputs
+        env,
+        k0,
+        config.gamma_rate,
+        deterministic=config.curriculum in ("point", "fixed"),
+        gamma=config.gamma,
+        inputs=config.inputs,
     )
     parts = sac.make_parts(tenv, _sac_config(config), name=name)
+    m = QARLParts(config, parts, k0, threshold, config.gamma_rate)
     base = parts.algorithm
-    E = config.num_envs
-    learner_mask = jnp.array([[False, True], [True, False]])  # by phase
-    num_updates = config.num_updates
-
-    def init(key) -> sac.TrainState:
-        state = base.init(key)
-        ext = QARLExt(
-            curriculum_init(k0, config.history, threshold, config.kl_bound),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
-        return state.replace(train_mask=learner_mask[0] if config.adversary else learner_mask[1], ext=ext)
-
-    def next_shape(cur: Curriculum, iteration):
-        if config.curriculum == "linear":
-            shape = linear_shape(
-                iteration, config.init_shape, config.target_shape, config.linear_fraction * num_updates
-            )
-            return cur.replace(shape=shape), cur.performance
-        if config.curriculum in ("none", "fixed", "auto"):
-            return cur, cur.performance
-        due = cur.fresh >= config.update_every
-        new, perf = self_paced_update(
-            cur, rate, config.target_shape, config.grid_size, importance=config.curriculum == "gamma"
-        )
-        cur = cur.replace(
-            shape=jnp.where(due, new, cur.shape),
-            fresh=jnp.where(due, 0, cur.fresh),
-            performance=jnp.where(due, perf, cur.performance),
-        )
-        return cur, cur.performance
-
-    def update(state: sac.TrainState):
-        ext: QARLExt = state.ext
-        state, metrics, ro = parts.update_with_rollout(state)
-        done = ro.done.reshape(-1)
-        info = ro.info
-        ended_la = info["episode_log_alpha"].reshape(-1)
-        cur = curriculum_push(
-            ext.curriculum,
-            ended_la,
-            info["episode_discounted_return"].reshape(-1),
-            info["episode_shape"].reshape(-1),
-            done,
-        )
-        iteration = ext.iteration + 1
-        cur, perf = next_shape(cur, iteration)
-        env_state = state.env_state.replace(shape=jnp.full((E,), cur.shape, jnp.float32))
-
-        n_done = done.sum().astype(jnp.int32)
-        phase, count = next_phase(
-            ext.phase, ext.phase_count, n_done if config.phase_unit == "episodes" else 1, config.phase_length
-        )
-        mask = learner_mask[phase] if config.adversary else learner_mask[1]
-        state = state.replace(env_state=env_state, train_mask=mask, ext=QARLExt(cur, phase, count, iteration))
-
-        adv_alpha = (
-            jnp.exp(state.params.log_alpha[1])
-            if config.curriculum == "auto"
-            else jnp.exp(state.env_state.log_alpha).mean()
-        )
-        metrics["alpha_agent1"] = adv_alpha
-        metrics["alpha"] = (metrics["alpha_agent0"] + adv_alpha) / 2
-        metrics["curriculum_shape"] = cur.shape
-        metrics["curriculum_mean_alpha"] = cur.shape / rate
-        metrics["curriculum_performance"] = jnp.where(jnp.isfinite(perf), perf, 0.0)
-        metrics["episode_alpha"] = (jnp.exp(ended_la) * done).sum() / jnp.maximum(n_done, 1)
-        metrics["phase"] = ext.phase.astype(jnp.float32)  # the phase this iteration learned in
-        return state, metrics
-
-    return Algorithm(name, config, tenv, init, update, base.act, base.initial_carry, base.env_steps_per_update)
+    return Algorithm(
+        name,
+        config,
+        tenv,
+        functools.partial(init, m),
+        functools.partial(update, m),
+        base.act,
+        base.initial_carry,
+        base.env_steps_per_update,
+    )
