@@ -234,14 +234,7 @@ def train(
     description = _describe(algo, num_seeds, seed, num_iterations, chunk_iterations, run_info, mesh, rows)
     primary = jax.process_index() == 0
     # every check of the run directory, the lock and the memory estimate: before compiling
-    lock = None
-    resuming = False
-    if run_dir is not None:
-        if primary:
-            run_dir, lock, resuming = rundir.prepare(run_dir, resume, description, resume_or_start)
-        else:  # the other processes of a multi-process run read what process 0 checks and writes
-            run_dir = os.path.abspath(run_dir)
-            resuming = (resume or resume_or_start) and rundir.has_checkpoints(run_dir)
+    run_dir, lock, resuming = _open_run_dir(run_dir, resume, resume_or_start, description, primary)
     writer = ckpt = None
     try:
         if check_memory_fit:
@@ -249,10 +242,7 @@ def train(
             check_memory(algo, num_seeds if mesh is None else rows * jax.local_device_count() // mesh.size)
         if keys is None:
             keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
-        if mesh is None:
-            state = init_states(algo, keys, hparams)
-        else:
-            state = distributed.place_rows(lambda k, hp: init_states(algo, k, hp), mesh, keys, hparams, num_seeds)
+        state = _initial_states(algo, keys, hparams, mesh, num_seeds)
         start_iter = 0
         if run_dir is not None:
             ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"))
@@ -286,6 +276,27 @@ def train(
             ckpt.close()
         if lock is not None:
             lock.release()
+
+
+def _open_run_dir(run_dir, resume: bool, resume_or_start: bool, description: dict, primary: bool):
+    """(absolute run dir or None, its lock or None, whether the run resumes). Process 0
+    checks and prepares the directory and holds the lock; the other processes of a
+    multi-process run read what process 0 checks and writes."""
+    if run_dir is None:
+        return None, None, False
+    if primary:
+        return rundir.prepare(run_dir, resume, description, resume_or_start)
+    run_dir = os.path.abspath(run_dir)
+    return run_dir, None, (resume or resume_or_start) and rundir.has_checkpoints(run_dir)
+
+
+def _initial_states(algo: Algorithm, keys, hparams, mesh, num_seeds: int):
+    """The seed-batched initial train states, on one device or split over ``mesh``."""
+    if mesh is None:
+        return init_states(algo, keys, hparams)
+    from marl import distributed
+
+    return distributed.place_rows(lambda k, hp: init_states(algo, k, hp), mesh, keys, hparams, num_seeds)
 
 
 def _check_train_args(
@@ -363,23 +374,6 @@ def _host_loop(
     else:
         from marl.distributed import to_host
 
-    def get_chunk(length):
-        nonlocal compile_s
-        key = (
-            algo.update,
-            length,
-            mesh,
-            jax.tree.structure(state),
-            tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)),
-        )
-        if key not in _COMPILED:
-            t0 = time.perf_counter()
-            if len(_COMPILED) >= 16:
-                _COMPILED.pop(next(iter(_COMPILED)))
-            _COMPILED[key] = make_chunk_fn(algo, length, mesh).lower(state).compile()
-            compile_s += time.perf_counter() - t0
-        return _COMPILED[key]
-
     history: dict[str, list] = {}
     bar = _progress(progress, num_iterations * steps_per_iter, start_iter * steps_per_iter, algo)
     it = start_iter
@@ -389,7 +383,8 @@ def _host_loop(
     try:
         while it < num_iterations:
             length = min(chunk_iterations, num_iterations - it)
-            fn = get_chunk(length)
+            fn, dt_compile = _compiled_chunk(algo, length, mesh, state)
+            compile_s += dt_compile
             t0 = time.perf_counter()
             new_state, metrics, finite = fn(state)
             metrics, finite = to_host((metrics, finite))
@@ -404,13 +399,7 @@ def _host_loop(
             for k, v in metrics.items():
                 history.setdefault(k, []).append(np.asarray(v)[:, :good])
             if bad:
-                name, at = bad
-                cls = DivergenceError if name.startswith("diverging") else NonFiniteError
-                last = f"iteration {last_saved} in {ckpt.directory}" if ckpt and last_saved else "none"
-                raise cls(
-                    f"{name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
-                    f"training stopped. Last good checkpoint: {last}"
-                )
+                _stop_on(bad, ckpt, last_saved, steps_per_iter)
             state = new_state
             it += length
             chunks_done += 1
@@ -429,6 +418,38 @@ def _host_loop(
             bar.close()
     metrics_np = {k: np.concatenate(v, axis=1) for k, v in history.items()}
     return TrainResult(state, metrics_np, run_dir, compile_s, train_s, it * steps_per_iter)
+
+
+def _compiled_chunk(algo: Algorithm, length: int, mesh, state):
+    """(the compiled chunk of ``length`` iterations for ``state``'s layout, the seconds
+    spent compiling it now: 0 when cached). A small cache of the last 16 programs."""
+    key = (
+        algo.update,
+        length,
+        mesh,
+        jax.tree.structure(state),
+        tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)),
+    )
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    if len(_COMPILED) >= 16:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    chunk: Any = make_chunk_fn(algo, length, mesh)  # a jitted function: lower / compile
+    _COMPILED[key] = chunk.lower(state).compile()
+    return _COMPILED[key], time.perf_counter() - t0
+
+
+def _stop_on(bad: tuple, ckpt, last_saved: int, steps_per_iter: int):
+    """Raise NonFiniteError (or DivergenceError) for ``bad = (metric name, iteration)``,
+    naming the last good checkpoint."""
+    name, at = bad
+    cls = DivergenceError if name.startswith("diverging") else NonFiniteError
+    last = f"iteration {last_saved} in {ckpt.directory}" if ckpt and last_saved else "none"
+    raise cls(
+        f"{name} at iteration {at + 1} (env step {(at + 1) * steps_per_iter}); "
+        f"training stopped. Last good checkpoint: {last}"
+    )
 
 
 def _first_nonfinite(metrics: dict, params_finite: np.ndarray, it0: int, max_loss: Optional[float] = None):
