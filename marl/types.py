@@ -122,13 +122,15 @@ def assert_timestep(ts: Timestep, spec: EnvSpec, batch: tuple = ()) -> None:
         "terminated": ((), bool),
         "avail_actions": ((A, n), bool),
     }
-    assert_fields(ts, shapes, batch, f"Timestep of {spec.name}")
+    assert_fields(ts, shapes, batch, "Timestep", where=spec.name)
 
 
-def assert_fields(obj: Any, fields: dict[str, tuple[tuple, Any]], batch: tuple = (), what: str = "") -> None:
+def assert_fields(
+    obj: Any, fields: dict[str, tuple[tuple, Any]], batch: tuple = (), what: str = "", where: str = ""
+) -> None:
     """Check named fields of ``obj`` (a NamedTuple, dataclass or anything with those
     attributes) with chex: ``fields[name] = (shape after the batch dims, dtype)``.
-    Raises AssertionError naming ``what`` and the field. Host-side: tests and debugging;
+    Raises AssertionError naming ``what``, the field and ``where``. Host-side: tests and debugging;
     the learners' ``transition_fields`` give theirs."""
     import chex
 
@@ -138,7 +140,8 @@ def assert_fields(obj: Any, fields: dict[str, tuple[tuple, Any]], batch: tuple =
             chex.assert_shape(value, tuple(batch) + tuple(shape))
             chex.assert_type(value, dtype)
         except AssertionError as e:
-            raise AssertionError(f"{what}.{field}: {e}") from None
+            of = f" of {where}" if where else ""
+            raise AssertionError(f"{what}.{field}{of}: {e}") from None
 
 
 class Environment(Protocol):
