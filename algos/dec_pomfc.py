@@ -456,6 +456,23 @@ class Learner(NamedTuple):
     tx: optax.GradientTransformation
 
 
+def transition_fields(m: Learner) -> dict:
+    """Each Transition array's shape after the leading ``[E]`` of one step, and its dtype
+    (``marl.types.assert_fields``)."""
+    f32 = jnp.float32
+    scalar = ((), f32)
+    return dict(
+        s=((m.pc.env.spec.state_dim,), f32),
+        rule=((m.pc.rule_dim,), f32),
+        logp=scalar,
+        value=scalar,
+        reward=scalar,
+        done=((), bool),
+        terminated=((), bool),
+        final_value=scalar,
+    )
+
+
 def init(m: Learner, key) -> TrainState:
     config, pc = m.config, m.pc
     E, rcfg = config.num_envs, config.regularizer

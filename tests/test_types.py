@@ -136,3 +136,18 @@ def test_sac_replay_holds_transitions_of_the_declared_fields():
     state, _ = jax.jit(algo.update)(algo.init(jax.random.PRNGKey(0)))
     data = state.buffer.data
     assert_fields(data, sac.transition_fields(algo.env.spec), (data.obs.shape[0],), "sac.Transition")
+
+
+def test_dec_pomfc_transitions_match_their_declared_fields():
+    """Dec-POMFC's upper-level Transition (mean field, decision rule) has the shapes and
+    dtypes ``dec_pomfc.transition_fields`` declares."""
+    from algos import dec_pomfc
+    from marl.types import assert_fields
+
+    algo = _swarm_algo("dec_pomfc", "swarm:kuramoto", {"num_agents": 6})
+    m = algo.update.args[0]  # the Learner the update is bound to
+    state = algo.init(jax.random.PRNGKey(0))
+    _, tr = dec_pomfc.rollout_step(m, state, jax.random.PRNGKey(1))
+    fields = dec_pomfc.transition_fields(m)
+    assert set(fields) == set(tr._fields) - {"info"}
+    assert_fields(tr, fields, (algo.config.num_envs,), "dec_pomfc.Transition")
