@@ -127,3 +127,40 @@ def test_checkpoint_keeps_zero_size_arrays(tmp_path):
     ck.close()
     np.testing.assert_array_equal(back["a"], state["a"])
     assert back["empty"].shape == (2, 0) and back["n"].shape == (0,) and back["n"].dtype == jnp.int32
+
+
+def _primitive_counts(jaxpr, names=("cond", "while")) -> dict:
+    """How many of each primitive a jaxpr holds, sub-jaxprs (scan, cond, while bodies) included."""
+    counts = dict.fromkeys(names, 0)
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name in counts:
+                counts[eqn.primitive.name] += 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        walk(inner)
+
+    walk(jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize(
+    "name, env_name", [("qmix", "smax:3m"), ("emu", "smax:3m"), ("sac", "adv:pendulum"), ("trama", "smax-mt:surComb3")]
+)
+def test_vmapped_seeds_keep_every_branch_a_branch(name, env_name):
+    """Under the runner's seed vmap every ``lax.cond`` / ``while_loop`` of an update stays
+    one (its predicate is the same for all rows, ``max_over_seeds``), instead of becoming a
+    select that runs both sides (or a loop that selects its whole carry) for every row."""
+    from marl.runner import init_states, make_chunk_fn
+    from tests.conftest import tiny_algo
+
+    algo = tiny_algo(name, env_name)
+    state = algo.init(jax.random.PRNGKey(0))
+    one = _primitive_counts(jax.make_jaxpr(algo.update)(state).jaxpr)
+    assert one["cond"] > 0, f"{name}'s update has no branch to check"
+    states = init_states(algo, jax.random.split(jax.random.PRNGKey(0), 3))
+    batched = _primitive_counts(jax.make_jaxpr(make_chunk_fn(algo, 1))(states).jaxpr)
+    assert batched == one, f"{name}: {one} unbatched, {batched} under the seed vmap"
