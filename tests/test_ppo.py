@@ -166,3 +166,30 @@ def test_continuous_config_errors():
     # one-hot ids for a large swarm are refused before anything is allocated
     with pytest.raises(ConfigError, match="agent_ids"):
         algos.make("ippo", envs.make("swarm:aggregation", num_agents=300))
+
+
+def test_truncation_bootstrap_values_are_the_critics_at_the_final_observations():
+    """With episodes cut by the step limit inside a rollout, ``final_value`` holds the
+    critic's value of the true last observation (continuing the step's hidden state) at
+    every step with a truncation, where GAE bootstraps from it."""
+    from algos import ppo
+
+    env = envs.make("swarm:aggregation", num_agents=4, max_steps=3)
+    config = ppo.PPOConfig(critic="centralized", hidden=16, num_envs=4, num_steps=8)
+    m = ppo.make_parts(env.spec, config)
+    state = ppo.init(m, env, None, jax.random.PRNGKey(0))
+
+    def step(s, key):
+        s, tr = ppo.rollout_step(m, env, s, key)
+        return s, (tr, s.h, s.last_ts)
+
+    _, (traj, h_after, nts) = jax.lax.scan(step, state, jax.random.split(jax.random.PRNGKey(1), config.num_steps))
+    truncated = (traj.done & ~traj.terminated).any(axis=1)
+    assert 2 <= truncated.sum() < config.num_steps
+    for t in range(config.num_steps):
+        if not truncated[t]:
+            continue
+        ts_t = jax.tree.map(lambda x, t=t: x[t], nts)
+        fx, fcx = ppo.inputs(m, ts_t._replace(obs=ts_t.info["final_obs"], state=ts_t.info["final_state"]))
+        want = ppo.value_only(m, state.params, h_after[t], fx, fcx, jnp.zeros(h_after[t].shape[:-2], bool))
+        np.testing.assert_allclose(traj.final_value[t], want, rtol=1e-5, atol=1e-6)
