@@ -73,6 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from marl.config import ConfigError, check_choice, check_positive
+from marl.networks import relu_stack
 
 __all__ = [
     "MIXERS",
@@ -139,16 +140,19 @@ def hypernet(
     *,
     out_init: Callable = nn.linear.default_kernel_init,
     out_bias: bool = True,
-) -> nn.Module:
-    """The mixers' one MLP builder (hypernetworks, heads, V(s)): ``layers`` Dense layers
-    named ``{name}_0 .. {name}_{layers-1}``, ReLU between them, width ``hidden`` and
-    ``out`` outputs; ``out_init`` / ``out_bias`` set the output layer. Call it inside a
-    compact module (the layers become that module's parameters, named as above)."""
-    mods: list = []
-    for i in range(layers - 1):
-        mods += [nn.Dense(hidden, name=f"{name}_{i}"), nn.relu]
-    mods.append(nn.Dense(out, kernel_init=out_init, use_bias=out_bias, name=f"{name}_{layers - 1}"))
-    return nn.Sequential(mods)
+) -> Callable[[jax.Array], jax.Array]:
+    """The mixers' MLPs (hypernetworks, heads, V(s)) on the shared builder
+    ``marl.networks.relu_stack``: ``layers`` Dense layers named ``{name}_0 ..
+    {name}_{layers-1}`` (pymarl's layout, flax's default initializers), ReLU between them,
+    width ``hidden`` and ``out`` outputs; ``out_init`` / ``out_bias`` set the output layer.
+    Call the result inside a compact module (the layers become its parameters)."""
+
+    def apply(x):
+        names = iter(range(layers - 1))
+        h = relu_stack(x, (hidden,) * (layers - 1), lambda width: nn.Dense(width, name=f"{name}_{next(names)}"))
+        return nn.Dense(out, kernel_init=out_init, use_bias=out_bias, name=f"{name}_{layers - 1}")(h)
+
+    return apply
 
 
 class QPLEX(nn.Module):
