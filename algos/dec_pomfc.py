@@ -149,7 +149,7 @@ from marl import regularizers as reg
 from marl.episodes import FINAL_KEYS, episode_metrics
 from marl.networks import MLP, dense
 from marl.optim import with_learning_rate
-from marl.types import Algorithm, Timestep, hparams
+from marl.types import Algorithm, Timestep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,21 +475,11 @@ def transition_fields(m: Learner) -> dict:
 
 def init(m: Learner, key) -> TrainState:
     config, pc = m.config, m.pc
-    E, rcfg = config.num_envs, config.regularizer
+    E = config.num_envs
     k_param, k_env, k_noise, key = jax.random.split(key, 4)
     params = pc.net.init(k_param, jnp.zeros((1, pc.env.spec.state_dim)))
     env_state, ts = jax.vmap(pc.env.reset)(jax.random.split(k_env, E))
-    hp = hparams(
-        ppo.HParams,
-        lr=config.lr,
-        clip_eps=config.clip_eps,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        reg_coef=rcfg.coef,
-        reg_epsilon=rcfg.epsilon,
-    )
+    hp = ppo.initial_hparams(config)
     noise = jax.random.normal(k_noise, (E, pc.rule_dim))
     return TrainState(params, params, m.tx.init(params), env_state, ts, noise, key, jnp.zeros((), jnp.int32), hp)
 

@@ -390,13 +390,10 @@ def load_reference(m: PPOParts):
     return load_run_params(rcfg.reference_run, shapes, env_name=m.spec.name, seed_index=rcfg.reference_seed)
 
 
-def init(m: PPOParts, env, run_params, key) -> TrainState:
-    config, rcfg = m.config, m.config.regularizer
-    k_param, k_env, key = jax.random.split(key, 3)
-    params = init_params(m, k_param)
-    env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, config.num_envs))
-    h, first = initial_carry(m, (config.num_envs,))
-    hp = hparams(
+def initial_hparams(config) -> HParams:
+    """The sweepable hyperparameters of a PPO-style config (PPO, Dec-POMFC) by field name."""
+    rcfg = config.regularizer
+    return hparams(
         HParams,
         lr=config.lr,
         clip_eps=config.clip_eps,
@@ -407,6 +404,15 @@ def init(m: PPOParts, env, run_params, key) -> TrainState:
         reg_coef=rcfg.coef,
         reg_epsilon=rcfg.epsilon,
     )
+
+
+def init(m: PPOParts, env, run_params, key) -> TrainState:
+    config, rcfg = m.config, m.config.regularizer
+    k_param, k_env, key = jax.random.split(key, 3)
+    params = init_params(m, k_param)
+    env_state, ts = jax.vmap(env.reset)(jax.random.split(k_env, config.num_envs))
+    h, first = initial_carry(m, (config.num_envs,))
+    hp = initial_hparams(config)
     ref_params = params
     if run_params is not None:
         ref_params = RunReference(run_params, jnp.zeros_like(h))
