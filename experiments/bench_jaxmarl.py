@@ -30,11 +30,15 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   episode, against JaxMARL's ``NUM_STEPS`` slots per segment).
 - A random policy (uniform valid actions) through each environment stack at the same
   num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env.
+- With ``--decompose`` (PPO): JaxMARL's programs and our equal-work variant at 1 update
+  epoch too, so that each update splits into the learner's epochs
+  (``epochs x (t(epochs) - t(1)) / (epochs - 1)``) and the rest (rollout, returns),
+  side by side.
 
 Every repeat runs each timed program once, in the same order (random-ours,
 random-JaxMARL, JaxMARL K1, ours variant 1, JaxMARL K2, ours variant 2, ...), so drift
 in the machine's speed reaches all of them; medians over ``--repeats``. Compile times
-(JaxMARL: its K1 program, init included; ours: init + chunk) are reported too.
+(JaxMARL: its K1 program, init included; ours: init + chunk, and each alone) are reported too.
 Writes JSON and a markdown table beside it (same name, ``.md``).
 """
 
@@ -66,6 +70,7 @@ SCRIPTS = {
     "qmix": ("qmix_rnn.py", ["config.yaml", "ql_rnn_smax.yaml"]),
 }
 QMIX_FIRST_LEARNING_UPDATE = 32  # JaxMARL's buffer samples once it holds BUFFER_BATCH_SIZE rollouts
+ONE_EPOCH = "equal, 1 epoch"  # our variant timed only for --decompose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,9 @@ class SideBySideArgs:
     """JaxMARL's longer program, in updates (default K1 + 2; QMIX K1 + 4)"""
     warmup_updates: int = 0
     """our updates run before timing (e.g. to time QMIX later in training, episodes longer)"""
+    decompose: bool = False
+    """PPO: also time both at 1 update epoch, to split an update into the learner's epochs and
+    the rest (rollout, returns); ours at the equal-work config"""
     smoke: bool = False
     """tiny sizes (4 envs x 16 steps, small networks, 2 updates): checks the code paths only"""
     out: str = "runs/bench/side_by_side.json"
@@ -255,7 +263,7 @@ def smoke_config(algo: str, config: dict) -> dict:
             MIXER_HYPERNET_HIDDEN_DIM=8,
         )
     else:
-        config.update(GRU_HIDDEN_DIM=16, FC_DIM_SIZE=16, UPDATE_EPOCHS=1, NUM_MINIBATCHES=2)
+        config.update(GRU_HIDDEN_DIM=16, FC_DIM_SIZE=16, UPDATE_EPOCHS=2, NUM_MINIBATCHES=2)
     return config
 
 
@@ -274,15 +282,67 @@ def _compile(jitted, *args):
     return compiled, time.perf_counter() - t0
 
 
-def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
+def _jaxmarl_programs(module, algo, config, k1, k2, rng) -> tuple[dict, dict]:
+    """JaxMARL's compiled K1 / K2 programs at ``config`` (each called once to warm), and
+    their compile times."""
+    import jax
+
+    programs, compile_s = {}, {}
+    for k in (k1, k2):
+        programs[k], compile_s[k] = _compile(jax.jit(jaxmarl_train_fn(module, algo, config, k)), rng)
+    for k in (k1, k2):  # warm: a program's first call is slower than the next ones
+        _call(programs[k], rng)
+    return programs, compile_s
+
+
+def _our_program(args: SideBySideArgs, algo: str, env, overrides: dict) -> dict:
+    """Our compiled chunk for one variant, on a state past the warm-up (every update learns)."""
     import jax
     import jax.numpy as jnp
 
     import algos
-    import envs
-    from experiments.bench import random_rollout
     from marl.runner import init_states, make_chunk_fn
 
+    a = algos.make(algo, env, **overrides)
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(init_states(a, jax.random.split(jax.random.PRNGKey(0), 1)))
+    init_s = time.perf_counter() - t0
+    fn, compile_s = _compile(make_chunk_fn(a, args.iterations), state)
+    calls = 0
+    while True:  # past the warm-up and until every update learns
+        state, metrics, _ = jax.block_until_ready(fn(state))
+        calls += 1
+        learning = float(jnp.min(metrics["learning"])) if "learning" in metrics else 1.0
+        if (learning >= 1.0 and calls * args.iterations >= args.warmup_updates) or calls >= 500:
+            break
+    return {
+        "fn": fn,
+        "state": state,
+        "overrides": overrides,
+        "init_s": init_s,
+        "compile_s": compile_s,
+        "init_and_compile_s": init_s + compile_s,
+        "warmup_calls": calls,
+        "learning": learning,
+    }
+
+
+def _decomposition(per_update_s: dict, epochs: int) -> dict:
+    """Seconds per update split into the learner's epochs and the rest (rollout, returns,
+    bookkeeping), from the per-update times at ``epochs`` epochs and at 1 epoch."""
+    full, one = per_update_s[epochs], per_update_s[1]
+    per_epoch = (full - one) / max(epochs - 1, 1)
+    return {
+        "per_update_s": full,
+        "per_update_s_1_epoch": one,
+        "per_epoch_s": per_epoch,
+        "learner_s": epochs * per_epoch,
+        "rest_s": one - per_epoch,
+    }
+
+
+def _baseline_config(args: SideBySideArgs, algo: str):
+    """(module, config, k1, k2) of the baseline at its defaults on ``--map``."""
     module, config = load_baseline(args.baselines, algo)
     config["MAP_NAME"] = args.map
     config["WANDB_MODE"] = "disabled"
@@ -290,80 +350,85 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
         config["TEST_DURING_TRAINING"] = False
     if args.smoke:
         config = smoke_config(algo, config)
-    E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
     k1 = args.k1 or (min(QMIX_FIRST_LEARNING_UPDATE, max(1, config["BUFFER_BATCH_SIZE"])) if algo == "qmix" else 1)
     k2 = args.k2 or k1 + (4 if algo == "qmix" else 2)
     if k2 <= k1:
         raise ConfigError("k2", k2, f"must be > k1={k1}")
+    return module, config, k1, k2
+
+
+def _interleaved(jm: dict, ours: dict, k1: int, k2: int) -> list[tuple[str, object]]:
+    """One repeat's order: both random rollouts, then JaxMARL's programs and ours alternately
+    (an entry's program is None for ours and the random rollouts)."""
+    jm_items = [(f"{n} k{k}", programs[k]) for n, programs in jm.items() for k in (k1, k2)]
+    ours_items = [(name, None) for name in ours]
+    order: list[tuple[str, object]] = [("random ours", None), ("random JaxMARL", None)]
+    for i in range(max(len(jm_items), len(ours_items))):
+        order += jm_items[i : i + 1] + ours_items[i : i + 1]
+    return order
+
+
+def _time_repeats(args, order, ours, randoms, rng, log) -> dict[str, list[float]]:
+    carries = {name: carry for name, (_, carry) in randoms.items()}
+    times: dict[str, list[float]] = {name: [] for name, _ in order}
+    for r in range(args.repeats):
+        for name, program in order:
+            if name in randoms:
+                carries[name], t = _call(randoms[name][0], carries[name])
+            elif program is not None:
+                _, t = _call(program, rng)
+            else:
+                o = ours[name]
+                (o["state"], o["metrics"], _), t = _call(o["fn"], o["state"])
+            times[name].append(t)
+        log(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+    return times
+
+
+def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
+    import jax
+
+    import envs
+    from experiments.bench import random_rollout
+
+    module, config, k1, k2 = _baseline_config(args, algo)
+    E, T = int(config["NUM_ENVS"]), int(config["NUM_STEPS"])
+    decompose = args.decompose and algo != "qmix"
     log(f"[{algo}] smax:{args.map}: {E} envs x {T} steps; JaxMARL programs of {k1} and {k2} updates")
 
     env = envs.make(f"smax:{args.map}")
-    ours_random, ours_random_carry = random_rollout(env, E, T)
-    jm_random, jm_random_carry = jaxmarl_random_rollout(args.map, config["ENV_KWARGS"], E, T)
-
+    randoms = {
+        "random ours": random_rollout(env, E, T),
+        "random JaxMARL": jaxmarl_random_rollout(args.map, config["ENV_KWARGS"], E, T),
+    }
     rng = jax.random.PRNGKey(0)
-    jm_programs, result = (
-        {},
-        {
-            "algo": algo,
-            "map": args.map,
-            "num_envs": E,
-            "num_steps": T,
-            "k1": k1,
-            "k2": k2,
-            "jaxmarl_config": {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")},
-        },
-    )
-    for k in (k1, k2):
-        jm_programs[k], result[f"jaxmarl_compile_s_k{k}"] = _compile(
-            jax.jit(jaxmarl_train_fn(module, algo, config, k)), rng
-        )
-    for k in (k1, k2):  # warm: a program's first call is slower than the next ones
-        _call(jm_programs[k], rng)
+    result: dict = {"algo": algo, "map": args.map, "num_envs": E, "num_steps": T, "k1": k1, "k2": k2}
+    result["jaxmarl_config"] = {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")}
+    jm_configs = {"jaxmarl": config, **({"jaxmarl, 1 epoch": {**config, "UPDATE_EPOCHS": 1}} if decompose else {})}
+    jm = {}
+    for name, c in jm_configs.items():
+        jm[name], compile_s = _jaxmarl_programs(module, algo, c, k1, k2, rng)
+        if name == "jaxmarl":
+            result.update({f"jaxmarl_compile_s_k{k}": s for k, s in compile_s.items()})
+    variants = our_variants(algo, config)
+    if decompose:
+        equal_name = next(n for n in variants if n.startswith("equal"))
+        variants[ONE_EPOCH] = {**variants[equal_name], "update_epochs": 1}
     ours = {}
-    for name, overrides in our_variants(algo, config).items():
-        a = algos.make(algo, env, **overrides)
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(init_states(a, jax.random.split(jax.random.PRNGKey(0), 1)))
-        init_s = time.perf_counter() - t0
-        fn, compile_s = _compile(make_chunk_fn(a, args.iterations), state)
-        calls = 0
-        while True:  # past the warm-up and until every update learns
-            state, metrics, _ = jax.block_until_ready(fn(state))
-            calls += 1
-            learning = float(jnp.min(metrics["learning"])) if "learning" in metrics else 1.0
-            if (learning >= 1.0 and calls * args.iterations >= args.warmup_updates) or calls >= 500:
-                break
-        ours[name] = {
-            "fn": fn,
-            "state": state,
-            "overrides": overrides,
-            "init_and_compile_s": init_s + compile_s,
-            "warmup_calls": calls,
-            "learning": learning,
-        }
-        log(f"  ours {name}: compile {init_s + compile_s:.1f} s, {calls} warm-up calls")
+    for name, overrides in variants.items():
+        o = ours[name] = _our_program(args, algo, env, overrides)
+        log(f"  ours {name}: compile {o['init_and_compile_s']:.1f} s, {o['warmup_calls']} warm-up calls")
 
-    times = {"random ours": [], "random JaxMARL": [], "jaxmarl k1": [], "jaxmarl k2": [], **{n: [] for n in ours}}
-    names = list(ours)
-    for r in range(args.repeats):
-        ours_random_carry, t = _call(ours_random, ours_random_carry)
-        times["random ours"].append(t)
-        jm_random_carry, t = _call(jm_random, jm_random_carry)
-        times["random JaxMARL"].append(t)
-        for i, name in enumerate(names):
-            if i < 2:
-                _, t = _call(jm_programs[(k1, k2)[i]], rng)
-                times[("jaxmarl k1", "jaxmarl k2")[i]].append(t)
-            (ours[name]["state"], ours[name]["metrics"], _), t = _call(ours[name]["fn"], ours[name]["state"])
-            times[name].append(t)
-        log(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
-
+    times = _time_repeats(args, _interleaved(jm, ours, k1, k2), ours, randoms, rng, log)
     med = {k: statistics.median(v) for k, v in times.items()}
     steps = E * T
     rand_ours, rand_jm = steps / med["random ours"], steps / med["random JaxMARL"]
-    diffs = [b - a for a, b in zip(times["jaxmarl k1"], times["jaxmarl k2"], strict=True)]
-    jm_sps = (k2 - k1) * steps / max(statistics.median(diffs), 1e-9)
+
+    def jm_per_update(name):
+        diffs = [b - a for a, b in zip(times[f"{name} k{k1}"], times[f"{name} k{k2}"], strict=True)]
+        return max(statistics.median(diffs), 1e-9) / (k2 - k1)
+
+    jm_sps = steps / jm_per_update("jaxmarl")
     result.update(
         times=times,
         random_ours_sps=rand_ours,
@@ -373,17 +438,24 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
         jaxmarl_pct_of_random=100 * jm_sps / rand_jm,
         ours={},
     )
-    for name in names:
+    for name, o in ours.items():
+        if name == ONE_EPOCH:  # only for the decomposition: not the baseline's work
+            continue
         sps = args.iterations * steps / med[name]
-        o = ours[name]
         result["ours"][name] = {
             "sps": sps,
             "ratio_to_jaxmarl": sps / jm_sps,
             "pct_of_random": 100 * sps / rand_ours,
-            "init_and_compile_s": o["init_and_compile_s"],
-            "warmup_calls": o["warmup_calls"],
-            "overrides": o["overrides"],
-            "last_metrics": {k: float(jnp.mean(v)) for k, v in o["metrics"].items()},
+            **{k: o[k] for k in ("init_s", "compile_s", "init_and_compile_s", "warmup_calls", "overrides")},
+            "last_metrics": {k: float(jax.numpy.mean(v)) for k, v in o["metrics"].items()},
+        }
+    if decompose:
+        epochs = int(config["UPDATE_EPOCHS"])
+        per_update = {epochs: med[equal_name] / args.iterations, 1: med[ONE_EPOCH] / args.iterations}
+        result["decomposition"] = {
+            "epochs": epochs,
+            "jaxmarl": _decomposition({epochs: jm_per_update("jaxmarl"), 1: jm_per_update("jaxmarl, 1 epoch")}, epochs),
+            "ours (equal)": _decomposition(per_update, epochs),
         }
     return result
 
@@ -413,6 +485,19 @@ def table(results: list[dict]) -> str:
             f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
             f"| x{r['wrapped_env_ratio']:.2f} |"
         )
+    decomposed = [r for r in results if "decomposition" in r]
+    if decomposed:
+        lines += [
+            "",
+            "| algorithm | s per update, JaxMARL / ours (equal) | learner epochs | rest (rollout, returns) |",
+            "|---|---|---|---|",
+        ]
+        for r in decomposed:
+            j, o = r["decomposition"]["jaxmarl"], r["decomposition"]["ours (equal)"]
+            lines.append(
+                f"| {r['algo']} | {j['per_update_s']:.2f} / {o['per_update_s']:.2f} "
+                f"| {j['learner_s']:.2f} / {o['learner_s']:.2f} | {j['rest_s']:.2f} / {o['rest_s']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -62,6 +62,43 @@ def test_table_reports_ratios_from_one_window():
     assert "| ippo | 10,000 | 8,000 | x0.80 |" in text
 
 
+def test_decomposition_splits_an_update_into_epochs_and_the_rest():
+    # 4 epochs take 2.2 s per update, 1 epoch 0.7 s: each epoch 0.5 s, the rest 0.2 s
+    d = sb._decomposition({4: 2.2, 1: 0.7}, 4)
+    assert d["per_epoch_s"] == pytest.approx(0.5) and d["learner_s"] == pytest.approx(2.0)
+    assert d["rest_s"] == pytest.approx(0.2) and d["per_update_s"] == 2.2
+    r = {
+        "algo": "ippo",
+        "k1": 1,
+        "jaxmarl_compile_s_k1": 1.0,
+        "jaxmarl_sps": 1.0,
+        "jaxmarl_pct_of_random": 1.0,
+        "random_jaxmarl_sps": 1.0,
+        "random_ours_sps": 1.0,
+        "wrapped_env_ratio": 1.0,
+        "ours": {},
+        "decomposition": {"jaxmarl": d, "ours (equal)": sb._decomposition({4: 2.8, 1: 1.0}, 4)},
+    }
+    assert "| ippo | 2.20 / 2.80 | 2.00 / 2.40 | 0.20 / 0.40 |" in sb.table([r])
+
+
+def test_repeats_interleave_jaxmarl_and_ours():
+    jm = {"jaxmarl": {1: "p1", 3: "p3"}, "jaxmarl, 1 epoch": {1: "q1", 3: "q3"}}
+    ours = {"default": {}, "equal": {}, sb.ONE_EPOCH: {}}
+    names = [n for n, _ in sb._interleaved(jm, ours, 1, 3)]
+    assert names == [
+        "random ours",
+        "random JaxMARL",
+        "jaxmarl k1",
+        "default",
+        "jaxmarl k3",
+        "equal",
+        "jaxmarl, 1 epoch k1",
+        sb.ONE_EPOCH,
+        "jaxmarl, 1 epoch k3",
+    ]
+
+
 @pytest.mark.slow  # test_qlearning checks the chunked unroll's values and gradients alone
 def test_full_unroll_gives_the_same_loss():
     """QMIX's equal-work variant unrolls every slot; the extra slots are masked, so the
@@ -102,9 +139,11 @@ def test_full_unroll_gives_the_same_loss():
 @pytest.mark.slow
 def test_smoke_run_writes_json_and_table(tmp_path):
     out = tmp_path / "sbs.json"
-    sb.main(sb.SideBySideArgs(baselines=BASELINES, algos=("ippo",), smoke=True, repeats=1, out=str(out)))
+    args = sb.SideBySideArgs(baselines=BASELINES, algos=("ippo",), smoke=True, repeats=1, decompose=True, out=str(out))
+    sb.main(args)
     data = json.loads(out.read_text())
     (r,) = data["results"]
     assert r["jaxmarl_sps"] > 0 and r["random_jaxmarl_sps"] > 0
     assert all(o["sps"] > 0 for o in r["ours"].values())
+    assert sb.ONE_EPOCH not in r["ours"] and r["decomposition"]["epochs"] == 2  # the smoke config
     assert "x JaxMARL" in (tmp_path / "sbs.md").read_text()
