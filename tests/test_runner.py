@@ -164,3 +164,32 @@ def test_vmapped_seeds_keep_every_branch_a_branch(name, env_name):
     states = init_states(algo, jax.random.split(jax.random.PRNGKey(0), 3))
     batched = _primitive_counts(jax.make_jaxpr(make_chunk_fn(algo, 1))(states).jaxpr)
     assert batched == one, f"{name}: {one} unbatched, {batched} under the seed vmap"
+
+
+@pytest.mark.parametrize("name", ["ippo", "mappo"])
+def test_one_row_runs_unbatched_with_the_vmapped_numbers(name):
+    """A single seed runs the update without the seed vmap (a vmap over one row is slower
+    on CPU); its numbers are those of row 0 of a vmapped run, up to float rounding."""
+    import numpy as np
+
+    from marl.runner import init_states, make_chunk_fn
+    from tests.conftest import tiny_algo
+
+    algo = tiny_algo(name, "smax:3m")
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    chunk = make_chunk_fn(algo, 3)
+    # the scan over iterations carries unbatched parameters, not [1, ...] ones
+    (program,) = [
+        e for e in jax.make_jaxpr(chunk)(init_states(algo, keys[:1])).eqns if e.primitive.name in ("jit", "pjit")
+    ]
+    scan = next(e for e in program.params["jaxpr"].eqns if e.primitive.name == "scan")
+    carried = {tuple(v.aval.shape) for v in scan.invars}
+    leaf = max(jax.tree.leaves(algo.init(keys[0]).params), key=lambda x: x.size)
+    assert leaf.shape in carried and (1, *leaf.shape) not in carried
+    one = chunk(init_states(algo, keys[:1]))
+    two = chunk(init_states(algo, keys))
+    assert jax.tree.map(np.shape, one[1]) == jax.tree.map(lambda x: (1,) + np.shape(x)[1:], two[1])
+    for a, b in zip(jax.tree.leaves(one[0].params), jax.tree.leaves(two[0].params), strict=True):
+        np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-4, atol=1e-5)
+    for k in ("policy_loss", "value_loss", "entropy"):
+        np.testing.assert_allclose(np.asarray(one[1][k])[0], np.asarray(two[1][k])[0], rtol=1e-4, atol=1e-5)
