@@ -21,7 +21,7 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   For QMIX, K1 = 32: its buffer samples from the 32nd update on, so every timed update
   learns (8 gradient steps of 32 x 128-step segments). Its periodic greedy test is off
   (ours does not evaluate while training either).
-- Ours: ``marl.runner.make_chunk_fn`` (``jit(vmap(scan(update)))``, one seed) for
+- Ours: ``marl.runner.make_chunk_fn`` (``jit(scan(update))`` for one seed) for
   ``--iterations`` updates at the same num_envs, num_steps and network sizes, on an
   initialized state, first run until every update learns (replay learners).
   Variants: PPO ``default`` and ``equal`` (``bootstrap_truncation=False``, the work
@@ -37,7 +37,10 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
 
 Every repeat runs each timed program once, in the same order (random-ours,
 random-JaxMARL, JaxMARL K1, ours variant 1, JaxMARL K2, ours variant 2, ...), so drift
-in the machine's speed reaches all of them; medians over ``--repeats``. Compile times
+in the machine's speed reaches all of them; medians over ``--repeats``. The random-policy
+rollouts, a fraction of a second each, run ``--random-calls`` times per repeat and count
+their median. Ours runs one seed, which the runner steps without its seed vmap, as
+JaxMARL's program does. Compile times
 (JaxMARL: its K1 program, init included; ours: init + chunk, and each alone) are reported too.
 Writes JSON and a markdown table beside it (same name, ``.md``).
 """
@@ -81,6 +84,8 @@ class SideBySideArgs:
     map: str = "3m"
     repeats: int = 3
     iterations: int = 2
+    random_calls: int = 5
+    """random-policy rollouts per repeat (their median is the repeat's time)"""
     """our updates per timed call"""
     k1: Optional[int] = None
     """JaxMARL's shorter program, in updates (default 1; QMIX 32)"""
@@ -99,7 +104,7 @@ class SideBySideArgs:
 def check_args(args: SideBySideArgs) -> None:
     if not os.path.isdir(args.baselines):
         raise ConfigError("baselines", args.baselines, "must be a folder holding JaxMARL's baseline scripts")
-    for field in ("repeats", "iterations"):
+    for field in ("repeats", "iterations", "random_calls"):
         check_positive(field, getattr(args, field), integer=True)
     for field in ("k1", "k2"):
         if getattr(args, field) is not None:
@@ -374,7 +379,12 @@ def _time_repeats(args, order, ours, randoms, rng, log) -> dict[str, list[float]
     for r in range(args.repeats):
         for name, program in order:
             if name in randoms:
-                carries[name], t = _call(randoms[name][0], carries[name])
+                # a random rollout is short (a fraction of a second): the median of several calls
+                calls = []
+                for _ in range(args.random_calls):
+                    carries[name], dt = _call(randoms[name][0], carries[name])
+                    calls.append(dt)
+                t = statistics.median(calls)
             elif program is not None:
                 _, t = _call(program, rng)
             else:
