@@ -8,8 +8,10 @@ For each algorithm: ``ppo.rollout_step`` scanned over ``num_steps`` (acting, env
 truncation bootstrap), ``ppo.minibatch_epochs`` over ``ppo.loss_fn`` on that rollout (the
 learner: ``update_epochs`` x ``num_minibatches`` forward and backward passes over whole
 sequences), and the whole ``update``; each jitted, compile excluded, repeats interleaved,
-medians reported. The learner gets the rollout's rewards and values as stand-in advantages
-and targets (GAE is a negligible scan), so its cost is the real one.
+medians reported; with ``--one-row-vmap`` each also under a vmap over one row, the cost
+of a seed axis of size 1 (why the runner steps a single seed unbatched). The learner gets
+the rollout's rewards and values as stand-in advantages and targets (GAE is a negligible
+scan), so its cost is the real one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Args:
     num_envs: int = 128
     num_steps: int = 128
     repeats: int = 3
+    one_row_vmap: bool = False
+    """also time each piece under a vmap over a single row, as a 1-seed vmapped runner ran it"""
     out: Optional[str] = None
     """JSON file for the rows (with the machine and arguments)"""
 
@@ -65,9 +69,15 @@ def time_parts(name: str, args: Args) -> dict:
             grad_fn, m.tx, s.params, s.opt_state, s.key, config.update_epochs, E, config.num_minibatches
         )
 
-    fns = {"rollout": jax.jit(rollout), "learner": jax.jit(learner), "update": jax.jit(algo.update)}
+    pieces = {"rollout": rollout, "learner": learner, "update": algo.update}
+    fns = {k: jax.jit(f) for k, f in pieces.items()}
     _, traj = fns["rollout"](state)
     inputs = {"rollout": (state,), "learner": (state, traj), "update": (state,)}
+    if args.one_row_vmap:  # the same pieces under a vmap over one row (a 1-seed runner axis)
+        row1 = functools.partial(jax.tree.map, lambda x: x[None])
+        for k in ("rollout", "learner", "update"):
+            fns[f"{k}_vmap1"] = jax.jit(jax.vmap(pieces[k]))
+            inputs[f"{k}_vmap1"] = tuple(row1(x) for x in inputs[k])
     for k, f in fns.items():  # compile and warm up
         jax.block_until_ready(f(*inputs[k]))
     times: dict[str, list] = {k: [] for k in fns}
@@ -80,6 +90,10 @@ def time_parts(name: str, args: Args) -> dict:
     row.update({f"{k}_s": statistics.median(v) for k, v in times.items()})
     row.update({f"{k}_s_all": v for k, v in times.items()})
     row["learner_share"] = row["learner_s"] / row["update_s"]
+    if args.one_row_vmap:
+        row.update(
+            {f"{k}_vmap1_cost": row[f"{k}_vmap1_s"] / row[f"{k}_s"] - 1 for k in ("rollout", "learner", "update")}
+        )
     return row
 
 
@@ -91,6 +105,11 @@ def main(args: Args) -> list[dict]:
             f"{r['algorithm']:>10} {r['rollout_s']:>10.2f} {r['learner_s']:>10.2f} {r['update_s']:>9.2f} "
             f"{r['learner_share']:>17.0%}"
         )
+        if args.one_row_vmap:
+            print(
+                f"{'':>10} under a one-row vmap: rollout {r['rollout_vmap1_cost']:+.0%}, learner "
+                f"{r['learner_vmap1_cost']:+.0%}, update {r['update_vmap1_cost']:+.0%}"
+            )
     if args.out:
         write_rows(args.out, args, rows)
     return rows
