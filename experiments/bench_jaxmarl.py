@@ -30,6 +30,8 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   episode, against JaxMARL's ``NUM_STEPS`` slots per segment).
 - A random policy (uniform valid actions) through each environment stack at the same
   num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env.
+- With ``--env-only``: the random-policy rollouts alone (no learners), for the wrapped-env
+  ratio with more repeats in a few minutes.
 - With ``--decompose`` (PPO): JaxMARL's programs and our equal-work variant at 1 update
   epoch too, so that each update splits into the learner's epochs
   (``epochs x (t(epochs) - t(1)) / (epochs - 1)``) and the rest (rollout, returns),
@@ -93,6 +95,8 @@ class SideBySideArgs:
     """JaxMARL's longer program, in updates (default K1 + 2; QMIX K1 + 4)"""
     warmup_updates: int = 0
     """our updates run before timing (e.g. to time QMIX later in training, episodes longer)"""
+    env_only: bool = False
+    """only the random-policy rollouts of both env stacks (the wrapped-env ratio), no learners"""
     decompose: bool = False
     """PPO: also time both at 1 update epoch, to split an update into the learner's epochs and
     the rest (rollout, returns); ours at the equal-work config"""
@@ -395,6 +399,13 @@ def _time_repeats(args, order, ours, randoms, rng, log) -> dict[str, list[float]
     return times
 
 
+def _random_rates(times: dict, steps: int) -> dict:
+    """Random-policy env steps/s of both stacks (medians) and their ratio."""
+    ours = steps / statistics.median(times["random ours"])
+    jm = steps / statistics.median(times["random JaxMARL"])
+    return {"random_ours_sps": ours, "random_jaxmarl_sps": jm, "wrapped_env_ratio": ours / jm}
+
+
 def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     import jax
 
@@ -414,6 +425,9 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     rng = jax.random.PRNGKey(0)
     result: dict = {"algo": algo, "map": args.map, "num_envs": E, "num_steps": T, "k1": k1, "k2": k2}
     result["jaxmarl_config"] = {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")}
+    if args.env_only:
+        times = _time_repeats(args, [("random ours", None), ("random JaxMARL", None)], {}, randoms, rng, log)
+        return {**result, **_random_rates(times, E * T), "times": times, "ours": {}}
     jm_configs = {"jaxmarl": config, **({"jaxmarl, 1 epoch": {**config, "UPDATE_EPOCHS": 1}} if decompose else {})}
     jm = {}
     for name, c in jm_configs.items():
@@ -432,7 +446,8 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     times = _time_repeats(args, _interleaved(jm, ours, k1, k2), ours, randoms, rng, log)
     med = {k: statistics.median(v) for k, v in times.items()}
     steps = E * T
-    rand_ours, rand_jm = steps / med["random ours"], steps / med["random JaxMARL"]
+    rates = _random_rates(times, steps)
+    rand_ours, rand_jm = rates["random_ours_sps"], rates["random_jaxmarl_sps"]
 
     def jm_per_update(name):
         diffs = [b - a for a, b in zip(times[f"{name} k{k1}"], times[f"{name} k{k2}"], strict=True)]
@@ -441,9 +456,7 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     jm_sps = steps / jm_per_update("jaxmarl")
     result.update(
         times=times,
-        random_ours_sps=rand_ours,
-        random_jaxmarl_sps=rand_jm,
-        wrapped_env_ratio=rand_ours / rand_jm,
+        **rates,
         jaxmarl_sps=jm_sps,
         jaxmarl_pct_of_random=100 * jm_sps / rand_jm,
         ours={},
@@ -477,6 +490,8 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in results:
+        if "jaxmarl_sps" not in r:  # --env-only
+            continue
         jm_compile = r[f"jaxmarl_compile_s_k{r['k1']}"]
         for i, (name, o) in enumerate(r["ours"].items()):
             jm = f"{r['jaxmarl_sps']:,.0f} ({r['jaxmarl_pct_of_random']:.1f}%)" if i == 0 else ""

@@ -147,3 +147,17 @@ def test_smoke_run_writes_json_and_table(tmp_path):
     assert all(o["sps"] > 0 for o in r["ours"].values())
     assert sb.ONE_EPOCH not in r["ours"] and r["decomposition"]["epochs"] == 2  # the smoke config
     assert "x JaxMARL" in (tmp_path / "sbs.md").read_text()
+
+
+@needs_baselines
+def test_env_only_times_both_env_stacks_and_no_learner(tmp_path):
+    out = tmp_path / "env.json"
+    args = sb.SideBySideArgs(
+        baselines=BASELINES, algos=("ippo",), smoke=True, repeats=2, random_calls=2, env_only=True, out=str(out)
+    )
+    sb.main(args)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["random_ours_sps"] > 0 and r["random_jaxmarl_sps"] > 0
+    assert r["wrapped_env_ratio"] == pytest.approx(r["random_ours_sps"] / r["random_jaxmarl_sps"])
+    assert "jaxmarl_sps" not in r and r["ours"] == {} and len(r["times"]["random ours"]) == 2
+    assert "| ippo |" in (tmp_path / "env.md").read_text()
