@@ -134,6 +134,9 @@ class JaxMARLAdapter:
         s = obs["world_state"].reshape(-1) if self._has_world_state else o.reshape(-1)
         if self._state_fn is not None:
             s = self._state_fn(inner, s)
+        return o, s.astype(jnp.float32), self._avail(inner)
+
+    def _avail(self, inner) -> jax.Array:
         if self._has_avail:
             av = self._env.get_avail_actions(inner)
             n = self.spec.num_actions or 1
@@ -144,7 +147,13 @@ class JaxMARLAdapter:
             avail = jnp.ones((len(self.agents), self.spec.num_actions or 1), bool)
         if self._action_mask is not None:
             avail = avail & jnp.asarray(self._action_mask)
-        return o, s.astype(jnp.float32), avail
+        return avail
+
+    def avail_actions(self, state: AdapterState) -> jax.Array:
+        """The available actions [A, n] of ``state``: what ``reset`` / ``step`` return for
+        it. ``AutoReset`` calls it once on the state it keeps, so the available actions
+        of a step that restarts the episode are not computed twice."""
+        return self._avail(state.inner)
 
     def reset(self, key: jax.Array) -> tuple[AdapterState, Timestep]:
         obs, inner = self._env.reset(key)

@@ -69,6 +69,9 @@ class AliveBonus:
     def reset(self, key):
         return self._env.reset(key)
 
+    def avail_actions(self, state):
+        return self._env.avail_actions(state)
+
     def step(self, key, state, action):
         import jax.numpy as jnp
 

@@ -47,6 +47,14 @@ def _select(pred, a, b):
 
 
 class AutoReset(Wrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        # an env whose class offers ``avail_actions(state)`` (the JaxMARL adapter) gets it
+        # called once, on the state kept after the reset select, instead of selecting
+        # between the stepped and the reset state's (equal values, one computation fewer
+        # where ``final_avail`` is unused)
+        self._avail_of_state = callable(getattr(type(env), "avail_actions", None))
+
     def reset(self, key):
         state, ts = self._env.reset(key)
         info = dict(ts.info, final_obs=ts.obs, final_state=ts.state, final_avail=ts.avail_actions)
@@ -59,10 +67,14 @@ class AutoReset(Wrapper):
         done = ts_st.done
         state = _select(done, state_re, state_st)
         info = dict(ts_st.info, final_obs=ts_st.obs, final_state=ts_st.state, final_avail=ts_st.avail_actions)
+        if self._avail_of_state:
+            avail = self._env.avail_actions(state)
+        else:
+            avail = jnp.where(done, ts_re.avail_actions, ts_st.avail_actions)
         ts = ts_st._replace(
             obs=jnp.where(done, ts_re.obs, ts_st.obs),
             state=jnp.where(done, ts_re.state, ts_st.state),
-            avail_actions=jnp.where(done, ts_re.avail_actions, ts_st.avail_actions),
+            avail_actions=avail,
             info=info,
         )
         return state, ts

@@ -64,6 +64,26 @@ def test_smax_autoreset_termination_and_stats():
     assert av[..., 4].all()
 
 
+@pytest.mark.parametrize(
+    "name, kwargs", [("smax:3m", {}), ("smax:3m", {"reward": "damage_alive"}), ("smax-mt:surComb3", {})]
+)
+def test_autoreset_takes_the_available_actions_of_the_kept_state(name, kwargs):
+    """AutoReset asks the adapter for the available actions of the state it keeps, once,
+    instead of selecting between the stepped and the reset state's: the same values, at
+    every step and across auto-resets; final_avail stays the finished episode's."""
+    from envs.wrappers import AutoReset, EpisodeStats
+
+    once = envs.make(name, **kwargs)
+    select = EpisodeStats(AutoReset(envs.make(name, wrap=False, **kwargs)))
+    select._env._avail_of_state = False
+    assert once._env._avail_of_state and not select._env._avail_of_state
+    a, b = _rollout(once, 150)[2], _rollout(select, 150)[2]
+    assert np.asarray(a.done).sum() >= 1, "the comparison must cross an auto-reset"
+    np.testing.assert_array_equal(np.asarray(a.avail_actions), np.asarray(b.avail_actions))
+    np.testing.assert_array_equal(np.asarray(a.info["final_avail"]), np.asarray(b.info["final_avail"]))
+    np.testing.assert_array_equal(np.asarray(a.obs), np.asarray(b.obs))
+
+
 def test_mpe_episodes_are_truncated_not_terminated():
     env = envs.make("mpe:simple_spread")
     _, _, ts = _rollout(env, 60)
