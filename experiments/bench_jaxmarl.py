@@ -29,7 +29,8 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   and ``equal`` (``full_unroll=True``: all ``max_steps + 1`` slots of each sampled
   episode, against JaxMARL's ``NUM_STEPS`` slots per segment).
 - A random policy (uniform valid actions) through each environment stack at the same
-  num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env.
+  num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env. Their
+  ratio is the median over repeats of each repeat's ratio (the two run back to back).
 - With ``--env-only``: the random-policy rollouts alone (no learners), for the wrapped-env
   ratio with more repeats in a few minutes.
 - With ``--decompose`` (PPO): JaxMARL's programs and our equal-work variant at 1 update
@@ -400,10 +401,13 @@ def _time_repeats(args, order, ours, randoms, rng, log) -> dict[str, list[float]
 
 
 def _random_rates(times: dict, steps: int) -> dict:
-    """Random-policy env steps/s of both stacks (medians) and their ratio."""
+    """Random-policy env steps/s of both stacks (medians) and their ratio: the median over
+    repeats of each repeat's ratio, as the two rollouts of a repeat run back to back and
+    the machine's speed drifts between repeats more than within one."""
     ours = steps / statistics.median(times["random ours"])
     jm = steps / statistics.median(times["random JaxMARL"])
-    return {"random_ours_sps": ours, "random_jaxmarl_sps": jm, "wrapped_env_ratio": ours / jm}
+    paired = statistics.median(j / o for o, j in zip(times["random ours"], times["random JaxMARL"], strict=True))
+    return {"random_ours_sps": ours, "random_jaxmarl_sps": jm, "wrapped_env_ratio": paired}
 
 
 def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
@@ -502,7 +506,7 @@ def table(results: list[dict]) -> str:
             )
     lines += [
         "",
-        "| algorithm's window | random policy, JaxMARL env | random policy, our wrapped env | x raw |",
+        "| algorithm's window | random policy, JaxMARL env | random policy, our wrapped env | x raw (paired) |",
         "|---|---|---|---|",
     ]
     for r in results:
