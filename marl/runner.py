@@ -1,7 +1,8 @@
 """The runner: ``jit(vmap(scan(update)))`` over chunks of iterations.
 
 Seeds (and, for sweeps, hyperparameter configurations) are the vmapped axis; a single
-row runs unbatched (the same numbers up to float rounding, and 10-25% faster on CPU). The
+row runs unbatched (the same numbers up to float rounding; a vmap over one row cost PPO's
+update 15-27% on CPU, ``experiments.bench_ppo_parts --one-row-vmap``). The
 host loop between chunks owns everything that is not pure: the progress bar,
 metrics (``metrics.jsonl``, TensorBoard when installed), orbax checkpoints, the
 non-finite check, and resume. ``chunk_iterations == num_iterations`` gives the
@@ -154,9 +155,9 @@ def _num_rows(state) -> int:
 def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
     """``jit(vmap(scan(update)))`` for ``length`` iterations; also returns whether
     every float leaf of the parameters is finite. A state of one row runs
-    ``jit(scan(update))`` on that row, without the vmap, and gets its row axis back. With a ``mesh`` (of more than one
-    device) its inputs and outputs keep the rows split over the mesh
-    (:func:`marl.distributed.row_sharding`)."""
+    ``jit(scan(update))`` on that row, without the vmap, and gets its row axis back.
+    With a ``mesh`` (of more than one device) its inputs and outputs keep the rows split
+    over the mesh (:func:`marl.distributed.row_sharding`)."""
 
     def one_seed(state):
         state, metrics = jax.lax.scan(lambda s, _: algo.update(s), state, None, length=length)
@@ -174,8 +175,9 @@ def make_chunk_fn(algo: Algorithm, length: int, mesh=None) -> Callable:
         if _num_rows(state) > 1:
             return batched(state)
         # One row: the update unbatched, the row axis put back. The same operations, but a
-        # vmap over a single row costs 10-25% on CPU (XLA keeps the size-1 axis in layouts
-        # and fusions; results/bench/README.md); ``max_over_seeds`` is the identity here.
+        # vmap over a single row cost PPO's update 15-27% on CPU (XLA keeps the size-1 axis
+        # in layouts and fusions; results/bench/README.md); ``max_over_seeds`` is the
+        # identity here.
         out = one_seed(jax.tree.map(lambda x: x[0], state))
         return jax.tree.map(lambda x: x[None], out)
 
