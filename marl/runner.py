@@ -8,6 +8,13 @@ metrics (``metrics.jsonl``, TensorBoard when installed), orbax checkpoints, the
 non-finite check, and resume. ``chunk_iterations == num_iterations`` gives the
 classic single-``jit`` training function.
 
+Start-up: the initial states (:func:`init_states`, a program of its own) and the chunk
+are two compilations. On one device the chunk compiles in a thread from the states'
+shapes while the states are built (:func:`prepare`); both are mostly XLA compilation,
+which runs in parallel. Under a thread-local JAX setting (``jax.default_device``,
+``jax.default_matmul_precision``, ...), which a thread would not see, it compiles after,
+in the caller's thread. Compiled chunks are cached per setting, algorithm and layout.
+
 Resume is exact: a checkpoint holds the whole seed-batched train state (PRNG keys
 included) after a chunk, and a resumed run runs the same compiled chunks from
 there, so it ends with the same parameters as the run that was never stopped.
@@ -29,6 +36,7 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import jax
@@ -148,6 +156,18 @@ def init_states(algo: Algorithm, keys: jax.Array, hparams: Optional[dict] = None
     return state
 
 
+def prepare(algo: Algorithm, keys: jax.Array, length: int, hparams: Optional[dict] = None):
+    """(initial states of ``keys``, the compiled chunk of ``length`` iterations for them,
+    seconds spent compiling it), as :func:`train` starts a run on one device: the chunk
+    compiles in a thread from the states' shapes while :func:`init_states` compiles and
+    runs here. Call the chunk as ``state, metrics, finite = chunk(state)``; it donates
+    its input."""
+    pending = _precompile(algo, length, keys, hparams)
+    state = init_states(algo, keys, hparams)
+    chunk, compile_s = _compiled_chunk(algo, length, None, state, pending)
+    return state, chunk, compile_s
+
+
 def _num_rows(state) -> int:
     return int(jax.tree.leaves(state)[0].shape[0])
 
@@ -260,6 +280,9 @@ def train(
             check_memory(algo, num_seeds if mesh is None else rows * jax.local_device_count() // mesh.size)
         if keys is None:
             keys = jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+        # the first chunk compiles in a thread, from the initial state's shapes, while
+        # init compiles and runs here (both are mostly XLA compilation, which runs in parallel)
+        pending = _precompile(algo, chunk_iterations, keys, hparams) if mesh is None else None
         state = _initial_states(algo, keys, hparams, mesh, num_seeds)
         start_iter = 0
         if run_dir is not None:
@@ -283,6 +306,7 @@ def train(
             ckpt,
             run_dir,
             mesh,
+            pending,
         )
         if rows != num_seeds:  # drop the padding rows
             result.state = jax.jit(lambda s: jax.tree.map(lambda x: x[:num_seeds], s))(result.state)
@@ -384,6 +408,7 @@ def _host_loop(
     ckpt,
     run_dir,
     mesh=None,
+    pending: Optional[Future] = None,
 ) -> TrainResult:
     steps_per_iter = algo.env_steps_per_update
     compile_s = 0.0
@@ -401,7 +426,8 @@ def _host_loop(
     try:
         while it < num_iterations:
             length = min(chunk_iterations, num_iterations - it)
-            fn, dt_compile = _compiled_chunk(algo, length, mesh, state)
+            fn, dt_compile = _compiled_chunk(algo, length, mesh, state, pending)
+            pending = None
             compile_s += dt_compile
             t0 = time.perf_counter()
             new_state, metrics, finite = fn(state)
@@ -438,24 +464,74 @@ def _host_loop(
     return TrainResult(state, metrics_np, run_dir, compile_s, train_s, it * steps_per_iter)
 
 
-def _compiled_chunk(algo: Algorithm, length: int, mesh, state):
-    """(the compiled chunk of ``length`` iterations for ``state``'s layout, the seconds
-    spent compiling it now: 0 when cached). A small cache of the last 16 programs."""
-    key = (
-        algo.update,
-        length,
-        mesh,
-        jax.tree.structure(state),
-        tuple((x.shape, x.dtype) for x in jax.tree.leaves(state)),
+def _chunk_key(algo: Algorithm, length: int, mesh, state) -> tuple:
+    """What a compiled chunk is specific to; ``state`` may be abstract (``jax.eval_shape``)."""
+    avals = tuple(
+        (tuple(x.shape), np.dtype(x.dtype), bool(getattr(x, "weak_type", False))) for x in jax.tree.leaves(state)
     )
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    t0 = time.perf_counter()
+    return (algo.update, length, mesh, jax.tree.structure(state), avals, _jax_context())
+
+
+def _jax_context():
+    """Every JAX setting that changes a trace, thread-local ones included (None if this
+    JAX does not say): a program compiled under other settings is another program."""
+    try:
+        from jax._src.config import trace_context  # not a public API
+    except ImportError:
+        return None
+    return trace_context()
+
+
+def _cache(key: tuple, compiled) -> None:
     if len(_COMPILED) >= 16:
         _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = compiled
+
+
+def _precompile(algo: Algorithm, length: int, keys, hparams) -> Optional[Future]:
+    """Compile the chunk of ``length`` iterations for the initial states of ``keys`` in a
+    thread, from their shapes alone; the caller builds the states meanwhile. The future
+    gives (cache key, compiled chunk or None, seconds). None (compile as usual) when the
+    caller holds thread-local JAX settings (``jax.default_device``,
+    ``jax.default_matmul_precision``, ...), which a thread would not see."""
+    context = _jax_context()
+    if context is None:
+        return None
+
+    def compile_first():
+        if _jax_context() != context:  # a setting held by the caller's thread only
+            return None, None, 0.0
+        t0 = time.perf_counter()
+        abstract = jax.eval_shape(lambda k: init_states(algo, k, hparams), keys)
+        key = _chunk_key(algo, length, None, abstract)
+        if key in _COMPILED:
+            return key, None, 0.0
+        compiled = make_chunk_fn(algo, length).lower(abstract).compile()
+        return key, compiled, time.perf_counter() - t0
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="marl-compile")
+    try:
+        return pool.submit(compile_first)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _compiled_chunk(algo: Algorithm, length: int, mesh, state, pending: Optional[Future] = None):
+    """(the compiled chunk of ``length`` iterations for ``state``'s layout, the seconds
+    spent compiling it now: 0 when cached). A small cache of the last 16 programs.
+    ``pending``: a :func:`_precompile` future, cached first (its seconds are counted)."""
+    spent = 0.0
+    if pending is not None:
+        key, compiled, spent = pending.result()
+        if compiled is not None:
+            _cache(key, compiled)
+    key = _chunk_key(algo, length, mesh, state)
+    if key in _COMPILED:
+        return _COMPILED[key], spent
+    t0 = time.perf_counter()
     chunk: Any = make_chunk_fn(algo, length, mesh)  # a jitted function: lower / compile
-    _COMPILED[key] = chunk.lower(state).compile()
-    return _COMPILED[key], time.perf_counter() - t0
+    _cache(key, chunk.lower(state).compile())
+    return _COMPILED[key], spent + time.perf_counter() - t0
 
 
 def _stop_on(bad: tuple, ckpt, last_saved: int, steps_per_iter: int):

@@ -193,3 +193,53 @@ def test_one_row_runs_unbatched_with_the_vmapped_numbers(name):
         np.testing.assert_allclose(np.asarray(a)[0], np.asarray(b)[0], rtol=1e-4, atol=1e-5)
     for k in ("policy_loss", "value_loss", "entropy"):
         np.testing.assert_allclose(np.asarray(one[1][k])[0], np.asarray(two[1][k])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_first_chunk_compiles_in_a_thread_while_init_runs(monkeypatch):
+    """A fresh run compiles its first chunk from the initial states' shapes in a thread
+    (once: the real states hit that program), with the numbers of the sequential path.
+    Under a thread-local JAX setting the chunk compiles in the caller's thread."""
+    import threading
+
+    from marl import runner
+    from tests.conftest import tiny_algo
+
+    made = []
+    real = runner.make_chunk_fn
+
+    def spy(*args, **kwargs):
+        made.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "make_chunk_fn", spy)
+    monkeypatch.setattr(runner, "_COMPILED", {})
+    kw = dict(num_iterations=2, num_seeds=2, seed=0, chunk_iterations=1, progress=False)
+    concurrent = train(tiny_algo("ippo", "smax:3m"), **kw)
+    assert len(made) == 1 and made[0].startswith("marl-compile"), made
+    assert concurrent.compile_seconds > 0
+
+    made.clear()
+    with jax.default_matmul_precision("highest"):  # a setting the thread would not see
+        train(tiny_algo("ippo", "smax:3m"), **kw)
+    assert made == [threading.current_thread().name]
+
+    made.clear()
+    runner._COMPILED.clear()
+    monkeypatch.setattr(runner, "_precompile", lambda *a, **k: None)
+    sequential = train(tiny_algo("ippo", "smax:3m"), **kw)
+    assert made == [threading.current_thread().name]
+    for k in concurrent.metrics:
+        np.testing.assert_array_equal(concurrent.metrics[k], sequential.metrics[k], err_msg=k)
+    assert _params_equal(concurrent.state.params, sequential.state.params)
+
+
+def test_prepare_gives_states_and_their_compiled_chunk():
+    from marl.runner import init_states, prepare
+    from tests.conftest import tiny_algo
+
+    algo = tiny_algo("ippo", "smax:3m")
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    state, chunk, compile_s = prepare(algo, keys, 2)
+    assert compile_s > 0 and _params_equal(state.params, init_states(algo, keys).params)
+    state, metrics, finite = chunk(state)
+    assert np.asarray(metrics["policy_loss"]).shape[:2] == (2, 2) and bool(np.all(finite))
