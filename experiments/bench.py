@@ -119,31 +119,36 @@ def _median_time(fn, arg, repeats):
 def random_rollout(env, num_envs: int, num_steps: int):
     """A compiled random-policy rollout ``fn(carry) -> carry`` of num_envs x num_steps env
     steps (``jit(scan(vmap(env.step)))``), and a warmed-up carry to feed it: uniform random
-    valid actions, uniform in the action box for continuous actions."""
+    valid actions, uniform in the action box for continuous actions.
+
+    The loop carries what a decentralized policy reads, the observations and the available
+    actions (and the env state), as JaxMARL's baselines carry observations and env state:
+    the rest of the timestep (the global state, ``info``) is left for XLA to drop, as it is
+    in a learner that does not read it."""
     spec = env.spec
 
     def rollout(carry):
-        key, state, ts = carry
+        key, state, obs, avail = carry
 
         def step(c, k):
-            state, ts = c
+            state, _, avail = c
             k1, k2 = jax.random.split(k)
             if spec.num_actions is None:  # continuous: uniform in the action box
                 a = jax.random.uniform(
                     k1, (num_envs, spec.num_agents, spec.action_dim), minval=spec.action_low, maxval=spec.action_high
                 )
             else:
-                a = jax.random.categorical(k1, jnp.where(ts.avail_actions, 0.0, -1e9))
+                a = jax.random.categorical(k1, jnp.where(avail, 0.0, -1e9))
             state, ts = jax.vmap(env.step)(jax.random.split(k2, num_envs), state, a)
-            return (state, ts), ts.reward.sum()
+            return (state, ts.obs, ts.avail_actions), ts.reward.sum()
 
         key, sub = jax.random.split(key)
-        (state, ts), r = jax.lax.scan(step, (state, ts), jax.random.split(sub, num_steps))
-        return key, state, ts
+        (state, obs, avail), _ = jax.lax.scan(step, (state, obs, avail), jax.random.split(sub, num_steps))
+        return key, state, obs, avail
 
     state, ts = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(0), num_envs))
-    fn = jax.jit(rollout).lower((jax.random.PRNGKey(1), state, ts)).compile()
-    carry = (jax.random.PRNGKey(1), state, ts)
+    carry = (jax.random.PRNGKey(1), state, ts.obs, ts.avail_actions)
+    fn = jax.jit(rollout).lower(carry).compile()
     return fn, jax.block_until_ready(fn(carry))  # warm
 
 

@@ -55,7 +55,7 @@ def test_table_reports_ratios_from_one_window():
         "random_jaxmarl_sps": 10000.0,
         "random_ours_sps": 8000.0,
         "wrapped_env_ratio": 0.8,
-        "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8, "init_and_compile_s": 40.0}},
+        "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8, "ready_s": 40.0}},
     }
     text = sb.table([r])
     assert "| ippo | 1,000 (10.0%) | default | 800 (10.0%) | x0.80 | 50 / 40 |" in text
@@ -163,3 +163,21 @@ def test_env_only_times_both_env_stacks_and_no_learner(tmp_path):
     assert r["wrapped_env_ratio"] == pytest.approx(sum(paired) / 2)  # the median of 2 repeats' ratios
     assert "jaxmarl_sps" not in r and r["ours"] == {} and len(r["times"]["random ours"]) == 2
     assert "| ippo |" in (tmp_path / "env.md").read_text()
+
+
+@pytest.mark.parametrize("env_name", ["smax:3m", "adv:pendulum"])
+def test_random_rollout_carries_what_a_policy_reads(env_name):
+    """The random-policy baseline's loop carries the env state, the observations and the
+    available actions (SMAX masks some), and advances its key."""
+    import numpy as np
+
+    import envs
+    from experiments.bench import random_rollout
+
+    env = envs.make(env_name)
+    fn, carry = random_rollout(env, 4, 6)
+    key, state, obs, avail = fn(carry)
+    assert obs.shape == (4, env.spec.num_agents, env.spec.obs_dim) and np.isfinite(np.asarray(obs)).all()
+    assert not np.array_equal(np.asarray(key), np.asarray(carry[0]))
+    if env.spec.num_actions is not None:
+        assert avail.shape == (4, env.spec.num_agents, env.spec.num_actions) and not np.asarray(avail).all()
