@@ -31,6 +31,8 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
 - A random policy (uniform valid actions) through each environment stack at the same
   num_envs x num_steps: JaxMARL's raw env (+ its log wrapper) and our wrapped env. Their
   ratio is the median over repeats of each repeat's ratio (the two run back to back).
+  XLA's cost analysis of both compiled rollouts (flops, bytes accessed) gives their
+  work without timing noise.
 - With ``--env-only``: the random-policy rollouts alone (no learners), for the wrapped-env
   ratio with more repeats in a few minutes.
 - With ``--decompose`` (PPO): JaxMARL's programs and our equal-work variant at 1 update
@@ -38,9 +40,9 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   (``epochs x (t(epochs) - t(1)) / (epochs - 1)``) and the rest (rollout, returns),
   side by side.
 
-Every repeat runs each timed program once, in the same order (random-ours,
-random-JaxMARL, JaxMARL K1, ours variant 1, JaxMARL K2, ours variant 2, ...), so drift
-in the machine's speed reaches all of them; medians over ``--repeats``. The random-policy
+Every repeat runs each timed program once, in one order (random-ours, random-JaxMARL,
+JaxMARL K1, ours variant 1, JaxMARL K2, ours variant 2, ...), backwards on odd repeats,
+so drift in the machine's speed reaches all of them alike; medians over ``--repeats``. The random-policy
 rollouts, a fraction of a second each, run ``--random-calls`` times per repeat and count
 their median. Ours runs one seed, which the runner steps without its seed vmap, as
 JaxMARL's program does. Compile times
@@ -381,7 +383,9 @@ def _time_repeats(args, order, ours, randoms, rng, log) -> dict[str, list[float]
     carries = {name: carry for name, (_, carry) in randoms.items()}
     times: dict[str, list[float]] = {name: [] for name, _ in order}
     for r in range(args.repeats):
-        for name, program in order:
+        # odd repeats run the order backwards: a drift of the machine's speed within a
+        # repeat then favours no program over the others
+        for name, program in order if r % 2 == 0 else order[::-1]:
             if name in randoms:
                 # a random rollout is short (a fraction of a second): the median of several calls
                 calls = []
@@ -409,6 +413,14 @@ def _random_rates(times: dict, steps: int) -> dict:
     return {"random_ours_sps": ours, "random_jaxmarl_sps": jm, "wrapped_env_ratio": paired}
 
 
+def hlo_cost(compiled) -> dict:
+    """XLA's cost analysis of a compiled program: flops, transcendentals and bytes accessed
+    (a loop's body counted once), a measure of its work that no timing noise reaches."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {k: float(cost.get(k, 0.0)) for k in ("flops", "transcendentals", "bytes accessed")}
+
+
 def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     import jax
 
@@ -428,6 +440,7 @@ def bench_one(args: SideBySideArgs, algo: str, log=print) -> dict:
     rng = jax.random.PRNGKey(0)
     result: dict = {"algo": algo, "map": args.map, "num_envs": E, "num_steps": T, "k1": k1, "k2": k2}
     result["jaxmarl_config"] = {k: v for k, v in config.items() if k not in ("ENTITY", "PROJECT")}
+    result["random_hlo_cost"] = {name: hlo_cost(fn) for name, (fn, _) in randoms.items()}
     if args.env_only:
         times = _time_repeats(args, [("random ours", None), ("random JaxMARL", None)], {}, randoms, rng, log)
         return {**result, **_random_rates(times, E * T), "times": times, "ours": {}}
@@ -516,6 +529,17 @@ def table(results: list[dict]) -> str:
             f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
             f"| x{r['wrapped_env_ratio']:.2f} |"
         )
+    costs = [r for r in results if "random_hlo_cost" in r]
+    if costs:
+        lines += [
+            "",
+            "| algorithm's window | random rollout's XLA cost, JaxMARL / ours: flops | transcendentals | bytes |",
+            "|---|---|---|---|",
+        ]
+        for r in costs:
+            j, o = r["random_hlo_cost"]["random JaxMARL"], r["random_hlo_cost"]["random ours"]
+            cells = " | ".join(f"{j[k]:.3g} / {o[k]:.3g}" for k in ("flops", "transcendentals", "bytes accessed"))
+            lines.append(f"| {r['algo']} | {cells} |")
     decomposed = [r for r in results if "decomposition" in r]
     if decomposed:
         lines += [

@@ -163,6 +163,8 @@ def test_env_only_times_both_env_stacks_and_no_learner(tmp_path):
     assert r["wrapped_env_ratio"] == pytest.approx(sum(paired) / 2)  # the median of 2 repeats' ratios
     assert "jaxmarl_sps" not in r and r["ours"] == {} and len(r["times"]["random ours"]) == 2
     assert "| ippo |" in (tmp_path / "env.md").read_text()
+    for stack in ("random ours", "random JaxMARL"):
+        assert r["random_hlo_cost"][stack]["flops"] > 0 and r["random_hlo_cost"][stack]["bytes accessed"] > 0
 
 
 @pytest.mark.parametrize("env_name", ["smax:3m", "adv:pendulum"])
@@ -181,3 +183,15 @@ def test_random_rollout_carries_what_a_policy_reads(env_name):
     assert not np.array_equal(np.asarray(key), np.asarray(carry[0]))
     if env.spec.num_actions is not None:
         assert avail.shape == (4, env.spec.num_agents, env.spec.num_actions) and not np.asarray(avail).all()
+
+
+def test_odd_repeats_run_the_order_backwards(monkeypatch):
+    calls = []
+    monkeypatch.setattr(sb, "_call", lambda fn, arg: calls.append(fn) or (arg, 1.0))
+    args = sb.SideBySideArgs(baselines=".", repeats=3, random_calls=2)
+    order = [("random ours", None), ("random JaxMARL", None), ("jaxmarl k1", "p1")]
+    randoms = {"random ours": ("ro", 0), "random JaxMARL": ("rj", 0)}
+    times = sb._time_repeats(args, order, {}, randoms, 0, log=lambda *a: None)
+    forward = ["ro", "ro", "rj", "rj", "p1"]
+    assert calls == forward + forward[::-1] + forward
+    assert all(v == [1.0, 1.0, 1.0] for v in times.values())
