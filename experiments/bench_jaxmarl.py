@@ -35,6 +35,9 @@ to ``--map`` (HeuristicEnemySMAX, as our ``smax:<map>`` uses):
   work without timing noise.
 - With ``--env-only``: the random-policy rollouts alone (no learners), for the wrapped-env
   ratio with more repeats in a few minutes.
+- With ``--compile-only``: start-up alone, repeated from fresh objects: JaxMARL's program
+  compiled (its init is inside it) against ours initialized and compiled, in sequence and
+  as the runner starts (the chunk compiling in a thread while init runs).
 - With ``--decompose`` (PPO): JaxMARL's programs and our equal-work variant at 1 update
   epoch too, so that each update splits into the learner's epochs
   (``epochs x (t(epochs) - t(1)) / (epochs - 1)``) and the rest (rollout, returns),
@@ -100,6 +103,10 @@ class SideBySideArgs:
     """our updates run before timing (e.g. to time QMIX later in training, episodes longer)"""
     env_only: bool = False
     """only the random-policy rollouts of both env stacks (the wrapped-env ratio), no learners"""
+    compile_only: bool = False
+    """only the start-up, repeated: JaxMARL's program compiled (init included) against ours
+    initialized and compiled, in sequence and as the runner starts (chunk compiled in a
+    thread while init runs), each time from fresh objects; no throughput"""
     decompose: bool = False
     """PPO: also time both at 1 update epoch, to split an update into the learner's epochs and
     the rest (rollout, returns); ours at the equal-work config"""
@@ -122,6 +129,8 @@ def check_args(args: SideBySideArgs) -> None:
         raise ConfigError("warmup_updates", args.warmup_updates, "must be >= 0")
     if not args.algos:
         raise ConfigError("algos", args.algos, "name at least one of ippo, mappo, qmix")
+    if args.compile_only and args.env_only:
+        raise ConfigError("compile_only", True, "times start-up only; it cannot be combined with env_only")
     if not re.fullmatch(r"\w+", args.map):
         raise ConfigError("map", args.map, "must be a SMAX map name such as 3m or 2s3z")
     for algo in args.algos:
@@ -336,6 +345,76 @@ def _our_program(args: SideBySideArgs, algo: str, env, overrides: dict) -> dict:
         "warmup_calls": calls,
         "learning": learning,
     }
+
+
+def _ours_ready_s(algo: str, env, overrides: dict, iterations: int, concurrent: bool) -> float:
+    """Seconds from a fresh algorithm object to its initial state and compiled chunk:
+    ``runner.prepare`` (the runner's start) or init, then the chunk, in sequence."""
+    import jax
+
+    import algos
+    from marl.runner import init_states, make_chunk_fn, prepare
+
+    a = algos.make(algo, env, **overrides)  # a fresh object: nothing cached
+    keys = jax.random.split(jax.random.PRNGKey(0), 1)
+    t0 = time.perf_counter()
+    if concurrent:
+        state, _, _ = prepare(a, keys, iterations)
+        jax.block_until_ready(state)
+    else:
+        state = jax.block_until_ready(init_states(a, keys))
+        make_chunk_fn(a, iterations).lower(state).compile()
+    return time.perf_counter() - t0
+
+
+def compile_times(args: SideBySideArgs, algo: str, log=print) -> dict:
+    """Start-up seconds, ``--repeats`` times in an alternating order: JaxMARL's one program
+    (lower and compile, init included) and ours at the default variant, in sequence and
+    concurrent; medians."""
+    import jax
+
+    import envs
+
+    module, config, k1, _ = _baseline_config(args, algo)
+    env = envs.make(f"smax:{args.map}")
+    overrides = our_variants(algo, config)["default"]
+    rng = jax.random.PRNGKey(0)
+    programs = {
+        "jaxmarl": lambda: _compile(jax.jit(jaxmarl_train_fn(module, algo, config, k1)), rng)[1],
+        "ours, in sequence": lambda: _ours_ready_s(algo, env, overrides, args.iterations, False),
+        "ours, as the runner starts": lambda: _ours_ready_s(algo, env, overrides, args.iterations, True),
+    }
+    programs["jaxmarl"]()  # a first compile in the process is slower than the next ones
+    names = list(programs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(programs[name]())
+        log(f"  repeat {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "algo": algo,
+        "map": args.map,
+        "jaxmarl_updates": k1,
+        "ours_overrides": overrides,
+        "times": times,
+        "median_s": med,
+        "ratio_to_jaxmarl": {k: v / med["jaxmarl"] for k, v in med.items() if k != "jaxmarl"},
+    }
+
+
+def compile_table(results: list[dict]) -> str:
+    lines = [
+        "| algorithm | JaxMARL: compile, init included | ours: init, then compile | ours: as the runner starts |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        m, x = r["median_s"], r["ratio_to_jaxmarl"]
+        lines.append(
+            f"| {r['algo']} | {m['jaxmarl']:.1f} s | {m['ours, in sequence']:.1f} s (x{x['ours, in sequence']:.2f}) "
+            f"| {m['ours, as the runner starts']:.1f} s (x{x['ours, as the runner starts']:.2f}) |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _decomposition(per_update_s: dict, epochs: int) -> dict:
@@ -568,8 +647,9 @@ def main(args: SideBySideArgs) -> list[dict]:
         "devices": [str(d) for d in jax.devices()],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    run_one, render = (compile_times, compile_table) if args.compile_only else (bench_one, table)
     for algo in args.algos:
-        results.append(bench_one(args, algo, log=lambda *a: print(*a, flush=True)))
+        results.append(run_one(args, algo, log=lambda *a: print(*a, flush=True)))
         payload = {
             "command": "python -m experiments.bench_jaxmarl " + " ".join(sys.argv[1:]),
             "args": dataclasses.asdict(args),
@@ -578,8 +658,8 @@ def main(args: SideBySideArgs) -> list[dict]:
         }
         # after each algorithm, atomically: a later failure or kill loses nothing written
         atomic_write(args.out, json.dumps(payload, indent=2, default=str))
-        atomic_write(os.path.splitext(args.out)[0] + ".md", table(results))
-    print(table(results))
+        atomic_write(os.path.splitext(args.out)[0] + ".md", render(results))
+    print(render(results))
     return results
 
 

@@ -195,3 +195,21 @@ def test_odd_repeats_run_the_order_backwards(monkeypatch):
     forward = ["ro", "ro", "rj", "rj", "p1"]
     assert calls == forward + forward[::-1] + forward
     assert all(v == [1.0, 1.0, 1.0] for v in times.values())
+
+
+@needs_baselines
+def test_compile_only_times_start_up_of_both(tmp_path):
+    out = tmp_path / "compile.json"
+    args = sb.SideBySideArgs(
+        baselines=BASELINES, algos=("ippo",), smoke=True, repeats=2, compile_only=True, out=str(out)
+    )
+    sb.main(args)
+    (r,) = json.loads(out.read_text())["results"]
+    for name in ("jaxmarl", "ours, in sequence", "ours, as the runner starts"):
+        assert len(r["times"][name]) == 2 and min(r["times"][name]) > 0
+    assert r["ratio_to_jaxmarl"]["ours, in sequence"] == pytest.approx(
+        r["median_s"]["ours, in sequence"] / r["median_s"]["jaxmarl"]
+    )
+    assert "| ippo |" in (tmp_path / "compile.md").read_text()
+    with pytest.raises(ConfigError, match="compile_only"):
+        sb.check_args(sb.SideBySideArgs(baselines=BASELINES, compile_only=True, env_only=True))
