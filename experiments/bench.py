@@ -683,7 +683,7 @@ def print_regularizer_share(r: dict) -> None:
         print(f"{label:<30}{v['seconds_per_update']:>10.3f}{spread:>16}{share:>13}{v['compile_s']:>11.1f}")
 
 
-@entry
+@entry(compile_cache=False)
 def cli(argv=None) -> int:
     main(tyro.cli(BenchArgs, args=argv))
     return 0

@@ -663,7 +663,7 @@ def main(args: SideBySideArgs) -> list[dict]:
     return results
 
 
-@entry
+@entry(compile_cache=False)
 def cli(argv=None) -> int:
     main(tyro.cli(SideBySideArgs, args=argv))
     return 0

@@ -118,7 +118,7 @@ def main(args: Args) -> list[dict]:
     return rows
 
 
-@entry
+@entry(compile_cache=False)
 def cli(argv=None) -> int:
     main(tyro.cli(Args, args=argv))
     return 0

@@ -298,7 +298,7 @@ def main(args: Args, rl=None, command: Optional[str] = None) -> list[dict]:
     return rows
 
 
-@entry
+@entry(compile_cache=False)
 def cli(argv=None) -> int:
     args = tyro.cli(Args, args=argv)
     rl = load_rliable()

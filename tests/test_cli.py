@@ -187,3 +187,24 @@ def test_env_kwargs_errors_name_the_field(kwargs, field, capsys):
     rc = cli.main(["--algo", "ippo", "--env", "swarm:aggregation", "--env-kwargs", kwargs, "--no-progress"])
     assert rc == 2
     assert field in capsys.readouterr().err
+
+
+def test_commands_keep_compiled_programs_in_a_cache_the_next_run_loads(tmp_path):
+    """Without JAX_COMPILATION_CACHE_DIR, a command compiles into $XDG_CACHE_HOME/marl/...;
+    the same command with another seed loads every program from there (no new entry)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # tiny programs count too
+    base = ["--algo", "ippo", "--env", "mpe:simple_spread", "--total-steps", "64", "--runs-dir", str(tmp_path)]
+    base += ["--eval-episodes", "1"] + TINY
+    entries = []
+    for seed in ("0", "1"):
+        cmd = [sys.executable, "-m", "experiments.train", *base, "--seed", seed, "--run-name", f"s{seed}"]
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=600)
+        cache = os.path.join(env["XDG_CACHE_HOME"], "marl", "jax-compilation")
+        entries.append(sorted(os.listdir(cache)))
+    assert entries[0], "the first run wrote no compiled program"
+    assert entries[1] == entries[0], "the second run compiled a program the first one had cached"
