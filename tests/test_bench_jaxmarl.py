@@ -58,7 +58,7 @@ def test_table_reports_ratios_from_one_window():
         "ours": {"default": {"sps": 800.0, "pct_of_random": 10.0, "ratio_to_jaxmarl": 0.8, "ready_s": 40.0}},
     }
     text = sb.table([r])
-    assert "| ippo | 1,000 (10.0%) | default | 800 (10.0%) | x0.80 | 50 / 40 |" in text
+    assert "| ippo | 1,000 (10.0%) | default | 800 (10.0%) | x0.80 | 50.0 / 40.0 |" in text
     assert "| ippo | 10,000 | 8,000 | x0.80 |" in text
 
 
