@@ -5,7 +5,9 @@ Initialization never calls LAPACK. jax/jaxlib 0.10.x deadlocks on this kind of
 2-core CPU when a QR decomposition is batched (``jax.vmap`` over seeds of flax's
 ``orthogonal`` initializer never returns). :func:`orthogonal` below draws the same
 distribution (Haar-orthogonal, scaled) with a Gram-Schmidt loop written in plain
-``jnp`` ops, so ``jax.vmap(init)`` over seeds is safe. ``tests/test_init_vmap.py``
+``jnp`` ops, so ``jax.vmap(init)`` over seeds is safe. From 256 columns the loop runs block by
+block (:func:`_gram_schmidt`): the same Q, 1.5 s -> 0.15 s for a 1536 x 512 GRU kernel on 2 CPU
+cores, which made initializing a width-512 GRU take seconds. ``tests/test_init_vmap.py``
 runs vmapped init and updates of every algorithm under a hard timeout so an
 upgrade cannot bring the hang back silently.
 
@@ -24,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _gram_schmidt(a: jax.Array) -> jax.Array:
-    """Orthonormalize the columns of ``a`` [m, n] (m >= n), twice for stability."""
+def _column_gram_schmidt(a: jax.Array) -> jax.Array:
+    """Orthonormalize the columns of ``a`` [m, n] (m >= n) one by one, twice for stability."""
     m, n = a.shape
 
     def body(j, q):
@@ -37,6 +39,30 @@ def _gram_schmidt(a: jax.Array) -> jax.Array:
         return q.at[:, j].set(v)
 
     return jax.lax.fori_loop(0, n, body, a)
+
+
+GS_BLOCK = 64  # columns per block of :func:`_gram_schmidt` on wide matrices
+
+
+def _gram_schmidt(a: jax.Array) -> jax.Array:
+    """Orthonormalize the columns of ``a`` [m, n] (m >= n): the Q of its QR decomposition
+    with a positive diagonal R. From 256 columns (a multiple of ``GS_BLOCK``) block by block:
+    each block is projected off the finished ones with matrix products, twice, then
+    orthonormalized column by column; the same Q, with the column loop over a block instead
+    of the whole matrix (a 1536 x 512 GRU kernel: 1.5 s column by column on 2 CPU cores)."""
+    m, n = a.shape
+    if n < 4 * GS_BLOCK or n % GS_BLOCK:
+        return _column_gram_schmidt(a)
+
+    def body(k, q):
+        start = k * GS_BLOCK
+        v = jax.lax.dynamic_slice_in_dim(q, start, GS_BLOCK, axis=1)
+        done = (jnp.arange(n) < start).astype(q.dtype)[:, None]
+        for _ in range(2):
+            v = v - q @ (done * (q.T @ v))
+        return jax.lax.dynamic_update_slice_in_dim(q, _column_gram_schmidt(v), start, axis=1)
+
+    return jax.lax.fori_loop(0, n // GS_BLOCK, body, a)
 
 
 def orthogonal(scale: float = 1.0, column_axis: int = -1):

@@ -77,3 +77,22 @@ def test_vmapped_init_and_updates_do_not_hang(module, name):
             "(jax 0.10 on CPU) is probably back; see marl/networks.py"
         ) from None
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape", [(1536, 512), (256, 256), (300, 200)])
+def test_gram_schmidt_gives_the_q_of_a_qr_decomposition(shape):
+    """Block by block (from 256 columns) or column by column, the columns are the Q of
+    ``a = QR`` with a positive diagonal R, as numpy's QR (LAPACK) gives it; vmapped too."""
+    import jax
+    import numpy as np
+
+    from marl.networks import GS_BLOCK, _gram_schmidt
+
+    assert (shape[1] >= 4 * GS_BLOCK and shape[1] % GS_BLOCK == 0) == (shape != (300, 200))
+    a = jax.random.normal(jax.random.PRNGKey(0), (2, *shape))
+    q = np.asarray(jax.jit(jax.vmap(_gram_schmidt))(a), np.float64)
+    for i in range(2):
+        ref, r = np.linalg.qr(np.asarray(a[i], np.float64))
+        ref = ref * np.sign(np.diag(r))
+        np.testing.assert_allclose(q[i], ref, atol=2e-5)
+        np.testing.assert_allclose(q[i].T @ q[i], np.eye(shape[1]), atol=2e-5)
