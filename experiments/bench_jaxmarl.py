@@ -608,31 +608,35 @@ def table(results: list[dict]) -> str:
             f"| {r['algo']} | {r['random_jaxmarl_sps']:,.0f} | {r['random_ours_sps']:,.0f} "
             f"| x{r['wrapped_env_ratio']:.2f} |"
         )
-    costs = [r for r in results if "random_hlo_cost" in r]
-    if costs:
-        lines += [
-            "",
-            "| algorithm's window | random rollout's XLA cost, JaxMARL / ours: flops | transcendentals | bytes |",
-            "|---|---|---|---|",
-        ]
-        for r in costs:
-            j, o = r["random_hlo_cost"]["random JaxMARL"], r["random_hlo_cost"]["random ours"]
-            cells = " | ".join(f"{j[k]:.3g} / {o[k]:.3g}" for k in ("flops", "transcendentals", "bytes accessed"))
-            lines.append(f"| {r['algo']} | {cells} |")
-    decomposed = [r for r in results if "decomposition" in r]
-    if decomposed:
-        lines += [
-            "",
-            "| algorithm | s per update, JaxMARL / ours (equal) | learner epochs | rest (rollout, returns) |",
-            "|---|---|---|---|",
-        ]
-        for r in decomposed:
-            j, o = r["decomposition"]["jaxmarl"], r["decomposition"]["ours (equal)"]
-            lines.append(
-                f"| {r['algo']} | {j['per_update_s']:.2f} / {o['per_update_s']:.2f} "
-                f"| {j['learner_s']:.2f} / {o['learner_s']:.2f} | {j['rest_s']:.2f} / {o['rest_s']:.2f} |"
-            )
+    lines += _pairs_table(
+        results,
+        "random_hlo_cost",
+        ("random JaxMARL", "random ours"),
+        "| algorithm's window | random rollout's XLA cost, JaxMARL / ours: flops | transcendentals | bytes |",
+        {"flops": ".3g", "transcendentals": ".3g", "bytes accessed": ".3g"},
+    )
+    lines += _pairs_table(
+        results,
+        "decomposition",
+        ("jaxmarl", "ours (equal)"),
+        "| algorithm | s per update, JaxMARL / ours (equal) | learner epochs | rest (rollout, returns) |",
+        {"per_update_s": ".2f", "learner_s": ".2f", "rest_s": ".2f"},
+    )
     return "\n".join(lines) + "\n"
+
+
+def _pairs_table(results: list[dict], key: str, sides: tuple[str, str], header: str, fields: dict) -> list[str]:
+    """A table of "JaxMARL / ours" cells, one row per result holding ``key``: ``r[key][side][field]``
+    for each field (formatted as ``fields[field]``); nothing when no result holds it."""
+    rows = [r for r in results if key in r]
+    if not rows:
+        return []
+    lines = ["", header, "|---" * (len(fields) + 1) + "|"]
+    for r in rows:
+        j, o = (r[key][side] for side in sides)
+        cells = " | ".join(f"{j[f]:{fmt}} / {o[f]:{fmt}}" for f, fmt in fields.items())
+        lines.append(f"| {r['algo']} | {cells} |")
+    return lines
 
 
 def main(args: SideBySideArgs) -> list[dict]:
